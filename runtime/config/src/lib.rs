@@ -1,0 +1,384 @@
+//! Typed gateway configuration: load a YAML file, substitute `${ENV}`, reject unknown keys,
+//! validate, and report *every* problem with `file:line:column`, the bad value and the fix.
+//!
+//! Loading runs in passes so that one mistake does not hide the next one:
+//! 1. `${NAME}` substitution on the text (an unset variable is an error at its position);
+//! 2. YAML syntax (one error: nothing after a syntax error can be trusted);
+//! 3. each top-level section is deserialized on its own, so a type error in `broker:` still
+//!    lets errors in `metrics:` be reported;
+//! 4. semantic checks on the typed values, each located in the file by its key path.
+//!
+//! `serde_norway` (the maintained `serde_yaml` fork) carries positions only in its errors,
+//! so step 4 finds a key's position with a probe: a tiny deserializer walk that stops with
+//! an error exactly at the value named by the path, and reads the location off that error.
+
+mod locate;
+mod model;
+mod units;
+mod validate;
+
+use std::{fmt, path::Path};
+
+pub use model::*;
+pub use units::{ByteSize, Duration};
+
+use locate::{PathSeg, locate};
+
+/// One problem in a config file, with its position when it is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(line), Some(col)) => write!(f, "{}:{line}:{col}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: None,
+                column: None,
+                message: format!("cannot read the config file: {error}"),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_yaml(&file, &text, base)
+    }
+
+    /// Parses and validates config text; `file` names it in errors and relative paths in it
+    /// (TLS files) are resolved against `base_dir`.
+    pub fn from_yaml(file: &str, text: &str, base_dir: &Path) -> Result<Self, ConfigErrors> {
+        let error_at = |line, column, message| ConfigError {
+            file: file.to_string(),
+            line: Some(line),
+            column: Some(column),
+            message,
+        };
+        let text = substitute_env_outside_comments(text, |name| std::env::var(name).ok())
+            .map_err(|(line, col, msg)| ConfigErrors(vec![error_at(line, col, msg)]))?;
+
+        let root: serde_norway::Value = match serde_norway::from_str(&text) {
+            Ok(value) => value,
+            Err(error) => return Err(ConfigErrors(vec![from_yaml_error(file, &error)])),
+        };
+        let mapping = match root {
+            serde_norway::Value::Null => serde_norway::Mapping::new(),
+            serde_norway::Value::Mapping(mapping) => mapping,
+            _ => {
+                return Err(ConfigErrors(vec![error_at(
+                    1,
+                    1,
+                    "the config must be a mapping of sections (gateway:, broker:, metrics:, log:)"
+                        .into(),
+                )]));
+            }
+        };
+
+        let mut errors = Vec::new();
+        for key in mapping.keys() {
+            let Some(name) = key.as_str() else {
+                errors.push(ConfigError {
+                    file: file.to_string(),
+                    line: None,
+                    column: None,
+                    message: format!("top-level keys must be strings, got {key:?}"),
+                });
+                continue;
+            };
+            if !SECTIONS.contains(&name) {
+                let (line, column) =
+                    locate::locate_key(&text, &[PathSeg::Key(name.to_string())]).unwrap_or((1, 1));
+                errors.push(error_at(
+                    line,
+                    column,
+                    unknown_key_message(name, SECTIONS, "top level"),
+                ));
+            }
+        }
+
+        let mut config = Config::default();
+        if mapping.is_empty() {
+            return Ok(config);
+        }
+        section(file, &text, "gateway", &mut config.gateway, &mut errors);
+        section(file, &text, "broker", &mut config.broker, &mut errors);
+        section(file, &text, "metrics", &mut config.metrics, &mut errors);
+        section(file, &text, "log", &mut config.log, &mut errors);
+
+        if errors.is_empty() {
+            config.resolve_paths(base_dir);
+            for issue in validate::validate(&config) {
+                let position = locate(&text, &issue.path);
+                errors.push(ConfigError {
+                    file: file.to_string(),
+                    line: position.map(|p| p.0),
+                    column: position.map(|p| p.1),
+                    message: issue.message,
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &mut std::path::PathBuf| {
+            if p.is_relative() && !base.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        for listener in &mut self.broker.listeners {
+            if let Some(tls) = &mut listener.tls {
+                join(&mut tls.cert);
+                join(&mut tls.key);
+                if let Some(ca) = &mut tls.client_ca {
+                    join(ca);
+                }
+            }
+        }
+    }
+
+    /// A one-paragraph summary for `edgegw check` and the start-up log.
+    pub fn summary(&self) -> String {
+        let listeners: Vec<String> = self
+            .broker
+            .listeners
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}://{}",
+                    if l.tls.is_some() { "mqtts" } else { "mqtt" },
+                    l.bind
+                )
+            })
+            .collect();
+        format!(
+            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}; metrics on http://{}/metrics",
+            self.gateway.id,
+            self.gateway.data_dir.display(),
+            listeners.join(", "),
+            if self.broker.auth.allow_anonymous {
+                "allowed"
+            } else {
+                "refused"
+            },
+            self.metrics.bind,
+        )
+    }
+}
+
+/// Deserializes one top-level section into `slot`, leaving the default when it is absent.
+fn section<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+    name: &'static str,
+    slot: &mut T,
+    errors: &mut Vec<ConfigError>,
+) {
+    match locate::deserialize_section::<T>(text, name) {
+        Ok(Some(value)) => *slot = value,
+        Ok(None) => {}
+        Err(error) => errors.push(from_yaml_error(file, &error)),
+    }
+}
+
+fn from_yaml_error(file: &str, error: &serde_norway::Error) -> ConfigError {
+    let location = error.location();
+    let mut message = error.to_string();
+    // serde_norway appends " at line L column C"; the position is printed in front instead.
+    if let Some(at) = message.find(" at line ") {
+        message.truncate(at);
+    }
+    ConfigError {
+        file: file.to_string(),
+        line: location.as_ref().map(|l| l.line()),
+        column: location.as_ref().map(|l| l.column()),
+        message: improve_message(&message),
+    }
+}
+
+/// Rewrites serde's `unknown field` message into one that suggests the nearest valid key.
+fn improve_message(message: &str) -> String {
+    let Some(rest) = message
+        .find("unknown field `")
+        .map(|i| &message[i + "unknown field `".len()..])
+    else {
+        return message.to_string();
+    };
+    let (prefix, _) = message.split_at(message.find("unknown field `").unwrap_or(0));
+    let Some(end) = rest.find('`') else {
+        return message.to_string();
+    };
+    let field = &rest[..end];
+    let known: Vec<&str> = rest[end..].split('`').skip(2).step_by(2).collect();
+    let place = prefix.trim_end_matches(": ").trim();
+    let place = if place.is_empty() { "here" } else { place };
+    unknown_key_message(field, &known, place)
+}
+
+fn unknown_key_message(key: &str, known: &[&str], place: &str) -> String {
+    let mut message = format!("unknown key `{key}` in {place}");
+    if let Some(best) = nearest(key, known) {
+        message.push_str(&format!("; did you mean `{best}`?"));
+    }
+    if !known.is_empty() {
+        message.push_str(&format!(" Valid keys: {}", known.join(", ")));
+    }
+    message
+}
+
+/// The known key closest to `key` by edit distance, when it is close enough to be a typo.
+fn nearest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, k)| *d <= (k.len().max(key.len()) / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// [`substitute_env`] on each line's content, leaving `#` comments untouched (the example
+/// config documents the syntax in comments).
+fn substitute_env_outside_comments(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, (usize, usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let cut = comment_start(line).unwrap_or(line.len());
+        let (content, comment) = line.split_at(cut);
+        let replaced = substitute_env(content, &lookup)
+            .map_err(|(_, column, message)| (index + 1, column, message))?;
+        out.push_str(&replaced);
+        out.push_str(comment);
+    }
+    Ok(out)
+}
+
+/// Byte offset of a YAML comment in one line: a `#` at the start or after whitespace,
+/// outside quotes.
+fn comment_start(line: &str) -> Option<usize> {
+    let mut quote = None;
+    let mut previous = ' ';
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '#') if previous.is_whitespace() => return Some(i),
+            _ => {}
+        }
+        previous = c;
+    }
+    None
+}
+
+/// Replaces `${NAME}` with the variable's value and `${NAME:-fallback}` with the value or the
+/// fallback; `$${` writes a literal `${`. Errors carry (line, column, message).
+fn substitute_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, (usize, usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let position = |offset: usize| {
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, column)
+    };
+    while let Some(i) = rest.find("${") {
+        let offset = text.len() - rest.len() + i;
+        if i > 0 && rest.as_bytes()[i - 1] == b'$' {
+            out.push_str(&rest[..i - 1]);
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            let (l, c) = position(offset);
+            return Err((l, c, "unterminated `${`: write `${NAME}`".into()));
+        };
+        let inner = &after[..end];
+        let (name, fallback) = match inner.split_once(":-") {
+            Some((name, fallback)) => (name, Some(fallback)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            let (l, c) = position(offset);
+            return Err((l, c, format!("invalid variable name in `${{{inner}}}`")));
+        }
+        match (lookup(name), fallback) {
+            (Some(value), _) => out.push_str(&value),
+            (None, Some(fallback)) => out.push_str(fallback),
+            (None, None) => {
+                let (l, c) = position(offset);
+                return Err((
+                    l,
+                    c,
+                    format!(
+                        "environment variable `{name}` is not set; set it or write `${{{name}:-default}}`"
+                    ),
+                ));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,174 @@
+//! The typed configuration. Every field here is a public config key: each one is documented
+//! in `configs/gateway.yaml`, and unknown keys are rejected at load time.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+use crate::units::{ByteSize, Duration};
+
+/// The whole gateway configuration (`gateway.yaml`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub broker: Broker,
+    pub metrics: Metrics,
+    pub log: Log,
+}
+
+/// Top-level section names, in file order of the documented example.
+pub const SECTIONS: &[&str] = &["gateway", "broker", "metrics", "log"];
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gateway {
+    /// Names this gateway in logs, metrics and (later) uplink client ids.
+    pub id: String,
+    /// Where the state file lives.
+    pub data_dir: PathBuf,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Self {
+            id: "edgegw".into(),
+            data_dir: PathBuf::from("./edgegw-data"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    pub listeners: Vec<Listener>,
+    pub auth: Auth,
+    pub limits: Limits,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Self {
+            listeners: vec![Listener {
+                bind: "127.0.0.1:1883".parse().expect("valid literal address"),
+                tls: None,
+            }],
+            auth: Auth::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Address and port, e.g. `0.0.0.0:1883`; port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// When present the listener speaks MQTT over TLS.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Accept clients that send no user name.
+    pub allow_anonymous: bool,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent client connections; further connections are refused.
+    pub max_connections: u32,
+    /// Largest MQTT packet accepted from a client (announced in v5 CONNACK).
+    pub max_packet_size: ByteSize,
+    /// Upper bound on the keepalive a client may ask for (v5: Server Keep Alive).
+    pub max_keepalive: Duration,
+    /// QoS 1/2 publishes a client may have unacknowledged towards the broker (v5 CONNACK).
+    pub receive_maximum: u16,
+    /// QoS 1/2 publishes the broker keeps unacknowledged towards one client.
+    pub max_inflight: u16,
+    /// Messages queued per session (offline, or behind the in-flight window).
+    pub max_queued: u32,
+    /// Topic aliases accepted from a v5 client (announced in CONNACK).
+    pub topic_alias_maximum: u16,
+    /// Longest session expiry a v5 client may ask for.
+    pub max_session_expiry: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_packet_size: ByteSize::mib(1),
+            max_keepalive: Duration::from_secs(60),
+            receive_maximum: 20,
+            max_inflight: 32,
+            max_queued: 1000,
+            topic_alias_maximum: 32,
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Address of the HTTP listener for `/metrics` and `/healthz`.
+    pub bind: SocketAddr,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9100".parse().expect("valid literal address"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// A tracing filter: `info`, `debug`, or per module, e.g. `info,edgegw_broker=debug`.
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}

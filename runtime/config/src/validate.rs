@@ -1,0 +1,152 @@
+//! Semantic checks on the typed config: each states the constraint with the values involved
+//! and names the key path so the loader can point at the line.
+
+use std::collections::HashMap;
+
+use crate::{Config, locate::PathSeg};
+
+pub struct Issue {
+    pub path: Vec<PathSeg>,
+    pub message: String,
+}
+
+/// The protocol limit on an MQTT packet (the remaining length is a 4-byte varint).
+const MQTT_MAX_PACKET: u64 = 268_435_455;
+
+pub fn validate(config: &Config) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    let mut issue = |path: &[&str], message: String| {
+        issues.push(Issue {
+            path: path
+                .iter()
+                .map(|s| match s.parse::<usize>() {
+                    Ok(i) => PathSeg::Index(i),
+                    Err(_) => PathSeg::key(s),
+                })
+                .collect(),
+            message,
+        });
+    };
+
+    let id = &config.gateway.id;
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        issue(
+            &["gateway", "id"],
+            format!(
+                "gateway.id `{id}` must be non-empty and use only letters, digits, `-`, `_` and `.`"
+            ),
+        );
+    }
+
+    let broker = &config.broker;
+    if broker.listeners.is_empty() {
+        issue(
+            &["broker", "listeners"],
+            "broker.listeners is empty: add at least one, e.g. `- { bind: \"127.0.0.1:1883\" }`"
+                .into(),
+        );
+    }
+    let mut seen = HashMap::new();
+    for (i, listener) in broker.listeners.iter().enumerate() {
+        let index = i.to_string();
+        if listener.bind.port() != 0 {
+            if let Some(first) = seen.insert(listener.bind, i) {
+                issue(
+                    &["broker", "listeners", &index, "bind"],
+                    format!(
+                        "listener {i} binds {} which listener {first} already binds; give each listener its own port",
+                        listener.bind
+                    ),
+                );
+            }
+            if listener.bind == config.metrics.bind {
+                issue(
+                    &["broker", "listeners", &index, "bind"],
+                    format!(
+                        "listener {i} binds {} which is also metrics.bind; use another port",
+                        listener.bind
+                    ),
+                );
+            }
+        }
+        if let Some(tls) = &listener.tls {
+            let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key))];
+            let ca = [("client_ca", tls.client_ca.as_ref())];
+            for (key, path) in files.iter().chain(ca.iter()) {
+                let Some(path) = path else { continue };
+                if let Err(error) = std::fs::metadata(path) {
+                    issue(
+                        &["broker", "listeners", &index, "tls", key],
+                        format!(
+                            "cannot read TLS {key} file {}: {error}; give the path of a PEM file",
+                            path.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    let limits = &broker.limits;
+    let path = |key: &'static str| ["broker", "limits", key];
+    if limits.max_connections == 0 {
+        issue(&path("max_connections"), "max_connections must be at least 1".into());
+    }
+    let size = limits.max_packet_size.bytes();
+    if !(64..=MQTT_MAX_PACKET).contains(&size) {
+        issue(
+            &path("max_packet_size"),
+            format!(
+                "max_packet_size {} is out of range: it must be between 64B and 256MiB (the MQTT limit)",
+                limits.max_packet_size
+            ),
+        );
+    }
+    let keepalive = limits.max_keepalive.as_std();
+    if keepalive.as_secs() == 0 || keepalive.as_secs() > 65_535 || keepalive.subsec_nanos() != 0 {
+        issue(
+            &path("max_keepalive"),
+            format!(
+                "max_keepalive {} must be whole seconds between 1s and 65535s (the MQTT limit)",
+                limits.max_keepalive
+            ),
+        );
+    }
+    if limits.receive_maximum == 0 {
+        issue(&path("receive_maximum"), "receive_maximum must be between 1 and 65535".into());
+    }
+    if limits.max_inflight == 0 {
+        issue(&path("max_inflight"), "max_inflight must be between 1 and 65535".into());
+    }
+    if limits.max_queued == 0 {
+        issue(&path("max_queued"), "max_queued must be at least 1".into());
+    }
+    if limits.max_session_expiry.as_secs() > u64::from(u32::MAX) {
+        issue(
+            &path("max_session_expiry"),
+            format!(
+                "max_session_expiry {} exceeds the MQTT limit of 4294967295s",
+                limits.max_session_expiry
+            ),
+        );
+    }
+
+    for directive in config.log.level.split(',').map(str::trim) {
+        let level = directive.rsplit('=').next().unwrap_or("");
+        let known = ["trace", "debug", "info", "warn", "error", "off"];
+        if directive.is_empty() || !known.contains(&level.to_ascii_lowercase().as_str()) {
+            issue(
+                &["log", "level"],
+                format!(
+                    "log.level directive `{directive}` is not valid: write a level ({}) or `target=level`",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+    issues
+}
