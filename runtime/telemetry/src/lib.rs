@@ -1,1 +1,167 @@
+//! Metrics and health: the metric names (one module, [`names`]), the Prometheus recorder,
+//! and a small HTTP listener for `GET /metrics`, `GET /healthz` and `GET /readyz`.
+//!
+//! The HTTP side is deliberately minimal (GET only, one request per connection, bounded
+//! request head, short timeouts): it serves scrapers and probes, not browsers at large.
 
+pub mod names;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot install the metrics recorder: {0}")]
+    Recorder(String),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The installed recorder and the readiness flag shared with the rest of the gateway.
+#[derive(Clone)]
+pub struct Telemetry {
+    handle: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+}
+
+impl Telemetry {
+    /// Installs the process-wide Prometheus recorder and registers every metric's help.
+    pub fn install() -> Result<Self, TelemetryError> {
+        let handle = PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
+        names::describe();
+        Ok(Self {
+            handle,
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// `/readyz` answers 200 once this is set (listeners up, state loaded).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    /// Binds the HTTP listener and serves it until `shutdown` is cancelled.
+    /// Returns the bound address (useful with port 0).
+    pub async fn serve(
+        &self,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<SocketAddr, TelemetryError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| TelemetryError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| TelemetryError::Bind { addr, source })?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Bound concurrent scrapes so a misbehaving prober cannot pile up tasks.
+            let permits = Arc::new(tokio::sync::Semaphore::new(32));
+            loop {
+                let (stream, peer) = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(error) => {
+                            tracing::warn!(%error, "Metrics listener accept failed.");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    let result =
+                        tokio::time::timeout(Duration::from_secs(10), this.answer(stream)).await;
+                    if let Ok(Err(error)) = result {
+                        tracing::debug!(%peer, %error, "Metrics request failed.");
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Ok(local)
+    }
+
+    async fn answer(&self, mut stream: TcpStream) -> std::io::Result<()> {
+        let mut head = Vec::with_capacity(512);
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            if head.len() > 8192 {
+                return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut parts = line.split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let path = target.split('?').next().unwrap_or("");
+        if method != "GET" && method != "HEAD" {
+            return respond(&mut stream, 405, "text/plain", "only GET is served\n").await;
+        }
+        match path {
+            "/metrics" => {
+                let body = self.render();
+                respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
+            }
+            "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
+            "/readyz" => {
+                if self.ready.load(Ordering::Relaxed) {
+                    respond(&mut stream, 200, "text/plain", "ready\n").await
+                } else {
+                    respond(&mut stream, 503, "text/plain", "starting\n").await
+                }
+            }
+            _ => respond(&mut stream, 404, "text/plain", "not found: try /metrics, /healthz, /readyz\n").await,
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,395 @@
+//! A session: what the broker keeps for one client id, connected or not.
+//!
+//! The session owns the client's bounded queue of deliveries and its outgoing in-flight
+//! window. The router pushes into the queue from any thread; the connection that currently
+//! owns the session (identified by a *generation*) drains it on its own worker. A takeover
+//! bumps the generation, which tells the old connection to close.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    num::NonZeroU16,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use tokio::sync::Notify;
+
+use crate::{
+    message::{Message, QoS},
+    metrics::{BrokerMetrics, DropReason},
+    topic::Filter,
+    tree::SubOptions,
+};
+
+/// One message on its way to one session, with the QoS and flags that session gets.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    /// min(publish QoS, granted QoS).
+    pub qos: QoS,
+    /// Retain flag as the subscriber sees it (retain-as-published, or a retained replay).
+    pub retain: bool,
+    /// v5 subscription identifiers of every matching subscription of this session.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// A delivery ready to be written to the connection.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub delivery: Delivery,
+    /// Packet id for QoS 1 and 2.
+    pub packet_id: Option<NonZeroU16>,
+    /// A re-send after reconnect.
+    pub dup: bool,
+    /// QoS 2 whose PUBREC arrived before the connection dropped: only PUBREL is owed.
+    pub release_only: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum InflightState {
+    /// PUBLISH written, waiting for PUBACK / PUBREC.
+    Sent,
+    /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    packet_id: u16,
+    delivery: Delivery,
+    state: InflightState,
+}
+
+/// The connection lost ownership of its session (takeover or session end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Superseded;
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Delivery>,
+    /// In send order, so a reconnect re-sends in the original order.
+    inflight: VecDeque<Inflight>,
+    next_packet_id: u16,
+    generation: u64,
+    subscriptions: HashMap<String, (Filter, SubOptions)>,
+    /// Inbound QoS 2 packet ids received (PUBREC sent) and not yet released.
+    inbound_qos2: HashSet<u16>,
+    /// Session expiry interval in seconds (v3: 0 for clean session, max for persistent).
+    expiry_secs: u32,
+    ended: bool,
+    /// A will waiting for its delay (or the session's end), from the last connection.
+    pending_will: Option<Message>,
+}
+
+pub struct Session {
+    /// Unique per session instance (a clean start creates a new one).
+    pub id: u64,
+    pub client_id: Arc<str>,
+    max_queued: usize,
+    online: AtomicBool,
+    state: Mutex<State>,
+    notify: Notify,
+    metrics: Arc<BrokerMetrics>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("client_id", &self.client_id)
+            .finish()
+    }
+}
+
+impl Session {
+    pub(crate) fn new(
+        id: u64,
+        client_id: Arc<str>,
+        max_queued: usize,
+        metrics: Arc<BrokerMetrics>,
+    ) -> Self {
+        Self {
+            id,
+            client_id,
+            max_queued,
+            online: AtomicBool::new(false),
+            state: Mutex::new(State {
+                next_packet_id: 1,
+                ..State::default()
+            }),
+            notify: Notify::new(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    /// Queues a delivery; the owning connection is woken. Returns the reason when dropped.
+    pub fn enqueue(&self, delivery: Delivery) -> Result<(), DropReason> {
+        let online = self.is_online();
+        if delivery.qos == QoS::AtMostOnce && !online {
+            return Err(DropReason::OfflineQos0);
+        }
+        {
+            let mut state = self.lock();
+            if state.ended {
+                return Err(DropReason::SessionEnded);
+            }
+            if state.queue.len() >= self.max_queued {
+                return Err(DropReason::QueueFull);
+            }
+            state.queue.push_back(delivery);
+        }
+        self.metrics.queued.increment(1.0);
+        if online {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Marks a new connection as the owner; returns its generation. The previous owner,
+    /// if any, sees [`Superseded`] on its next call.
+    pub(crate) fn attach(&self, expiry_secs: u32) -> u64 {
+        let generation = {
+            let mut state = self.lock();
+            state.generation += 1;
+            state.expiry_secs = expiry_secs;
+            // A new connection to this session cancels a delayed will [MQTT-3.1.3-9].
+            state.pending_will = None;
+            state.generation
+        };
+        self.online.store(true, Ordering::Relaxed);
+        // Wake the previous owner so it notices the takeover.
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+        generation
+    }
+
+    /// The connection with `generation` is gone. Returns false when it had already been
+    /// superseded (the session belongs to a newer connection).
+    pub(crate) fn detach(&self, generation: u64) -> bool {
+        let state = self.lock();
+        if state.generation != generation {
+            return false;
+        }
+        self.online.store(false, Ordering::Relaxed);
+        true
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    pub fn is_current(&self, generation: u64) -> bool {
+        let state = self.lock();
+        state.generation == generation && !state.ended
+    }
+
+    pub(crate) fn set_expiry(&self, expiry_secs: u32) {
+        self.lock().expiry_secs = expiry_secs;
+    }
+
+    pub fn expiry_secs(&self) -> u32 {
+        self.lock().expiry_secs
+    }
+
+    /// Ends the session: nothing more is queued, queued deliveries are discarded.
+    /// Returns its subscriptions so the router can remove them from the tree.
+    pub(crate) fn end(&self) -> Vec<(Filter, SubOptions)> {
+        let (subscriptions, discarded) = {
+            let mut state = self.lock();
+            state.ended = true;
+            let discarded = state.queue.len();
+            state.queue.clear();
+            state.inflight.clear();
+            (state.subscriptions.drain().map(|(_, v)| v).collect(), discarded)
+        };
+        self.online.store(false, Ordering::Relaxed);
+        self.metrics.queued.decrement(discarded as f64);
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+        subscriptions
+    }
+
+    pub(crate) fn set_pending_will(&self, will: Message) {
+        self.lock().pending_will = Some(will);
+    }
+
+    /// Takes the pending will if the session still belongs to connection `generation`
+    /// (`None` for any generation), i.e. nobody reconnected since.
+    pub(crate) fn take_pending_will(&self, generation: Option<u64>) -> Option<Message> {
+        let mut state = self.lock();
+        match generation {
+            Some(g) if g != state.generation => None,
+            _ => state.pending_will.take(),
+        }
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.lock().ended
+    }
+
+    /// Waits until there may be something to send or the owner changed.
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Wakes the owning connection (e.g. after an ack freed window space).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Deliveries still in flight from a previous connection, to re-send first (with DUP).
+    pub fn take_redelivery(&self, generation: u64) -> Result<Vec<Outgoing>, Superseded> {
+        let state = self.lock();
+        if state.generation != generation || state.ended {
+            return Err(Superseded);
+        }
+        Ok(state
+            .inflight
+            .iter()
+            .map(|f| Outgoing {
+                delivery: f.delivery.clone(),
+                packet_id: NonZeroU16::new(f.packet_id),
+                dup: true,
+                release_only: f.state == InflightState::Released,
+            })
+            .collect())
+    }
+
+    /// Moves up to `max` queued deliveries into `out`, giving QoS 1/2 deliveries a packet id
+    /// while the in-flight window (`window`) has room. Expired messages are dropped.
+    pub fn next_outgoing(
+        &self,
+        generation: u64,
+        window: usize,
+        max: usize,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Superseded> {
+        let now = Instant::now();
+        let mut taken = 0usize;
+        let mut expired = 0u64;
+        {
+            let mut state = self.lock();
+            if state.generation != generation || state.ended {
+                return Err(Superseded);
+            }
+            while out.len() < max {
+                let Some(front) = state.queue.front() else {
+                    break;
+                };
+                if front.message.is_expired(now) {
+                    state.queue.pop_front();
+                    taken += 1;
+                    expired += 1;
+                    continue;
+                }
+                if front.qos != QoS::AtMostOnce && state.inflight.len() >= window {
+                    break;
+                }
+                let Some(delivery) = state.queue.pop_front() else {
+                    break;
+                };
+                taken += 1;
+                let packet_id = if delivery.qos == QoS::AtMostOnce {
+                    None
+                } else {
+                    let id = allocate_packet_id(&mut state);
+                    state.inflight.push_back(Inflight {
+                        packet_id: id,
+                        delivery: delivery.clone(),
+                        state: InflightState::Sent,
+                    });
+                    NonZeroU16::new(id)
+                };
+                out.push(Outgoing {
+                    delivery,
+                    packet_id,
+                    dup: false,
+                    release_only: false,
+                });
+            }
+        }
+        if taken > 0 {
+            self.metrics.queued.decrement(taken as f64);
+        }
+        if expired > 0 {
+            self.metrics.dropped(DropReason::Expired, expired);
+        }
+        Ok(())
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.lock().inflight.len()
+    }
+
+    pub fn queued_len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) for `packet_id`: the delivery is done.
+    pub fn acknowledge(&self, packet_id: u16) {
+        let mut state = self.lock();
+        if let Some(i) = state.inflight.iter().position(|f| f.packet_id == packet_id) {
+            state.inflight.remove(i);
+            drop(state);
+            self.notify.notify_one();
+        }
+    }
+
+    /// PUBREC for `packet_id`: the QoS 2 delivery now only needs PUBREL/PUBCOMP.
+    pub fn received(&self, packet_id: u16) {
+        let mut state = self.lock();
+        if let Some(f) = state.inflight.iter_mut().find(|f| f.packet_id == packet_id) {
+            f.state = InflightState::Released;
+        }
+    }
+
+    /// Inbound QoS 2: returns true when `packet_id` is new (route the message), false when
+    /// it is a re-send of one already received and not yet released.
+    pub fn inbound_qos2_begin(&self, packet_id: u16) -> bool {
+        self.lock().inbound_qos2.insert(packet_id)
+    }
+
+    /// Inbound PUBREL.
+    pub fn inbound_qos2_release(&self, packet_id: u16) {
+        self.lock().inbound_qos2.remove(&packet_id);
+    }
+
+    /// Adds a subscription record; returns true when it replaced one for the same filter.
+    pub(crate) fn record_subscription(&self, filter: &Filter, options: SubOptions) -> bool {
+        self.lock()
+            .subscriptions
+            .insert(filter.to_string(), (filter.clone(), options))
+            .is_some()
+    }
+
+    pub(crate) fn forget_subscription(&self, filter: &Filter) -> bool {
+        self.lock().subscriptions.remove(&filter.to_string()).is_some()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.lock().subscriptions.len()
+    }
+}
+
+/// The next free packet id (1..=65535), skipping ids still in flight.
+fn allocate_packet_id(state: &mut State) -> u16 {
+    loop {
+        let id = state.next_packet_id;
+        state.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+        if !state.inflight.iter().any(|f| f.packet_id == id) {
+            return id;
+        }
+    }
+}

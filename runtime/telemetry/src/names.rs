@@ -1,0 +1,46 @@
+//! Every metric the gateway exports, with its help text. Dashboards and tests use only
+//! these names. Naming: `edgegw_<subsystem>_<name>_<unit>`, counters end in `_total`,
+//! labels are small closed sets (never a client id or a topic).
+
+use metrics::{Unit, describe_counter, describe_gauge};
+
+pub const BROKER_CONNECTIONS: &str = "edgegw_broker_connections";
+pub const BROKER_CONNECTIONS_ACCEPTED: &str = "edgegw_broker_connections_accepted_total";
+pub const BROKER_CONNECTIONS_REFUSED: &str = "edgegw_broker_connections_refused_total";
+pub const BROKER_MESSAGES_RECEIVED: &str = "edgegw_broker_messages_received_total";
+pub const BROKER_MESSAGES_SENT: &str = "edgegw_broker_messages_sent_total";
+pub const BROKER_RECEIVED_BYTES: &str = "edgegw_broker_received_payload_bytes_total";
+pub const BROKER_SENT_BYTES: &str = "edgegw_broker_sent_payload_bytes_total";
+pub const BROKER_DROPPED: &str = "edgegw_broker_dropped_messages_total";
+pub const BROKER_SUBSCRIPTIONS: &str = "edgegw_broker_subscriptions";
+pub const BROKER_RETAINED: &str = "edgegw_broker_retained_messages";
+pub const BROKER_SESSIONS: &str = "edgegw_broker_sessions";
+pub const BROKER_QUEUED: &str = "edgegw_broker_queued_messages";
+pub const BROKER_PROTOCOL_ERRORS: &str = "edgegw_broker_protocol_errors_total";
+pub const BROKER_WILLS: &str = "edgegw_broker_wills_published_total";
+
+/// Label values of [`BROKER_DROPPED`]'s `reason`.
+pub const DROP_REASONS: &[&str] = &[
+    "queue_full",
+    "expired",
+    "offline_qos0",
+    "session_ended",
+];
+
+/// Registers help texts and units. Call once after installing the recorder.
+pub fn describe() {
+    describe_gauge!(BROKER_CONNECTIONS, "Open MQTT client connections, by protocol version.");
+    describe_counter!(BROKER_CONNECTIONS_ACCEPTED, "MQTT connections accepted (CONNACK success), by protocol version.");
+    describe_counter!(BROKER_CONNECTIONS_REFUSED, "MQTT connections refused at CONNECT, by reason.");
+    describe_counter!(BROKER_MESSAGES_RECEIVED, "PUBLISH messages received by the router, by QoS.");
+    describe_counter!(BROKER_MESSAGES_SENT, "PUBLISH messages written to subscribers, by QoS.");
+    describe_counter!(BROKER_RECEIVED_BYTES, Unit::Bytes, "Payload bytes received by the router, by QoS.");
+    describe_counter!(BROKER_SENT_BYTES, Unit::Bytes, "Payload bytes written to subscribers, by QoS.");
+    describe_counter!(BROKER_DROPPED, "Messages not delivered to a subscriber, by reason.");
+    describe_gauge!(BROKER_SUBSCRIPTIONS, "Active subscriptions (filters) over all sessions.");
+    describe_gauge!(BROKER_RETAINED, "Retained messages held by the broker.");
+    describe_gauge!(BROKER_SESSIONS, "Sessions, connected or persisted offline.");
+    describe_gauge!(BROKER_QUEUED, "Deliveries queued in sessions, waiting to be written.");
+    describe_counter!(BROKER_PROTOCOL_ERRORS, "Connections closed for malformed packets or protocol violations, by kind.");
+    describe_counter!(BROKER_WILLS, "Will messages published.");
+}
