@@ -1,1 +1,250 @@
+//! Test harness: starts the real `edgegw` binary on free loopback ports and offers a raw
+//! MQTT byte-level client for what ordinary client libraries will not send.
 
+pub mod raw;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The `edgegw` binary, built once per test process.
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        escargot::CargoBuild::new()
+            .package("edgegw")
+            .bin("edgegw")
+            .manifest_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+            .run()
+            .expect("building edgegw")
+            .path()
+            .to_path_buf()
+    })
+    .clone()
+}
+
+type Logs = Arc<(Mutex<Vec<Value>>, Condvar)>;
+
+/// A running gateway. Killed on drop.
+pub struct Gateway {
+    child: Child,
+    pub mqtt: SocketAddr,
+    pub mqtts: Option<SocketAddr>,
+    pub metrics: SocketAddr,
+    pub dir: tempfile::TempDir,
+    logs: Logs,
+}
+
+impl Gateway {
+    /// Starts with the default test config: one plain listener, metrics, JSON logs.
+    pub fn start() -> Self {
+        Self::start_with("", "")
+    }
+
+    /// Starts with extra YAML under `broker:` (indented by the caller with 2 spaces, e.g.
+    /// `"  limits:\n    max_queued: 5\n"`) and extra listeners (each a YAML list item,
+    /// indented 4 spaces).
+    pub fn start_with(broker_extra: &str, listeners_extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = format!(
+            "gateway:\n  id: test\n  data_dir: {data}\nbroker:\n  listeners:\n    - bind: 127.0.0.1:0\n{listeners_extra}{broker_extra}metrics:\n  bind: 127.0.0.1:0\nlog:\n  level: debug\n  format: json\n",
+            data = dir.path().join("data").display()
+        );
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, config).expect("write config");
+        Self::start_file(&path, dir)
+    }
+
+    /// Starts with a config file; `dir` is kept alive with the gateway.
+    pub fn start_file(path: &Path, dir: tempfile::TempDir) -> Self {
+        let mut child = Command::new(binary())
+            .args(["run", "-c"])
+            .arg(path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn edgegw");
+        let logs: Logs = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("EDGEGW_TEST_LOG").is_some() {
+                        eprintln!("edgegw: {line}");
+                    }
+                    let value = serde_json::from_str(&line)
+                        .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                    logs.0.lock().unwrap().push(value);
+                    logs.1.notify_all();
+                }
+            });
+        }
+        let mut gateway = Self {
+            child,
+            mqtt: "0.0.0.0:0".parse().unwrap(),
+            mqtts: None,
+            metrics: "0.0.0.0:0".parse().unwrap(),
+            dir,
+            logs,
+        };
+        let ready = gateway.wait_log(Duration::from_secs(60), |line| {
+            message(line) == Some("Ready.")
+        });
+        assert!(ready, "gateway did not start: {:#?}", gateway.logs());
+        // All listeners are logged before readiness; read every address out.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for line in gateway.logs() {
+                let url = line["fields"]["url"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(addr) = url.strip_prefix("mqtt://") {
+                    gateway.mqtt = addr.parse().unwrap();
+                } else if let Some(addr) = url.strip_prefix("mqtts://") {
+                    gateway.mqtts = Some(addr.parse().unwrap());
+                } else if let Some(addr) = url.strip_prefix("http://") {
+                    gateway.metrics = addr.trim_end_matches("/metrics").parse().unwrap();
+                }
+            }
+            if gateway.mqtt.port() != 0 && gateway.metrics.port() != 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no listener addresses in {:#?}",
+                gateway.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gateway
+    }
+
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs.0.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line satisfies `pred`.
+    pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.logs.0.lock().unwrap();
+        loop {
+            if guard.iter().any(&pred) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = self.logs.1.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.mqtt.port()
+    }
+
+    /// `GET path` on the metrics listener: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.metrics, path)
+    }
+
+    /// The value of one metric sample, e.g. `edgegw_broker_sessions` or
+    /// `edgegw_broker_dropped_messages_total{reason="queue_full"}`; 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Polls `metric` until `pred` holds or the timeout passes; returns the last value.
+    pub fn wait_metric(&self, sample: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric(sample);
+            if pred(value) || Instant::now() >= deadline {
+                return value;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `fields.message` of a JSON log line.
+pub fn message(line: &Value) -> Option<&str> {
+    line["fields"]["message"].as_str()
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Panics with what to do when the Debian mosquitto clients are missing (the README's
+/// test command installs them).
+pub fn require_mosquitto_clients() {
+    let found = Command::new("mosquitto_pub")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        found,
+        "mosquitto_pub/mosquitto_sub are not installed: run the README's test command, \
+         which installs Debian's mosquitto-clients, or `apt-get install mosquitto-clients`"
+    );
+}

@@ -13,6 +13,63 @@ pub mod topic;
 pub mod tree;
 
 pub use message::{ByteString, Bytes, Message, Origin, Properties, QoS};
-pub use router::{AttachOptions, Attached, LocalClient, Router, RouterLimits, Routed, Will};
+pub use router::{AttachOptions, Attached, LocalClient, Routed, Router, RouterLimits, Will};
 pub use session::{Delivery, Session};
 pub use tree::SubOptions;
+
+mod connection;
+mod server;
+mod v3;
+mod v5;
+
+pub use connection::ConnectionLimits;
+pub use server::{BoundListener, Broker, BrokerSettings, ListenerSettings, TlsFiles};
+
+/// Errors of the broker crate.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("TLS file {path}: {message}")]
+    Tls {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("cannot start the MQTT server thread: {0}")]
+    Thread(std::io::Error),
+    #[error("reading a PUBLISH payload failed: {0}")]
+    Payload(String),
+    #[error("invalid topic: {0}")]
+    Topic(#[from] topic::TopicError),
+}
+
+impl From<std::convert::Infallible> for BrokerError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
+/// A publish handler error never turns into an ack: it closes the connection.
+impl TryFrom<BrokerError> for ntex_mqtt::v5::PublishAck {
+    type Error = BrokerError;
+
+    fn try_from(error: BrokerError) -> Result<Self, BrokerError> {
+        Err(error)
+    }
+}
+
+/// A metric label for a protocol error.
+pub(crate) fn protocol_error_kind(error: &ntex_mqtt::error::MqttProtocolError) -> &'static str {
+    use ntex_mqtt::error::MqttProtocolError as E;
+    match error {
+        E::Decode(_) => "malformed",
+        E::Encode(_) => "encode",
+        E::ProtocolViolation(_) => "violation",
+        E::KeepAliveTimeout => "keepalive_timeout",
+        E::ReadTimeout => "read_timeout",
+        E::WriteTimeout => "write_timeout",
+    }
+}

@@ -124,7 +124,9 @@ impl Message {
 
     pub fn is_expired(&self, now: Instant) -> bool {
         match self.properties.message_expiry_secs {
-            Some(total) => now.saturating_duration_since(self.received).as_secs() >= u64::from(total),
+            Some(total) => {
+                now.saturating_duration_since(self.received).as_secs() >= u64::from(total)
+            }
             None => false,
         }
     }

@@ -17,6 +17,8 @@ pub enum DropReason {
     OfflineQos0,
     /// The session ended while the message was on its way.
     SessionEnded,
+    /// Larger than the maximum packet size the receiving client announced.
+    TooLarge,
 }
 
 impl DropReason {
@@ -26,6 +28,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::OfflineQos0 => "offline_qos0",
             DropReason::SessionEnded => "session_ended",
+            DropReason::TooLarge => "too_large",
         }
     }
 }
@@ -51,7 +54,7 @@ pub struct BrokerMetrics {
     received_bytes: [Counter; 3],
     sent: [Counter; 3],
     sent_bytes: [Counter; 3],
-    dropped: [Counter; 4],
+    dropped: [Counter; 5],
     pub queued: Gauge,
     pub subscriptions: Gauge,
     pub retained: Gauge,
@@ -70,7 +73,8 @@ impl Default for BrokerMetrics {
 impl BrokerMetrics {
     pub fn new() -> Self {
         let by_qos = |name: &'static str| {
-            [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].map(|q| counter!(name, "qos" => q.label()))
+            [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+                .map(|q| counter!(name, "qos" => q.label()))
         };
         let by_protocol_gauge = |name: &'static str| {
             [Protocol::V311, Protocol::V5].map(|p| gauge!(name, "protocol" => p.label()))
@@ -88,6 +92,7 @@ impl BrokerMetrics {
                 DropReason::Expired,
                 DropReason::OfflineQos0,
                 DropReason::SessionEnded,
+                DropReason::TooLarge,
             ]
             .map(|r| counter!(names::BROKER_DROPPED, "reason" => r.label())),
             queued: gauge!(names::BROKER_QUEUED),
@@ -116,6 +121,7 @@ impl BrokerMetrics {
             DropReason::Expired => 1,
             DropReason::OfflineQos0 => 2,
             DropReason::SessionEnded => 3,
+            DropReason::TooLarge => 4,
         };
         self.dropped[index].increment(count);
     }

@@ -472,9 +472,10 @@ impl LocalClient {
                 if let Some(id) = outgoing.packet_id {
                     self.session.acknowledge(id.get());
                 }
-                self.router
-                    .metrics()
-                    .sent(outgoing.delivery.qos, outgoing.delivery.message.payload.len());
+                self.router.metrics().sent(
+                    outgoing.delivery.qos,
+                    outgoing.delivery.message.payload.len(),
+                );
                 return Some(outgoing.delivery);
             }
             self.session.wait().await;

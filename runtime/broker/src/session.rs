@@ -212,7 +212,10 @@ impl Session {
             let discarded = state.queue.len();
             state.queue.clear();
             state.inflight.clear();
-            (state.subscriptions.drain().map(|(_, v)| v).collect(), discarded)
+            (
+                state.subscriptions.drain().map(|(_, v)| v).collect(),
+                discarded,
+            )
         };
         self.online.store(false, Ordering::Relaxed);
         self.metrics.queued.decrement(discarded as f64);
@@ -375,7 +378,10 @@ impl Session {
     }
 
     pub(crate) fn forget_subscription(&self, filter: &Filter) -> bool {
-        self.lock().subscriptions.remove(&filter.to_string()).is_some()
+        self.lock()
+            .subscriptions
+            .remove(&filter.to_string())
+            .is_some()
     }
 
     pub fn subscription_count(&self) -> usize {

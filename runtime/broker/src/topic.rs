@@ -17,7 +17,9 @@ pub enum TopicError {
     BadPlus,
     #[error("`#` must be the last character and occupy a whole topic level")]
     BadHash,
-    #[error("shared subscription must be `$share/<group>/<filter>` with a non-empty group free of `+`, `#` and `/`")]
+    #[error(
+        "shared subscription must be `$share/<group>/<filter>` with a non-empty group free of `+`, `#` and `/`"
+    )]
     BadShare,
 }
 

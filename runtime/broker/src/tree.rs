@@ -174,7 +174,13 @@ fn remove_at(node: &mut Node, levels: &[&str], share: Option<&str>, id: u64) -> 
 
 /// Matches `level` (and then `rest`) below `node`. `wildcards` is false only for the first
 /// level of a `$` topic.
-fn walk(node: &Node, level: &str, rest: &[&str], wildcards: bool, visit: &mut impl FnMut(&Entry, bool)) {
+fn walk(
+    node: &Node,
+    level: &str,
+    rest: &[&str],
+    wildcards: bool,
+    visit: &mut impl FnMut(&Entry, bool),
+) {
     if wildcards {
         if let Some(hash) = node.children.get("#") {
             emit(hash, visit);

@@ -2,7 +2,9 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 
 /// One step of a key path: a mapping key or a sequence index.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +24,12 @@ const HERE: &str = "\u{0}edgegw-probe";
 /// Line and column (1-based) of the value at `path`, or `None` when the path is not in the text.
 pub fn locate(text: &str, path: &[PathSeg]) -> Option<(usize, usize)> {
     let deserializer = serde_norway::Deserializer::from_str(text);
-    match (Probe { path, at_key: false }).deserialize(deserializer) {
+    match (Probe {
+        path,
+        at_key: false,
+    })
+    .deserialize(deserializer)
+    {
         Err(error) if error.to_string().contains(HERE) => {
             error.location().map(|l| (l.line(), l.column()))
         }
@@ -74,7 +81,11 @@ impl<'de> Visitor<'de> for ProbeVisitor<'_> {
     stop_here!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
 
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        if self.0.is_empty() { Err(E::custom(HERE)) } else { Ok(()) }
+        if self.0.is_empty() {
+            Err(E::custom(HERE))
+        } else {
+            Ok(())
+        }
     }
 
     fn visit_none<E: de::Error>(self) -> Result<(), E> {
@@ -92,7 +103,10 @@ impl<'de> Visitor<'de> for ProbeVisitor<'_> {
         while let Some(key) = map.next_key_seed(KeySeed(stop_at))? {
             match (first, key.as_str()) {
                 (PathSeg::Key(want), Some(got)) if want == got => {
-                    map.next_value_seed(Probe { path: rest, at_key: self.1 })?;
+                    map.next_value_seed(Probe {
+                        path: rest,
+                        at_key: self.1,
+                    })?;
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -109,7 +123,13 @@ impl<'de> Visitor<'de> for ProbeVisitor<'_> {
         let mut index = 0;
         loop {
             if matches!(first, PathSeg::Index(i) if *i == index) {
-                if seq.next_element_seed(Probe { path: rest, at_key: self.1 })?.is_none() {
+                if seq
+                    .next_element_seed(Probe {
+                        path: rest,
+                        at_key: self.1,
+                    })?
+                    .is_none()
+                {
                     break;
                 }
             } else if seq.next_element::<IgnoredAny>()?.is_none() {
@@ -127,7 +147,10 @@ struct KeySeed<'p>(Option<&'p str>);
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     type Value = serde_norway::Value;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
         let Some(want) = self.0 else {
             return <serde_norway::Value as serde::Deserialize>::deserialize(deserializer);
         };

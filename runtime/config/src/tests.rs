@@ -18,7 +18,10 @@ fn errors(text: &str) -> Vec<String> {
 #[test]
 fn empty_file_is_the_default() {
     let config = load("").unwrap();
-    assert_eq!(config.broker.listeners[0].bind.to_string(), "127.0.0.1:1883");
+    assert_eq!(
+        config.broker.listeners[0].bind.to_string(),
+        "127.0.0.1:1883"
+    );
     assert_eq!(config.metrics.bind.to_string(), "127.0.0.1:9100");
     assert_eq!(config.gateway.data_dir, Path::new("./edgegw-data"));
 }
@@ -37,7 +40,10 @@ fn full_example_parses() {
     assert_eq!(config.broker.limits.max_packet_size.bytes(), 65536);
     assert_eq!(config.broker.limits.max_keepalive.as_secs(), 120);
     assert_eq!(config.broker.limits.receive_maximum, 5);
-    assert_eq!(config.broker.limits.max_inflight, 32, "unset keys keep defaults");
+    assert_eq!(
+        config.broker.limits.max_inflight, 32,
+        "unset keys keep defaults"
+    );
     assert_eq!(config.log.format, LogFormat::Json);
 }
 
@@ -47,7 +53,10 @@ fn unknown_key_is_located_and_suggested() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].starts_with("site.yaml:3:5: "), "{errs:?}");
     assert!(errs[0].contains("unknown key `max_conections`"), "{errs:?}");
-    assert!(errs[0].contains("did you mean `max_connections`?"), "{errs:?}");
+    assert!(
+        errs[0].contains("did you mean `max_connections`?"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -64,7 +73,10 @@ fn errors_in_several_sections_are_all_reported() {
         "gateway:\n  idd: x\nbroker:\n  limits:\n    max_keepalive: 30\nmetrics:\n  bind: nowhere\n",
     );
     assert_eq!(errs.len(), 3, "{errs:?}");
-    assert!(errs[0].starts_with("site.yaml:2:3: unknown key `idd`"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("site.yaml:2:3: unknown key `idd`"),
+        "{errs:?}"
+    );
     assert!(errs[1].starts_with("site.yaml:5:"), "{errs:?}");
     assert!(errs[1].contains("has no unit"), "{errs:?}");
     assert!(errs[2].starts_with("site.yaml:7:"), "{errs:?}");
@@ -76,9 +88,18 @@ fn semantic_errors_point_at_the_value() {
         "broker:\n  listeners:\n    - bind: 127.0.0.1:1883\n    - bind: 127.0.0.1:1883\n  limits:\n    receive_maximum: 0\n    max_packet_size: 1GiB\n",
     );
     assert_eq!(errs.len(), 3, "{errs:?}");
-    assert!(errs[0].starts_with("site.yaml:4:13: listener 1 binds 127.0.0.1:1883"), "{errs:?}");
-    assert!(errs[1].starts_with("site.yaml:7:22: max_packet_size 1GiB"), "{errs:?}");
-    assert!(errs[2].starts_with("site.yaml:6:22: receive_maximum"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("site.yaml:4:13: listener 1 binds 127.0.0.1:1883"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].starts_with("site.yaml:7:22: max_packet_size 1GiB"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].starts_with("site.yaml:6:22: receive_maximum"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -96,7 +117,10 @@ fn syntax_error_has_a_position() {
     let errs = errors("broker:\n  listeners: [\n");
     assert_eq!(errs.len(), 1);
     assert!(errs[0].starts_with("site.yaml:"), "{errs:?}");
-    assert!(errs[0].split(':').nth(1).unwrap().parse::<usize>().is_ok(), "{errs:?}");
+    assert!(
+        errs[0].split(':').nth(1).unwrap().parse::<usize>().is_ok(),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -123,7 +147,6 @@ fn shipped_example_is_valid() {
     // The example's TLS listener points at files that exist only on a gateway; check the
     // rest by substituting the paths to this crate's test fixtures.
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let text = text
-        .replace("/etc/edgegw/tls/", &format!("{}/", fixtures.display()));
+    let text = text.replace("/etc/edgegw/tls/", &format!("{}/", fixtures.display()));
     Config::from_yaml("gateway.yaml", &text, Path::new("")).unwrap();
 }

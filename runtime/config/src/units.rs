@@ -46,7 +46,9 @@ impl std::str::FromStr for Duration {
         let mut total = StdDuration::ZERO;
         let mut rest = text;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
                 return Err(format!("invalid duration `{text}`; {hint}"));
             }
@@ -54,7 +56,9 @@ impl std::str::FromStr for Duration {
                 .parse()
                 .map_err(|_| format!("number too large in duration `{text}`"))?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
             let part = match unit {
@@ -136,7 +140,9 @@ impl std::str::FromStr for ByteSize {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let hint = "write a number with an optional unit: B, KiB, MiB, GiB, KB, MB, GB";
         let text = text.trim();
-        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         if digits == 0 {
             return Err(format!("invalid size `{text}`; {hint}"));
         }
@@ -192,12 +198,28 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!("30s".parse::<Duration>().unwrap().0, StdDuration::from_secs(30));
-        assert_eq!("250ms".parse::<Duration>().unwrap().0, StdDuration::from_millis(250));
-        assert_eq!("1m30s".parse::<Duration>().unwrap().0, StdDuration::from_secs(90));
-        assert_eq!("2h".parse::<Duration>().unwrap().0, StdDuration::from_secs(7200));
+        assert_eq!(
+            "30s".parse::<Duration>().unwrap().0,
+            StdDuration::from_secs(30)
+        );
+        assert_eq!(
+            "250ms".parse::<Duration>().unwrap().0,
+            StdDuration::from_millis(250)
+        );
+        assert_eq!(
+            "1m30s".parse::<Duration>().unwrap().0,
+            StdDuration::from_secs(90)
+        );
+        assert_eq!(
+            "2h".parse::<Duration>().unwrap().0,
+            StdDuration::from_secs(7200)
+        );
         assert!("30".parse::<Duration>().unwrap_err().contains("no unit"));
-        assert!("3x".parse::<Duration>().unwrap_err().contains("unknown unit `x`"));
+        assert!(
+            "3x".parse::<Duration>()
+                .unwrap_err()
+                .contains("unknown unit `x`")
+        );
         assert!("s".parse::<Duration>().is_err());
         assert!("".parse::<Duration>().is_err());
     }
@@ -208,7 +230,12 @@ mod tests {
         assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
         assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
         assert_eq!("1 MB".parse::<ByteSize>().unwrap().0, 1_000_000);
-        assert!("1XB".parse::<ByteSize>().unwrap_err().contains("unknown unit"));
+        assert!(
+            "1XB"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!("99999999999999999999GiB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize::mib(64).to_string(), "64MiB");
     }

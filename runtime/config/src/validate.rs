@@ -94,7 +94,10 @@ pub fn validate(config: &Config) -> Vec<Issue> {
     let limits = &broker.limits;
     let path = |key: &'static str| ["broker", "limits", key];
     if limits.max_connections == 0 {
-        issue(&path("max_connections"), "max_connections must be at least 1".into());
+        issue(
+            &path("max_connections"),
+            "max_connections must be at least 1".into(),
+        );
     }
     let size = limits.max_packet_size.bytes();
     if !(64..=MQTT_MAX_PACKET).contains(&size) {
@@ -117,10 +120,16 @@ pub fn validate(config: &Config) -> Vec<Issue> {
         );
     }
     if limits.receive_maximum == 0 {
-        issue(&path("receive_maximum"), "receive_maximum must be between 1 and 65535".into());
+        issue(
+            &path("receive_maximum"),
+            "receive_maximum must be between 1 and 65535".into(),
+        );
     }
     if limits.max_inflight == 0 {
-        issue(&path("max_inflight"), "max_inflight must be between 1 and 65535".into());
+        issue(
+            &path("max_inflight"),
+            "max_inflight must be between 1 and 65535".into(),
+        );
     }
     if limits.max_queued == 0 {
         issue(&path("max_queued"), "max_queued must be at least 1".into());

@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 pub enum TelemetryError {
     #[error("cannot install the metrics recorder: {0}")]
     Recorder(String),
-    #[error("cannot listen for metrics on {addr}: {source}")]
+    #[error("cannot listen for metrics on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -72,10 +72,10 @@ impl Telemetry {
     ) -> Result<SocketAddr, TelemetryError> {
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| TelemetryError::Bind { addr, source })?;
+            .map_err(|error| TelemetryError::Bind { addr, error })?;
         let local = listener
             .local_addr()
-            .map_err(|source| TelemetryError::Bind { addr, source })?;
+            .map_err(|error| TelemetryError::Bind { addr, error })?;
         let this = self.clone();
         tokio::spawn(async move {
             // Bound concurrent scrapes so a misbehaving prober cannot pile up tasks.
@@ -143,12 +143,25 @@ impl Telemetry {
                     respond(&mut stream, 503, "text/plain", "starting\n").await
                 }
             }
-            _ => respond(&mut stream, 404, "text/plain", "not found: try /metrics, /healthz, /readyz\n").await,
+            _ => {
+                respond(
+                    &mut stream,
+                    404,
+                    "text/plain",
+                    "not found: try /metrics, /healthz, /readyz\n",
+                )
+                .await
+            }
         }
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",

@@ -25,22 +25,58 @@ pub const DROP_REASONS: &[&str] = &[
     "expired",
     "offline_qos0",
     "session_ended",
+    "too_large",
 ];
 
 /// Registers help texts and units. Call once after installing the recorder.
 pub fn describe() {
-    describe_gauge!(BROKER_CONNECTIONS, "Open MQTT client connections, by protocol version.");
-    describe_counter!(BROKER_CONNECTIONS_ACCEPTED, "MQTT connections accepted (CONNACK success), by protocol version.");
-    describe_counter!(BROKER_CONNECTIONS_REFUSED, "MQTT connections refused at CONNECT, by reason.");
-    describe_counter!(BROKER_MESSAGES_RECEIVED, "PUBLISH messages received by the router, by QoS.");
-    describe_counter!(BROKER_MESSAGES_SENT, "PUBLISH messages written to subscribers, by QoS.");
-    describe_counter!(BROKER_RECEIVED_BYTES, Unit::Bytes, "Payload bytes received by the router, by QoS.");
-    describe_counter!(BROKER_SENT_BYTES, Unit::Bytes, "Payload bytes written to subscribers, by QoS.");
-    describe_counter!(BROKER_DROPPED, "Messages not delivered to a subscriber, by reason.");
-    describe_gauge!(BROKER_SUBSCRIPTIONS, "Active subscriptions (filters) over all sessions.");
+    describe_gauge!(
+        BROKER_CONNECTIONS,
+        "Open MQTT client connections, by protocol version."
+    );
+    describe_counter!(
+        BROKER_CONNECTIONS_ACCEPTED,
+        "MQTT connections accepted (CONNACK success), by protocol version."
+    );
+    describe_counter!(
+        BROKER_CONNECTIONS_REFUSED,
+        "MQTT connections refused at CONNECT, by reason."
+    );
+    describe_counter!(
+        BROKER_MESSAGES_RECEIVED,
+        "PUBLISH messages received by the router, by QoS."
+    );
+    describe_counter!(
+        BROKER_MESSAGES_SENT,
+        "PUBLISH messages written to subscribers, by QoS."
+    );
+    describe_counter!(
+        BROKER_RECEIVED_BYTES,
+        Unit::Bytes,
+        "Payload bytes received by the router, by QoS."
+    );
+    describe_counter!(
+        BROKER_SENT_BYTES,
+        Unit::Bytes,
+        "Payload bytes written to subscribers, by QoS."
+    );
+    describe_counter!(
+        BROKER_DROPPED,
+        "Messages not delivered to a subscriber, by reason."
+    );
+    describe_gauge!(
+        BROKER_SUBSCRIPTIONS,
+        "Active subscriptions (filters) over all sessions."
+    );
     describe_gauge!(BROKER_RETAINED, "Retained messages held by the broker.");
     describe_gauge!(BROKER_SESSIONS, "Sessions, connected or persisted offline.");
-    describe_gauge!(BROKER_QUEUED, "Deliveries queued in sessions, waiting to be written.");
-    describe_counter!(BROKER_PROTOCOL_ERRORS, "Connections closed for malformed packets or protocol violations, by kind.");
+    describe_gauge!(
+        BROKER_QUEUED,
+        "Deliveries queued in sessions, waiting to be written."
+    );
+    describe_counter!(
+        BROKER_PROTOCOL_ERRORS,
+        "Connections closed for malformed packets or protocol violations, by kind."
+    );
     describe_counter!(BROKER_WILLS, "Will messages published.");
 }

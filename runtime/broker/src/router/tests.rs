@@ -37,7 +37,12 @@ async fn overlapping_subscriptions_deliver_one_copy_at_highest_qos_with_all_ids(
     sub.subscribe("a/#", o(QoS::ExactlyOnce, 2)).unwrap();
     sub.subscribe("a/b", o(QoS::AtLeastOnce, 3)).unwrap();
     let publisher = r.local_client("pub");
-    assert_eq!(publisher.publish(msg("a/b", "x", QoS::ExactlyOnce)).delivered, 1);
+    assert_eq!(
+        publisher
+            .publish(msg("a/b", "x", QoS::ExactlyOnce))
+            .delivered,
+        1
+    );
     let d = next(&sub).await;
     assert_eq!(d.qos, QoS::ExactlyOnce);
     let mut ids = d.subscription_ids.clone();
@@ -50,7 +55,8 @@ async fn overlapping_subscriptions_deliver_one_copy_at_highest_qos_with_all_ids(
 async fn granted_qos_caps_delivery_qos() {
     let r = router();
     let sub = r.local_client("sub");
-    sub.subscribe("t", SubOptions::qos(QoS::AtLeastOnce)).unwrap();
+    sub.subscribe("t", SubOptions::qos(QoS::AtLeastOnce))
+        .unwrap();
     r.publish(msg("t", "x", QoS::ExactlyOnce));
     assert_eq!(next(&sub).await.qos, QoS::AtLeastOnce);
     r.publish(msg("t", "y", QoS::AtMostOnce));
@@ -61,10 +67,13 @@ async fn granted_qos_caps_delivery_qos() {
 async fn dollar_topics_skip_leading_wildcards() {
     let r = router();
     let sub = r.local_client("sub");
-    sub.subscribe("#", SubOptions::qos(QoS::AtMostOnce)).unwrap();
-    sub.subscribe("+/x", SubOptions::qos(QoS::AtMostOnce)).unwrap();
+    sub.subscribe("#", SubOptions::qos(QoS::AtMostOnce))
+        .unwrap();
+    sub.subscribe("+/x", SubOptions::qos(QoS::AtMostOnce))
+        .unwrap();
     assert_eq!(r.publish(msg("$SYS/x", "1", QoS::AtMostOnce)).delivered, 0);
-    sub.subscribe("$SYS/#", SubOptions::qos(QoS::AtMostOnce)).unwrap();
+    sub.subscribe("$SYS/#", SubOptions::qos(QoS::AtMostOnce))
+        .unwrap();
     assert_eq!(r.publish(msg("$SYS/x", "1", QoS::AtMostOnce)).delivered, 1);
 }
 
@@ -77,7 +86,8 @@ async fn retained_set_replace_clear_and_replay() {
     r.publish(msg("r/2", "", QoS::AtMostOnce).with_retain(true));
     assert_eq!(r.retained_count(), 1);
     let sub = r.local_client("sub");
-    sub.subscribe("r/#", SubOptions::qos(QoS::ExactlyOnce)).unwrap();
+    sub.subscribe("r/#", SubOptions::qos(QoS::ExactlyOnce))
+        .unwrap();
     let d = next(&sub).await;
     assert_eq!(&d.message.payload[..], b"b");
     assert!(d.retain, "retained replay carries the retain flag");
@@ -129,10 +139,16 @@ async fn shared_subscriptions_spread_messages() {
     let r = router();
     let a = r.local_client("a");
     let b = r.local_client("b");
-    a.subscribe("$share/g/s/+", SubOptions::qos(QoS::AtMostOnce)).unwrap();
-    b.subscribe("$share/g/s/+", SubOptions::qos(QoS::AtMostOnce)).unwrap();
+    a.subscribe("$share/g/s/+", SubOptions::qos(QoS::AtMostOnce))
+        .unwrap();
+    b.subscribe("$share/g/s/+", SubOptions::qos(QoS::AtMostOnce))
+        .unwrap();
     for i in 0..4 {
-        assert_eq!(r.publish(msg("s/x", &i.to_string(), QoS::AtMostOnce)).delivered, 1);
+        assert_eq!(
+            r.publish(msg("s/x", &i.to_string(), QoS::AtMostOnce))
+                .delivered,
+            1
+        );
     }
     assert_eq!(a.queued(), 2);
     assert_eq!(b.queued(), 2);
@@ -142,7 +158,8 @@ async fn shared_subscriptions_spread_messages() {
 async fn queue_is_bounded_and_drops_are_reported() {
     let r = router();
     let sub = r.local_client("sub");
-    sub.subscribe("q", SubOptions::qos(QoS::AtLeastOnce)).unwrap();
+    sub.subscribe("q", SubOptions::qos(QoS::AtLeastOnce))
+        .unwrap();
     for _ in 0..4 {
         assert_eq!(r.publish(msg("q", "x", QoS::AtLeastOnce)).delivered, 1);
     }
@@ -184,8 +201,18 @@ async fn takeover_supersedes_the_old_connection() {
     let first = r.attach(options.clone());
     let second = r.attach(options);
     let mut out = Vec::new();
-    assert!(first.session.next_outgoing(first.generation, 10, 10, &mut out).is_err());
-    assert!(second.session.next_outgoing(second.generation, 10, 10, &mut out).is_ok());
+    assert!(
+        first
+            .session
+            .next_outgoing(first.generation, 10, 10, &mut out)
+            .is_err()
+    );
+    assert!(
+        second
+            .session
+            .next_outgoing(second.generation, 10, 10, &mut out)
+            .is_ok()
+    );
 }
 
 #[tokio::test]
@@ -197,12 +224,18 @@ async fn inflight_window_and_redelivery_after_reconnect() {
         session_expiry_secs: 60,
     };
     let a = r.attach(options.clone());
-    r.subscribe(&a.session, &Filter::parse("w").unwrap(), SubOptions::qos(QoS::AtLeastOnce));
+    r.subscribe(
+        &a.session,
+        &Filter::parse("w").unwrap(),
+        SubOptions::qos(QoS::AtLeastOnce),
+    );
     for _ in 0..3 {
         r.publish(msg("w", "x", QoS::AtLeastOnce));
     }
     let mut out = Vec::new();
-    a.session.next_outgoing(a.generation, 2, 10, &mut out).unwrap();
+    a.session
+        .next_outgoing(a.generation, 2, 10, &mut out)
+        .unwrap();
     assert_eq!(out.len(), 2, "window of 2");
     let ids: Vec<u16> = out.iter().map(|o| o.packet_id.unwrap().get()).collect();
     a.session.acknowledge(ids[0]);
@@ -218,7 +251,9 @@ async fn inflight_window_and_redelivery_after_reconnect() {
 async fn will_is_published_after_delay_unless_reconnected() {
     let r = router();
     let watcher = r.local_client("watch");
-    watcher.subscribe("will/#", SubOptions::qos(QoS::AtLeastOnce)).unwrap();
+    watcher
+        .subscribe("will/#", SubOptions::qos(QoS::AtLeastOnce))
+        .unwrap();
     let options = AttachOptions {
         client_id: "w".into(),
         clean_start: false,
@@ -255,7 +290,11 @@ async fn clean_start_discards_the_old_session() {
         session_expiry_secs: 60,
     };
     let a = r.attach(persistent.clone());
-    r.subscribe(&a.session, &Filter::parse("x").unwrap(), SubOptions::qos(QoS::AtLeastOnce));
+    r.subscribe(
+        &a.session,
+        &Filter::parse("x").unwrap(),
+        SubOptions::qos(QoS::AtLeastOnce),
+    );
     r.detach(&a.session, a.generation, None);
     let b = r.attach(AttachOptions {
         clean_start: true,
@@ -273,13 +312,14 @@ fn tree_agrees_with_reference_matching() {
         .prop_map(|l| l.join("/"))
         .prop_filter("valid topic", |t| topic::validate_name(t).is_ok());
     let flevel = prop_oneof![Just("a"), Just("b"), Just(""), Just("+"), Just("$s")];
-    let filter = (proptest::collection::vec(flevel, 1..5), any::<bool>()).prop_map(|(mut l, hash)| {
-        if hash {
-            l.push("#");
-        }
-        l.join("/")
-    })
-    .prop_filter("valid filter", |f| Filter::parse(f).is_ok());
+    let filter = (proptest::collection::vec(flevel, 1..5), any::<bool>())
+        .prop_map(|(mut l, hash)| {
+            if hash {
+                l.push("#");
+            }
+            l.join("/")
+        })
+        .prop_filter("valid filter", |f| Filter::parse(f).is_ok());
     let mut runner = proptest::test_runner::TestRunner::default();
     runner
         .run(
@@ -293,7 +333,11 @@ fn tree_agrees_with_reference_matching() {
                         clean_start: true,
                         session_expiry_secs: 0,
                     });
-                    r.subscribe(&a.session, &Filter::parse(f).unwrap(), SubOptions::qos(QoS::AtMostOnce));
+                    r.subscribe(
+                        &a.session,
+                        &Filter::parse(f).unwrap(),
+                        SubOptions::qos(QoS::AtMostOnce),
+                    );
                     sessions.push(a.session);
                 }
                 let mut got = Vec::new();

@@ -1,0 +1,277 @@
+//! What v3 and v5 connections share: the per-connection state kept by ntex-mqtt (`Conn`)
+//! and the writer task that drains the session's queue into the socket.
+//!
+//! Threading: a `Conn` and its writer live on the ntex worker that accepted the connection
+//! (`MqttSink` is `Rc`-based). The session they serve is `Send` and is filled by the router
+//! from any thread; it wakes the writer through its `Notify`.
+
+use std::{
+    cell::{Cell, RefCell},
+    future::Future,
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use tokio::sync::Notify;
+
+use crate::{
+    message::{Message, Origin, QoS},
+    metrics::{BrokerMetrics, DropReason, Protocol},
+    router::{Router, Will},
+    session::{Outgoing, Session, Superseded},
+    topic::{self, Filter, TopicError},
+    tree::SubOptions,
+};
+
+/// Settings every connection handler needs.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_packet_size: u32,
+    pub max_keepalive_secs: u16,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub topic_alias_maximum: u16,
+    pub allow_anonymous: bool,
+}
+
+/// State shared by all connections of all listeners.
+pub(crate) struct Shared {
+    pub router: Router,
+    pub limits: ConnectionLimits,
+    pub connections: AtomicUsize,
+    pub next_client_number: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// An id for a client that sent an empty one.
+    pub fn assign_client_id(&self) -> String {
+        let n = self.next_client_number.fetch_add(1, Ordering::Relaxed);
+        format!("edgegw-{:x}-{n}", std::process::id())
+    }
+
+    /// Reserves a connection slot; `None` when `max_connections` are open.
+    pub fn reserve_slot(self: &Arc<Self>) -> Option<Slot> {
+        let previous = self.connections.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.limits.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            None
+        } else {
+            Some(Slot(self.clone()))
+        }
+    }
+}
+
+/// One of `max_connections`; released on drop.
+pub(crate) struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Per-connection state held by ntex-mqtt for the life of the connection.
+pub(crate) struct Conn {
+    pub shared: Arc<Shared>,
+    pub session: Arc<Session>,
+    pub generation: u64,
+    pub protocol: Protocol,
+    pub will: RefCell<Option<Will>>,
+    /// The client said goodbye properly: no will.
+    pub graceful: Cell<bool>,
+    /// Wakes the writer when the connection ends.
+    pub closed: Rc<Notify>,
+    finished: Cell<bool>,
+    _slot: Slot,
+}
+
+impl Conn {
+    pub fn new(
+        shared: Arc<Shared>,
+        session: Arc<Session>,
+        generation: u64,
+        protocol: Protocol,
+        will: Option<Will>,
+        slot: Slot,
+    ) -> Self {
+        shared.router.metrics().connection_opened(protocol);
+        Self {
+            shared,
+            session,
+            generation,
+            protocol,
+            will: RefCell::new(will),
+            graceful: Cell::new(false),
+            closed: Rc::new(Notify::new()),
+            finished: Cell::new(false),
+            _slot: slot,
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.shared.router
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.session.client_id
+    }
+
+    /// Builds the router message for an inbound PUBLISH and routes it. Returns the number
+    /// of sessions it was queued for, or the topic error.
+    pub fn route(&self, mut message: Message) -> Result<usize, TopicError> {
+        topic::validate_name(&message.topic)?;
+        message.origin = Origin::Session(self.session.id);
+        Ok(self.router().publish(message).delivered)
+    }
+
+    /// Inbound QoS 2 duplicate detection across reconnects: a PUBLISH with DUP set whose
+    /// packet id was already received (and not released) must not be routed again.
+    pub fn is_duplicate_qos2(&self, packet_id: u16, dup: bool) -> bool {
+        let new = self.session.inbound_qos2_begin(packet_id);
+        !new && dup
+    }
+
+    pub fn subscribe(&self, filter: &str, options: SubOptions) -> Result<(), TopicError> {
+        let filter = Filter::parse(filter)?;
+        self.router().subscribe(&self.session, &filter, options);
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, filter: &str) -> Result<bool, TopicError> {
+        let filter = Filter::parse(filter)?;
+        Ok(self.router().unsubscribe(&self.session, &filter))
+    }
+
+    /// The connection is over (control stop, or drop as a backstop): hand the session back
+    /// to the router with the will unless the client disconnected normally. Idempotent.
+    pub fn finish(&self) {
+        if self.finished.replace(true) {
+            return;
+        }
+        let will = if self.graceful.get() {
+            None
+        } else {
+            self.will.borrow_mut().take()
+        };
+        self.router().detach(&self.session, self.generation, will);
+        self.router().metrics().connection_closed(self.protocol);
+        self.closed.notify_one();
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// How the writer talks to one protocol's sink.
+pub(crate) trait Outbound {
+    fn is_open(&self) -> bool;
+    fn is_ready(&self) -> bool;
+    fn ready(&self) -> impl Future<Output = bool>;
+    /// Sends QoS 0; false when the connection is gone.
+    fn send_qos0(&mut self, outgoing: Outgoing) -> impl Future<Output = SendResult>;
+    /// Sends QoS 1 without waiting for the ack (the ack callback completes it).
+    fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult;
+    /// Sends QoS 2 (a task per message follows PUBREC/PUBREL/PUBCOMP).
+    fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult;
+    /// Closes the connection because another connection took the session over.
+    fn close_taken_over(&self);
+}
+
+pub(crate) enum SendResult {
+    Sent,
+    /// The client cannot take this message (e.g. larger than its maximum packet size):
+    /// it is dropped, the connection continues.
+    Rejected,
+    Closed,
+}
+
+/// Drains the session into the connection until either ends.
+pub(crate) async fn run_writer<O: Outbound>(
+    mut out: O,
+    session: Arc<Session>,
+    generation: u64,
+    window: usize,
+    closed: Rc<Notify>,
+    metrics: Arc<BrokerMetrics>,
+) {
+    let send = async |out: &mut O, outgoing: Outgoing| -> bool {
+        let qos = outgoing.delivery.qos;
+        let size = outgoing.delivery.message.payload.len();
+        let packet_id = outgoing.packet_id;
+        let result = match qos {
+            QoS::AtMostOnce => out.send_qos0(outgoing).await,
+            _ => {
+                if !out.is_ready() && !out.ready().await {
+                    return false;
+                }
+                if qos == QoS::AtLeastOnce {
+                    out.send_qos1(outgoing)
+                } else {
+                    out.send_qos2(outgoing)
+                }
+            }
+        };
+        match result {
+            SendResult::Sent => {
+                metrics.sent(qos, size);
+                true
+            }
+            SendResult::Rejected => {
+                if let Some(id) = packet_id {
+                    session.acknowledge(id.get());
+                }
+                metrics.dropped(DropReason::TooLarge, 1);
+                true
+            }
+            SendResult::Closed => false,
+        }
+    };
+
+    match session.take_redelivery(generation) {
+        Ok(list) => {
+            for outgoing in list {
+                if !send(&mut out, outgoing).await {
+                    return;
+                }
+            }
+        }
+        Err(Superseded) => {
+            out.close_taken_over();
+            return;
+        }
+    }
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        if !out.is_open() {
+            return;
+        }
+        if session
+            .next_outgoing(generation, window, 64, &mut batch)
+            .is_err()
+        {
+            if out.is_open() {
+                out.close_taken_over();
+            }
+            return;
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                () = session.wait() => {}
+                () = closed.notified() => return,
+            }
+            continue;
+        }
+        for outgoing in batch.drain(..) {
+            if !send(&mut out, outgoing).await {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Listeners: binds sockets, builds the ntex-mqtt service (v3.1.1 and v5 on one port, with
+//! optional rustls in front) and runs it on a dedicated ntex system thread with one worker
+//! per core. Handshake failures (garbage, bad CONNECT, TLS) never reach a connection's
+//! control service, so they are logged and counted here.
+
+use std::{
+    fs::File,
+    io::BufReader,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicUsize},
+    thread::JoinHandle,
+};
+
+use ntex::{
+    SharedCfg,
+    io::IoBoxed,
+    service::{RequestState, Service},
+    time::Seconds,
+};
+use ntex_mqtt::{MqttError, MqttServer, MqttServiceConfig, v3, v5};
+
+use crate::{
+    BrokerError,
+    connection::{ConnectionLimits, Shared},
+    metrics::BrokerMetrics,
+    router::Router,
+};
+
+/// Where and how one listener serves MQTT.
+#[derive(Clone, Debug)]
+pub struct ListenerSettings {
+    pub bind: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for a TLS listener.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    pub listeners: Vec<ListenerSettings>,
+    pub limits: ConnectionLimits,
+    /// ntex worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+/// A listener after binding.
+#[derive(Clone, Debug)]
+pub struct BoundListener {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// The running listeners. Stop with [`Broker::stop`].
+pub struct Broker {
+    server: ntex::server::Server,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    listeners: Vec<BoundListener>,
+}
+
+impl Broker {
+    /// Binds every listener and starts serving. Fails before serving anything if a socket
+    /// cannot be bound or a TLS file cannot be loaded.
+    pub fn start(settings: BrokerSettings, router: Router) -> Result<Self, BrokerError> {
+        let mut sockets = Vec::new();
+        for listener in &settings.listeners {
+            let tls = match &listener.tls {
+                Some(files) => Some(Arc::new(load_tls(files)?)),
+                None => None,
+            };
+            let socket = TcpListener::bind(listener.bind).map_err(|error| BrokerError::Bind {
+                addr: listener.bind,
+                error,
+            })?;
+            let addr = socket.local_addr().map_err(|error| BrokerError::Bind {
+                addr: listener.bind,
+                error,
+            })?;
+            sockets.push((socket, addr, tls));
+        }
+        let listeners: Vec<BoundListener> = sockets
+            .iter()
+            .map(|(_, addr, tls)| BoundListener {
+                addr: *addr,
+                tls: tls.is_some(),
+            })
+            .collect();
+        let workers = if settings.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            settings.workers
+        };
+        let shared = Arc::new(Shared {
+            router,
+            limits: settings.limits.clone(),
+            connections: AtomicUsize::new(0),
+            next_client_number: std::sync::atomic::AtomicU64::new(1),
+        });
+        let limits = settings.limits;
+
+        let (started, server) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("edgegw-mqtt".into())
+            .spawn(move || {
+                ntex::rt::System::new("edgegw-mqtt", ntex::rt::DefaultRuntime).block_on(
+                    async move {
+                        let mut builder = ntex::server::build()
+                            .workers(workers)
+                            .disable_signals()
+                            .max_connections(limits.max_connections.max(1))
+                            .graceful_shutdown_timeout(Seconds(5));
+                        for (index, (socket, addr, tls)) in sockets.into_iter().enumerate() {
+                            let shared = shared.clone();
+                            let cfg = service_config(&limits);
+                            let name = format!("mqtt-{index}");
+                            builder = match tls {
+                                None => builder.listen(name, socket, cfg, async move |_| {
+                                    mqtt_service(shared.clone(), addr)
+                                })?,
+                                Some(tls) => builder.listen(name, socket, cfg, async move |_| {
+                                    let shared = shared.clone();
+                                    ntex_tls::rustls::TlsAcceptor::new(tls.clone())
+                                        .map_err(move |error: std::io::Error| {
+                                            BrokerMetrics::protocol_error("tls");
+                                            tracing::info!(listener = %addr, %error, "TLS handshake failed.");
+                                            MqttError::<BrokerError>::from(error)
+                                        })
+                                        .and_then(mqtt_service(shared, addr))
+                                })?,
+                            };
+                        }
+                        let server = builder.run();
+                        let _ = started.send(server.clone());
+                        server.await
+                    },
+                )
+            })
+            .map_err(BrokerError::Thread)?;
+        let server = server.recv().map_err(|_| {
+            BrokerError::Thread(std::io::Error::other(
+                "the MQTT server thread exited at start",
+            ))
+        })?;
+        Ok(Self {
+            server,
+            thread: Some(thread),
+            listeners,
+        })
+    }
+
+    pub fn listeners(&self) -> &[BoundListener] {
+        &self.listeners
+    }
+
+    /// Stops accepting, closes connections (each ends its session as a disconnect would),
+    /// and waits for the server thread.
+    pub async fn stop(mut self) {
+        self.server.stop(true).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn service_config(limits: &ConnectionLimits) -> SharedCfg {
+    SharedCfg::new("edgegw-mqtt")
+        .add(
+            MqttServiceConfig::new()
+                .set_max_qos(ntex_mqtt::QoS::ExactlyOnce)
+                .set_max_size(limits.max_packet_size)
+                .set_max_receive(limits.receive_maximum)
+                .set_max_send(limits.max_inflight)
+                .set_max_topic_alias(limits.topic_alias_maximum)
+                .set_connect_timeout(Seconds(10))
+                // A QoS 0 PUBLISH right before DISCONNECT (mosquitto_pub does this) is still
+                // routed, as are QoS 1 and 2 publishes already read.
+                .set_handle_qos_after_disconnect(Some(ntex_mqtt::QoS::ExactlyOnce))
+                // Shared and wildcard filters are allowed; per-filter errors are ours.
+                .set_check_subs_availability(false),
+        )
+        .into()
+}
+
+/// The MQTT service for one connection: version detection, then v3.1.1 or v5.
+fn mqtt_service<R: RequestState<IoBoxed, State = ()>>(
+    shared: Arc<Shared>,
+    listener: SocketAddr,
+) -> impl Service<(), R, Res = (), Error = MqttError<BrokerError>> {
+    let (s3, s5) = (shared.clone(), shared);
+    MqttServer::new()
+        .v3(v3::MqttServer::new(crate::v3::publish)
+            .protocol(crate::v3::protocol)
+            .control(crate::v3::control)
+            .build(async move |c: v3::Connect| crate::v3::connect(s3.clone(), c).await))
+        .v5(v5::MqttServer::new(crate::v5::publish)
+            .protocol(crate::v5::protocol)
+            .control(crate::v5::control)
+            .build(async move |c: v5::Connect| crate::v5::connect(s5.clone(), c).await))
+        .map_err(move |error: MqttError<BrokerError>| {
+            log_handshake_error(listener, &error);
+            error
+        })
+}
+
+fn log_handshake_error(listener: SocketAddr, error: &MqttError<BrokerError>) {
+    use ntex_mqtt::error::MqttConnectError;
+    match error {
+        MqttError::Connect(MqttConnectError::Disconnected(_)) => {}
+        MqttError::Connect(MqttConnectError::Timeout) => {
+            BrokerMetrics::protocol_error("connect_timeout");
+            tracing::info!(%listener, "Connection closed: no CONNECT in time.");
+        }
+        MqttError::Connect(MqttConnectError::Protocol(protocol)) => {
+            let kind = crate::protocol_error_kind(protocol);
+            BrokerMetrics::protocol_error(kind);
+            tracing::warn!(%listener, kind, error = %protocol, "Connection closed at CONNECT: protocol error.");
+        }
+        other => {
+            BrokerMetrics::protocol_error("handshake");
+            tracing::warn!(%listener, error = %other, "Connection closed at CONNECT.");
+        }
+    }
+}
+
+fn load_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, BrokerError> {
+    let tls_error = |path: &Path, message: String| BrokerError::Tls {
+        path: path.to_path_buf(),
+        message,
+    };
+    let open = |path: &Path| {
+        File::open(path)
+            .map(BufReader::new)
+            .map_err(|e| tls_error(path, format!("cannot open: {e}")))
+    };
+    let certs: Vec<_> = rustls_pemfile::certs(&mut open(&files.cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_error(&files.cert, format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(tls_error(&files.cert, "contains no PEM certificate".into()));
+    }
+    let key = rustls_pemfile::private_key(&mut open(&files.key)?)
+        .map_err(|e| tls_error(&files.key, format!("not a PEM key file: {e}")))?
+        .ok_or_else(|| {
+            tls_error(
+                &files.key,
+                "contains no private key (PKCS#8, PKCS#1 or SEC1 PEM)".into(),
+            )
+        })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(&files.cert, e.to_string()))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut open(ca)?) {
+                let cert = cert.map_err(|e| tls_error(ca, format!("not a PEM file: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| tls_error(ca, format!("bad CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(tls_error(ca, "contains no CA certificate".into()));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| tls_error(ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    builder
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_error(&files.key, format!("certificate and key do not match: {e}")))
+}

@@ -1,0 +1,308 @@
+//! MQTT 3.1.1 on ntex-mqtt.
+
+use std::{num::NonZeroU16, sync::Arc};
+
+use ntex::time::Seconds;
+use ntex_mqtt::{Control, Reason, error::SendPacketError, v3};
+
+use crate::{
+    BrokerError,
+    connection::{Conn, Outbound, SendResult, Shared, run_writer},
+    message::{Message, QoS},
+    metrics::{BrokerMetrics, DropReason, Protocol},
+    router::{AttachOptions, Will},
+    session::{Outgoing, Session},
+    tree::SubOptions,
+};
+
+pub(crate) async fn connect(
+    shared: Arc<Shared>,
+    connect: v3::Connect,
+) -> Result<v3::ConnectAck<Conn>, BrokerError> {
+    let packet = connect.packet();
+    let limits = shared.limits.clone();
+    let Some(slot) = shared.reserve_slot() else {
+        BrokerMetrics::refused("max_connections");
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            "Connection refused: limit reached."
+        );
+        return Ok(connect.service_unavailable());
+    };
+    if !limits.allow_anonymous {
+        BrokerMetrics::refused("not_authorized");
+        tracing::info!(client_id = %packet.client_id, "Connection refused: anonymous clients are not allowed.");
+        return Ok(if packet.username.is_some() {
+            connect.bad_username_or_pwd()
+        } else {
+            connect.not_authorized()
+        });
+    }
+    let keep_alive = packet.keep_alive;
+    if keep_alive > limits.max_keepalive_secs {
+        // MQTT 3.1.1 cannot tell a client to use a shorter keepalive; refuse it clearly
+        // rather than cut it off later.
+        BrokerMetrics::refused("keepalive_too_long");
+        tracing::info!(
+            client_id = %packet.client_id,
+            keep_alive,
+            max_keepalive = limits.max_keepalive_secs,
+            "Connection refused: keepalive above broker.limits.max_keepalive."
+        );
+        return Ok(connect.identifier_rejected());
+    }
+    let will = match &packet.last_will {
+        None => None,
+        Some(will) => {
+            if crate::topic::validate_name(&will.topic).is_err() {
+                BrokerMetrics::refused("bad_will");
+                return Ok(connect.identifier_rejected());
+            }
+            Some(Will {
+                message: Message::new(will.topic.clone(), will.message.clone(), will.qos.into())
+                    .with_retain(will.retain),
+                delay_secs: 0,
+            })
+        }
+    };
+    // The codec already refused an empty client id with clean session = 0.
+    let client_id = if packet.client_id.is_empty() {
+        shared.assign_client_id()
+    } else {
+        packet.client_id.to_string()
+    };
+    let attached = shared.router.attach(AttachOptions {
+        client_id: client_id.as_str().into(),
+        clean_start: packet.clean_session,
+        session_expiry_secs: if packet.clean_session { 0 } else { u32::MAX },
+    });
+    let conn = Conn::new(
+        shared.clone(),
+        attached.session.clone(),
+        attached.generation,
+        Protocol::V311,
+        will,
+        slot,
+    );
+    tracing::info!(
+        client_id = %client_id,
+        protocol = "3.1.1",
+        clean_session = packet.clean_session,
+        session_present = attached.session_present,
+        keep_alive,
+        "Client connected."
+    );
+    let out = Sink {
+        sink: connect.sink(),
+        session: attached.session.clone(),
+        metrics: shared.router.metrics().clone(),
+    };
+    out.install_ack_callback();
+    ntex::rt::spawn(run_writer(
+        out,
+        attached.session.clone(),
+        attached.generation,
+        usize::from(limits.max_inflight),
+        conn.closed.clone(),
+        shared.router.metrics().clone(),
+    ));
+    let ack = connect
+        .ack(conn, attached.session_present)
+        .max_send(Some(limits.max_inflight));
+    // Disconnect after 1.5x the keepalive; 0 means none.
+    Ok(ack.idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2)))))
+}
+
+pub(crate) async fn publish(
+    session: &v3::Session<Conn>,
+    publish: v3::Publish,
+) -> Result<(), BrokerError> {
+    let conn: &Conn = session;
+    let packet = publish.packet();
+    let qos: QoS = packet.qos.into();
+    if qos == QoS::ExactlyOnce
+        && let Some(id) = packet.packet_id
+        && conn.is_duplicate_qos2(id.get(), packet.dup)
+    {
+        return Ok(());
+    }
+    let topic = packet.topic.clone();
+    let retain = packet.retain;
+    let payload = publish
+        .read_all()
+        .await
+        .map_err(|e| BrokerError::Payload(e.to_string()))?;
+    let message = Message::new(topic, payload, qos).with_retain(retain);
+    // MQTT 3.1.1 has no negative PUBACK: an invalid topic closes the connection.
+    conn.route(message).map(|_| ()).map_err(BrokerError::Topic)
+}
+
+pub(crate) async fn protocol(
+    session: &v3::Session<Conn>,
+    message: v3::ProtocolMessage,
+) -> Result<v3::ProtocolMessageAck, BrokerError> {
+    let conn: &Conn = session;
+    Ok(match message {
+        v3::ProtocolMessage::Subscribe(mut subscribe) => {
+            for mut item in &mut subscribe {
+                let qos = item.qos();
+                match conn.subscribe(item.topic(), SubOptions::qos(qos.into())) {
+                    Ok(()) => item.confirm(qos),
+                    Err(error) => {
+                        tracing::debug!(client_id = conn.client_id(), topic = %item.topic(), %error, "Subscription refused.");
+                        item.fail();
+                    }
+                }
+            }
+            subscribe.ack()
+        }
+        v3::ProtocolMessage::Unsubscribe(unsubscribe) => {
+            for topic in unsubscribe.iter() {
+                let _ = conn.unsubscribe(topic);
+            }
+            unsubscribe.ack()
+        }
+        v3::ProtocolMessage::Disconnect(disconnect) => {
+            conn.graceful.set(true);
+            disconnect.ack()
+        }
+        v3::ProtocolMessage::PublishRelease(release) => {
+            conn.session.inbound_qos2_release(release.id().get());
+            release.ack()
+        }
+        v3::ProtocolMessage::Ping(ping) => ping.ack(),
+    })
+}
+
+pub(crate) async fn control(
+    session: &v3::Session<Conn>,
+    control: Control<BrokerError>,
+) -> Result<Option<v3::codec::Encoded>, BrokerError> {
+    let conn: &Conn = session;
+    match control {
+        Control::WrBackpressure(_) => {}
+        Control::Stop(Reason::Protocol(error)) => {
+            let kind = crate::protocol_error_kind(error.get_ref());
+            BrokerMetrics::protocol_error(kind);
+            tracing::warn!(client_id = conn.client_id(), protocol = "3.1.1", kind, error = %error.get_ref(), "Closing connection: protocol error.");
+            conn.finish();
+        }
+        Control::Stop(Reason::Error(error)) => {
+            BrokerMetrics::protocol_error("violation");
+            tracing::warn!(client_id = conn.client_id(), protocol = "3.1.1", error = ?error.get_ref(), "Closing connection.");
+            conn.finish();
+        }
+        Control::Stop(Reason::PeerGone(_)) => {
+            tracing::info!(
+                client_id = conn.client_id(),
+                protocol = "3.1.1",
+                graceful = conn.graceful.get(),
+                "Client disconnected."
+            );
+            conn.finish();
+        }
+    }
+    Ok(None)
+}
+
+struct Sink {
+    sink: v3::MqttSink,
+    session: Arc<Session>,
+    metrics: Arc<BrokerMetrics>,
+}
+
+impl Sink {
+    fn install_ack_callback(&self) {
+        let session = self.session.clone();
+        self.sink.publish_ack_cb(move |packet_id, disconnected| {
+            if !disconnected {
+                session.acknowledge(packet_id.get());
+            }
+        });
+    }
+
+    fn builder(&self, outgoing: &Outgoing) -> v3::PublishBuilder {
+        let mut builder = self
+            .sink
+            .publish(outgoing.delivery.message.topic.clone())
+            .dup(outgoing.dup);
+        if outgoing.delivery.retain {
+            builder = builder.retain();
+        }
+        if let Some(id) = outgoing.packet_id {
+            builder = builder.packet_id(id.get());
+        }
+        builder
+    }
+}
+
+fn classify(error: &SendPacketError) -> SendResult {
+    match error {
+        SendPacketError::Encode(_) => SendResult::Rejected,
+        SendPacketError::Disconnected => SendResult::Closed,
+        other => {
+            tracing::error!(error = %other, "Unexpected send error; message dropped.");
+            SendResult::Rejected
+        }
+    }
+}
+
+impl Outbound for Sink {
+    fn is_open(&self) -> bool {
+        self.sink.is_open()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.sink.is_ready()
+    }
+
+    async fn ready(&self) -> bool {
+        self.sink.ready().await
+    }
+
+    async fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
+        let payload = outgoing.delivery.message.payload.clone();
+        match self.builder(&outgoing).send_at_most_once(payload).await {
+            Ok(()) => SendResult::Sent,
+            Err(error) => classify(&error),
+        }
+    }
+
+    fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult {
+        let payload = outgoing.delivery.message.payload.clone();
+        match self.builder(&outgoing).send_at_least_once_no_block(payload) {
+            Ok(()) => SendResult::Sent,
+            Err(error) => classify(&error),
+        }
+    }
+
+    fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult {
+        let payload = outgoing.delivery.message.payload.clone();
+        let builder = self.builder(&outgoing);
+        let Some(id) = outgoing.packet_id.map(NonZeroU16::get) else {
+            return SendResult::Rejected;
+        };
+        let session = self.session.clone();
+        let metrics = self.metrics.clone();
+        ntex::rt::spawn(async move {
+            match builder.send_exactly_once(payload).await {
+                Ok(received) => {
+                    session.received(id);
+                    if received.release().await.is_ok() {
+                        session.acknowledge(id);
+                    }
+                }
+                Err(SendPacketError::Encode(_)) => {
+                    session.acknowledge(id);
+                    metrics.dropped(DropReason::TooLarge, 1);
+                }
+                Err(_) => {}
+            }
+        });
+        SendResult::Sent
+    }
+
+    fn close_taken_over(&self) {
+        self.sink.close();
+    }
+}

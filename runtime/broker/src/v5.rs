@@ -1,0 +1,445 @@
+//! MQTT 5.0 on ntex-mqtt: CONNECT, PUBLISH, SUBSCRIBE and friends, and the outbound sink.
+
+use std::{
+    collections::HashMap,
+    num::{NonZeroU16, NonZeroU32},
+    sync::Arc,
+    time::Instant,
+};
+
+use ntex_mqtt::{
+    Control, Reason,
+    error::SendPacketError,
+    v5::{
+        self,
+        codec::{
+            self, ConnectAckReason, Disconnect, DisconnectReasonCode, PublishAckReason,
+            SubscribeAckReason, UnsubscribeAckReason,
+        },
+    },
+};
+
+use crate::{
+    BrokerError,
+    connection::{Conn, Outbound, SendResult, Shared, run_writer},
+    message::{ByteString, Message, Properties, QoS},
+    metrics::{BrokerMetrics, Protocol},
+    router::{AttachOptions, Will},
+    session::{Outgoing, Session},
+    tree::SubOptions,
+};
+
+pub(crate) async fn connect(
+    shared: Arc<Shared>,
+    connect: v5::Connect,
+) -> Result<v5::ConnectAck<Conn>, BrokerError> {
+    let packet = connect.packet();
+    let limits = shared.limits.clone();
+    let Some(slot) = shared.reserve_slot() else {
+        BrokerMetrics::refused("max_connections");
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            "Connection refused: limit reached."
+        );
+        return Ok(connect.failed(ConnectAckReason::QuotaExceeded));
+    };
+    if !limits.allow_anonymous {
+        // Password files arrive with the auth work; until then nobody has credentials.
+        let reason = if packet.username.is_some() {
+            ConnectAckReason::BadUserNameOrPassword
+        } else {
+            ConnectAckReason::NotAuthorized
+        };
+        BrokerMetrics::refused("not_authorized");
+        tracing::info!(client_id = %packet.client_id, "Connection refused: anonymous clients are not allowed.");
+        return Ok(connect.failed(reason));
+    }
+    let will = match &packet.last_will {
+        None => None,
+        Some(will) => {
+            if let Err(error) = crate::topic::validate_name(&will.topic) {
+                BrokerMetrics::refused("bad_will");
+                tracing::info!(client_id = %packet.client_id, %error, "Connection refused: invalid will topic.");
+                return Ok(connect.failed(ConnectAckReason::TopicNameInvalid));
+            }
+            let properties = Properties {
+                payload_format_utf8: will.is_utf8_payload.unwrap_or(false),
+                content_type: will.content_type.clone(),
+                response_topic: will.response_topic.clone(),
+                correlation_data: will.correlation_data.clone(),
+                user_properties: will.user_properties.clone(),
+                message_expiry_secs: will.message_expiry_interval,
+            };
+            Some(Will {
+                message: Message::new(will.topic.clone(), will.message.clone(), will.qos.into())
+                    .with_retain(will.retain)
+                    .with_properties(properties),
+                delay_secs: will.will_delay_interval_sec.unwrap_or(0),
+            })
+        }
+    };
+    let (client_id, assigned) = if packet.client_id.is_empty() {
+        let id = shared.assign_client_id();
+        (id.clone(), Some(ByteString::from(id)))
+    } else {
+        (packet.client_id.to_string(), None)
+    };
+    let requested_expiry = packet.session_expiry_interval_secs;
+    let attached = shared.router.attach(AttachOptions {
+        client_id: client_id.as_str().into(),
+        clean_start: packet.clean_start,
+        session_expiry_secs: requested_expiry,
+    });
+    let granted_expiry = attached.session.expiry_secs();
+    let client_receive_max = packet.receive_max.map_or(65_535, NonZeroU16::get);
+    let window = usize::from(limits.max_inflight.min(client_receive_max));
+    let keep_alive = packet.keep_alive;
+    let conn = Conn::new(
+        shared.clone(),
+        attached.session.clone(),
+        attached.generation,
+        Protocol::V5,
+        will,
+        slot,
+    );
+    tracing::info!(
+        client_id = %client_id,
+        protocol = "5",
+        clean_start = packet.clean_start,
+        session_present = attached.session_present,
+        keep_alive,
+        "Client connected."
+    );
+
+    // The writer starts sending only after CONNACK: ntex encodes it before this task yields.
+    let out = Sink {
+        sink: connect.sink(),
+        session: attached.session.clone(),
+        aliases: HashMap::new(),
+        alias_max: packet.topic_alias_max,
+        metrics: shared.router.metrics().clone(),
+    };
+    out.install_ack_callback();
+    ntex::rt::spawn(run_writer(
+        out,
+        attached.session.clone(),
+        attached.generation,
+        window,
+        conn.closed.clone(),
+        shared.router.metrics().clone(),
+    ));
+
+    let session_present = attached.session_present;
+    let ack = connect
+        .ack(conn)
+        .max_send(Some(limits.max_inflight))
+        .with(|a| {
+            a.session_present = session_present;
+            a.assigned_client_id = assigned;
+            a.max_qos = codec::QoS::ExactlyOnce;
+            a.receive_max = NonZeroU16::new(limits.receive_maximum).unwrap_or(NonZeroU16::MIN);
+            a.max_packet_size = Some(limits.max_packet_size);
+            a.topic_alias_max = limits.topic_alias_maximum;
+            a.retain_available = true;
+            a.wildcard_subscription_available = true;
+            a.shared_subscription_available = true;
+            a.subscription_identifiers_available = true;
+            if granted_expiry != requested_expiry {
+                a.session_expiry_interval_secs = Some(granted_expiry);
+            }
+        });
+    // The client must be heard from within 1.5x its keepalive; 0 means no keepalive;
+    // a keepalive above the cap is lowered through Server Keep Alive.
+    let max = limits.max_keepalive_secs;
+    Ok(if keep_alive == 0 {
+        ack.with(|a| a.server_keepalive_sec = Some(0))
+    } else if keep_alive > max {
+        ack.with(|a| a.server_keepalive_sec = Some(max))
+    } else {
+        ack.keep_alive(keep_alive.saturating_add(keep_alive.div_ceil(2)))
+    })
+}
+
+pub(crate) async fn publish(
+    session: &v5::Session<Conn>,
+    publish: v5::Publish,
+) -> Result<v5::PublishAck, BrokerError> {
+    let conn: &Conn = session;
+    let packet = publish.packet();
+    let qos: QoS = packet.qos.into();
+    if qos == QoS::ExactlyOnce
+        && let Some(id) = packet.packet_id
+        && conn.is_duplicate_qos2(id.get(), packet.dup)
+    {
+        return Ok(publish.ack());
+    }
+    let topic = packet.topic.clone();
+    let retain = packet.retain;
+    let p = &packet.properties;
+    let properties = Properties {
+        payload_format_utf8: p.is_utf8_payload,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        message_expiry_secs: p.message_expiry_interval,
+    };
+    let payload = publish
+        .read_all()
+        .await
+        .map_err(|e| BrokerError::Payload(e.to_string()))?;
+    if properties.payload_format_utf8 && std::str::from_utf8(&payload).is_err() {
+        return Ok(publish
+            .ack()
+            .reason_code(PublishAckReason::PayloadFormatInvalid));
+    }
+    let message = Message::new(topic, payload, qos)
+        .with_retain(retain)
+        .with_properties(properties);
+    match conn.route(message) {
+        Ok(0) => Ok(publish
+            .ack()
+            .reason_code(PublishAckReason::NoMatchingSubscribers)),
+        Ok(_) => Ok(publish.ack()),
+        Err(error) => Ok(publish
+            .ack()
+            .reason_code(PublishAckReason::TopicNameInvalid)
+            .reason(error.to_string().into())),
+    }
+}
+
+pub(crate) async fn protocol(
+    session: &v5::Session<Conn>,
+    message: v5::ProtocolMessage,
+) -> Result<v5::ProtocolMessageAck, BrokerError> {
+    let conn: &Conn = session;
+    Ok(match message {
+        v5::ProtocolMessage::Subscribe(mut subscribe) => {
+            let subscription_id = subscribe.packet().id.map(NonZeroU32::get);
+            for mut item in &mut subscribe {
+                let o = *item.options();
+                let options = SubOptions {
+                    qos: o.qos.into(),
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    retain_handling: o.retain_handling as u8,
+                    subscription_id,
+                };
+                match conn.subscribe(item.topic(), options) {
+                    Ok(()) => item.confirm(o.qos),
+                    Err(error) => {
+                        tracing::debug!(client_id = conn.client_id(), topic = %item.topic(), %error, "Subscription refused.");
+                        item.fail(SubscribeAckReason::TopicFilterInvalid);
+                    }
+                }
+            }
+            subscribe.ack()
+        }
+        v5::ProtocolMessage::Unsubscribe(mut unsubscribe) => {
+            for mut item in &mut unsubscribe {
+                match conn.unsubscribe(item.topic()) {
+                    Ok(true) => item.success(),
+                    Ok(false) => item.fail(UnsubscribeAckReason::NoSubscriptionExisted),
+                    Err(_) => item.fail(UnsubscribeAckReason::TopicFilterInvalid),
+                }
+            }
+            unsubscribe.ack()
+        }
+        v5::ProtocolMessage::Disconnect(disconnect) => {
+            let packet = disconnect.packet();
+            conn.graceful
+                .set(packet.reason_code != DisconnectReasonCode::DisconnectWithWillMessage);
+            if let Some(secs) = packet.session_expiry_interval_secs {
+                conn.router().set_session_expiry(&conn.session, secs);
+            }
+            disconnect.ack()
+        }
+        v5::ProtocolMessage::PublishRelease(release) => {
+            conn.session
+                .inbound_qos2_release(release.packet().packet_id.get());
+            release.ack()
+        }
+        v5::ProtocolMessage::Ping(ping) => ping.ack(),
+        message @ v5::ProtocolMessage::Auth(_) => message.disconnect_with(Disconnect::new(
+            DisconnectReasonCode::BadAuthenticationMethod,
+        )),
+    })
+}
+
+pub(crate) async fn control(
+    session: &v5::Session<Conn>,
+    control: Control<BrokerError>,
+) -> Result<Option<codec::Encoded>, BrokerError> {
+    let conn: &Conn = session;
+    match control {
+        Control::WrBackpressure(_) => Ok(None),
+        Control::Stop(Reason::Protocol(error)) => {
+            let kind = crate::protocol_error_kind(error.get_ref());
+            BrokerMetrics::protocol_error(kind);
+            tracing::warn!(client_id = conn.client_id(), protocol = "5", kind, error = %error.get_ref(), "Closing connection: protocol error.");
+            conn.finish();
+            Ok(match error.get_ref() {
+                ntex_mqtt::error::MqttProtocolError::Decode(_) => Some(
+                    codec::Packet::from(Disconnect::new(DisconnectReasonCode::MalformedPacket))
+                        .into(),
+                ),
+                _ => None,
+            })
+        }
+        Control::Stop(Reason::Error(error)) => {
+            tracing::warn!(client_id = conn.client_id(), error = ?error.get_ref(), "Closing connection: handler error.");
+            conn.finish();
+            Ok(None)
+        }
+        Control::Stop(Reason::PeerGone(_)) => {
+            tracing::info!(
+                client_id = conn.client_id(),
+                protocol = "5",
+                graceful = conn.graceful.get(),
+                "Client disconnected."
+            );
+            conn.finish();
+            Ok(None)
+        }
+    }
+}
+
+struct Sink {
+    sink: v5::MqttSink,
+    session: Arc<Session>,
+    aliases: HashMap<ByteString, NonZeroU16>,
+    alias_max: u16,
+    metrics: Arc<BrokerMetrics>,
+}
+
+impl Sink {
+    fn install_ack_callback(&self) {
+        let session = self.session.clone();
+        // Runs while ntex borrows the sink: only touch the session here.
+        self.sink.publish_ack_cb(move |ack, disconnected| {
+            if !disconnected {
+                session.acknowledge(ack.packet_id.get());
+            }
+        });
+    }
+
+    fn builder(&mut self, outgoing: &Outgoing) -> v5::PublishBuilder {
+        let delivery = &outgoing.delivery;
+        let message = &delivery.message;
+        // Server-assigned topic aliases: the first message on a topic carries topic and
+        // alias, later ones only the alias, while the client's alias maximum allows.
+        let (topic, alias) = match self.aliases.get(&message.topic) {
+            Some(alias) if !outgoing.dup => (ByteString::default(), Some(*alias)),
+            Some(alias) => (message.topic.clone(), Some(*alias)),
+            None if self.aliases.len() < usize::from(self.alias_max) => {
+                let alias = NonZeroU16::new(self.aliases.len() as u16 + 1);
+                if let Some(alias) = alias {
+                    self.aliases.insert(message.topic.clone(), alias);
+                }
+                (message.topic.clone(), alias)
+            }
+            None => (message.topic.clone(), None),
+        };
+        let properties = &message.properties;
+        let expiry = message.remaining_expiry(Instant::now());
+        let mut builder = self
+            .sink
+            .publish(topic)
+            .retain(delivery.retain)
+            .dup(outgoing.dup)
+            .properties(|p| {
+                p.topic_alias = alias;
+                p.subscription_ids = delivery
+                    .subscription_ids
+                    .iter()
+                    .filter_map(|id| NonZeroU32::new(*id))
+                    .collect();
+                p.message_expiry_interval = expiry;
+                p.is_utf8_payload = properties.payload_format_utf8;
+                p.content_type = properties.content_type.clone();
+                p.response_topic = properties.response_topic.clone();
+                p.correlation_data = properties.correlation_data.clone();
+                p.user_properties = properties.user_properties.clone();
+            });
+        if let Some(id) = outgoing.packet_id {
+            builder = builder.packet_id(id.get());
+        }
+        builder
+    }
+}
+
+fn classify(error: &SendPacketError) -> SendResult {
+    match error {
+        SendPacketError::Encode(_) => SendResult::Rejected,
+        SendPacketError::Disconnected => SendResult::Closed,
+        other => {
+            tracing::error!(error = %other, "Unexpected send error; message dropped.");
+            SendResult::Rejected
+        }
+    }
+}
+
+impl Outbound for Sink {
+    fn is_open(&self) -> bool {
+        self.sink.is_open()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.sink.is_ready()
+    }
+
+    async fn ready(&self) -> bool {
+        self.sink.ready().await
+    }
+
+    async fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
+        let payload = outgoing.delivery.message.payload.clone();
+        match self.builder(&outgoing).send_at_most_once(payload).await {
+            Ok(()) => SendResult::Sent,
+            Err(error) => classify(&error),
+        }
+    }
+
+    fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult {
+        let payload = outgoing.delivery.message.payload.clone();
+        match self.builder(&outgoing).send_at_least_once_no_block(payload) {
+            Ok(()) => SendResult::Sent,
+            Err(error) => classify(&error),
+        }
+    }
+
+    fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult {
+        let payload = outgoing.delivery.message.payload.clone();
+        let builder = self.builder(&outgoing);
+        let Some(id) = outgoing.packet_id.map(NonZeroU16::get) else {
+            return SendResult::Rejected;
+        };
+        let session = self.session.clone();
+        let metrics = self.metrics.clone();
+        ntex::rt::spawn(async move {
+            match builder.send_exactly_once(payload).await {
+                Ok(received) => {
+                    if u8::from(received.packet().reason_code) >= 0x80 {
+                        session.acknowledge(id);
+                        return;
+                    }
+                    session.received(id);
+                    if received.release().await.is_ok() {
+                        session.acknowledge(id);
+                    }
+                }
+                Err(SendPacketError::Encode(_)) => {
+                    session.acknowledge(id);
+                    metrics.dropped(crate::metrics::DropReason::TooLarge, 1);
+                }
+                Err(_) => {}
+            }
+        });
+        SendResult::Sent
+    }
+
+    fn close_taken_over(&self) {
+        self.sink
+            .close_with_reason(Disconnect::new(DisconnectReasonCode::SessionTakenOver));
+    }
+}

@@ -1,0 +1,121 @@
+//! `edgegw run`: wires the parts together and waits for a signal.
+
+use anyhow::Context as _;
+use edgegw_broker::{
+    Broker, BrokerSettings, ConnectionLimits, ListenerSettings, Router, RouterLimits, TlsFiles,
+};
+use edgegw_config::{Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// ntex logs connection-level details at info; keep them at warn unless asked.
+const QUIET_DEPENDENCIES: &str = "ntex=warn,ntex_io=warn,ntex_mqtt=warn,ntex_server=warn,ntex_rt=warn,ntex_net=warn,ntex_tls=warn";
+
+pub fn init_tracing(log: &edgegw_config::Log) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(from_env) if !from_env.is_empty() => EnvFilter::new(from_env),
+        _ => EnvFilter::new(format!("{QUIET_DEPENDENCIES},{}", log.level)),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(config: Config, embedded: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("edgegw")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, embedded))
+}
+
+async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = if embedded { "embedded default" } else { "file" },
+        "{}",
+        config.summary()
+    );
+    let telemetry = edgegw_telemetry::Telemetry::install().context("cannot set up metrics")?;
+    std::fs::create_dir_all(&config.gateway.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {} (gateway.data_dir)",
+            config.gateway.data_dir.display()
+        )
+    })?;
+
+    let shutdown = CancellationToken::new();
+    let metrics_addr = telemetry
+        .serve(config.metrics.bind, shutdown.child_token())
+        .await?;
+    tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "Metrics listening.");
+
+    let limits = &config.broker.limits;
+    let router = Router::new(RouterLimits {
+        max_queued: limits.max_queued as usize,
+        max_session_expiry_secs: u32::try_from(limits.max_session_expiry.as_secs())
+            .unwrap_or(u32::MAX),
+    });
+    let settings = BrokerSettings {
+        listeners: config
+            .broker
+            .listeners
+            .iter()
+            .map(|l| ListenerSettings {
+                bind: l.bind,
+                tls: l.tls.as_ref().map(|t| TlsFiles {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    client_ca: t.client_ca.clone(),
+                }),
+            })
+            .collect(),
+        limits: ConnectionLimits {
+            max_connections: limits.max_connections as usize,
+            max_packet_size: u32::try_from(limits.max_packet_size.bytes()).unwrap_or(u32::MAX),
+            max_keepalive_secs: u16::try_from(limits.max_keepalive.as_secs()).unwrap_or(u16::MAX),
+            receive_maximum: limits.receive_maximum,
+            max_inflight: limits.max_inflight,
+            topic_alias_maximum: limits.topic_alias_maximum,
+            allow_anonymous: config.broker.auth.allow_anonymous,
+        },
+        workers: 0,
+    };
+    let broker = Broker::start(settings, router.clone()).context("cannot start the MQTT broker")?;
+    for listener in broker.listeners() {
+        let scheme = if listener.tls { "mqtts" } else { "mqtt" };
+        tracing::info!(url = %format!("{scheme}://{}", listener.addr), "MQTT listening (3.1.1 and 5.0).");
+    }
+    telemetry.set_ready(true);
+    tracing::info!("Ready.");
+
+    wait_for_signal().await;
+    tracing::info!("Shutting down.");
+    telemetry.set_ready(false);
+    broker.stop().await;
+    shutdown.cancel();
+    tracing::info!("Stopped.");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot watch SIGTERM; only Ctrl-C stops the gateway.");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
