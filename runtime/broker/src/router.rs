@@ -144,9 +144,8 @@ impl Router {
                     if let Some(old) = existing {
                         sessions.remove(&options.client_id);
                         ended = Some(old);
-                    } else {
-                        self.0.metrics.sessions.increment(1.0);
                     }
+                    self.0.metrics.sessions.increment(1.0);
                     let id = self.0.next_session_id.fetch_add(1, Ordering::Relaxed);
                     let session = Arc::new(Session::new(
                         id,

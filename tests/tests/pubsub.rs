@@ -1,0 +1,246 @@
+//! Publish/subscribe through the real binary with independent clients: rumqttc (v3.1.1 and
+//! v5) and Debian's mosquitto_pub/mosquitto_sub.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use edgegw_tests::{
+    Gateway,
+    raw::{self, Publish, Raw},
+    require_mosquitto_clients,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+mod v3 {
+    use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+    use super::*;
+
+    pub fn client(gw: &Gateway, id: &str) -> (AsyncClient, EventLoop) {
+        let mut options = MqttOptions::new(id, "127.0.0.1", gw.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        AsyncClient::new(options, 100)
+    }
+
+    /// Polls until a PUBLISH arrives.
+    pub async fn next_publish(events: &mut EventLoop) -> rumqttc::Publish {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("connection") {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("a PUBLISH within the wait")
+    }
+
+    /// Polls until SUBACK arrives.
+    pub async fn suback(events: &mut EventLoop) -> rumqttc::SubAck {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(a)) = events.poll().await.expect("connection") {
+                    return a;
+                }
+            }
+        })
+        .await
+        .expect("SUBACK")
+    }
+
+    pub fn qos(n: u8) -> QoS {
+        match n {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        }
+    }
+
+    /// Drives an event loop in the background (for publishers).
+    pub fn drive(mut events: EventLoop) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move { while events.poll().await.is_ok() {} })
+    }
+}
+
+mod v5 {
+    use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, mqttbytes::QoS, mqttbytes::v5::Packet};
+
+    use super::*;
+
+    pub fn client(gw: &Gateway, id: &str) -> (AsyncClient, EventLoop) {
+        let mut options = MqttOptions::new(id, "127.0.0.1", gw.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        AsyncClient::new(options, 100)
+    }
+
+    pub async fn next_publish(events: &mut EventLoop) -> rumqttc::v5::mqttbytes::v5::Publish {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("connection") {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("a PUBLISH within the wait")
+    }
+
+    pub async fn suback(events: &mut EventLoop) -> rumqttc::v5::mqttbytes::v5::SubAck {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(a)) = events.poll().await.expect("connection") {
+                    return a;
+                }
+            }
+        })
+        .await
+        .expect("SUBACK")
+    }
+
+    pub fn qos(n: u8) -> QoS {
+        match n {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        }
+    }
+
+    pub fn drive(mut events: EventLoop) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move { while events.poll().await.is_ok() {} })
+    }
+}
+
+#[tokio::test]
+async fn every_qos_both_directions_v3_and_v5() {
+    let gw = Gateway::start();
+    for sub_qos in 0..=2u8 {
+        // A v3 subscriber and a v5 subscriber at this QoS; publishers of both versions at
+        // every QoS. Delivery QoS is min(publish, granted).
+        let (s3, mut e3) = v3::client(&gw, &format!("s3-{sub_qos}"));
+        s3.subscribe(format!("q/{sub_qos}"), v3::qos(sub_qos)).await.unwrap();
+        assert_eq!(v3::suback(&mut e3).await.return_codes.len(), 1);
+        let (s5, mut e5) = v5::client(&gw, &format!("s5-{sub_qos}"));
+        s5.subscribe(format!("q/{sub_qos}"), v5::qos(sub_qos)).await.unwrap();
+        v5::suback(&mut e5).await;
+
+        let (p3, pe3) = v3::client(&gw, &format!("p3-{sub_qos}"));
+        let _d3 = v3::drive(pe3);
+        let (p5, pe5) = v5::client(&gw, &format!("p5-{sub_qos}"));
+        let _d5 = v5::drive(pe5);
+        for pub_qos in 0..=2u8 {
+            let payload = format!("v3 {pub_qos}->{sub_qos}");
+            p3.publish(format!("q/{sub_qos}"), v3::qos(pub_qos), false, payload.clone()).await.unwrap();
+            let got = v3::next_publish(&mut e3).await;
+            assert_eq!(&got.payload[..], payload.as_bytes());
+            assert_eq!(got.qos as u8, pub_qos.min(sub_qos));
+            let got = v5::next_publish(&mut e5).await;
+            assert_eq!(&got.payload[..], payload.as_bytes());
+            assert_eq!(got.qos as u8, pub_qos.min(sub_qos));
+
+            let payload = format!("v5 {pub_qos}->{sub_qos}");
+            p5.publish(format!("q/{sub_qos}"), v5::qos(pub_qos), false, payload.clone()).await.unwrap();
+            let got = v3::next_publish(&mut e3).await;
+            assert_eq!(&got.payload[..], payload.as_bytes());
+            assert_eq!(got.qos as u8, pub_qos.min(sub_qos));
+            let got = v5::next_publish(&mut e5).await;
+            assert_eq!(&got.payload[..], payload.as_bytes());
+        }
+    }
+    assert!(gw.metric("edgegw_broker_messages_received_total{qos=\"2\"}") >= 6.0);
+}
+
+#[test]
+fn mosquitto_clients_v311_and_v5() {
+    require_mosquitto_clients();
+    let gw = Gateway::start();
+    let port = gw.port().to_string();
+    for version in ["mqttv311", "mqttv5"] {
+        let sub = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "2", "-t", "m/#", "-v", "-C", "3", "-W", "20"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the subscription exists before publishing.
+        gw.wait_metric("edgegw_broker_subscriptions", WAIT, |v| v >= 1.0);
+        for qos in ["0", "1", "2"] {
+            let status = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", qos, "-t", &format!("m/{qos}"), "-m", &format!("{version} q{qos}")])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let out = sub.wait_with_output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            vec![
+                format!("m/0 {version} q0"),
+                format!("m/1 {version} q1"),
+                format!("m/2 {version} q2")
+            ],
+            "{version}"
+        );
+        gw.wait_metric("edgegw_broker_subscriptions", WAIT, |v| v == 0.0);
+    }
+}
+
+#[test]
+fn wildcards_and_dollar_topics() {
+    let gw = Gateway::start();
+    let mut sub = Raw::connect(gw.mqtt);
+    sub.send(&raw::connect_v3("wild", true, 30));
+    assert_eq!(sub.read(WAIT).unwrap().kind(), raw::CONNACK);
+    for (id, filter) in [(1, "a/+/c"), (2, "#"), (3, "+/sys")] {
+        sub.send(&raw::subscribe_v3(id, filter, 0));
+        assert_eq!(sub.read(WAIT).unwrap().body, vec![0, id as u8, 0]);
+    }
+    let mut publisher = Raw::connect(gw.mqtt);
+    publisher.send(&raw::connect_v3("wild-pub", true, 30));
+    publisher.read(WAIT).unwrap();
+    for topic in ["a/b/c", "$SYS/sys", "a/b/c/d", "x/sys"] {
+        publisher.send(&raw::publish_v3(topic, 0, 0, false, topic.as_bytes()));
+    }
+    // Overlapping `a/+/c` and `#` give one copy; `$SYS/sys` matches neither `#` nor `+/sys`.
+    let mut topics = Vec::new();
+    while let Some(p) = sub.read(Duration::from_millis(1500)) {
+        topics.push(Publish::parse(&p, false).topic);
+    }
+    assert_eq!(topics, vec!["a/b/c", "a/b/c/d", "x/sys"]);
+}
+
+/// A malformed filter is a protocol violation (MQTT 3.1.1 §4.8, 5.0 §4.13): the broker
+/// closes that connection only, logs one line and counts it; others carry on.
+#[test]
+fn malformed_filters_close_only_that_connection() {
+    let gw = Gateway::start();
+    let mut bystander = Raw::connect(gw.mqtt);
+    bystander.send(&raw::connect_v3("bystander", true, 30));
+    bystander.read(WAIT).unwrap();
+    bystander.send(&raw::subscribe_v3(1, "ok/#", 0));
+    bystander.read(WAIT).unwrap();
+    let cases: [(&str, bool); 4] = [("a/#/b", false), ("a+", false), ("a/#/b", true), ("x/+y", true)];
+    for (n, (filter, v5)) in cases.into_iter().enumerate() {
+        let mut c = Raw::connect(gw.mqtt);
+        let id = format!("badfilter{n}");
+        c.send(&if v5 { raw::connect_v5(&id, true, 30, &[]) } else { raw::connect_v3(&id, true, 30) });
+        assert_eq!(c.read(WAIT).unwrap().kind(), raw::CONNACK);
+        c.send(&if v5 { raw::subscribe_v5(7, filter, 1, &[]) } else { raw::subscribe_v3(7, filter, 1) });
+        let mut seen = Vec::new();
+        assert!(c.closed_within(WAIT, &mut seen), "{filter} v5={v5}: connection stays open: {seen:?}");
+        assert!(seen.iter().all(|p| p.kind() != raw::SUBACK), "{filter}: no SUBACK for a malformed filter");
+        if v5 {
+            let disconnect = seen.iter().find(|p| p.kind() == raw::DISCONNECT).expect("v5 DISCONNECT");
+            assert!(disconnect.body[0] >= 0x80, "reason code {:#x}", disconnect.body[0]);
+        }
+    }
+    assert_eq!(gw.metric("edgegw_broker_protocol_errors_total{kind=\"violation\"}"), 4.0);
+    let mut publisher = Raw::connect(gw.mqtt);
+    publisher.send(&raw::connect_v3("pub", true, 30));
+    publisher.read(WAIT).unwrap();
+    publisher.send(&raw::publish_v3("ok/1", 0, 0, false, b"still here"));
+    let p = Publish::parse(&bystander.read(WAIT).expect("bystander still served"), false);
+    assert_eq!(p.payload, b"still here");
+}
