@@ -209,6 +209,67 @@ pub fn connect_v5(client_id: &str, clean: bool, keep_alive: u16, properties: &[u
     packet(0x10, &body)
 }
 
+/// MQTT 3.1.1 CONNECT with a will (flags: 0x04 will, QoS in bits 3-4, 0x20 will retain).
+pub fn connect_v3_will(
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+    will_topic: &str,
+    will_payload: &[u8],
+    will_qos: u8,
+    will_retain: bool,
+) -> Vec<u8> {
+    let mut body = string("MQTT");
+    body.push(4);
+    body.push(will_flags(clean, will_qos, will_retain));
+    body.extend(keep_alive.to_be_bytes());
+    body.extend(string(client_id));
+    body.extend(string(will_topic));
+    body.extend((will_payload.len() as u16).to_be_bytes());
+    body.extend_from_slice(will_payload);
+    packet(0x10, &body)
+}
+
+/// MQTT 5 CONNECT with a will: raw CONNECT properties and raw will properties (both
+/// without their length prefix, e.g. `[0x18, 0, 0, 0, 2]` for a 2 s will delay).
+#[allow(clippy::too_many_arguments)]
+pub fn connect_v5_will(
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+    properties: &[u8],
+    will_properties: &[u8],
+    will_topic: &str,
+    will_payload: &[u8],
+    will_qos: u8,
+    will_retain: bool,
+) -> Vec<u8> {
+    let mut body = string("MQTT");
+    body.push(5);
+    body.push(will_flags(clean, will_qos, will_retain));
+    body.extend(keep_alive.to_be_bytes());
+    body.extend(varint(properties.len()));
+    body.extend_from_slice(properties);
+    body.extend(string(client_id));
+    body.extend(varint(will_properties.len()));
+    body.extend_from_slice(will_properties);
+    body.extend(string(will_topic));
+    body.extend((will_payload.len() as u16).to_be_bytes());
+    body.extend_from_slice(will_payload);
+    packet(0x10, &body)
+}
+
+fn will_flags(clean: bool, will_qos: u8, will_retain: bool) -> u8 {
+    let mut flags = 0x04 | ((will_qos & 3) << 3);
+    if clean {
+        flags |= 0x02;
+    }
+    if will_retain {
+        flags |= 0x20;
+    }
+    flags
+}
+
 pub fn subscribe_v3(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
     body.extend(string(filter));
@@ -262,6 +323,14 @@ pub fn pingreq() -> Vec<u8> {
 
 pub fn disconnect() -> Vec<u8> {
     vec![0xe0, 0]
+}
+
+/// MQTT 5 DISCONNECT with a reason code and raw properties (without their length prefix).
+pub fn disconnect_v5(reason: u8, properties: &[u8]) -> Vec<u8> {
+    let mut body = vec![reason];
+    body.extend(varint(properties.len()));
+    body.extend_from_slice(properties);
+    packet(0xe0, &body)
 }
 
 /// A received PUBLISH, decoded.

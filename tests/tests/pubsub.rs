@@ -29,7 +29,9 @@ mod v3 {
     pub async fn next_publish(events: &mut EventLoop) -> rumqttc::Publish {
         tokio::time::timeout(WAIT, async {
             loop {
-                if let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("connection") {
+                if let Event::Incoming(Packet::Publish(p)) =
+                    events.poll().await.expect("connection")
+                {
                     return p;
                 }
             }
@@ -42,7 +44,8 @@ mod v3 {
     pub async fn suback(events: &mut EventLoop) -> rumqttc::SubAck {
         tokio::time::timeout(WAIT, async {
             loop {
-                if let Event::Incoming(Packet::SubAck(a)) = events.poll().await.expect("connection") {
+                if let Event::Incoming(Packet::SubAck(a)) = events.poll().await.expect("connection")
+                {
                     return a;
                 }
             }
@@ -66,7 +69,9 @@ mod v3 {
 }
 
 mod v5 {
-    use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, mqttbytes::QoS, mqttbytes::v5::Packet};
+    use rumqttc::v5::{
+        AsyncClient, Event, EventLoop, MqttOptions, mqttbytes::QoS, mqttbytes::v5::Packet,
+    };
 
     use super::*;
 
@@ -79,7 +84,9 @@ mod v5 {
     pub async fn next_publish(events: &mut EventLoop) -> rumqttc::v5::mqttbytes::v5::Publish {
         tokio::time::timeout(WAIT, async {
             loop {
-                if let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("connection") {
+                if let Event::Incoming(Packet::Publish(p)) =
+                    events.poll().await.expect("connection")
+                {
                     return p;
                 }
             }
@@ -91,7 +98,8 @@ mod v5 {
     pub async fn suback(events: &mut EventLoop) -> rumqttc::v5::mqttbytes::v5::SubAck {
         tokio::time::timeout(WAIT, async {
             loop {
-                if let Event::Incoming(Packet::SubAck(a)) = events.poll().await.expect("connection") {
+                if let Event::Incoming(Packet::SubAck(a)) = events.poll().await.expect("connection")
+                {
                     return a;
                 }
             }
@@ -120,10 +128,14 @@ async fn every_qos_both_directions_v3_and_v5() {
         // A v3 subscriber and a v5 subscriber at this QoS; publishers of both versions at
         // every QoS. Delivery QoS is min(publish, granted).
         let (s3, mut e3) = v3::client(&gw, &format!("s3-{sub_qos}"));
-        s3.subscribe(format!("q/{sub_qos}"), v3::qos(sub_qos)).await.unwrap();
+        s3.subscribe(format!("q/{sub_qos}"), v3::qos(sub_qos))
+            .await
+            .unwrap();
         assert_eq!(v3::suback(&mut e3).await.return_codes.len(), 1);
         let (s5, mut e5) = v5::client(&gw, &format!("s5-{sub_qos}"));
-        s5.subscribe(format!("q/{sub_qos}"), v5::qos(sub_qos)).await.unwrap();
+        s5.subscribe(format!("q/{sub_qos}"), v5::qos(sub_qos))
+            .await
+            .unwrap();
         v5::suback(&mut e5).await;
 
         let (p3, pe3) = v3::client(&gw, &format!("p3-{sub_qos}"));
@@ -132,7 +144,14 @@ async fn every_qos_both_directions_v3_and_v5() {
         let _d5 = v5::drive(pe5);
         for pub_qos in 0..=2u8 {
             let payload = format!("v3 {pub_qos}->{sub_qos}");
-            p3.publish(format!("q/{sub_qos}"), v3::qos(pub_qos), false, payload.clone()).await.unwrap();
+            p3.publish(
+                format!("q/{sub_qos}"),
+                v3::qos(pub_qos),
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
             let got = v3::next_publish(&mut e3).await;
             assert_eq!(&got.payload[..], payload.as_bytes());
             assert_eq!(got.qos as u8, pub_qos.min(sub_qos));
@@ -141,7 +160,14 @@ async fn every_qos_both_directions_v3_and_v5() {
             assert_eq!(got.qos as u8, pub_qos.min(sub_qos));
 
             let payload = format!("v5 {pub_qos}->{sub_qos}");
-            p5.publish(format!("q/{sub_qos}"), v5::qos(pub_qos), false, payload.clone()).await.unwrap();
+            p5.publish(
+                format!("q/{sub_qos}"),
+                v5::qos(pub_qos),
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
             let got = v3::next_publish(&mut e3).await;
             assert_eq!(&got.payload[..], payload.as_bytes());
             assert_eq!(got.qos as u8, pub_qos.min(sub_qos));
@@ -159,7 +185,23 @@ fn mosquitto_clients_v311_and_v5() {
     let port = gw.port().to_string();
     for version in ["mqttv311", "mqttv5"] {
         let sub = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "2", "-t", "m/#", "-v", "-C", "3", "-W", "20"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-q",
+                "2",
+                "-t",
+                "m/#",
+                "-v",
+                "-C",
+                "3",
+                "-W",
+                "20",
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -167,7 +209,20 @@ fn mosquitto_clients_v311_and_v5() {
         gw.wait_metric("edgegw_broker_subscriptions", WAIT, |v| v >= 1.0);
         for qos in ["0", "1", "2"] {
             let status = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", qos, "-t", &format!("m/{qos}"), "-m", &format!("{version} q{qos}")])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    version,
+                    "-q",
+                    qos,
+                    "-t",
+                    &format!("m/{qos}"),
+                    "-m",
+                    &format!("{version} q{qos}"),
+                ])
                 .status()
                 .unwrap();
             assert!(status.success());
@@ -221,26 +276,58 @@ fn malformed_filters_close_only_that_connection() {
     bystander.read(WAIT).unwrap();
     bystander.send(&raw::subscribe_v3(1, "ok/#", 0));
     bystander.read(WAIT).unwrap();
-    let cases: [(&str, bool); 4] = [("a/#/b", false), ("a+", false), ("a/#/b", true), ("x/+y", true)];
+    let cases: [(&str, bool); 4] = [
+        ("a/#/b", false),
+        ("a+", false),
+        ("a/#/b", true),
+        ("x/+y", true),
+    ];
     for (n, (filter, v5)) in cases.into_iter().enumerate() {
         let mut c = Raw::connect(gw.mqtt);
         let id = format!("badfilter{n}");
-        c.send(&if v5 { raw::connect_v5(&id, true, 30, &[]) } else { raw::connect_v3(&id, true, 30) });
+        c.send(&if v5 {
+            raw::connect_v5(&id, true, 30, &[])
+        } else {
+            raw::connect_v3(&id, true, 30)
+        });
         assert_eq!(c.read(WAIT).unwrap().kind(), raw::CONNACK);
-        c.send(&if v5 { raw::subscribe_v5(7, filter, 1, &[]) } else { raw::subscribe_v3(7, filter, 1) });
+        c.send(&if v5 {
+            raw::subscribe_v5(7, filter, 1, &[])
+        } else {
+            raw::subscribe_v3(7, filter, 1)
+        });
         let mut seen = Vec::new();
-        assert!(c.closed_within(WAIT, &mut seen), "{filter} v5={v5}: connection stays open: {seen:?}");
-        assert!(seen.iter().all(|p| p.kind() != raw::SUBACK), "{filter}: no SUBACK for a malformed filter");
+        assert!(
+            c.closed_within(WAIT, &mut seen),
+            "{filter} v5={v5}: connection stays open: {seen:?}"
+        );
+        assert!(
+            seen.iter().all(|p| p.kind() != raw::SUBACK),
+            "{filter}: no SUBACK for a malformed filter"
+        );
         if v5 {
-            let disconnect = seen.iter().find(|p| p.kind() == raw::DISCONNECT).expect("v5 DISCONNECT");
-            assert!(disconnect.body[0] >= 0x80, "reason code {:#x}", disconnect.body[0]);
+            let disconnect = seen
+                .iter()
+                .find(|p| p.kind() == raw::DISCONNECT)
+                .expect("v5 DISCONNECT");
+            assert!(
+                disconnect.body[0] >= 0x80,
+                "reason code {:#x}",
+                disconnect.body[0]
+            );
         }
     }
-    assert_eq!(gw.metric("edgegw_broker_protocol_errors_total{kind=\"violation\"}"), 4.0);
+    assert_eq!(
+        gw.metric("edgegw_broker_protocol_errors_total{kind=\"violation\"}"),
+        4.0
+    );
     let mut publisher = Raw::connect(gw.mqtt);
     publisher.send(&raw::connect_v3("pub", true, 30));
     publisher.read(WAIT).unwrap();
     publisher.send(&raw::publish_v3("ok/1", 0, 0, false, b"still here"));
-    let p = Publish::parse(&bystander.read(WAIT).expect("bystander still served"), false);
+    let p = Publish::parse(
+        &bystander.read(WAIT).expect("bystander still served"),
+        false,
+    );
     assert_eq!(p.payload, b"still here");
 }

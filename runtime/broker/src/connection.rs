@@ -7,6 +7,7 @@
 
 use std::{
     cell::{Cell, RefCell},
+    collections::HashSet,
     future::Future,
     rc::Rc,
     sync::{
@@ -85,6 +86,9 @@ pub(crate) struct Conn {
     pub graceful: Cell<bool>,
     /// Wakes the writer when the connection ends.
     pub closed: Rc<Notify>,
+    /// Packet ids of PUBRELs the writer re-sent after a reconnect (ntex does not know
+    /// them); [`ReleaseGuard`] takes their PUBCOMP before ntex would reject it.
+    pub resent_releases: Rc<RefCell<HashSet<u16>>>,
     finished: Cell<bool>,
     _slot: Slot,
 }
@@ -107,6 +111,7 @@ impl Conn {
             will: RefCell::new(will),
             graceful: Cell::new(false),
             closed: Rc::new(Notify::new()),
+            resent_releases: Rc::new(RefCell::new(HashSet::new())),
             finished: Cell::new(false),
             _slot: slot,
         }
@@ -180,6 +185,8 @@ pub(crate) trait Outbound {
     fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult;
     /// Sends QoS 2 (a task per message follows PUBREC/PUBREL/PUBCOMP).
     fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult;
+    /// The connection's raw I/O and the set of PUBRELs re-sent outside ntex.
+    fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>);
     /// Closes the connection because another connection took the session over.
     fn close_taken_over(&self);
 }
@@ -202,6 +209,17 @@ pub(crate) async fn run_writer<O: Outbound>(
     metrics: Arc<BrokerMetrics>,
 ) {
     let send = async |out: &mut O, outgoing: Outgoing| -> bool {
+        if outgoing.release_only
+            && let Some(id) = outgoing.packet_id
+        {
+            // PUBREC arrived on an earlier connection: only PUBREL is owed
+            // [MQTT-4.4.0-1]. ntex has no API for a PUBREL it did not start, so write
+            // it raw; its PUBCOMP is taken by `ReleaseGuard`.
+            let (io, resent) = out.release_channel();
+            resent.borrow_mut().insert(id.get());
+            let [hi, lo] = id.get().to_be_bytes();
+            return io.encode_slice(&[0x62, 0x02, hi, lo]).is_ok();
+        }
         let qos = outgoing.delivery.qos;
         let size = outgoing.delivery.message.payload.len();
         let packet_id = outgoing.packet_id;
@@ -273,5 +291,78 @@ pub(crate) async fn run_writer<O: Outbound>(
                 return;
             }
         }
+    }
+}
+
+/// Middleware in front of ntex-mqtt's packet handling: completes the QoS 2 deliveries whose
+/// PUBREL the writer re-sent after a reconnect, by taking their PUBCOMP (which ntex would
+/// treat as an unknown packet id and close the connection for).
+pub(crate) struct ReleaseGuard;
+
+pub(crate) struct ReleaseGuardService<S> {
+    inner: S,
+}
+
+impl<S, St> ntex::service::Middleware<S, St> for ReleaseGuard {
+    type Service = ReleaseGuardService<S>;
+
+    fn create(&self, _: &St, inner: S) -> Self::Service {
+        ReleaseGuardService { inner }
+    }
+}
+
+/// The packet id of a PUBCOMP, for both protocol versions.
+pub(crate) trait Completion {
+    fn completed(&self) -> Option<u16>;
+}
+
+impl Completion for ntex_mqtt::v3::codec::Decoded {
+    fn completed(&self) -> Option<u16> {
+        match self {
+            Self::Packet(ntex_mqtt::v3::codec::Packet::PublishComplete { packet_id }, _) => {
+                Some(packet_id.get())
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Completion for ntex_mqtt::v5::codec::Decoded {
+    fn completed(&self) -> Option<u16> {
+        match self {
+            Self::Packet(ntex_mqtt::v5::codec::Packet::PublishComplete(ack), _) => {
+                Some(ack.packet_id.get())
+            }
+            _ => None,
+        }
+    }
+}
+
+impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for ReleaseGuardService<S>
+where
+    S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req>,
+    S::Res: Default,
+    Req: Completion,
+{
+    type Res = S::Res;
+    type Error = S::Error;
+
+    ntex::forward_bind!(ntex_mqtt::Session<T, Conn>, inner);
+    ntex::forward_ready!(ntex_mqtt::Session<T, Conn>, inner);
+    ntex::forward_shutdown!(ntex_mqtt::Session<T, Conn>, inner);
+
+    async fn call(
+        &self,
+        request: Req,
+        ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
+    ) -> Result<Self::Res, Self::Error> {
+        if let Some(id) = request.completed() {
+            let conn: &Conn = ctx.st();
+            if conn.resent_releases.borrow_mut().remove(&id) {
+                conn.session.acknowledge(id);
+                return Ok(S::Res::default());
+            }
+        }
+        ctx.call(&self.inner, request).await
     }
 }

@@ -175,13 +175,17 @@ impl Router {
         let current = session.detach(generation);
         let expiry = session.expiry_secs();
         if let Some(will) = will {
-            if !current || will.delay_secs == 0 || expiry == 0 {
-                // Taken over, no delay, or the session ends now: publish at once.
-                if current && expiry == 0 {
-                    session.set_pending_will(will.message);
-                } else {
+            if !current {
+                // Taken over. A new connection to the session within the will delay cancels
+                // the will [MQTT-3.1.3-9]; a clean start ended the session, which publishes it.
+                if will.delay_secs == 0 || session.is_ended() {
                     self.publish_will(will.message);
                 }
+            } else if will.delay_secs == 0 {
+                self.publish_will(will.message);
+            } else if expiry == 0 {
+                // The session ends right below, which publishes it.
+                session.set_pending_will(will.message);
             } else {
                 session.set_pending_will(will.message);
                 // A will whose delay outlasts the session is published when it ends.

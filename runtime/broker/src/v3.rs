@@ -1,6 +1,6 @@
 //! MQTT 3.1.1 on ntex-mqtt.
 
-use std::{num::NonZeroU16, sync::Arc};
+use std::{cell::RefCell, collections::HashSet, num::NonZeroU16, rc::Rc, sync::Arc};
 
 use ntex::time::Seconds;
 use ntex_mqtt::{Control, Reason, error::SendPacketError, v3};
@@ -95,6 +95,8 @@ pub(crate) async fn connect(
     let out = Sink {
         sink: connect.sink(),
         session: attached.session.clone(),
+        io: connect.io().get_ref(),
+        resent_releases: conn.resent_releases.clone(),
         metrics: shared.router.metrics().clone(),
     };
     out.install_ack_callback();
@@ -208,6 +210,8 @@ pub(crate) async fn control(
 struct Sink {
     sink: v3::MqttSink,
     session: Arc<Session>,
+    io: ntex::io::IoRef,
+    resent_releases: Rc<RefCell<HashSet<u16>>>,
     metrics: Arc<BrokerMetrics>,
 }
 
@@ -300,6 +304,10 @@ impl Outbound for Sink {
             }
         });
         SendResult::Sent
+    }
+
+    fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>) {
+        (&self.io, &self.resent_releases)
     }
 
     fn close_taken_over(&self) {

@@ -1,8 +1,10 @@
 //! MQTT 5.0 on ntex-mqtt: CONNECT, PUBLISH, SUBSCRIBE and friends, and the outbound sink.
 
 use std::{
-    collections::HashMap,
+    cell::RefCell,
+    collections::{HashMap, HashSet},
     num::{NonZeroU16, NonZeroU32},
+    rc::Rc,
     sync::Arc,
     time::Instant,
 };
@@ -115,6 +117,8 @@ pub(crate) async fn connect(
     let out = Sink {
         sink: connect.sink(),
         session: attached.session.clone(),
+        io: connect.io().get_ref(),
+        resent_releases: conn.resent_releases.clone(),
         aliases: HashMap::new(),
         alias_max: packet.topic_alias_max,
         metrics: shared.router.metrics().clone(),
@@ -278,13 +282,16 @@ pub(crate) async fn control(
             BrokerMetrics::protocol_error(kind);
             tracing::warn!(client_id = conn.client_id(), protocol = "5", kind, error = %error.get_ref(), "Closing connection: protocol error.");
             conn.finish();
-            Ok(match error.get_ref() {
-                ntex_mqtt::error::MqttProtocolError::Decode(_) => Some(
-                    codec::Packet::from(Disconnect::new(DisconnectReasonCode::MalformedPacket))
-                        .into(),
-                ),
+            // ntex answers most decode errors with 0x83; say what was wrong instead.
+            use ntex_mqtt::error::{DecodeError, MqttProtocolError};
+            let reason = match error.get_ref() {
+                MqttProtocolError::Decode(DecodeError::MaxSizeExceeded { .. }) => {
+                    Some(DisconnectReasonCode::PacketTooLarge)
+                }
+                MqttProtocolError::Decode(_) => Some(DisconnectReasonCode::MalformedPacket),
                 _ => None,
-            })
+            };
+            Ok(reason.map(|r| codec::Packet::from(Disconnect::new(r)).into()))
         }
         Control::Stop(Reason::Error(error)) => {
             tracing::warn!(client_id = conn.client_id(), error = ?error.get_ref(), "Closing connection: handler error.");
@@ -307,6 +314,8 @@ pub(crate) async fn control(
 struct Sink {
     sink: v5::MqttSink,
     session: Arc<Session>,
+    io: ntex::io::IoRef,
+    resent_releases: Rc<RefCell<HashSet<u16>>>,
     aliases: HashMap<ByteString, NonZeroU16>,
     alias_max: u16,
     metrics: Arc<BrokerMetrics>,
@@ -436,6 +445,10 @@ impl Outbound for Sink {
             }
         });
         SendResult::Sent
+    }
+
+    fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>) {
+        (&self.io, &self.resent_releases)
     }
 
     fn close_taken_over(&self) {

@@ -1,0 +1,1140 @@
+//! Retained messages, wills, persistent sessions, redelivery and exactly-once delivery,
+//! through the real binary with the byte-level client (flags, packet ids and reason codes
+//! are asserted exactly).
+
+use std::time::{Duration, Instant};
+
+use edgegw_tests::{
+    Gateway,
+    raw::{self, Packet, Publish, Raw},
+};
+
+/// Upper bound for anything that should happen promptly.
+const WAIT: Duration = Duration::from_secs(10);
+/// How long a client watches for something that must not arrive.
+const QUIET: Duration = Duration::from_millis(1000);
+
+const V3_CONNECTIONS: &str = r#"edgegw_broker_connections{protocol="3.1.1"}"#;
+const V5_CONNECTIONS: &str = r#"edgegw_broker_connections{protocol="5"}"#;
+const SESSIONS: &str = "edgegw_broker_sessions";
+const WILLS: &str = "edgegw_broker_wills_published_total";
+const QUEUE_FULL: &str = r#"edgegw_broker_dropped_messages_total{reason="queue_full"}"#;
+const OFFLINE_QOS0: &str = r#"edgegw_broker_dropped_messages_total{reason="offline_qos0"}"#;
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+struct ConnAck {
+    session_present: bool,
+    code: u8,
+    properties: Vec<(u8, Vec<u8>)>,
+}
+
+impl ConnAck {
+    fn property(&self, id: u8) -> Option<&[u8]> {
+        self.properties
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+fn read_connack(c: &mut Raw, v5: bool) -> ConnAck {
+    let p = c.read(WAIT).expect("CONNACK");
+    assert_eq!(p.kind(), raw::CONNACK, "expected CONNACK, got {p:?}");
+    let properties = if v5 && p.body.len() > 2 {
+        let (len, used) = raw::read_varint(&p.body[2..]).expect("CONNACK properties length");
+        raw::parse_properties(&p.body[2 + used..2 + used + len])
+    } else {
+        Vec::new()
+    };
+    ConnAck {
+        session_present: p.body[0] & 0x01 != 0,
+        code: p.body[1],
+        properties,
+    }
+}
+
+/// A v3 connection that must be accepted; returns it with the session-present flag.
+fn connect_v3(gw: &Gateway, id: &str, clean: bool) -> (Raw, bool) {
+    let mut c = Raw::connect(gw.mqtt);
+    c.send(&raw::connect_v3(id, clean, 30));
+    let ack = read_connack(&mut c, false);
+    assert_eq!(ack.code, 0, "{id}: CONNACK return code");
+    (c, ack.session_present)
+}
+
+/// A v5 connection that must be accepted.
+fn connect_v5(gw: &Gateway, id: &str, clean: bool, properties: &[u8]) -> (Raw, ConnAck) {
+    let mut c = Raw::connect(gw.mqtt);
+    c.send(&raw::connect_v5(id, clean, 30, properties));
+    let ack = read_connack(&mut c, true);
+    assert_eq!(ack.code, 0, "{id}: CONNACK reason code");
+    (c, ack)
+}
+
+/// v5 Session Expiry Interval property (0x11).
+fn expiry(secs: u32) -> Vec<u8> {
+    let mut p = vec![0x11];
+    p.extend(secs.to_be_bytes());
+    p
+}
+
+/// v5 Will Delay Interval property (0x18).
+fn will_delay(secs: u32) -> Vec<u8> {
+    let mut p = vec![0x18];
+    p.extend(secs.to_be_bytes());
+    p
+}
+
+/// Sends a SUBSCRIBE and waits for its SUBACK, asserting packet id and the one granted
+/// code. Returns the packets (PUBLISHes of retained messages) that came before it.
+fn subscribe(c: &mut Raw, v5: bool, packet_id: u16, filter: &str, options: u8) -> Vec<Packet> {
+    c.send(&if v5 {
+        raw::subscribe_v5(packet_id, filter, options, &[])
+    } else {
+        raw::subscribe_v3(packet_id, filter, options)
+    });
+    let (ack, before) = c.read_kind(raw::SUBACK, WAIT);
+    let ack = ack.unwrap_or_else(|| panic!("SUBACK for {filter}"));
+    assert_eq!(&ack.body[..2], &packet_id.to_be_bytes(), "SUBACK packet id");
+    assert_eq!(
+        *ack.body.last().unwrap(),
+        options & 0x03,
+        "granted QoS for {filter}: {ack:?}"
+    );
+    before
+}
+
+/// A clean v3 client subscribed to `filter` at QoS 1.
+fn watcher(gw: &Gateway, id: &str, filter: &str) -> Raw {
+    let (mut c, _) = connect_v3(gw, id, true);
+    let before = subscribe(&mut c, false, 1, filter, 1);
+    assert!(before.is_empty(), "unexpected packets: {before:?}");
+    c
+}
+
+/// A v3 PUBLISH with the RETAIN flag.
+fn publish_v3_retained(topic: &str, qos: u8, packet_id: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = raw::publish_v3(topic, qos, packet_id, false, payload);
+    p[0] |= 0x01;
+    p
+}
+
+/// Publishes at QoS 1 from a v3 client and waits for the PUBACK: the broker has routed it.
+fn publish_acked(c: &mut Raw, topic: &str, packet_id: u16, retain: bool, payload: &[u8]) {
+    c.send(&if retain {
+        publish_v3_retained(topic, 1, packet_id, payload)
+    } else {
+        raw::publish_v3(topic, 1, packet_id, false, payload)
+    });
+    let (ack, others) = c.read_kind(raw::PUBACK, WAIT);
+    let ack = ack.unwrap_or_else(|| panic!("PUBACK for {topic}: {others:?}"));
+    assert_eq!(ack.body[..2], packet_id.to_be_bytes(), "PUBACK packet id");
+}
+
+/// The next packet, which must be a PUBLISH (not acknowledged).
+fn next_publish(c: &mut Raw, v5: bool, what: &str) -> Publish {
+    let p = c
+        .read(WAIT)
+        .unwrap_or_else(|| panic!("{what}: no PUBLISH within {WAIT:?}"));
+    assert_eq!(
+        p.kind(),
+        raw::PUBLISH,
+        "{what}: expected PUBLISH, got {p:?}"
+    );
+    Publish::parse(&p, v5)
+}
+
+/// Acknowledges a received QoS 1 PUBLISH (QoS 0: nothing to do).
+fn ack(c: &mut Raw, p: &Publish) {
+    match p.qos {
+        0 => {}
+        1 => c.send(&raw::ack(raw::PUBACK, p.packet_id.unwrap())),
+        q => panic!("ack() handles QoS 0/1, got {q}"),
+    }
+}
+
+/// Reads every PUBLISH until nothing arrives for `quiet`, completing QoS 1 and 2 flows.
+fn drain(c: &mut Raw, v5: bool, quiet: Duration) -> Vec<Publish> {
+    let mut got = Vec::new();
+    while let Some(p) = c.read(quiet) {
+        match p.kind() {
+            raw::PUBLISH => {
+                let publish = Publish::parse(&p, v5);
+                match publish.qos {
+                    1 => c.send(&raw::ack(raw::PUBACK, publish.packet_id.unwrap())),
+                    2 => c.send(&raw::ack(raw::PUBREC, publish.packet_id.unwrap())),
+                    _ => {}
+                }
+                got.push(publish);
+            }
+            raw::PUBREL => {
+                let id = u16::from_be_bytes([p.body[0], p.body[1]]);
+                c.send(&raw::ack(raw::PUBCOMP, id));
+            }
+            _ => panic!("unexpected packet while draining: {p:?}"),
+        }
+    }
+    got
+}
+
+fn payloads(publishes: &[Publish]) -> Vec<String> {
+    publishes
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
+/// Asserts nothing arrives for `quiet`, then that the connection is still alive (a closed
+/// connection would also be silent).
+fn assert_silent(c: &mut Raw, quiet: Duration, what: &str) {
+    if let Some(p) = c.read(quiet) {
+        panic!("{what}: expected nothing, got {p:?}");
+    }
+    c.send(&raw::pingreq());
+    let p = c
+        .read(WAIT)
+        .unwrap_or_else(|| panic!("{what}: connection is gone (no PINGRESP)"));
+    assert_eq!(p.kind(), raw::PINGRESP, "{what}: got {p:?}");
+}
+
+/// A round trip that proves every packet sent before it was processed.
+fn ping(c: &mut Raw) {
+    c.send(&raw::pingreq());
+    let (resp, others) = c.read_kind(raw::PINGRESP, WAIT);
+    assert!(resp.is_some(), "no PINGRESP: {others:?}");
+    assert!(others.is_empty(), "unexpected packets: {others:?}");
+}
+
+fn connections(gw: &Gateway) -> f64 {
+    gw.metric(V3_CONNECTIONS) + gw.metric(V5_CONNECTIONS)
+}
+
+/// Waits until the broker has `n` open connections (it detaches a session before it
+/// counts its connection as closed).
+fn wait_connections(gw: &Gateway, n: f64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = connections(gw);
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} open connections, the broker reports {now}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_metric_eq(gw: &Gateway, sample: &str, n: f64) {
+    let value = gw.wait_metric(sample, WAIT, |v| v == n);
+    assert_eq!(value, n, "{sample}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Retained messages
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn retained_messages_are_set_replaced_cleared_and_replayed_with_retain() {
+    let gw = Gateway::start();
+    let (mut publisher, _) = connect_v3(&gw, "ret-pub", true);
+    publish_acked(&mut publisher, "r/a", 1, true, b"one");
+    publish_acked(&mut publisher, "r/a", 2, true, b"two"); // replaces "one"
+    publish_acked(&mut publisher, "r/b", 3, true, b"bee");
+    publish_acked(&mut publisher, "r/b", 4, true, b""); // clears r/b
+    publish_acked(&mut publisher, "r/c", 5, false, b"not retained");
+    wait_metric_eq(&gw, "edgegw_broker_retained_messages", 1.0);
+
+    for v5 in [false, true] {
+        let id = format!("ret-sub-{v5}");
+        let mut sub = if v5 {
+            connect_v5(&gw, &id, true, &[]).0
+        } else {
+            connect_v3(&gw, &id, true).0
+        };
+        let mut got: Vec<Publish> = subscribe(&mut sub, v5, 1, "r/#", 1)
+            .iter()
+            .map(|p| Publish::parse(p, v5))
+            .collect();
+        for p in &got {
+            ack(&mut sub, p);
+        }
+        got.extend(drain(&mut sub, v5, QUIET));
+        assert_eq!(
+            payloads(&got),
+            vec!["two"],
+            "v5={v5}: only the latest retained"
+        );
+        assert_eq!(got[0].topic, "r/a");
+        assert!(got[0].retain, "v5={v5}: a retained replay has RETAIN set");
+        assert_eq!(got[0].qos, 1);
+        assert!(!got[0].dup);
+    }
+
+    // Clearing the last one: a new subscriber gets nothing.
+    publish_acked(&mut publisher, "r/a", 6, true, b"");
+    wait_metric_eq(&gw, "edgegw_broker_retained_messages", 0.0);
+    let (mut late, _) = connect_v3(&gw, "ret-late", true);
+    let before = subscribe(&mut late, false, 1, "r/#", 1);
+    assert!(before.is_empty(), "{before:?}");
+    assert_silent(&mut late, QUIET, "no retained message after clearing");
+}
+
+#[test]
+fn live_delivery_clears_retain_unless_retain_as_published() {
+    let gw = Gateway::start();
+    // Subscribers before anything is retained, so every delivery below is live.
+    let mut s3 = watcher(&gw, "live-v3", "l/#");
+    let (mut s5, _) = connect_v5(&gw, "live-v5", true, &[]);
+    assert!(subscribe(&mut s5, true, 1, "l/#", 0x01).is_empty());
+    let (mut s5rap, _) = connect_v5(&gw, "live-v5-rap", true, &[]);
+    assert!(subscribe(&mut s5rap, true, 1, "l/#", 0x01 | 0x08).is_empty());
+
+    let (mut publisher, _) = connect_v3(&gw, "live-pub", true);
+    publish_acked(&mut publisher, "l/x", 1, true, b"retained");
+    publish_acked(&mut publisher, "l/x", 2, false, b"plain");
+
+    let got = drain(&mut s3, false, QUIET);
+    assert_eq!(payloads(&got), vec!["retained", "plain"]);
+    assert!(
+        !got[0].retain,
+        "v3 live delivery of a retained publish: RETAIN cleared"
+    );
+    assert!(!got[1].retain);
+
+    let got = drain(&mut s5, true, QUIET);
+    assert_eq!(payloads(&got), vec!["retained", "plain"]);
+    assert!(
+        !got[0].retain,
+        "v5 live delivery without retain-as-published: RETAIN cleared"
+    );
+    assert!(!got[1].retain);
+
+    let got = drain(&mut s5rap, true, QUIET);
+    assert_eq!(payloads(&got), vec!["retained", "plain"]);
+    assert!(got[0].retain, "v5 retain-as-published keeps RETAIN");
+    assert!(
+        !got[1].retain,
+        "retain-as-published does not set RETAIN on a plain publish"
+    );
+}
+
+#[test]
+fn v5_retain_handling_options() {
+    let gw = Gateway::start();
+    let (mut publisher, _) = connect_v3(&gw, "rh-pub", true);
+    publish_acked(&mut publisher, "rh/x", 1, true, b"kept");
+    wait_metric_eq(&gw, "edgegw_broker_retained_messages", 1.0);
+
+    // Retain handling 2: never on subscribe.
+    let (mut never, _) = connect_v5(&gw, "rh-2", true, &[]);
+    let before = subscribe(&mut never, true, 1, "rh/#", 0x01 | 0x20);
+    assert!(before.is_empty(), "retain handling 2 sent {before:?}");
+    assert_silent(&mut never, QUIET, "retain handling 2");
+
+    // Retain handling 1: only for a new subscription.
+    let (mut new_only, _) = connect_v5(&gw, "rh-1", true, &[]);
+    let mut got: Vec<Publish> = subscribe(&mut new_only, true, 1, "rh/#", 0x01 | 0x10)
+        .iter()
+        .map(|p| Publish::parse(p, true))
+        .collect();
+    for p in &got {
+        ack(&mut new_only, p);
+    }
+    got.extend(drain(&mut new_only, true, QUIET));
+    assert_eq!(
+        payloads(&got),
+        vec!["kept"],
+        "retain handling 1, new subscription"
+    );
+    assert!(got[0].retain);
+
+    let before = subscribe(&mut new_only, true, 2, "rh/#", 0x01 | 0x10);
+    assert!(
+        before.is_empty(),
+        "retain handling 1 on an existing subscription sent {before:?}"
+    );
+    assert_silent(
+        &mut new_only,
+        QUIET,
+        "retain handling 1, existing subscription",
+    );
+
+    // Control: retain handling 0 on the same existing subscription does send it.
+    let mut got: Vec<Publish> = subscribe(&mut new_only, true, 3, "rh/#", 0x01)
+        .iter()
+        .map(|p| Publish::parse(p, true))
+        .collect();
+    for p in &got {
+        ack(&mut new_only, p);
+    }
+    got.extend(drain(&mut new_only, true, QUIET));
+    assert_eq!(
+        payloads(&got),
+        vec!["kept"],
+        "retain handling 0, existing subscription"
+    );
+    assert!(got[0].retain);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Wills
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn will_on_abnormal_disconnect_not_on_normal_disconnect() {
+    let gw = Gateway::start();
+    let mut watch = watcher(&gw, "will-watch", "will/#");
+
+    // Abnormal: the socket goes away without DISCONNECT, v5 and v3.
+    let mut c5 = Raw::connect(gw.mqtt);
+    c5.send(&raw::connect_v5_will(
+        "w5-abnormal",
+        true,
+        30,
+        &[],
+        &[],
+        "will/w5",
+        b"v5 gone",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut c5, true).code, 0);
+    let mut c3 = Raw::connect(gw.mqtt);
+    c3.send(&raw::connect_v3_will(
+        "w3-abnormal",
+        true,
+        30,
+        "will/w3",
+        b"v3 gone",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut c3, false).code, 0);
+    drop(c5);
+    let p = next_publish(&mut watch, false, "v5 will");
+    ack(&mut watch, &p);
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("will/w5", &b"v5 gone"[..])
+    );
+    assert!(!p.retain);
+    drop(c3);
+    let p = next_publish(&mut watch, false, "v3 will");
+    ack(&mut watch, &p);
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("will/w3", &b"v3 gone"[..])
+    );
+    wait_metric_eq(&gw, WILLS, 2.0);
+
+    // Normal: DISCONNECT first, v5 and v3.
+    let mut n5 = Raw::connect(gw.mqtt);
+    n5.send(&raw::connect_v5_will(
+        "w5-normal",
+        true,
+        30,
+        &[],
+        &[],
+        "will/n5",
+        b"must not",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut n5, true).code, 0);
+    let mut n3 = Raw::connect(gw.mqtt);
+    n3.send(&raw::connect_v3_will(
+        "w3-normal",
+        true,
+        30,
+        "will/n3",
+        b"must not",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut n3, false).code, 0);
+    wait_connections(&gw, 3.0);
+    n5.send(&raw::disconnect());
+    n3.send(&raw::disconnect());
+    assert!(
+        n5.closed_within(WAIT, &mut Vec::new()),
+        "v5 closed after DISCONNECT"
+    );
+    assert!(
+        n3.closed_within(WAIT, &mut Vec::new()),
+        "v3 closed after DISCONNECT"
+    );
+    drop((n5, n3));
+    wait_connections(&gw, 1.0);
+    assert_silent(&mut watch, QUIET, "no will after a normal DISCONNECT");
+    assert_eq!(gw.metric(WILLS), 2.0);
+}
+
+#[test]
+fn v5_disconnect_with_will_message_publishes_the_will() {
+    let gw = Gateway::start();
+    let mut watch = watcher(&gw, "will-watch", "will/#");
+    let mut c = Raw::connect(gw.mqtt);
+    c.send(&raw::connect_v5_will(
+        "w-0x04",
+        true,
+        30,
+        &[],
+        &[],
+        "will/0x04",
+        b"asked for",
+        0,
+        false,
+    ));
+    assert_eq!(read_connack(&mut c, true).code, 0);
+    c.send(&raw::disconnect_v5(0x04, &[]));
+    let p = next_publish(&mut watch, false, "will after DISCONNECT 0x04");
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("will/0x04", &b"asked for"[..])
+    );
+    assert!(c.closed_within(WAIT, &mut Vec::new()));
+    assert_eq!(gw.metric(WILLS), 1.0);
+}
+
+#[test]
+fn v5_will_delay_interval_delays_the_will() {
+    let gw = Gateway::start();
+    let mut watch = watcher(&gw, "will-watch", "will/#");
+    let mut c = Raw::connect(gw.mqtt);
+    c.send(&raw::connect_v5_will(
+        "w-delay",
+        false,
+        30,
+        &expiry(30),
+        &will_delay(2),
+        "will/delay",
+        b"late",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut c, true).code, 0);
+    wait_connections(&gw, 2.0);
+    drop(c);
+    let dropped = Instant::now();
+    wait_connections(&gw, 1.0);
+    // Shortly before the 2 s delay ends it must not be there yet.
+    let early = Duration::from_millis(1500).saturating_sub(dropped.elapsed());
+    if let Some(p) = watch.read(early) {
+        panic!(
+            "will arrived after {:?}, before its 2 s delay: {p:?}",
+            dropped.elapsed()
+        );
+    }
+    let p = next_publish(&mut watch, false, "delayed will");
+    let after = dropped.elapsed();
+    ack(&mut watch, &p);
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("will/delay", &b"late"[..])
+    );
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_secs(8),
+        "delayed will after {after:?}"
+    );
+    assert_eq!(gw.metric(WILLS), 1.0);
+}
+
+#[test]
+fn v5_reconnect_within_will_delay_cancels_the_will() {
+    let gw = Gateway::start();
+    let mut watch = watcher(&gw, "will-watch", "will/#");
+    let mut c = Raw::connect(gw.mqtt);
+    c.send(&raw::connect_v5_will(
+        "w-cancel",
+        false,
+        30,
+        &expiry(30),
+        &will_delay(2),
+        "will/cancel",
+        b"must not",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut c, true).code, 0);
+    wait_connections(&gw, 2.0);
+    drop(c);
+    let dropped = Instant::now();
+    wait_connections(&gw, 1.0); // the broker saw it go; the will is pending
+    let (mut again, ack) = connect_v5(&gw, "w-cancel", false, &expiry(30));
+    assert!(
+        dropped.elapsed() < Duration::from_millis(1500),
+        "reconnect took too long for this test: {:?}",
+        dropped.elapsed()
+    );
+    assert!(ack.session_present, "session kept across the reconnect");
+    // Watch well past the delay.
+    let watch_for = Duration::from_millis(4000).saturating_sub(dropped.elapsed());
+    assert_silent(&mut watch, watch_for, "will cancelled by the reconnect");
+    assert_eq!(gw.metric(WILLS), 0.0);
+    // The new connection registered no will: a normal end publishes nothing either.
+    again.send(&raw::disconnect());
+    assert!(again.closed_within(WAIT, &mut Vec::new()));
+    assert_silent(
+        &mut watch,
+        QUIET,
+        "no will after the new connection's DISCONNECT",
+    );
+}
+
+/// A client whose old connection the broker still thinks alive reconnects: the takeover is
+/// a new connection to the session within the will delay, so the will must not be sent
+/// (MQTT 5.0 §3.1.4 point 3 refers to §3.1.2.5; [MQTT-3.1.3-9]).
+#[test]
+fn v5_takeover_within_will_delay_does_not_publish_the_will() {
+    let gw = Gateway::start();
+    let mut watch = watcher(&gw, "will-watch", "will/#");
+    let mut old = Raw::connect(gw.mqtt);
+    old.send(&raw::connect_v5_will(
+        "w-takeover",
+        false,
+        30,
+        &expiry(30),
+        &will_delay(2),
+        "will/takeover",
+        b"must not",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut old, true).code, 0);
+    let (_new, ack) = connect_v5(&gw, "w-takeover", false, &expiry(30));
+    assert!(ack.session_present);
+    let mut seen = Vec::new();
+    assert!(old.closed_within(WAIT, &mut seen), "old connection closed");
+    let taken = Instant::now();
+    wait_connections(&gw, 2.0);
+    let watch_for = Duration::from_millis(4000).saturating_sub(taken.elapsed());
+    assert_silent(
+        &mut watch,
+        watch_for,
+        "will of a taken-over connection within its delay",
+    );
+    assert_eq!(gw.metric(WILLS), 0.0);
+}
+
+#[test]
+fn v5_will_delay_beyond_session_expiry_publishes_at_session_end() {
+    let gw = Gateway::start();
+    let mut watch = watcher(&gw, "will-watch", "will/#");
+    let baseline_sessions = gw.metric(SESSIONS);
+    let mut c = Raw::connect(gw.mqtt);
+    c.send(&raw::connect_v5_will(
+        "w-expiry",
+        false,
+        30,
+        &expiry(1),
+        &will_delay(30),
+        "will/expiry",
+        b"session over",
+        1,
+        false,
+    ));
+    assert_eq!(read_connack(&mut c, true).code, 0);
+    wait_metric_eq(&gw, SESSIONS, baseline_sessions + 1.0);
+    drop(c);
+    let dropped = Instant::now();
+    // Not at once: the session lives for 1 s.
+    if let Some(p) = watch.read(Duration::from_millis(500)) {
+        panic!(
+            "will after {:?}, before the session ended: {p:?}",
+            dropped.elapsed()
+        );
+    }
+    let p = next_publish(&mut watch, false, "will at session end");
+    let after = dropped.elapsed();
+    ack(&mut watch, &p);
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("will/expiry", &b"session over"[..])
+    );
+    assert!(
+        after < Duration::from_secs(6),
+        "will published {after:?} after the drop; the session expiry is 1 s"
+    );
+    wait_metric_eq(&gw, SESSIONS, baseline_sessions);
+    assert_eq!(gw.metric(WILLS), 1.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Sessions
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn v3_persistent_session_receives_qos1_published_while_offline() {
+    let gw = Gateway::start();
+    let (mut sub, present) = connect_v3(&gw, "p3", false);
+    assert!(!present, "first connect: no session yet");
+    assert!(subscribe(&mut sub, false, 1, "off/#", 1).is_empty());
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 0.0);
+
+    let (mut publisher, _) = connect_v3(&gw, "p3-pub", true);
+    publish_acked(&mut publisher, "off/1", 1, false, b"m1");
+    publish_acked(&mut publisher, "off/2", 2, false, b"m2");
+
+    let (mut sub, present) = connect_v3(&gw, "p3", false);
+    assert!(present, "CONNACK session present = 1");
+    let got = drain(&mut sub, false, QUIET);
+    assert_eq!(payloads(&got), vec!["m1", "m2"]);
+    assert!(
+        got.iter().all(|p| p.qos == 1 && !p.dup && !p.retain),
+        "{got:?}"
+    );
+    assert_eq!(got[0].topic, "off/1");
+
+    // Still subscribed: live delivery continues on the resumed session.
+    publish_acked(&mut publisher, "off/3", 3, false, b"m3");
+    assert_eq!(payloads(&drain(&mut sub, false, QUIET)), vec!["m3"]);
+}
+
+#[test]
+fn v3_clean_session_keeps_nothing() {
+    let gw = Gateway::start();
+    let (mut publisher, _) = connect_v3(&gw, "c3-pub", true);
+
+    // A clean session is gone at disconnect.
+    let (mut sub, present) = connect_v3(&gw, "c3", true);
+    assert!(!present);
+    assert!(subscribe(&mut sub, false, 1, "cs/#", 1).is_empty());
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 1.0);
+    publish_acked(&mut publisher, "cs/1", 1, false, b"lost");
+    let (mut sub, present) = connect_v3(&gw, "c3", false);
+    assert!(!present, "no session after a clean session");
+    assert_silent(&mut sub, QUIET, "nothing queued for a clean session");
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 1.0);
+
+    // A clean session connect discards an existing persistent session.
+    let (mut sub, _) = connect_v3(&gw, "c3b", false);
+    assert!(subscribe(&mut sub, false, 1, "cs/#", 1).is_empty());
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 1.0);
+    publish_acked(&mut publisher, "cs/2", 2, false, b"discarded");
+    let (mut sub, present) = connect_v3(&gw, "c3b", true);
+    assert!(!present, "clean session: session present = 0");
+    assert_silent(&mut sub, QUIET, "the persistent session was discarded");
+    publish_acked(&mut publisher, "cs/3", 3, false, b"unsubscribed");
+    assert_silent(&mut sub, QUIET, "its subscriptions went with it");
+}
+
+#[test]
+fn qos0_is_not_queued_for_an_offline_session() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect_v3(&gw, "q0", false);
+    assert!(subscribe(&mut sub, false, 1, "q/#", 1).is_empty());
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 0.0);
+
+    let (mut publisher, _) = connect_v3(&gw, "q0-pub", true);
+    publisher.send(&raw::publish_v3("q/0", 0, 0, false, b"qos0"));
+    publish_acked(&mut publisher, "q/1", 1, false, b"qos1");
+    wait_metric_eq(&gw, OFFLINE_QOS0, 1.0);
+
+    let (mut sub, present) = connect_v3(&gw, "q0", false);
+    assert!(present);
+    let got = drain(&mut sub, false, QUIET);
+    assert_eq!(payloads(&got), vec!["qos1"]);
+}
+
+#[test]
+fn max_queued_bounds_the_offline_queue() {
+    let gw = Gateway::start_with("  limits:\n    max_queued: 3\n", "");
+    let (mut sub, _) = connect_v3(&gw, "mq", false);
+    assert!(subscribe(&mut sub, false, 1, "mq/#", 1).is_empty());
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 0.0);
+
+    let (mut publisher, _) = connect_v3(&gw, "mq-pub", true);
+    for i in 0..5u16 {
+        publish_acked(
+            &mut publisher,
+            "mq/x",
+            i + 1,
+            false,
+            format!("m{i}").as_bytes(),
+        );
+    }
+    assert_eq!(gw.metric(QUEUE_FULL), 2.0);
+    assert_eq!(gw.metric("edgegw_broker_queued_messages"), 3.0);
+
+    let (mut sub, present) = connect_v3(&gw, "mq", false);
+    assert!(present);
+    let got = drain(&mut sub, false, QUIET);
+    assert_eq!(payloads(&got), vec!["m0", "m1", "m2"]);
+    assert_eq!(gw.metric(QUEUE_FULL), 2.0);
+}
+
+#[test]
+fn v3_takeover_closes_the_first_connection() {
+    let gw = Gateway::start();
+    let (mut first, _) = connect_v3(&gw, "same", false);
+    assert!(subscribe(&mut first, false, 1, "to/#", 1).is_empty());
+    let (mut second, present) = connect_v3(&gw, "same", false);
+    assert!(present, "the second connection resumes the session");
+    let mut seen = Vec::new();
+    assert!(
+        first.closed_within(WAIT, &mut seen),
+        "first connection still open"
+    );
+    assert!(seen.is_empty(), "v3 has no server DISCONNECT: {seen:?}");
+    wait_connections(&gw, 1.0);
+
+    // The second connection owns the session (and its subscription).
+    let (mut publisher, _) = connect_v3(&gw, "to-pub", true);
+    publish_acked(&mut publisher, "to/1", 1, false, b"to the second");
+    assert_eq!(
+        payloads(&drain(&mut second, false, QUIET)),
+        vec!["to the second"]
+    );
+}
+
+#[test]
+fn v5_takeover_sends_disconnect_session_taken_over() {
+    let gw = Gateway::start();
+    let (mut first, ack) = connect_v5(&gw, "same5", false, &expiry(60));
+    assert!(!ack.session_present);
+    assert!(subscribe(&mut first, true, 1, "to/#", 1).is_empty());
+
+    // Takeover that resumes the session.
+    let (mut second, ack) = connect_v5(&gw, "same5", false, &expiry(60));
+    assert!(ack.session_present);
+    let mut seen = Vec::new();
+    assert!(
+        first.closed_within(WAIT, &mut seen),
+        "first connection still open"
+    );
+    let disconnect = seen
+        .iter()
+        .find(|p| p.kind() == raw::DISCONNECT)
+        .unwrap_or_else(|| panic!("DISCONNECT before the close: {seen:?}"));
+    assert_eq!(disconnect.body[0], 0x8E, "reason Session taken over");
+
+    // Takeover with clean start: the session is replaced, the owner still told 0x8E.
+    let (mut third, ack) = connect_v5(&gw, "same5", true, &expiry(60));
+    assert!(!ack.session_present);
+    let mut seen = Vec::new();
+    assert!(
+        second.closed_within(WAIT, &mut seen),
+        "second connection still open"
+    );
+    let disconnect = seen
+        .iter()
+        .find(|p| p.kind() == raw::DISCONNECT)
+        .unwrap_or_else(|| panic!("DISCONNECT before the close: {seen:?}"));
+    assert_eq!(disconnect.body[0], 0x8E, "reason Session taken over");
+    wait_connections(&gw, 1.0);
+
+    let (mut publisher, _) = connect_v3(&gw, "to-pub", true);
+    assert!(subscribe(&mut third, true, 1, "to/#", 1).is_empty());
+    publish_acked(&mut publisher, "to/1", 1, false, b"to the third");
+    assert_eq!(
+        payloads(&drain(&mut third, true, QUIET)),
+        vec!["to the third"]
+    );
+}
+
+#[test]
+fn v5_session_expiry_interval() {
+    let gw = Gateway::start();
+    let (mut publisher, _) = connect_v3(&gw, "exp-pub", true);
+    let baseline_sessions = gw.metric(SESSIONS);
+
+    let (mut sub, ack) = connect_v5(&gw, "exp5", false, &expiry(2));
+    assert!(!ack.session_present);
+    assert!(subscribe(&mut sub, true, 1, "exp/#", 1).is_empty());
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 1.0);
+
+    // Within the interval the session survives and queues.
+    std::thread::sleep(Duration::from_millis(800));
+    publish_acked(&mut publisher, "exp/1", 1, false, b"kept");
+    let (mut sub, ack) = connect_v5(&gw, "exp5", false, &expiry(2));
+    assert!(ack.session_present, "reconnect within the expiry interval");
+    assert_eq!(payloads(&drain(&mut sub, true, QUIET)), vec!["kept"]);
+    sub.send(&raw::disconnect());
+    drop(sub);
+    wait_connections(&gw, 1.0);
+    let gone = Instant::now();
+
+    // After it the session is gone.
+    wait_metric_eq(&gw, SESSIONS, baseline_sessions);
+    assert!(
+        gone.elapsed() >= Duration::from_millis(1500),
+        "session ended after {:?}, its expiry is 2 s",
+        gone.elapsed()
+    );
+    publish_acked(&mut publisher, "exp/2", 2, false, b"nobody");
+    let (mut sub, ack) = connect_v5(&gw, "exp5", false, &expiry(2));
+    assert!(!ack.session_present, "the session expired");
+    assert_silent(&mut sub, QUIET, "no queue, no subscription after expiry");
+}
+
+#[test]
+fn v5_empty_client_id_gets_an_assigned_identifier() {
+    let gw = Gateway::start();
+    let (mut a, ack_a) = connect_v5(&gw, "", true, &[]);
+    let (_b, ack_b) = connect_v5(&gw, "", true, &[]);
+    let id = |ack: &ConnAck| {
+        let v = ack
+            .property(0x12)
+            .expect("Assigned Client Identifier (0x12) in CONNACK");
+        let len = usize::from(u16::from_be_bytes([v[0], v[1]]));
+        String::from_utf8(v[2..2 + len].to_vec()).unwrap()
+    };
+    let (ida, idb) = (id(&ack_a), id(&ack_b));
+    assert!(!ida.is_empty());
+    assert_ne!(ida, idb, "assigned identifiers are unique");
+    ping(&mut a);
+    // A v3 client with an empty id and a clean session is accepted too.
+    let (_c, present) = connect_v3(&gw, "", true);
+    assert!(!present);
+}
+
+#[test]
+fn v3_empty_client_id_with_persistent_session_is_refused() {
+    let gw = Gateway::start();
+    let mut c = Raw::connect(gw.mqtt);
+    c.send(&raw::connect_v3("", false, 30));
+    let p = c.read(WAIT).expect("CONNACK");
+    assert_eq!(p.kind(), raw::CONNACK);
+    assert_eq!(p.body, vec![0x00, 0x02], "identifier rejected");
+    assert!(
+        c.closed_within(WAIT, &mut Vec::new()),
+        "closed after refusal"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Redelivery
+// ---------------------------------------------------------------------------------------
+
+/// A persistent subscriber, v3 (clean session 0) or v5 (clean start 0, expiry 60 s).
+fn connect_persistent(gw: &Gateway, id: &str, v5: bool) -> (Raw, bool) {
+    if v5 {
+        let (c, ack) = connect_v5(gw, id, false, &expiry(60));
+        (c, ack.session_present)
+    } else {
+        connect_v3(gw, id, false)
+    }
+}
+
+fn redelivery(qos: u8, v5: bool) {
+    let gw = Gateway::start();
+    let id = format!("rd{qos}");
+    let (mut sub, _) = connect_persistent(&gw, &id, v5);
+    assert!(subscribe(&mut sub, v5, 1, "rd/#", qos).is_empty());
+    let (mut publisher, _) = connect_v3(&gw, "rd-pub", true);
+
+    // Received but not acknowledged, then the socket drops.
+    if qos == 2 {
+        publisher.send(&raw::publish_v3("rd/1", 2, 1, false, b"hello"));
+        let (rec, _) = publisher.read_kind(raw::PUBREC, WAIT);
+        assert!(rec.is_some(), "PUBREC");
+        publisher.send(&raw::ack(raw::PUBREL, 1));
+        let (comp, _) = publisher.read_kind(raw::PUBCOMP, WAIT);
+        assert!(comp.is_some(), "PUBCOMP");
+    } else {
+        publish_acked(&mut publisher, "rd/1", 1, false, b"hello");
+    }
+    let first = next_publish(&mut sub, v5, "first delivery");
+    assert_eq!((first.qos, first.dup), (qos, false));
+    assert_eq!(first.payload, b"hello");
+    let packet_id = first.packet_id.expect("packet id");
+    drop(sub);
+    wait_connections(&gw, 1.0);
+
+    // Re-sent with DUP and the same packet id.
+    let (mut sub, present) = connect_persistent(&gw, &id, v5);
+    assert!(present);
+    let again = next_publish(&mut sub, v5, "redelivery");
+    assert_eq!(again.payload, b"hello");
+    assert!(again.dup, "redelivery has DUP set: {again:?}");
+    assert_eq!(again.packet_id, Some(packet_id), "same packet id");
+    assert_eq!(again.qos, qos);
+    if qos == 2 {
+        sub.send(&raw::ack(raw::PUBREC, packet_id));
+        let (rel, others) = sub.read_kind(raw::PUBREL, WAIT);
+        let rel = rel.unwrap_or_else(|| panic!("PUBREL: {others:?}"));
+        assert!(others.is_empty(), "{others:?}");
+        assert_eq!(rel.body[..2], packet_id.to_be_bytes());
+        sub.send(&raw::ack(raw::PUBCOMP, packet_id));
+    } else {
+        sub.send(&raw::ack(raw::PUBACK, packet_id));
+    }
+    ping(&mut sub); // the ack was processed
+    drop(sub);
+    wait_connections(&gw, 1.0);
+
+    // Acknowledged: not sent again; the next message is the new one.
+    let (mut sub, present) = connect_persistent(&gw, &id, v5);
+    assert!(present);
+    assert_silent(&mut sub, QUIET, "acknowledged message not re-sent");
+    publish_acked(&mut publisher, "rd/2", 2, false, b"next");
+    let got = drain(&mut sub, v5, QUIET);
+    assert_eq!(payloads(&got), vec!["next"]);
+    assert!(!got[0].dup);
+}
+
+#[test]
+fn v3_qos1_unacked_is_redelivered_with_dup_until_puback() {
+    redelivery(1, false);
+}
+
+#[test]
+fn v5_qos1_unacked_is_redelivered_with_dup_until_puback() {
+    redelivery(1, true);
+}
+
+#[test]
+fn v3_qos2_unreceived_is_redelivered_with_dup_until_pubrec() {
+    redelivery(2, false);
+}
+
+#[test]
+fn v5_qos2_unreceived_is_redelivered_with_dup_until_pubrec() {
+    redelivery(2, true);
+}
+
+/// Beyond withholding PUBREC: once PUBREC has arrived, what a reconnect owes is the PUBREL,
+/// not the PUBLISH again (MQTT 3.1.1 §4.4 [MQTT-4.4.0-1], 5.0 §4.4 [MQTT-4.4.0-1]).
+#[test]
+fn v3_qos2_pubrec_received_resumes_with_pubrel() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect_v3(&gw, "rel", false);
+    assert!(subscribe(&mut sub, false, 1, "rel/#", 2).is_empty());
+    let (mut publisher, _) = connect_v3(&gw, "rel-pub", true);
+    publisher.send(&raw::publish_v3("rel/1", 2, 1, false, b"hello"));
+    assert!(publisher.read_kind(raw::PUBREC, WAIT).0.is_some(), "PUBREC");
+    publisher.send(&raw::ack(raw::PUBREL, 1));
+    assert!(
+        publisher.read_kind(raw::PUBCOMP, WAIT).0.is_some(),
+        "PUBCOMP"
+    );
+
+    let first = next_publish(&mut sub, false, "first delivery");
+    let packet_id = first.packet_id.expect("packet id");
+    sub.send(&raw::ack(raw::PUBREC, packet_id));
+    let (rel, others) = sub.read_kind(raw::PUBREL, WAIT);
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(rel.expect("PUBREL").body[..2], packet_id.to_be_bytes());
+    drop(sub); // PUBCOMP withheld
+    wait_connections(&gw, 1.0);
+
+    let (mut sub, present) = connect_v3(&gw, "rel", false);
+    assert!(present);
+    let p = sub.read(WAIT).expect("the owed PUBREL after reconnect");
+    assert_eq!(
+        p.kind(),
+        raw::PUBREL,
+        "expected PUBREL {packet_id}, got {}",
+        if p.kind() == raw::PUBLISH {
+            format!("{:?}", Publish::parse(&p, false))
+        } else {
+            format!("{p:?}")
+        }
+    );
+    assert_eq!(p.header, 0x62);
+    assert_eq!(p.body[..2], packet_id.to_be_bytes());
+    sub.send(&raw::ack(raw::PUBCOMP, packet_id));
+    ping(&mut sub);
+    drop(sub);
+    wait_connections(&gw, 1.0);
+
+    let (mut sub, present) = connect_v3(&gw, "rel", false);
+    assert!(present);
+    assert_silent(&mut sub, QUIET, "completed QoS 2 flow owes nothing");
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Exactly once inbound
+// ---------------------------------------------------------------------------------------
+
+fn exactly_once_inbound(v5: bool) {
+    let gw = Gateway::start();
+    let mut sub = watcher(&gw, "eo-sub", "eo/#");
+    let connect = |gw: &Gateway| {
+        if v5 {
+            let (c, ack) = connect_v5(gw, "eo-pub", false, &expiry(60));
+            (c, ack.session_present)
+        } else {
+            connect_v3(gw, "eo-pub", false)
+        }
+    };
+    let publish = |qos: u8, id: u16, dup: bool, payload: &[u8]| {
+        if v5 {
+            let mut p = raw::publish_v5("eo/t", qos, id, &[], payload);
+            if dup {
+                p[0] |= 0x08;
+            }
+            p
+        } else {
+            raw::publish_v3("eo/t", qos, id, dup, payload)
+        }
+    };
+    let expect = |c: &mut Raw, kind: u8, id: u16| {
+        let (p, others) = c.read_kind(kind, WAIT);
+        let p = p.unwrap_or_else(|| panic!("packet type {kind}: {others:?}"));
+        assert!(others.is_empty(), "{others:?}");
+        assert_eq!(p.body[..2], id.to_be_bytes());
+        if v5 && p.body.len() > 2 {
+            assert!(p.body[2] < 0x80, "reason code {:#x}", p.body[2]);
+        }
+    };
+
+    let (mut publisher, present) = connect(&gw);
+    assert!(!present);
+    publisher.send(&publish(2, 42, false, b"once"));
+    expect(&mut publisher, raw::PUBREC, 42);
+    drop(publisher); // PUBREL never sent
+    wait_connections(&gw, 1.0);
+
+    let (mut publisher, present) = connect(&gw);
+    assert!(present, "persistent session resumed");
+    publisher.send(&publish(2, 42, true, b"once"));
+    expect(&mut publisher, raw::PUBREC, 42);
+    publisher.send(&raw::ack(raw::PUBREL, 42));
+    expect(&mut publisher, raw::PUBCOMP, 42);
+    // A marker routed after the re-send: any duplicate would come before it.
+    publisher.send(&publish(1, 43, false, b"marker"));
+    expect(&mut publisher, raw::PUBACK, 43);
+    let got = drain(&mut sub, false, QUIET);
+    assert_eq!(payloads(&got), vec!["once", "marker"], "v5={v5}");
+
+    // Released: the packet id is free again and a new message with it is routed.
+    publisher.send(&publish(2, 42, false, b"new"));
+    expect(&mut publisher, raw::PUBREC, 42);
+    publisher.send(&raw::ack(raw::PUBREL, 42));
+    expect(&mut publisher, raw::PUBCOMP, 42);
+    assert_eq!(
+        payloads(&drain(&mut sub, false, QUIET)),
+        vec!["new"],
+        "v5={v5}"
+    );
+}
+
+#[test]
+fn v3_qos2_resent_after_reconnect_is_delivered_exactly_once() {
+    exactly_once_inbound(false);
+}
+
+#[test]
+fn v5_qos2_resent_after_reconnect_is_delivered_exactly_once() {
+    exactly_once_inbound(true);
+}
