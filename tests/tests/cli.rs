@@ -157,7 +157,7 @@ fn position_of(text: &str, needle: &str) -> (usize, usize) {
 }
 
 #[test]
-fn shipped_example_is_rejected_for_its_missing_tls_files() {
+fn shipped_example_is_rejected_for_its_missing_files() {
     let config = shipped_config();
     let yaml = std::fs::read_to_string(&config).unwrap();
     let files = [
@@ -165,7 +165,8 @@ fn shipped_example_is_rejected_for_its_missing_tls_files() {
         ("key", "/etc/edgegw/tls/server.key"),
         ("client_ca", "/etc/edgegw/tls/ca.pem"),
     ];
-    for (_, path) in files {
+    let password_file = "/etc/edgegw/passwd";
+    for path in files.iter().map(|(_, path)| *path).chain([password_file]) {
         assert!(
             !Path::new(path).exists(),
             "{path} exists on this machine; this test expects it missing"
@@ -179,7 +180,11 @@ fn shipped_example_is_rejected_for_its_missing_tls_files() {
         .lines()
         .filter(|l| l.starts_with(&format!("{shown}:")))
         .collect();
-    assert_eq!(errors.len(), 3, "exactly the three TLS files:\n{stderr}");
+    assert_eq!(
+        errors.len(),
+        4,
+        "exactly the three TLS files and the password file:\n{stderr}"
+    );
     for ((key, path), line) in files.iter().zip(&errors) {
         let (l, c) = position_of(&yaml, &format!("{key}: {path}"));
         let value_column = c + key.len() + 2;
@@ -191,8 +196,15 @@ fn shipped_example_is_rejected_for_its_missing_tls_files() {
         assert!(line.contains(&format!("TLS {key} file {path}")), "{line}");
         assert!(line.contains("No such file"), "{line}");
     }
+    let (l, c) = position_of(&yaml, &format!("password_file: {password_file}"));
+    let prefix = format!("{shown}:{l}:{}: ", c + "password_file: ".len());
+    assert!(errors[3].starts_with(&prefix), "want {prefix:?}: {stderr}");
     assert!(
-        stderr.contains(&format!("3 problems found in {shown}")),
+        errors[3].contains(&format!("edgegw passwd {password_file} USER")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("4 problems found in {shown}")),
         "{stderr}"
     );
     assert!(
@@ -201,10 +213,13 @@ fn shipped_example_is_rejected_for_its_missing_tls_files() {
         text(&out.stdout)
     );
 
-    // Apart from the TLS files the example is valid: with real files it passes.
+    // Apart from those files the example is valid: with real files it passes.
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
+    let users = dir.path().join("passwd");
+    std::fs::write(&users, "# no users yet\n").unwrap();
     let fixed = yaml
+        .replace(password_file, users.to_str().unwrap())
         .replace(
             "/etc/edgegw/tls/server.pem",
             pki.server_cert.to_str().unwrap(),
@@ -225,6 +240,8 @@ fn shipped_example_is_rejected_for_its_missing_tls_files() {
         "mqtt://0.0.0.0:1883",
         "mqtts://0.0.0.0:8883",
         "anonymous clients refused",
+        &format!("users from {}", users.display()),
+        "ACL: 4 rules, default deny",
         "http://127.0.0.1:9100/metrics",
     ] {
         assert!(
@@ -232,6 +249,20 @@ fn shipped_example_is_rejected_for_its_missing_tls_files() {
             "summary lacks {needle:?}: {stdout}"
         );
     }
+
+    // A bad line in the password file is a config error naming file and line.
+    std::fs::write(&users, "# users\nalice:not-a-hash\n").unwrap();
+    let out = edgegw(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:2: user `alice`: not a PHC hash string",
+            users.display()
+        )),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
 }
 
 #[test]

@@ -36,13 +36,13 @@ pub struct ConnectionLimits {
     pub receive_maximum: u16,
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
-    pub allow_anonymous: bool,
 }
 
 /// State shared by all connections of all listeners.
 pub(crate) struct Shared {
     pub router: Router,
     pub limits: ConnectionLimits,
+    pub auth: crate::auth::Authenticator,
     pub connections: AtomicUsize,
     pub next_client_number: std::sync::atomic::AtomicU64,
 }
@@ -89,6 +89,8 @@ pub(crate) struct Conn {
     /// Packet ids of PUBRELs the writer re-sent after a reconnect (ntex does not know
     /// them); [`ReleaseGuard`] takes their PUBCOMP before ntex would reject it.
     pub resent_releases: Rc<RefCell<HashSet<u16>>>,
+    /// What this client may publish and subscribe to (resolved at CONNECT).
+    pub acl: crate::acl::ClientAcl,
     finished: Cell<bool>,
     _slot: Slot,
 }
@@ -100,6 +102,7 @@ impl Conn {
         generation: u64,
         protocol: Protocol,
         will: Option<Will>,
+        acl: crate::acl::ClientAcl,
         slot: Slot,
     ) -> Self {
         shared.router.metrics().connection_opened(protocol);
@@ -112,6 +115,7 @@ impl Conn {
             graceful: Cell::new(false),
             closed: Rc::new(Notify::new()),
             resent_releases: Rc::new(RefCell::new(HashSet::new())),
+            acl,
             finished: Cell::new(false),
             _slot: slot,
         }

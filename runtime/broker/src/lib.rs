@@ -5,6 +5,8 @@
 //! [`Message`], a [`Router`] with [`LocalClient`]s for in-process parts, and [`Broker`] to
 //! start and stop the listeners. See `ARCHITECTURE.md` in this directory.
 
+pub mod acl;
+pub mod auth;
 pub mod message;
 pub mod metrics;
 pub mod router;
@@ -22,6 +24,8 @@ mod server;
 mod v3;
 mod v5;
 
+pub use acl::{AclRule, AclSettings, Action as AclAction, Permission, Selector};
+pub use auth::{AuthSettings, PasswordFile, PasswordFileError};
 pub use connection::ConnectionLimits;
 pub use server::{BoundListener, Broker, BrokerSettings, ListenerSettings, TlsFiles};
 
@@ -40,6 +44,8 @@ pub enum BrokerError {
     },
     #[error("cannot start the MQTT server thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Acl(#[from] acl::AclError),
     #[error("reading a PUBLISH payload failed: {0}")]
     Payload(String),
     #[error("invalid topic: {0}")]

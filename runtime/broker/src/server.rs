@@ -22,6 +22,7 @@ use ntex_mqtt::{MqttError, MqttServer, MqttServiceConfig, v3, v5};
 
 use crate::{
     BrokerError,
+    auth::{AuthSettings, Authenticator, ListenerAuth},
     connection::{ConnectionLimits, Shared},
     metrics::BrokerMetrics,
     router::Router,
@@ -41,12 +42,15 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// When set, clients must present a certificate signed by one of these CAs.
     pub client_ca: Option<PathBuf>,
+    /// The client certificate's subject CN is the client's user name (needs `client_ca`).
+    pub use_identity_as_username: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
     pub listeners: Vec<ListenerSettings>,
     pub limits: ConnectionLimits,
+    pub auth: AuthSettings,
     /// ntex worker threads; 0 means one per core.
     pub workers: usize,
 }
@@ -69,6 +73,7 @@ impl Broker {
     /// Binds every listener and starts serving. Fails before serving anything if a socket
     /// cannot be bound or a TLS file cannot be loaded.
     pub fn start(settings: BrokerSettings, router: Router) -> Result<Self, BrokerError> {
+        settings.auth.acl.validate()?;
         let mut sockets = Vec::new();
         for listener in &settings.listeners {
             let tls = match &listener.tls {
@@ -83,11 +88,16 @@ impl Broker {
                 addr: listener.bind,
                 error,
             })?;
-            sockets.push((socket, addr, tls));
+            let auth = ListenerAuth {
+                identity_from_certificate: listener.tls.as_ref().is_some_and(|files| {
+                    files.use_identity_as_username && files.client_ca.is_some()
+                }),
+            };
+            sockets.push((socket, addr, tls, auth));
         }
         let listeners: Vec<BoundListener> = sockets
             .iter()
-            .map(|(_, addr, tls)| BoundListener {
+            .map(|(_, addr, tls, _)| BoundListener {
                 addr: *addr,
                 tls: tls.is_some(),
             })
@@ -100,6 +110,7 @@ impl Broker {
         let shared = Arc::new(Shared {
             router,
             limits: settings.limits.clone(),
+            auth: Authenticator::new(settings.auth),
             connections: AtomicUsize::new(0),
             next_client_number: std::sync::atomic::AtomicU64::new(1),
         });
@@ -116,13 +127,13 @@ impl Broker {
                             .disable_signals()
                             .max_connections(limits.max_connections.max(1))
                             .graceful_shutdown_timeout(Seconds(5));
-                        for (index, (socket, addr, tls)) in sockets.into_iter().enumerate() {
+                        for (index, (socket, addr, tls, auth)) in sockets.into_iter().enumerate() {
                             let shared = shared.clone();
                             let cfg = service_config(&limits);
                             let name = format!("mqtt-{index}");
                             builder = match tls {
                                 None => builder.listen(name, socket, cfg, async move |_| {
-                                    mqtt_service(shared.clone(), addr)
+                                    mqtt_service(shared.clone(), addr, auth)
                                 })?,
                                 Some(tls) => builder.listen(name, socket, cfg, async move |_| {
                                     let shared = shared.clone();
@@ -132,7 +143,7 @@ impl Broker {
                                             tracing::info!(listener = %addr, %error, "TLS handshake failed.");
                                             MqttError::<BrokerError>::from(error)
                                         })
-                                        .and_then(mqtt_service(shared, addr))
+                                        .and_then(mqtt_service(shared, addr, auth))
                                 })?,
                             };
                         }
@@ -192,6 +203,7 @@ fn service_config(limits: &ConnectionLimits) -> SharedCfg {
 fn mqtt_service<R: RequestState<IoBoxed, State = ()>>(
     shared: Arc<Shared>,
     listener: SocketAddr,
+    auth: ListenerAuth,
 ) -> impl Service<(), R, Res = (), Error = MqttError<BrokerError>> {
     let (s3, s5) = (shared.clone(), shared);
     MqttServer::new()
@@ -199,12 +211,12 @@ fn mqtt_service<R: RequestState<IoBoxed, State = ()>>(
             .middleware(crate::connection::ReleaseGuard)
             .protocol(crate::v3::protocol)
             .control(crate::v3::control)
-            .build(async move |c: v3::Connect| crate::v3::connect(s3.clone(), c).await))
+            .build(async move |c: v3::Connect| crate::v3::connect(s3.clone(), auth, c).await))
         .v5(v5::MqttServer::new(crate::v5::publish)
             .middleware(crate::connection::ReleaseGuard)
             .protocol(crate::v5::protocol)
             .control(crate::v5::control)
-            .build(async move |c: v5::Connect| crate::v5::connect(s5.clone(), c).await))
+            .build(async move |c: v5::Connect| crate::v5::connect(s5.clone(), auth, c).await))
         .map_err(move |error: MqttError<BrokerError>| {
             log_handshake_error(listener, &error);
             error

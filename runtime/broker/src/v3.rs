@@ -7,6 +7,7 @@ use ntex_mqtt::{Control, Reason, error::SendPacketError, v3};
 
 use crate::{
     BrokerError,
+    auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{Conn, Outbound, SendResult, Shared, run_writer},
     message::{Message, QoS},
     metrics::{BrokerMetrics, DropReason, Protocol},
@@ -17,6 +18,7 @@ use crate::{
 
 pub(crate) async fn connect(
     shared: Arc<Shared>,
+    listener: ListenerAuth,
     connect: v3::Connect,
 ) -> Result<v3::ConnectAck<Conn>, BrokerError> {
     let packet = connect.packet();
@@ -29,15 +31,18 @@ pub(crate) async fn connect(
         );
         return Ok(connect.service_unavailable());
     };
-    if !limits.allow_anonymous {
-        BrokerMetrics::refused("not_authorized");
-        tracing::info!(client_id = %packet.client_id, "Connection refused: anonymous clients are not allowed.");
-        return Ok(if packet.username.is_some() {
-            connect.bad_username_or_pwd()
-        } else {
-            connect.not_authorized()
-        });
-    }
+    let login = LoginRequest::new(
+        listener,
+        connect.io(),
+        &packet.client_id,
+        packet.username.as_deref(),
+        packet.password.as_ref(),
+    );
+    let user = match shared.auth.login(login).await {
+        Ok(user) => user,
+        Err(Refusal::BadCredentials) => return Ok(connect.bad_username_or_pwd()),
+        Err(Refusal::NotAuthorized | Refusal::Banned) => return Ok(connect.not_authorized()),
+    };
     let keep_alive = packet.keep_alive;
     if keep_alive > limits.max_keepalive_secs {
         // MQTT 3.1.1 cannot tell a client to use a shorter keepalive; refuse it clearly
@@ -71,6 +76,10 @@ pub(crate) async fn connect(
     } else {
         packet.client_id.to_string()
     };
+    let acl = shared.auth.acl_for(user.as_deref(), &client_id);
+    if !shared.auth.will_allowed(&acl, &client_id, will.as_ref()) {
+        return Ok(connect.not_authorized());
+    }
     let attached = shared.router.attach(AttachOptions {
         client_id: client_id.as_str().into(),
         clean_start: packet.clean_session,
@@ -82,10 +91,12 @@ pub(crate) async fn connect(
         attached.generation,
         Protocol::V311,
         will,
+        acl,
         slot,
     );
     tracing::info!(
         client_id = %client_id,
+        user = user.as_deref(),
         protocol = "3.1.1",
         clean_session = packet.clean_session,
         session_present = attached.session_present,
@@ -134,6 +145,10 @@ pub(crate) async fn publish(
         .read_all()
         .await
         .map_err(|e| BrokerError::Payload(e.to_string()))?;
+    if !conn.may_publish(&topic) {
+        // MQTT 3.1.1 cannot refuse a PUBLISH: it is acknowledged as usual and dropped.
+        return Ok(());
+    }
     let message = Message::new(topic, payload, qos).with_retain(retain);
     // MQTT 3.1.1 has no negative PUBACK: an invalid topic closes the connection.
     conn.route(message).map(|_| ()).map_err(BrokerError::Topic)
@@ -148,6 +163,10 @@ pub(crate) async fn protocol(
         v3::ProtocolMessage::Subscribe(mut subscribe) => {
             for mut item in &mut subscribe {
                 let qos = item.qos();
+                if !conn.may_subscribe(item.topic()) {
+                    item.fail();
+                    continue;
+                }
                 match conn.subscribe(item.topic(), SubOptions::qos(qos.into())) {
                     Ok(()) => item.confirm(qos),
                     Err(error) => {

@@ -23,6 +23,7 @@ use ntex_mqtt::{
 
 use crate::{
     BrokerError,
+    auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{Conn, Outbound, SendResult, Shared, run_writer},
     message::{ByteString, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -33,6 +34,7 @@ use crate::{
 
 pub(crate) async fn connect(
     shared: Arc<Shared>,
+    listener: ListenerAuth,
     connect: v5::Connect,
 ) -> Result<v5::ConnectAck<Conn>, BrokerError> {
     let packet = connect.packet();
@@ -45,17 +47,23 @@ pub(crate) async fn connect(
         );
         return Ok(connect.failed(ConnectAckReason::QuotaExceeded));
     };
-    if !limits.allow_anonymous {
-        // Password files arrive with the auth work; until then nobody has credentials.
-        let reason = if packet.username.is_some() {
-            ConnectAckReason::BadUserNameOrPassword
-        } else {
-            ConnectAckReason::NotAuthorized
-        };
-        BrokerMetrics::refused("not_authorized");
-        tracing::info!(client_id = %packet.client_id, "Connection refused: anonymous clients are not allowed.");
-        return Ok(connect.failed(reason));
-    }
+    let login = LoginRequest::new(
+        listener,
+        connect.io(),
+        &packet.client_id,
+        packet.username.as_deref(),
+        packet.password.as_ref(),
+    );
+    let user = match shared.auth.login(login).await {
+        Ok(user) => user,
+        Err(refusal) => {
+            return Ok(connect.failed(match refusal {
+                Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
+                Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
+                Refusal::Banned => ConnectAckReason::Banned,
+            }));
+        }
+    };
     let will = match &packet.last_will {
         None => None,
         Some(will) => {
@@ -86,6 +94,10 @@ pub(crate) async fn connect(
     } else {
         (packet.client_id.to_string(), None)
     };
+    let acl = shared.auth.acl_for(user.as_deref(), &client_id);
+    if !shared.auth.will_allowed(&acl, &client_id, will.as_ref()) {
+        return Ok(connect.failed(ConnectAckReason::NotAuthorized));
+    }
     let requested_expiry = packet.session_expiry_interval_secs;
     let attached = shared.router.attach(AttachOptions {
         client_id: client_id.as_str().into(),
@@ -102,10 +114,12 @@ pub(crate) async fn connect(
         attached.generation,
         Protocol::V5,
         will,
+        acl,
         slot,
     );
     tracing::info!(
         client_id = %client_id,
+        user = user.as_deref(),
         protocol = "5",
         clean_start = packet.clean_start,
         session_present = attached.session_present,
@@ -192,6 +206,15 @@ pub(crate) async fn publish(
         .read_all()
         .await
         .map_err(|e| BrokerError::Payload(e.to_string()))?;
+    if !conn.may_publish(&topic) {
+        if qos == QoS::ExactlyOnce
+            && let Some(id) = publish.packet().packet_id
+        {
+            // PUBREC 0x87 ends the exchange: no PUBREL will release the packet id.
+            conn.session.inbound_qos2_release(id.get());
+        }
+        return Ok(publish.ack().reason_code(PublishAckReason::NotAuthorized));
+    }
     if properties.payload_format_utf8 && std::str::from_utf8(&payload).is_err() {
         return Ok(publish
             .ack()
@@ -229,6 +252,10 @@ pub(crate) async fn protocol(
                     retain_handling: o.retain_handling as u8,
                     subscription_id,
                 };
+                if !conn.may_subscribe(item.topic()) {
+                    item.fail(SubscribeAckReason::NotAuthorized);
+                    continue;
+                }
                 match conn.subscribe(item.topic(), options) {
                     Ok(()) => item.confirm(o.qos),
                     Err(error) => {

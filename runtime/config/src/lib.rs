@@ -168,6 +168,9 @@ impl Config {
                 }
             }
         }
+        if let Some(path) = &mut self.broker.auth.password_file {
+            join(path);
+        }
     }
 
     /// A one-paragraph summary for `edgegw check` and the start-up log.
@@ -184,12 +187,30 @@ impl Config {
                 )
             })
             .collect();
+        let auth = &self.broker.auth;
+        let passwords = match &auth.password_file {
+            Some(path) => format!(", users from {}", path.display()),
+            None => String::new(),
+        };
+        let acl = &self.broker.acl;
+        let acl = match acl.rules.len() {
+            0 if acl.default == AclPermission::Allow => String::new(),
+            n => format!(
+                "; ACL: {n} rule{}, default {}",
+                if n == 1 { "" } else { "s" },
+                if acl.default == AclPermission::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            ),
+        };
         format!(
-            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}; metrics on http://{}/metrics",
+            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}{passwords}{acl}; metrics on http://{}/metrics",
             self.gateway.id,
             self.gateway.data_dir.display(),
             listeners.join(", "),
-            if self.broker.auth.allow_anonymous {
+            if auth.allow_anonymous {
                 "allowed"
             } else {
                 "refused"

@@ -43,6 +43,7 @@ impl Default for Gateway {
 pub struct Broker {
     pub listeners: Vec<Listener>,
     pub auth: Auth,
+    pub acl: Acl,
     pub limits: Limits,
 }
 
@@ -54,6 +55,7 @@ impl Default for Broker {
                 tls: None,
             }],
             auth: Auth::default(),
+            acl: Acl::default(),
             limits: Limits::default(),
         }
     }
@@ -79,6 +81,10 @@ pub struct Tls {
     /// PEM CA bundle; when set, clients must present a certificate it signed.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// The client certificate's subject CN is the client's user name (no password
+    /// needed); requires `client_ca`.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -86,14 +92,71 @@ pub struct Tls {
 pub struct Auth {
     /// Accept clients that send no user name.
     pub allow_anonymous: bool,
+    /// `user:argon2id-PHC` lines, made with `edgegw passwd FILE USER`.
+    pub password_file: Option<PathBuf>,
+    /// Failed logins from one address within `failure_window` before further CONNECTs
+    /// from it are refused for `failure_window`; 0 turns this off.
+    pub max_failures: u32,
+    pub failure_window: Duration,
 }
 
 impl Default for Auth {
     fn default() -> Self {
         Self {
             allow_anonymous: true,
+            password_file: None,
+            max_failures: 5,
+            failure_window: Duration::from_secs(60),
         }
     }
+}
+
+/// Access control: the first rule that applies decides, else `default`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Acl {
+    pub default: AclPermission,
+    pub rules: Vec<AclRule>,
+}
+
+impl Default for Acl {
+    fn default() -> Self {
+        Self {
+            default: AclPermission::Allow,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub permission: AclPermission,
+    pub action: AclAction,
+    /// An exact user name, or `*` for every authenticated user; absent: every client,
+    /// anonymous ones included.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// An exact client id, or `*`; absent: every client.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Topic filters; `%u` is the user name, `%c` the client id.
+    pub topics: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AclPermission {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AclAction {
+    Publish,
+    Subscribe,
+    All,
 }
 
 #[derive(Clone, Debug, Deserialize)]

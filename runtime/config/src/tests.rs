@@ -148,5 +148,144 @@ fn shipped_example_is_valid() {
     // rest by substituting the paths to this crate's test fixtures.
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let text = text.replace("/etc/edgegw/tls/", &format!("{}/", fixtures.display()));
-    Config::from_yaml("gateway.yaml", &text, Path::new("")).unwrap();
+    let text = text.replace(
+        "/etc/edgegw/passwd",
+        &fixtures.join("passwd").display().to_string(),
+    );
+    let config = Config::from_yaml("gateway.yaml", &text, Path::new("")).unwrap();
+    // The example shows the auth and ACL keys in use.
+    assert!(config.broker.auth.password_file.is_some());
+    assert!(!config.broker.acl.rules.is_empty());
+    assert!(
+        config
+            .broker
+            .listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.use_identity_as_username))
+    );
+}
+
+#[test]
+fn auth_and_acl_parse() {
+    let dir = std::env::temp_dir().join(format!("edgegw-config-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("users.txt"), "").unwrap();
+    let config = Config::from_yaml(
+        "site.yaml",
+        "broker:\n  auth: { allow_anonymous: false, password_file: users.txt, max_failures: 3, failure_window: 2m }\n  \
+         acl:\n    default: deny\n    rules:\n      \
+         - { permission: deny,  action: subscribe, topics: [ \"test/nosubscribe\" ] }\n      \
+         - { permission: allow, user: \"*\", action: all, topics: [ \"sensors/%u/#\" ] }\n      \
+         - permission: allow\n        client_id: dev-1\n        action: publish\n        topics:\n          - \"clients/%c/status\"\n",
+        &dir,
+    )
+    .unwrap();
+    let auth = &config.broker.auth;
+    assert_eq!(
+        auth.password_file.as_deref(),
+        Some(dir.join("users.txt").as_path()),
+        "relative to the config file"
+    );
+    assert_eq!((auth.max_failures, auth.failure_window.as_secs()), (3, 120));
+    let acl = &config.broker.acl;
+    assert_eq!(acl.default, AclPermission::Deny);
+    assert_eq!(acl.rules.len(), 3);
+    assert_eq!(acl.rules[0].action, AclAction::Subscribe);
+    assert_eq!(acl.rules[1].user.as_deref(), Some("*"));
+    assert_eq!(acl.rules[1].topics, vec!["sensors/%u/#".to_string()]);
+    assert_eq!(acl.rules[2].client_id.as_deref(), Some("dev-1"));
+    assert!(
+        config.summary().contains("ACL: 3 rules, default deny"),
+        "{}",
+        config.summary()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let defaults = load("").unwrap();
+    assert_eq!(defaults.broker.auth.max_failures, 5);
+    assert_eq!(defaults.broker.auth.failure_window.as_secs(), 60);
+    assert!(defaults.broker.auth.password_file.is_none());
+    assert_eq!(defaults.broker.acl.default, AclPermission::Allow);
+}
+
+#[test]
+fn acl_errors_point_at_the_value() {
+    let errs = errors(
+        "broker:\n  acl:\n    rules:\n      \
+         - { permission: allow, action: all, topics: [ \"ok/#\", \"a/#/b\" ] }\n      \
+         - { permission: deny, action: publish, user: \"sensor*\", topics: [ \"x/%y\" ] }\n      \
+         - { permission: allow, action: all, topics: [] }\n      \
+         - { permission: allow, action: all, topics: [ \"$share/g/a\", \"a+\" ] }\n",
+    );
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("site.yaml:4:61: ACL rule 0: topic filter `a/#/b`"),
+        "{errs:#?}"
+    );
+    assert!(errs[0].contains("`#` must be the last level"), "{errs:#?}");
+    assert!(
+        errs[1].starts_with("site.yaml:5:52: ACL rule 1: user `sensor*`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].starts_with("site.yaml:5:73: ACL rule 1: topic filter `x/%y` has a `%`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("site.yaml:6:51: ACL rule 2 has no topics"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[4].starts_with("site.yaml:7:53: ACL rule 3: topic filter `$share/g/a`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[5].starts_with("site.yaml:7:67: ACL rule 3: topic filter `a+`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[5].contains("`+` must occupy a whole level"),
+        "{errs:#?}"
+    );
+
+    // Type errors and unknown keys in a rule are located too.
+    let errs = errors(
+        "broker:\n  acl:\n    rules:\n      - permission: maybe\n        action: all\n        topics: [a]\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("site.yaml:4:"), "{errs:#?}");
+    assert!(errs[0].contains("unknown variant `maybe`"), "{errs:#?}");
+    let errs = errors(
+        "broker:\n  acl:\n    rules:\n      - { permision: allow, action: all, topics: [a] }\n",
+    );
+    assert!(errs[0].contains("did you mean `permission`?"), "{errs:#?}");
+    let errs = errors("broker:\n  acl:\n    rules:\n      - { permission: allow, topics: [a] }\n");
+    assert!(errs[0].contains("missing field `action`"), "{errs:#?}");
+}
+
+#[test]
+fn auth_errors_point_at_the_value() {
+    let errs = errors(
+        "broker:\n  listeners:\n    - bind: 127.0.0.1:8883\n      tls:\n        cert: /nonexistent/c.pem\n        key: /nonexistent/k.pem\n        use_identity_as_username: true\n  \
+         auth:\n    password_file: /nonexistent/passwd\n    failure_window: 0s\n",
+    );
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(
+        errs[2].starts_with("site.yaml:7:35: use_identity_as_username needs client_ca"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("site.yaml:9:20: cannot read password_file /nonexistent/passwd"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].contains("edgegw passwd /nonexistent/passwd USER"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[4].starts_with("site.yaml:10:21: failure_window must be at least 1s"),
+        "{errs:#?}"
+    );
+    // max_failures 0 turns the limit off, so any window is fine then.
+    assert!(load("broker:\n  auth: { max_failures: 0, failure_window: 0s }\n").is_ok());
 }

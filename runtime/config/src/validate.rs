@@ -13,6 +13,100 @@ pub struct Issue {
 /// The protocol limit on an MQTT packet (the remaining length is a 4-byte varint).
 const MQTT_MAX_PACKET: u64 = 268_435_455;
 
+/// `broker.auth` and `broker.acl`.
+fn auth_issues(broker: &crate::Broker, issue: &mut impl FnMut(&[&str], String)) {
+    let auth = &broker.auth;
+    if let Some(path) = &auth.password_file
+        && let Err(error) = std::fs::metadata(path)
+    {
+        issue(
+            &["broker", "auth", "password_file"],
+            format!(
+                "cannot read password_file {}: {error}; create it with `edgegw passwd {} USER`",
+                path.display(),
+                path.display()
+            ),
+        );
+    }
+    if auth.max_failures > 0 && auth.failure_window.as_std().is_zero() {
+        issue(
+            &["broker", "auth", "failure_window"],
+            "failure_window must be at least 1s while max_failures is above 0 (max_failures: 0 turns the limit off)".into(),
+        );
+    }
+    for (i, rule) in broker.acl.rules.iter().enumerate() {
+        let index = i.to_string();
+        for (key, value) in [("user", &rule.user), ("client_id", &rule.client_id)] {
+            let Some(value) = value else { continue };
+            if value.is_empty() || (value.contains('*') && value != "*") {
+                issue(
+                    &["broker", "acl", "rules", &index, key],
+                    format!(
+                        "ACL rule {i}: {key} `{value}` must be an exact name or `*` (patterns are not supported)"
+                    ),
+                );
+            }
+        }
+        if rule.topics.is_empty() {
+            issue(
+                &["broker", "acl", "rules", &index, "topics"],
+                format!(
+                    "ACL rule {i} has no topics; list at least one filter, e.g. `topics: [\"sensors/#\"]`"
+                ),
+            );
+        }
+        for (j, filter) in rule.topics.iter().enumerate() {
+            if let Some(problem) = acl_filter_problem(filter) {
+                issue(
+                    &["broker", "acl", "rules", &index, "topics", &j.to_string()],
+                    format!("ACL rule {i}: topic filter `{filter}` {problem}"),
+                );
+            }
+        }
+    }
+}
+
+/// Why an ACL topic filter is unusable (`%u`/`%c` stand for one level's text).
+fn acl_filter_problem(filter: &str) -> Option<String> {
+    let mut text = String::with_capacity(filter.len());
+    let mut chars = filter.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            text.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('u' | 'c') => text.push('x'),
+            _ => {
+                return Some("has a `%` that is not `%u` (user name) or `%c` (client id)".into());
+            }
+        }
+    }
+    if text.is_empty() {
+        return Some("is empty".into());
+    }
+    if text.starts_with("$share/") {
+        return Some(
+            "starts with `$share/`: ACLs check the filter inside a shared subscription; write the filter alone".into(),
+        );
+    }
+    if text.contains('\0') {
+        return Some("contains U+0000".into());
+    }
+    let levels: Vec<&str> = text.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('+') && *level != "+" {
+            return Some("is not a valid filter: `+` must occupy a whole level".into());
+        }
+        if level.contains('#') && (*level != "#" || i != levels.len() - 1) {
+            return Some(
+                "is not a valid filter: `#` must be the last level and occupy it whole".into(),
+            );
+        }
+    }
+    None
+}
+
 pub fn validate(config: &Config) -> Vec<Issue> {
     let mut issues = Vec::new();
     let mut issue = |path: &[&str], message: String| {
@@ -88,8 +182,15 @@ pub fn validate(config: &Config) -> Vec<Issue> {
                     );
                 }
             }
+            if tls.use_identity_as_username && tls.client_ca.is_none() {
+                issue(
+                    &["broker", "listeners", &index, "tls", "use_identity_as_username"],
+                    "use_identity_as_username needs client_ca: without client certificates there is no identity; set client_ca to the CA bundle that signs them".into(),
+                );
+            }
         }
     }
+    auth_issues(broker, &mut issue);
 
     let limits = &broker.limits;
     let path = |key: &'static str| ["broker", "limits", key];

@@ -1,6 +1,7 @@
 //! `edgegw`: the gateway binary. Parses the command line, loads the config, sets up
 //! tracing, starts the parts and waits for a signal. Everything else lives in libraries.
 
+mod auth;
 mod run;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -19,7 +20,8 @@ const EXIT_BAD_CONFIG: u8 = 64;
     long_about = "Edge gateway runtime: an MQTT 3.1.1/5.0 broker for local clients and sensor nodes.\n\n\
                   Start it with `edgegw run` (embedded default config: broker on 127.0.0.1:1883, \
                   metrics on http://127.0.0.1:9100/metrics, state in ./edgegw-data) or \
-                  `edgegw run -c gateway.yaml`. Check a config with `edgegw check -c gateway.yaml`."
+                  `edgegw run -c gateway.yaml`. Check a config with `edgegw check -c gateway.yaml`. \
+                  Manage broker users with `edgegw passwd FILE USER`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,13 +51,62 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Add a broker user to a password file, or change its password.
+    ///
+    /// Stores an argon2id hash (PHC string) as a `USER:$argon2id$...` line; other lines are
+    /// kept. FILE is created with mode 0600 if missing and replaced atomically. The password
+    /// is read from standard input when it is not a terminal (the first line, e.g.
+    /// `printf '%s\n' "$PW" | edgegw passwd users.txt alice`), otherwise prompted for twice
+    /// without echo. Point broker.auth.password_file at FILE; the gateway reads it at start.
+    /// Exit code 0 on success, 1 on failure (nothing is changed then).
+    Passwd {
+        /// Password file to create or update.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// User name, as clients send it in CONNECT (no `:`).
+        #[arg(value_name = "USER")]
+        user: String,
+    },
+}
+
+/// Loads the password file of a valid config; prints its problems when it is bad.
+fn load_auth(config: &edgegw_config::Config) -> Option<edgegw_broker::AuthSettings> {
+    match auth::broker_auth(config) {
+        Ok(settings) => Some(settings),
+        Err(error) => {
+            eprintln!("{error}");
+            let count = auth::problem_count(&error);
+            let file = config
+                .broker
+                .auth
+                .password_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            eprintln!(
+                "{count} problem{} found in {file} (broker.auth.password_file)",
+                if count == 1 { "" } else { "s" },
+            );
+            None
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Passwd { file, user } => match auth::passwd(&file, &user) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("edgegw: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config } => match edgegw_config::Config::load(&config) {
             Ok(loaded) => {
+                if load_auth(&loaded).is_none() {
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
                 println!("ok: {}", loaded.summary());
                 ExitCode::SUCCESS
             }
@@ -82,8 +133,12 @@ fn main() -> ExitCode {
                     }
                 },
             };
+            let Some(auth) = load_auth(&loaded) else {
+                eprintln!("edgegw: not started; fix the password file and try again");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            };
             run::init_tracing(&loaded.log);
-            match run::run(loaded, config.is_none()) {
+            match run::run(loaded, auth, config.is_none()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");

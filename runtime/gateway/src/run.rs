@@ -2,7 +2,8 @@
 
 use anyhow::Context as _;
 use edgegw_broker::{
-    Broker, BrokerSettings, ConnectionLimits, ListenerSettings, Router, RouterLimits, TlsFiles,
+    AuthSettings, Broker, BrokerSettings, ConnectionLimits, ListenerSettings, Router, RouterLimits,
+    TlsFiles,
 };
 use edgegw_config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
@@ -25,17 +26,17 @@ pub fn init_tracing(log: &edgegw_config::Log) {
     }
 }
 
-pub fn run(config: Config, embedded: bool) -> anyhow::Result<()> {
+pub fn run(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("edgegw")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, embedded))
+    runtime.block_on(serve(config, auth, embedded))
 }
 
-async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
+async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Result<()> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = if embedded { "embedded default" } else { "file" },
@@ -73,6 +74,7 @@ async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
                     cert: t.cert.clone(),
                     key: t.key.clone(),
                     client_ca: t.client_ca.clone(),
+                    use_identity_as_username: t.use_identity_as_username,
                 }),
             })
             .collect(),
@@ -83,8 +85,8 @@ async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
             receive_maximum: limits.receive_maximum,
             max_inflight: limits.max_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
-            allow_anonymous: config.broker.auth.allow_anonymous,
         },
+        auth,
         workers: 0,
     };
     let broker = Broker::start(settings, router.clone()).context("cannot start the MQTT broker")?;
