@@ -39,6 +39,8 @@ pub struct Gateway {
     pub mqtts: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The config file this gateway was started with.
+    pub config: PathBuf,
     logs: Logs,
 }
 
@@ -96,6 +98,7 @@ impl Gateway {
             mqtts: None,
             metrics: "0.0.0.0:0".parse().unwrap(),
             dir,
+            config: path.to_path_buf(),
             logs,
         };
         let ready = gateway.wait_log(Duration::from_secs(60), |line| {
@@ -151,6 +154,24 @@ impl Gateway {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the gateway process, in KiB (`VmRSS`), and its peak (`VmHWM`).
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     pub fn port(&self) -> u16 {
         self.mqtt.port()
     }
@@ -185,17 +206,45 @@ impl Gateway {
         }
     }
 
+    /// `kill -9`, then starts a new gateway on the same config and data directory.
+    pub fn kill_and_restart(mut self) -> Gateway {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.restart()
+    }
+
+    /// SIGTERM (graceful), then starts a new gateway on the same config and data directory.
+    pub fn stop_and_restart(mut self) -> Gateway {
+        let status = self.signal_and_wait("-TERM");
+        assert!(status.success(), "graceful stop failed: {status}");
+        self.restart()
+    }
+
+    fn restart(mut self) -> Gateway {
+        let mut next = Gateway::start_file(&self.config, tempfile::tempdir().expect("tempdir"));
+        // The new gateway keeps the data directory; the placeholder goes with `self`.
+        std::mem::swap(&mut next.dir, &mut self.dir);
+        next
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal_and_wait("-TERM")
+    }
+
+    fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "gateway did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not stop on {signal}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use crate::{
     message::{Message, Origin, QoS},
     metrics::{BrokerMetrics, DropReason, Protocol},
-    router::{Router, Will},
+    router::{Routed, Router, Will},
     session::{Outgoing, Session, Superseded},
     topic::{self, Filter, TopicError},
     tree::SubOptions,
@@ -64,6 +64,13 @@ impl Shared {
             Some(Slot(self.clone()))
         }
     }
+}
+
+/// An inbound QoS 2 PUBLISH is either a re-send to ignore or new (with the ticket of its
+/// packet id's write to the state file, for persistent sessions).
+pub(crate) enum Qos2 {
+    Duplicate,
+    New(Option<edgegw_store::Ticket>),
 }
 
 /// One of `max_connections`; released on drop.
@@ -129,19 +136,20 @@ impl Conn {
         &self.session.client_id
     }
 
-    /// Builds the router message for an inbound PUBLISH and routes it. Returns the number
-    /// of sessions it was queued for, or the topic error.
-    pub fn route(&self, mut message: Message) -> Result<usize, TopicError> {
+    /// Routes an inbound PUBLISH as this client.
+    pub fn route(&self, mut message: Message) -> Result<Routed, TopicError> {
         topic::validate_name(&message.topic)?;
         message.origin = Origin::Session(self.session.id);
-        Ok(self.router().publish(message).delivered)
+        Ok(self.router().publish(message))
     }
 
     /// Inbound QoS 2 duplicate detection across reconnects: a PUBLISH with DUP set whose
     /// packet id was already received (and not released) must not be routed again.
-    pub fn is_duplicate_qos2(&self, packet_id: u16, dup: bool) -> bool {
-        let new = self.session.inbound_qos2_begin(packet_id);
-        !new && dup
+    pub fn begin_qos2(&self, packet_id: u16, dup: bool) -> Qos2 {
+        match self.session.inbound_qos2_begin(packet_id) {
+            (false, _) if dup => Qos2::Duplicate,
+            (_, ticket) => Qos2::New(ticket),
+        }
     }
 
     pub fn subscribe(&self, filter: &str, options: SubOptions) -> Result<(), TopicError> {
@@ -269,7 +277,8 @@ pub(crate) async fn run_writer<O: Outbound>(
             return;
         }
     }
-    let mut batch = Vec::with_capacity(64);
+    // Grows on first use: an idle connection should cost as little as possible.
+    let mut batch = Vec::new();
     loop {
         if !out.is_open() {
             return;

@@ -9,6 +9,7 @@ pub mod acl;
 pub mod auth;
 pub mod message;
 pub mod metrics;
+mod persist;
 pub mod router;
 pub mod session;
 pub mod topic;
@@ -48,6 +49,8 @@ pub enum BrokerError {
     Acl(#[from] acl::AclError),
     #[error("reading a PUBLISH payload failed: {0}")]
     Payload(String),
+    #[error("state file: {0}")]
+    Store(String),
     #[error("invalid topic: {0}")]
     Topic(#[from] topic::TopicError),
 }

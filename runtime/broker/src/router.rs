@@ -15,10 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use edgegw_store::{Op, Snapshot, Store, Ticket};
+
 use crate::{
     message::{ByteString, Message, Origin},
     metrics::BrokerMetrics,
-    session::{Delivery, Session},
+    session::{Delivery, Persistence, Session},
     topic::{Filter, TopicError},
     tree::{Entry, SubOptions, SubscriptionTree},
 };
@@ -67,12 +69,36 @@ pub struct Will {
 }
 
 /// The outcome of one publish.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Routed {
     /// Sessions the message was queued for.
     pub delivered: usize,
     /// Sessions that matched but dropped it (queue full, offline QoS 0...).
     pub dropped: usize,
+    /// When the message was written to the state file (retained, or queued for a
+    /// persistent session): wait for this before acknowledging it to its publisher.
+    pub durable: Option<Ticket>,
+}
+
+impl Routed {
+    /// Waits until the message is durable (immediately when nothing was persisted).
+    pub async fn durable(self) -> Result<(), edgegw_store::StoreError> {
+        self.durable_with(None).await
+    }
+
+    /// Waits until the message and `also` are durable.
+    pub async fn durable_with(self, also: Option<Ticket>) -> Result<(), edgegw_store::StoreError> {
+        match later(self.durable, also) {
+            Some(ticket) => ticket.wait().await,
+            None => Ok(()),
+        }
+    }
+}
+
+fn later(a: Option<Ticket>, b: Option<Ticket>) -> Option<Ticket> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 struct Inner {
@@ -82,6 +108,7 @@ struct Inner {
     next_session_id: AtomicU64,
     limits: RouterLimits,
     metrics: Arc<BrokerMetrics>,
+    persistence: Option<Persistence>,
 }
 
 /// Cheap to clone; all clones are the same router.
@@ -101,7 +128,12 @@ fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Router {
+    /// A router that keeps its state in memory only.
     pub fn new(limits: RouterLimits) -> Self {
+        Self::build(limits, None)
+    }
+
+    fn build(limits: RouterLimits, persistence: Option<Persistence>) -> Self {
         Self(Arc::new(Inner {
             tree: RwLock::new(SubscriptionTree::default()),
             retained: RwLock::new(HashMap::new()),
@@ -109,7 +141,126 @@ impl Router {
             next_session_id: AtomicU64::new(1),
             limits,
             metrics: Arc::new(BrokerMetrics::new()),
+            persistence,
         }))
+    }
+
+    /// A router whose retained messages and persistent sessions live in `store`, starting
+    /// from what the state file held (`snapshot`). Must run inside a tokio runtime: restored
+    /// sessions get their expiry timers.
+    pub fn with_store(limits: RouterLimits, store: Store, snapshot: Snapshot) -> Self {
+        let next_seq = edgegw_store::max_seq(&snapshot) + 1;
+        let router = Self::build(
+            limits,
+            Some(Persistence {
+                store,
+                next_seq: Arc::new(AtomicU64::new(next_seq)),
+            }),
+        );
+        router.restore(snapshot);
+        router
+    }
+
+    fn restore(&self, snapshot: Snapshot) {
+        let mut skipped = 0usize;
+        {
+            let mut retained = write(&self.0.retained);
+            for (topic, record) in &snapshot.retained {
+                match crate::persist::decode_message(record) {
+                    Some(message) => {
+                        retained.insert(message.topic.clone(), Arc::new(message));
+                    }
+                    None => {
+                        skipped += 1;
+                        tracing::warn!(%topic, "Unreadable retained message in the state file; skipped.");
+                    }
+                }
+            }
+            self.0.metrics.retained.set(retained.len() as f64);
+        }
+        let now = crate::persist::unix_now();
+        let sessions_restored = snapshot.sessions.len();
+        for stored in snapshot.sessions {
+            let mut queued = Vec::new();
+            let mut inflight = Vec::new();
+            for d in &stored.deliveries {
+                let Some(mut delivery) = crate::persist::decode_delivery(&d.record) else {
+                    skipped += 1;
+                    tracing::warn!(client_id = %stored.client_id, seq = d.seq, "Unreadable queued message in the state file; skipped.");
+                    continue;
+                };
+                delivery.seq = d.seq;
+                match d.packet_id {
+                    Some(packet_id) if packet_id != 0 => {
+                        inflight.push((packet_id, delivery, d.released))
+                    }
+                    _ => queued.push(delivery),
+                }
+            }
+            let mut subscriptions = Vec::new();
+            for (text, record) in &stored.subscriptions {
+                match (Filter::parse(text), crate::persist::decode_options(record)) {
+                    (Ok(filter), Some(options)) => subscriptions.push((filter, options)),
+                    _ => {
+                        skipped += 1;
+                        tracing::warn!(client_id = %stored.client_id, filter = %text, "Unreadable subscription in the state file; skipped.");
+                    }
+                }
+            }
+            let id = self.0.next_session_id.fetch_add(1, Ordering::Relaxed);
+            let client_id: Arc<str> = stored.client_id.as_str().into();
+            let session = Arc::new(Session::new(
+                id,
+                client_id.clone(),
+                self.0.limits.max_queued,
+                self.0.metrics.clone(),
+                self.0.persistence.clone(),
+            ));
+            session.restore(
+                stored.expiry_secs,
+                queued,
+                inflight,
+                stored.inbound_qos2,
+                subscriptions.clone(),
+            );
+            {
+                let mut tree = write(&self.0.tree);
+                for (filter, options) in subscriptions {
+                    tree.insert(
+                        &filter.filter,
+                        filter.share.as_deref(),
+                        Entry {
+                            session: session.clone(),
+                            options,
+                        },
+                    );
+                }
+                self.0.metrics.subscriptions.set(tree.len() as f64);
+            }
+            lock(&self.0.sessions).insert(client_id, session.clone());
+            self.0.metrics.sessions.increment(1.0);
+            // The expiry clock started when the client went away (or now, if it was
+            // connected when the gateway stopped).
+            let gone_for = now.saturating_sub(stored.disconnected_at.unwrap_or(now));
+            let left = u64::from(stored.expiry_secs).saturating_sub(gone_for);
+            let generation = session.generation();
+            if left == 0 {
+                self.end_session(&session);
+            } else {
+                let router = self.clone();
+                spawn_after(Duration::from_secs(left), move || {
+                    if session.generation() == generation && !session.is_online() {
+                        router.end_session(&session);
+                    }
+                });
+            }
+        }
+        tracing::info!(
+            sessions = sessions_restored,
+            retained = self.retained_count(),
+            skipped,
+            "State restored."
+        );
     }
 
     pub fn limits(&self) -> &RouterLimits {
@@ -152,6 +303,7 @@ impl Router {
                         options.client_id.clone(),
                         self.0.limits.max_queued,
                         self.0.metrics.clone(),
+                        self.0.persistence.clone(),
                     ));
                     sessions.insert(options.client_id.clone(), session.clone());
                     let generation = session.attach(expiry);
@@ -267,20 +419,31 @@ impl Router {
             _ => None,
         };
         let message = Arc::new(message);
+        let mut durable = None;
         if message.retain {
             let mut retained = write(&self.0.retained);
-            if message.payload.is_empty() {
+            let op = if message.payload.is_empty() {
                 retained.remove(&message.topic);
+                Op::DeleteRetained {
+                    topic: message.topic.to_string(),
+                }
             } else {
                 retained.insert(message.topic.clone(), message.clone());
+                Op::PutRetained {
+                    topic: message.topic.to_string(),
+                    record: crate::persist::encode_message(&message),
+                }
+            };
+            // Submitted under the lock so the file sees retained updates in order.
+            if let Some(p) = &self.0.persistence {
+                durable = Some(p.store.submit_one(op));
             }
             self.0.metrics.retained.set(retained.len() as f64);
         }
 
         // One delivery per session for its non-shared subscriptions (highest QoS, every
         // subscription id); shared-group picks are separate deliveries.
-        let mut targets: Vec<(Arc<Session>, Delivery)> = Vec::new();
-        let mut index: HashMap<u64, usize> = HashMap::new();
+        let mut targets = Targets::default();
         {
             let tree = read(&self.0.tree);
             tree.for_each_match(&message.topic, |entry: &Entry, shared| {
@@ -290,8 +453,7 @@ impl Router {
                 }
                 let qos = message.qos.min(options.qos);
                 let retain = message.retain && options.retain_as_published;
-                if !shared && let Some(&i) = index.get(&entry.session.id) {
-                    let delivery = &mut targets[i].1;
+                if !shared && let Some(delivery) = targets.find(entry.session.id) {
                     delivery.qos = delivery.qos.max(qos);
                     delivery.retain |= retain;
                     if let Some(id) = options.subscription_id {
@@ -299,28 +461,31 @@ impl Router {
                     }
                     return;
                 }
-                if !shared {
-                    index.insert(entry.session.id, targets.len());
-                }
-                targets.push((
+                targets.push(
                     entry.session.clone(),
                     Delivery {
                         message: message.clone(),
                         qos,
                         retain,
                         subscription_ids: options.subscription_id.into_iter().collect(),
+                        seq: 0,
                     },
-                ));
+                    shared,
+                );
             });
         }
 
         let mut routed = Routed {
             delivered: 0,
             dropped: 0,
+            durable,
         };
-        for (session, delivery) in targets {
+        for (session, delivery, _) in targets.list {
             match session.enqueue(delivery) {
-                Ok(()) => routed.delivered += 1,
+                Ok(ticket) => {
+                    routed.delivered += 1;
+                    routed.durable = later(routed.durable.take(), ticket);
+                }
                 Err(reason) => {
                     routed.dropped += 1;
                     self.0.metrics.dropped(reason, 1);
@@ -374,6 +539,7 @@ impl Router {
                 qos: message.qos.min(options.qos),
                 retain: true,
                 subscription_ids: options.subscription_id.into_iter().collect(),
+                seq: 0,
                 message,
             };
             if let Err(reason) = session.enqueue(delivery) {
@@ -417,6 +583,47 @@ impl Router {
 
     pub fn subscription_count(&self) -> usize {
         read(&self.0.tree).len()
+    }
+}
+
+/// The sessions one publish goes to. Overlapping non-shared subscriptions of a session
+/// merge into one delivery; a linear scan finds them while the list is short (the common
+/// case, and no allocation), an index takes over for large fan-outs.
+#[derive(Default)]
+struct Targets {
+    list: Vec<(Arc<Session>, Delivery, bool)>,
+    index: Option<HashMap<u64, usize>>,
+}
+
+impl Targets {
+    const SCAN_LIMIT: usize = 16;
+
+    fn find(&mut self, session: u64) -> Option<&mut Delivery> {
+        let position = match &self.index {
+            Some(index) => index.get(&session).copied(),
+            None => self
+                .list
+                .iter()
+                .position(|(s, _, shared)| !*shared && s.id == session),
+        };
+        position.map(|i| &mut self.list[i].1)
+    }
+
+    fn push(&mut self, session: Arc<Session>, delivery: Delivery, shared: bool) {
+        if self.index.is_none() && self.list.len() >= Self::SCAN_LIMIT {
+            self.index = Some(
+                self.list
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, _, shared))| !*shared)
+                    .map(|(i, (s, _, _))| (s.id, i))
+                    .collect(),
+            );
+        }
+        if !shared && let Some(index) = &mut self.index {
+            index.insert(session.id, self.list.len());
+        }
+        self.list.push((session, delivery, shared));
     }
 }
 

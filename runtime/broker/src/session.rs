@@ -10,11 +10,12 @@ use std::{
     num::NonZeroU16,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
 };
 
+use edgegw_store::{Op, Store, Ticket};
 use tokio::sync::Notify;
 
 use crate::{
@@ -34,6 +35,8 @@ pub struct Delivery {
     pub retain: bool,
     /// v5 subscription identifiers of every matching subscription of this session.
     pub subscription_ids: Vec<u32>,
+    /// Row of this delivery in the state file; 0 when it is not persisted.
+    pub seq: u64,
 }
 
 /// A delivery ready to be written to the connection.
@@ -82,6 +85,16 @@ struct State {
     ended: bool,
     /// A will waiting for its delay (or the session's end), from the last connection.
     pending_will: Option<Message>,
+    /// Written to the state file (a store exists and the session outlives connections).
+    persisted: bool,
+}
+
+/// Where a session writes its durable state.
+#[derive(Clone)]
+pub(crate) struct Persistence {
+    pub store: Store,
+    /// Delivery row numbers, shared by all sessions.
+    pub next_seq: Arc<AtomicU64>,
 }
 
 pub struct Session {
@@ -93,6 +106,7 @@ pub struct Session {
     state: Mutex<State>,
     notify: Notify,
     metrics: Arc<BrokerMetrics>,
+    persistence: Option<Persistence>,
 }
 
 impl std::fmt::Debug for Session {
@@ -110,6 +124,7 @@ impl Session {
         client_id: Arc<str>,
         max_queued: usize,
         metrics: Arc<BrokerMetrics>,
+        persistence: Option<Persistence>,
     ) -> Self {
         Self {
             id,
@@ -122,6 +137,50 @@ impl Session {
             }),
             notify: Notify::new(),
             metrics,
+            persistence,
+        }
+    }
+
+    /// Writes `op` if this session is persisted. Called with the state locked, so the
+    /// state file sees a session's changes in the order they happened.
+    fn persist(&self, state: &State, op: impl FnOnce(String) -> Op) -> Option<Ticket> {
+        match &self.persistence {
+            Some(p) if state.persisted => Some(p.store.submit_one(op(self.client_id.to_string()))),
+            _ => None,
+        }
+    }
+
+    /// Rebuilds an offline session from the state file.
+    pub(crate) fn restore(
+        &self,
+        expiry_secs: u32,
+        queued: Vec<Delivery>,
+        inflight: Vec<(u16, Delivery, bool)>,
+        inbound_qos2: Vec<u16>,
+        subscriptions: Vec<(Filter, SubOptions)>,
+    ) {
+        let mut state = self.lock();
+        state.expiry_secs = expiry_secs;
+        state.persisted = self.persistence.is_some() && expiry_secs > 0;
+        self.metrics.queued.increment(queued.len() as f64);
+        state.queue.extend(queued);
+        for (packet_id, delivery, released) in inflight {
+            state.next_packet_id = packet_id.checked_add(1).unwrap_or(1).max(1);
+            state.inflight.push_back(Inflight {
+                packet_id,
+                delivery,
+                state: if released {
+                    InflightState::Released
+                } else {
+                    InflightState::Sent
+                },
+            });
+        }
+        state.inbound_qos2.extend(inbound_qos2);
+        for (filter, options) in subscriptions {
+            state
+                .subscriptions
+                .insert(filter.to_string(), (filter, options));
         }
     }
 
@@ -134,13 +193,14 @@ impl Session {
         self.online.load(Ordering::Relaxed)
     }
 
-    /// Queues a delivery; the owning connection is woken. Returns the reason when dropped.
-    pub fn enqueue(&self, delivery: Delivery) -> Result<(), DropReason> {
+    /// Queues a delivery; the owning connection is woken. Returns the reason when dropped,
+    /// and for a persisted QoS 1/2 delivery the ticket of its write to the state file.
+    pub fn enqueue(&self, mut delivery: Delivery) -> Result<Option<Ticket>, DropReason> {
         let online = self.is_online();
         if delivery.qos == QoS::AtMostOnce && !online {
             return Err(DropReason::OfflineQos0);
         }
-        {
+        let ticket = {
             let mut state = self.lock();
             if state.ended {
                 return Err(DropReason::SessionEnded);
@@ -148,13 +208,25 @@ impl Session {
             if state.queue.len() >= self.max_queued {
                 return Err(DropReason::QueueFull);
             }
+            let ticket = match &self.persistence {
+                Some(p) if state.persisted && delivery.qos != QoS::AtMostOnce => {
+                    delivery.seq = p.next_seq.fetch_add(1, Ordering::Relaxed);
+                    Some(p.store.submit_one(Op::PutDelivery {
+                        client_id: self.client_id.to_string(),
+                        seq: delivery.seq,
+                        record: crate::persist::encode_delivery(&delivery),
+                    }))
+                }
+                _ => None,
+            };
             state.queue.push_back(delivery);
-        }
+            ticket
+        };
         self.metrics.queued.increment(1.0);
         if online {
             self.notify.notify_one();
         }
-        Ok(())
+        Ok(ticket)
     }
 
     /// Marks a new connection as the owner; returns its generation. The previous owner,
@@ -166,6 +238,15 @@ impl Session {
             state.expiry_secs = expiry_secs;
             // A new connection to this session cancels a delayed will [MQTT-3.1.3-9].
             state.pending_will = None;
+            state.persisted = self.persistence.is_some() && expiry_secs > 0;
+            self.persist(&state, |client_id| Op::PutSession {
+                client_id,
+                expiry_secs,
+            });
+            self.persist(&state, |client_id| Op::SetDisconnected {
+                client_id,
+                at_unix_secs: None,
+            });
             state.generation
         };
         self.online.store(true, Ordering::Relaxed);
@@ -183,6 +264,10 @@ impl Session {
             return false;
         }
         self.online.store(false, Ordering::Relaxed);
+        self.persist(&state, |client_id| Op::SetDisconnected {
+            client_id,
+            at_unix_secs: Some(crate::persist::unix_now()),
+        });
         true
     }
 
@@ -196,7 +281,12 @@ impl Session {
     }
 
     pub(crate) fn set_expiry(&self, expiry_secs: u32) {
-        self.lock().expiry_secs = expiry_secs;
+        let mut state = self.lock();
+        state.expiry_secs = expiry_secs;
+        self.persist(&state, |client_id| Op::PutSession {
+            client_id,
+            expiry_secs,
+        });
     }
 
     pub fn expiry_secs(&self) -> u32 {
@@ -209,6 +299,12 @@ impl Session {
         let (subscriptions, discarded) = {
             let mut state = self.lock();
             state.ended = true;
+            if let Some(p) = &self.persistence {
+                // Also when not persisted now: an earlier connection may have persisted it.
+                p.store.submit_one(Op::DeleteSession {
+                    client_id: self.client_id.to_string(),
+                });
+            }
             let discarded = state.queue.len();
             state.queue.clear();
             state.inflight.clear();
@@ -292,9 +388,13 @@ impl Session {
                     break;
                 };
                 if front.message.is_expired(now) {
+                    let seq = front.seq;
                     state.queue.pop_front();
                     taken += 1;
                     expired += 1;
+                    if seq != 0 {
+                        self.persist(&state, |client_id| Op::DeleteDelivery { client_id, seq });
+                    }
                     continue;
                 }
                 if front.qos != QoS::AtMostOnce && state.inflight.len() >= window {
@@ -308,6 +408,15 @@ impl Session {
                     None
                 } else {
                     let id = allocate_packet_id(&mut state);
+                    if delivery.seq != 0 {
+                        let seq = delivery.seq;
+                        self.persist(&state, |client_id| Op::SetDeliveryState {
+                            client_id,
+                            seq,
+                            packet_id: id,
+                            released: false,
+                        });
+                    }
                     state.inflight.push_back(Inflight {
                         packet_id: id,
                         delivery: delivery.clone(),
@@ -344,7 +453,12 @@ impl Session {
     pub fn acknowledge(&self, packet_id: u16) {
         let mut state = self.lock();
         if let Some(i) = state.inflight.iter().position(|f| f.packet_id == packet_id) {
-            state.inflight.remove(i);
+            if let Some(done) = state.inflight.remove(i)
+                && done.delivery.seq != 0
+            {
+                let seq = done.delivery.seq;
+                self.persist(&state, |client_id| Op::DeleteDelivery { client_id, seq });
+            }
             drop(state);
             self.notify.notify_one();
         }
@@ -353,35 +467,75 @@ impl Session {
     /// PUBREC for `packet_id`: the QoS 2 delivery now only needs PUBREL/PUBCOMP.
     pub fn received(&self, packet_id: u16) {
         let mut state = self.lock();
+        let mut seq = 0;
         if let Some(f) = state.inflight.iter_mut().find(|f| f.packet_id == packet_id) {
             f.state = InflightState::Released;
+            seq = f.delivery.seq;
+        }
+        if seq != 0 {
+            self.persist(&state, |client_id| Op::SetDeliveryState {
+                client_id,
+                seq,
+                packet_id,
+                released: true,
+            });
         }
     }
 
     /// Inbound QoS 2: returns true when `packet_id` is new (route the message), false when
-    /// it is a re-send of one already received and not yet released.
-    pub fn inbound_qos2_begin(&self, packet_id: u16) -> bool {
-        self.lock().inbound_qos2.insert(packet_id)
+    /// it is a re-send of one already received and not yet released; with the ticket of
+    /// its write to the state file.
+    pub fn inbound_qos2_begin(&self, packet_id: u16) -> (bool, Option<Ticket>) {
+        let mut state = self.lock();
+        let new = state.inbound_qos2.insert(packet_id);
+        let ticket = if new {
+            self.persist(&state, |client_id| Op::PutInbound {
+                client_id,
+                packet_id,
+            })
+        } else {
+            None
+        };
+        (new, ticket)
     }
 
     /// Inbound PUBREL.
     pub fn inbound_qos2_release(&self, packet_id: u16) {
-        self.lock().inbound_qos2.remove(&packet_id);
+        let mut state = self.lock();
+        if state.inbound_qos2.remove(&packet_id) {
+            self.persist(&state, |client_id| Op::DeleteInbound {
+                client_id,
+                packet_id,
+            });
+        }
     }
 
     /// Adds a subscription record; returns true when it replaced one for the same filter.
     pub(crate) fn record_subscription(&self, filter: &Filter, options: SubOptions) -> bool {
-        self.lock()
+        let mut state = self.lock();
+        let key = filter.to_string();
+        self.persist(&state, |client_id| Op::PutSubscription {
+            client_id,
+            filter: key.clone(),
+            record: crate::persist::encode_options(&options),
+        });
+        state
             .subscriptions
-            .insert(filter.to_string(), (filter.clone(), options))
+            .insert(key, (filter.clone(), options))
             .is_some()
     }
 
     pub(crate) fn forget_subscription(&self, filter: &Filter) -> bool {
-        self.lock()
-            .subscriptions
-            .remove(&filter.to_string())
-            .is_some()
+        let mut state = self.lock();
+        let key = filter.to_string();
+        let existed = state.subscriptions.remove(&key).is_some();
+        if existed {
+            self.persist(&state, |client_id| Op::DeleteSubscription {
+                client_id,
+                filter: key,
+            });
+        }
+        existed
     }
 
     pub fn subscription_count(&self) -> usize {

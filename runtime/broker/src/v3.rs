@@ -8,7 +8,7 @@ use ntex_mqtt::{Control, Reason, error::SendPacketError, v3};
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Outbound, SendResult, Shared, run_writer},
+    connection::{Conn, Outbound, Qos2, SendResult, Shared, run_writer},
     message::{Message, QoS},
     metrics::{BrokerMetrics, DropReason, Protocol},
     router::{AttachOptions, Will},
@@ -133,11 +133,14 @@ pub(crate) async fn publish(
     let conn: &Conn = session;
     let packet = publish.packet();
     let qos: QoS = packet.qos.into();
+    let mut inbound = None;
     if qos == QoS::ExactlyOnce
         && let Some(id) = packet.packet_id
-        && conn.is_duplicate_qos2(id.get(), packet.dup)
     {
-        return Ok(());
+        match conn.begin_qos2(id.get(), packet.dup) {
+            Qos2::Duplicate => return Ok(()),
+            Qos2::New(ticket) => inbound = ticket,
+        }
     }
     let topic = packet.topic.clone();
     let retain = packet.retain;
@@ -150,8 +153,16 @@ pub(crate) async fn publish(
         return Ok(());
     }
     let message = Message::new(topic, payload, qos).with_retain(retain);
-    // MQTT 3.1.1 has no negative PUBACK: an invalid topic closes the connection.
-    conn.route(message).map(|_| ()).map_err(BrokerError::Topic)
+    // MQTT 3.1.1 has no negative PUBACK: an invalid topic or a failed state write closes
+    // the connection, so the publisher re-sends after reconnecting.
+    let routed = conn.route(message).map_err(BrokerError::Topic)?;
+    if qos != QoS::AtMostOnce {
+        routed
+            .durable_with(inbound)
+            .await
+            .map_err(|e| BrokerError::Store(e.to_string()))?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn protocol(

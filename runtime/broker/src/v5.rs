@@ -24,7 +24,7 @@ use ntex_mqtt::{
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Outbound, SendResult, Shared, run_writer},
+    connection::{Conn, Outbound, Qos2, SendResult, Shared, run_writer},
     message::{ByteString, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
@@ -185,11 +185,14 @@ pub(crate) async fn publish(
     let conn: &Conn = session;
     let packet = publish.packet();
     let qos: QoS = packet.qos.into();
+    let mut inbound = None;
     if qos == QoS::ExactlyOnce
         && let Some(id) = packet.packet_id
-        && conn.is_duplicate_qos2(id.get(), packet.dup)
     {
-        return Ok(publish.ack());
+        match conn.begin_qos2(id.get(), packet.dup) {
+            Qos2::Duplicate => return Ok(publish.ack()),
+            Qos2::New(ticket) => inbound = ticket,
+        }
     }
     let topic = packet.topic.clone();
     let retain = packet.retain;
@@ -224,10 +227,24 @@ pub(crate) async fn publish(
         .with_retain(retain)
         .with_properties(properties);
     match conn.route(message) {
-        Ok(0) => Ok(publish
-            .ack()
-            .reason_code(PublishAckReason::NoMatchingSubscribers)),
-        Ok(_) => Ok(publish.ack()),
+        Ok(routed) => {
+            let code = if routed.delivered == 0 {
+                PublishAckReason::NoMatchingSubscribers
+            } else {
+                PublishAckReason::Success
+            };
+            // Acknowledge only what is durable (retained, queued for persistent sessions).
+            if qos != QoS::AtMostOnce
+                && let Err(error) = routed.durable_with(inbound).await
+            {
+                tracing::error!(client_id = conn.client_id(), %error, "Publish not acknowledged: state file write failed.");
+                return Ok(publish
+                    .ack()
+                    .reason_code(PublishAckReason::UnspecifiedError)
+                    .reason("the gateway could not store the message".into()));
+            }
+            Ok(publish.ack().reason_code(code))
+        }
         Err(error) => Ok(publish
             .ack()
             .reason_code(PublishAckReason::TopicNameInvalid)

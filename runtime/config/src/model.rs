@@ -27,6 +27,9 @@ pub struct Gateway {
     pub id: String,
     /// Where the state file lives.
     pub data_dir: PathBuf,
+    /// Minimum time between two commits of the state file: bounds fsyncs per second.
+    /// QoS 1/2 publishes that must be durable wait up to this long for their ack.
+    pub commit_interval: Duration,
 }
 
 impl Default for Gateway {
@@ -34,6 +37,7 @@ impl Default for Gateway {
         Self {
             id: "edgegw".into(),
             data_dir: PathBuf::from("./edgegw-data"),
+            commit_interval: Duration::from_millis(10),
         }
     }
 }

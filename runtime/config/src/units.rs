@@ -14,6 +14,10 @@ impl Duration {
         Self(StdDuration::from_secs(secs))
     }
 
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(StdDuration::from_millis(ms))
+    }
+
     pub fn as_std(self) -> StdDuration {
         self.0
     }

@@ -136,6 +136,17 @@ pub fn validate(config: &Config) -> Vec<Issue> {
         );
     }
 
+    let interval = config.gateway.commit_interval.as_std();
+    if interval > std::time::Duration::from_secs(1) {
+        issue(
+            &["gateway", "commit_interval"],
+            format!(
+                "gateway.commit_interval {} is too long: acknowledgements wait for it; use at most 1s (10ms is a good start)",
+                config.gateway.commit_interval
+            ),
+        );
+    }
+
     let broker = &config.broker;
     if broker.listeners.is_empty() {
         issue(

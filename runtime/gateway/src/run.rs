@@ -6,6 +6,7 @@ use edgegw_broker::{
     TlsFiles,
 };
 use edgegw_config::{Config, LogFormat};
+use edgegw_store::{Store, StoreOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -58,11 +59,23 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
     tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "Metrics listening.");
 
     let limits = &config.broker.limits;
-    let router = Router::new(RouterLimits {
-        max_queued: limits.max_queued as usize,
-        max_session_expiry_secs: u32::try_from(limits.max_session_expiry.as_secs())
-            .unwrap_or(u32::MAX),
-    });
+    let state_path = config.gateway.data_dir.join("state.db");
+    let (store, snapshot) = Store::open(
+        &state_path,
+        StoreOptions {
+            commit_interval: config.gateway.commit_interval.as_std(),
+        },
+    )
+    .context("cannot open the state file; the gateway does not start with empty state")?;
+    let router = Router::with_store(
+        RouterLimits {
+            max_queued: limits.max_queued as usize,
+            max_session_expiry_secs: u32::try_from(limits.max_session_expiry.as_secs())
+                .unwrap_or(u32::MAX),
+        },
+        store.clone(),
+        snapshot,
+    );
     let settings = BrokerSettings {
         listeners: config
             .broker
@@ -101,6 +114,8 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
     tracing::info!("Shutting down.");
     telemetry.set_ready(false);
     broker.stop().await;
+    // Commit what is pending and stop the writer thread (off the async workers).
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
     shutdown.cancel();
     tracing::info!("Stopped.");
     Ok(())

@@ -20,6 +20,10 @@ pub const BROKER_PROTOCOL_ERRORS: &str = "edgegw_broker_protocol_errors_total";
 pub const BROKER_WILLS: &str = "edgegw_broker_wills_published_total";
 pub const BROKER_AUTH_FAILURES: &str = "edgegw_broker_auth_failures_total";
 pub const BROKER_ACL_DENIALS: &str = "edgegw_broker_acl_denials_total";
+pub const STORE_COMMITS: &str = "edgegw_store_commits_total";
+pub const STORE_OPS: &str = "edgegw_store_ops_total";
+pub const STORE_COMMIT_ERRORS: &str = "edgegw_store_commit_errors_total";
+pub const STORE_PENDING_OPS: &str = "edgegw_store_pending_ops";
 
 /// Label values of [`BROKER_DROPPED`]'s `reason`.
 pub const DROP_REASONS: &[&str] = &[
@@ -88,5 +92,18 @@ pub fn describe() {
     describe_counter!(
         BROKER_ACL_DENIALS,
         "Operations refused by the ACL, by action: publish (message dropped) or subscribe (failure return code)."
+    );
+    describe_counter!(
+        STORE_COMMITS,
+        "State file commits (each one transaction and one fsync)."
+    );
+    describe_counter!(STORE_OPS, "Changes written to the state file.");
+    describe_counter!(
+        STORE_COMMIT_ERRORS,
+        "State file commits that failed (e.g. disk full); their changes are lost."
+    );
+    describe_gauge!(
+        STORE_PENDING_OPS,
+        "Changes waiting for the next state file commit."
     );
 }

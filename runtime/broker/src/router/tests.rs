@@ -356,3 +356,26 @@ fn tree_agrees_with_reference_matching() {
         )
         .unwrap();
 }
+
+#[tokio::test]
+async fn large_fan_out_still_merges_overlapping_subscriptions() {
+    let r = router();
+    let clients: Vec<LocalClient> = (0..40).map(|i| r.local_client(&format!("c{i}"))).collect();
+    for c in &clients {
+        c.subscribe("f/+", SubOptions::qos(QoS::AtMostOnce))
+            .unwrap();
+        c.subscribe("f/#", SubOptions::qos(QoS::AtLeastOnce))
+            .unwrap();
+    }
+    clients[0]
+        .subscribe("$share/g/f/x", SubOptions::qos(QoS::AtMostOnce))
+        .unwrap();
+    let routed = r.publish(msg("f/x", "v", QoS::AtLeastOnce));
+    // One merged delivery per client plus the shared-group pick as its own delivery.
+    assert_eq!(routed.delivered, 41);
+    assert_eq!(clients[0].queued(), 2);
+    for c in &clients[1..] {
+        assert_eq!(c.queued(), 1);
+        assert_eq!(next(c).await.qos, QoS::AtLeastOnce);
+    }
+}
