@@ -822,3 +822,64 @@ fn client_certificate_cn_is_the_user_name() {
     // The plain listener still wants a password.
     assert_eq!(login(gw.mqtt, false, "plain", None, None).0, 0x05);
 }
+
+// ---------------------------------------------------------------------------------------
+// Session ownership.
+
+/// MQTT 3.1.1 CONNECT with clean session 0 and credentials.
+fn connect_v3_persistent(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let mut body = raw::string("MQTT");
+    body.extend([4, 0xc0]);
+    body.extend(30u16.to_be_bytes());
+    body.extend(raw::string(client_id));
+    body.extend(raw::string(user));
+    body.extend(raw::string(password));
+    packet(0x10, &body)
+}
+
+/// A persistent session belongs to the user who made it: another user connecting with the
+/// same client id gets a new, empty session, never the first user's queued messages.
+#[test]
+fn a_session_is_resumed_only_by_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = password_file(dir.path(), &[("alice", "a-pw"), ("bob", "b-pw")]);
+    let gw = Gateway::start_with(
+        &format!(
+            "  auth:\n    allow_anonymous: false\n    password_file: {}\n",
+            users.display()
+        ),
+        "",
+    );
+    let persistent = |user: &str, password: &str| {
+        let mut c = Raw::connect(gw.mqtt);
+        c.send(&connect_v3_persistent("shared-id", user, password));
+        let ack = c.read(WAIT).expect("CONNACK");
+        assert_eq!(ack.body[1], 0, "{user} connects");
+        (c, ack.body[0] & 1 == 1)
+    };
+    let (mut alice, present) = persistent("alice", "a-pw");
+    assert!(!present);
+    alice.send(&raw::subscribe_v3(1, "private/alice", 1));
+    assert!(alice.read_kind(raw::SUBACK, WAIT).0.is_some());
+    drop(alice);
+    gw.wait_metric("edgegw_broker_connections{protocol=\"3.1.1\"}", WAIT, |v| {
+        v == 0.0
+    });
+
+    let mut publisher = client(&gw, false, "pub", Some("alice"), Some("a-pw"));
+    assert_eq!(publisher.publish(1, 1, "private/alice"), 0);
+
+    let (mut bob, present) = persistent("bob", "b-pw");
+    assert!(!present, "bob must not resume alice's session");
+    assert!(
+        bob.read(Duration::from_millis(800)).is_none(),
+        "bob received alice's queued message"
+    );
+    drop(bob);
+    gw.wait_metric("edgegw_broker_connections{protocol=\"3.1.1\"}", WAIT, |v| {
+        v <= 1.0
+    });
+    // Alice's session ended when bob took the id; she starts fresh too.
+    let (_, present) = persistent("alice", "a-pw");
+    assert!(!present, "the session was bob's now, not alice's");
+}

@@ -51,6 +51,10 @@ pub struct AttachOptions {
     pub clean_start: bool,
     /// Seconds the session outlives the connection; `u32::MAX` never expires.
     pub session_expiry_secs: u32,
+    /// The authenticated user name. A session is resumed only by the user that created it:
+    /// anyone else gets a fresh one (the old session ends), so a client id never hands one
+    /// user's subscriptions and queued messages to another.
+    pub owner: Option<Arc<str>>,
 }
 
 /// The result of attaching: the session and the generation that identifies this
@@ -217,6 +221,7 @@ impl Router {
                 self.0.persistence.clone(),
             ));
             session.restore(
+                stored.owner.as_deref().map(Arc::from),
                 stored.expiry_secs,
                 queued,
                 inflight,
@@ -283,8 +288,12 @@ impl Router {
         let attached = {
             let mut sessions = lock(&self.0.sessions);
             match sessions.get(&options.client_id).cloned() {
-                Some(existing) if !options.clean_start && !existing.is_ended() => {
-                    let generation = existing.attach(expiry);
+                Some(existing)
+                    if !options.clean_start
+                        && !existing.is_ended()
+                        && existing.owner() == options.owner =>
+                {
+                    let generation = existing.attach(expiry, options.owner.clone());
                     Attached {
                         session: existing,
                         generation,
@@ -292,6 +301,15 @@ impl Router {
                     }
                 }
                 existing => {
+                    if let Some(old) = &existing
+                        && !options.clean_start
+                        && old.owner() != options.owner
+                    {
+                        tracing::info!(
+                            client_id = %options.client_id,
+                            "Session not resumed: it belongs to another user; starting a new one."
+                        );
+                    }
                     if let Some(old) = existing {
                         sessions.remove(&options.client_id);
                         ended = Some(old);
@@ -306,7 +324,7 @@ impl Router {
                         self.0.persistence.clone(),
                     ));
                     sessions.insert(options.client_id.clone(), session.clone());
-                    let generation = session.attach(expiry);
+                    let generation = session.attach(expiry, options.owner.clone());
                     Attached {
                         session,
                         generation,
@@ -565,6 +583,7 @@ impl Router {
             client_id: client_id.into(),
             clean_start: true,
             session_expiry_secs: 0,
+            owner: None,
         });
         LocalClient {
             router: self.clone(),

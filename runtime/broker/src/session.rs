@@ -87,6 +87,8 @@ struct State {
     pending_will: Option<Message>,
     /// Written to the state file (a store exists and the session outlives connections).
     persisted: bool,
+    /// The user name that created the session; only that user may resume it.
+    owner: Option<Arc<str>>,
 }
 
 /// Where a session writes its durable state.
@@ -153,6 +155,7 @@ impl Session {
     /// Rebuilds an offline session from the state file.
     pub(crate) fn restore(
         &self,
+        owner: Option<Arc<str>>,
         expiry_secs: u32,
         queued: Vec<Delivery>,
         inflight: Vec<(u16, Delivery, bool)>,
@@ -161,6 +164,7 @@ impl Session {
     ) {
         let mut state = self.lock();
         state.expiry_secs = expiry_secs;
+        state.owner = owner;
         state.persisted = self.persistence.is_some() && expiry_secs > 0;
         self.metrics.queued.increment(queued.len() as f64);
         state.queue.extend(queued);
@@ -231,7 +235,7 @@ impl Session {
 
     /// Marks a new connection as the owner; returns its generation. The previous owner,
     /// if any, sees [`Superseded`] on its next call.
-    pub(crate) fn attach(&self, expiry_secs: u32) -> u64 {
+    pub(crate) fn attach(&self, expiry_secs: u32, owner: Option<Arc<str>>) -> u64 {
         let generation = {
             let mut state = self.lock();
             state.generation += 1;
@@ -239,9 +243,12 @@ impl Session {
             // A new connection to this session cancels a delayed will [MQTT-3.1.3-9].
             state.pending_will = None;
             state.persisted = self.persistence.is_some() && expiry_secs > 0;
+            state.owner = owner;
+            let owner = state.owner.as_deref().map(str::to_string);
             self.persist(&state, |client_id| Op::PutSession {
                 client_id,
                 expiry_secs,
+                owner,
             });
             self.persist(&state, |client_id| Op::SetDisconnected {
                 client_id,
@@ -271,6 +278,11 @@ impl Session {
         true
     }
 
+    /// The user name that created the session.
+    pub fn owner(&self) -> Option<Arc<str>> {
+        self.lock().owner.clone()
+    }
+
     pub fn generation(&self) -> u64 {
         self.lock().generation
     }
@@ -283,9 +295,11 @@ impl Session {
     pub(crate) fn set_expiry(&self, expiry_secs: u32) {
         let mut state = self.lock();
         state.expiry_secs = expiry_secs;
+        let owner = state.owner.as_deref().map(str::to_string);
         self.persist(&state, |client_id| Op::PutSession {
             client_id,
             expiry_secs,
+            owner,
         });
     }
 

@@ -84,6 +84,7 @@ pub(crate) async fn connect(
         client_id: client_id.as_str().into(),
         clean_start: packet.clean_session,
         session_expiry_secs: if packet.clean_session { 0 } else { u32::MAX },
+        owner: user.as_deref().map(Arc::from),
     });
     let conn = Conn::new(
         shared.clone(),

@@ -103,6 +103,7 @@ pub(crate) async fn connect(
         client_id: client_id.as_str().into(),
         clean_start: packet.clean_start,
         session_expiry_secs: requested_expiry,
+        owner: user.as_deref().map(Arc::from),
     });
     let granted_expiry = attached.session.expiry_secs();
     let client_receive_max = packet.receive_max.map_or(65_535, NonZeroU16::get);

@@ -61,10 +61,11 @@ pub enum Op {
     DeleteRetained {
         topic: String,
     },
-    /// Creates or updates a session.
+    /// Creates or updates a session; `owner` is the user name that created it.
     PutSession {
         client_id: String,
         expiry_secs: u32,
+        owner: Option<String>,
     },
     /// `at_unix_secs: None` marks it connected.
     SetDisconnected {
@@ -121,6 +122,8 @@ pub struct Snapshot {
 pub struct StoredSession {
     pub client_id: String,
     pub expiry_secs: u32,
+    /// The user name that created the session (only that user may resume it).
+    pub owner: Option<String>,
     /// When the client went away; `None` if it was connected when the gateway stopped.
     pub disconnected_at: Option<u64>,
     pub subscriptions: Vec<(String, Vec<u8>)>,
@@ -384,12 +387,13 @@ fn apply(connection: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
             Op::PutSession {
                 client_id,
                 expiry_secs,
+                owner,
             } => {
                 tx.prepare_cached(
-                    "INSERT INTO sessions(client_id, expiry_secs, disconnected_at) VALUES (?1, ?2, NULL)
-                     ON CONFLICT(client_id) DO UPDATE SET expiry_secs = excluded.expiry_secs",
+                    "INSERT INTO sessions(client_id, expiry_secs, disconnected_at, owner) VALUES (?1, ?2, NULL, ?3)
+                     ON CONFLICT(client_id) DO UPDATE SET expiry_secs = excluded.expiry_secs, owner = excluded.owner",
                 )?
-                .execute(params![client_id, expiry_secs])?;
+                .execute(params![client_id, expiry_secs, owner])?;
             }
             Op::SetDisconnected {
                 client_id,
@@ -477,7 +481,7 @@ fn read_snapshot(connection: &Connection) -> rusqlite::Result<Snapshot> {
         .collect::<rusqlite::Result<_>>()?;
 
     let mut sessions = connection.prepare(
-        "SELECT client_id, expiry_secs, disconnected_at FROM sessions ORDER BY client_id",
+        "SELECT client_id, expiry_secs, disconnected_at, owner FROM sessions ORDER BY client_id",
     )?;
     let mut subscriptions = connection
         .prepare("SELECT filter, record FROM subscriptions WHERE client_id = ?1 ORDER BY filter")?;
@@ -486,10 +490,13 @@ fn read_snapshot(connection: &Connection) -> rusqlite::Result<Snapshot> {
     )?;
     let mut inbound = connection
         .prepare("SELECT packet_id FROM inbound_qos2 WHERE client_id = ?1 ORDER BY packet_id")?;
-    let rows: Vec<(String, u32, Option<i64>)> = sessions
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+    type Row = (String, u32, Option<i64>, Option<String>);
+    let rows: Vec<Row> = sessions
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
-    for (client_id, expiry_secs, disconnected_at) in rows {
+    for (client_id, expiry_secs, disconnected_at, owner) in rows {
         let session = StoredSession {
             subscriptions: subscriptions
                 .query_map(params![client_id], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -509,6 +516,7 @@ fn read_snapshot(connection: &Connection) -> rusqlite::Result<Snapshot> {
                 .collect::<rusqlite::Result<_>>()?,
             client_id,
             expiry_secs,
+            owner,
             disconnected_at: disconnected_at.map(|t| t as u64),
         };
         snapshot.sessions.push(session);

@@ -20,7 +20,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE sessions (
          client_id       TEXT PRIMARY KEY,
          expiry_secs     INTEGER NOT NULL,
-         disconnected_at INTEGER
+         disconnected_at INTEGER,
+         owner           TEXT
      ) WITHOUT ROWID;
      CREATE TABLE subscriptions (
          client_id TEXT NOT NULL,

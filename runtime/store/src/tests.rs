@@ -32,6 +32,7 @@ async fn ops_survive_reopen() {
         Op::PutSession {
             client_id: c("c1"),
             expiry_secs: 60,
+            owner: Some(c("alice")),
         },
         Op::PutSubscription {
             client_id: c("c1"),
@@ -69,6 +70,7 @@ async fn ops_survive_reopen() {
         Op::PutSession {
             client_id: c("gone"),
             expiry_secs: 5,
+            owner: None,
         },
         Op::PutSubscription {
             client_id: c("gone"),
@@ -89,6 +91,7 @@ async fn ops_survive_reopen() {
         vec![StoredSession {
             client_id: c("c1"),
             expiry_secs: 60,
+            owner: Some(c("alice")),
             disconnected_at: Some(1000),
             subscriptions: vec![(c("x/#"), vec![9])],
             deliveries: vec![StoredDelivery {

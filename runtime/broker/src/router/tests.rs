@@ -174,6 +174,7 @@ async fn persistent_session_keeps_subscriptions_and_queues_offline() {
         client_id: "p".into(),
         clean_start: false,
         session_expiry_secs: 60,
+        owner: None,
     };
     let first = r.attach(options.clone());
     assert!(!first.session_present);
@@ -197,6 +198,7 @@ async fn takeover_supersedes_the_old_connection() {
         client_id: "t".into(),
         clean_start: false,
         session_expiry_secs: 60,
+        owner: None,
     };
     let first = r.attach(options.clone());
     let second = r.attach(options);
@@ -222,6 +224,7 @@ async fn inflight_window_and_redelivery_after_reconnect() {
         client_id: "w".into(),
         clean_start: false,
         session_expiry_secs: 60,
+        owner: None,
     };
     let a = r.attach(options.clone());
     r.subscribe(
@@ -258,6 +261,7 @@ async fn will_is_published_after_delay_unless_reconnected() {
         client_id: "w".into(),
         clean_start: false,
         session_expiry_secs: 60,
+        owner: None,
     };
     let will = |delay| Will {
         message: msg("will/w", "gone", QoS::AtLeastOnce),
@@ -288,6 +292,7 @@ async fn clean_start_discards_the_old_session() {
         client_id: "c".into(),
         clean_start: false,
         session_expiry_secs: 60,
+        owner: None,
     };
     let a = r.attach(persistent.clone());
     r.subscribe(
@@ -332,6 +337,7 @@ fn tree_agrees_with_reference_matching() {
                         client_id: format!("c{i}").into(),
                         clean_start: true,
                         session_expiry_secs: 0,
+                        owner: None,
                     });
                     r.subscribe(
                         &a.session,
