@@ -36,6 +36,9 @@ pub struct ConnectionLimits {
     pub receive_maximum: u16,
     pub max_inflight: u16,
     pub topic_alias_maximum: u16,
+    /// PUBLISH packets per second one connection may send; 0 = unlimited. Faster
+    /// publishers are slowed down (their packets wait), never disconnected.
+    pub max_publish_rate: u32,
 }
 
 /// State shared by all connections of all listeners.
@@ -73,6 +76,32 @@ pub(crate) enum Qos2 {
     New(Option<edgegw_store::Ticket>),
 }
 
+/// A per-connection publish rate limit: publishes get slots `interval` apart, with a burst
+/// of one second's worth allowed after a quiet period.
+struct RateLimit {
+    gate: tokio::sync::Mutex<()>,
+    next: Cell<tokio::time::Instant>,
+    interval: std::time::Duration,
+    throttled: metrics::Counter,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        let interval = std::time::Duration::from_secs(1) / per_second.max(1);
+        Self {
+            gate: tokio::sync::Mutex::new(()),
+            // Starting a second in the past allows an initial burst of `per_second`.
+            next: Cell::new(
+                tokio::time::Instant::now()
+                    .checked_sub(std::time::Duration::from_secs(1))
+                    .unwrap_or_else(tokio::time::Instant::now),
+            ),
+            interval,
+            throttled: metrics::counter!(edgegw_telemetry::names::BROKER_THROTTLED),
+        }
+    }
+}
+
 /// One of `max_connections`; released on drop.
 pub(crate) struct Slot(Arc<Shared>);
 
@@ -93,6 +122,8 @@ pub(crate) struct Conn {
     pub graceful: Cell<bool>,
     /// Wakes the writer when the connection ends.
     pub closed: Rc<Notify>,
+    /// Publish rate limit state, when `max_publish_rate` is set.
+    rate: Option<RateLimit>,
     /// Packet ids of PUBRELs the writer re-sent after a reconnect (ntex does not know
     /// them); [`ReleaseGuard`] takes their PUBCOMP before ntex would reject it.
     pub resent_releases: Rc<RefCell<HashSet<u16>>>,
@@ -113,6 +144,10 @@ impl Conn {
         slot: Slot,
     ) -> Self {
         shared.router.metrics().connection_opened(protocol);
+        let rate = match shared.limits.max_publish_rate {
+            0 => None,
+            per_second => Some(RateLimit::new(per_second)),
+        };
         Self {
             shared,
             session,
@@ -121,6 +156,7 @@ impl Conn {
             will: RefCell::new(will),
             graceful: Cell::new(false),
             closed: Rc::new(Notify::new()),
+            rate,
             resent_releases: Rc::new(RefCell::new(HashSet::new())),
             acl,
             finished: Cell::new(false),
@@ -134,6 +170,21 @@ impl Conn {
 
     pub fn client_id(&self) -> &str {
         &self.session.client_id
+    }
+
+    /// Waits for this connection's turn under `max_publish_rate` (no-op when unlimited).
+    /// Publishes queue in packet order behind a FIFO lock, so throttling never reorders
+    /// them; while they wait, ntex stops reading from the client (backpressure).
+    pub async fn throttle(&self) {
+        let Some(rate) = &self.rate else { return };
+        let _turn = rate.gate.lock().await;
+        let now = tokio::time::Instant::now();
+        let slot = rate.next.get().max(now);
+        rate.next.set(slot + rate.interval);
+        if slot > now {
+            rate.throttled.increment(1);
+            tokio::time::sleep_until(slot).await;
+        }
     }
 
     /// Routes an inbound PUBLISH as this client.

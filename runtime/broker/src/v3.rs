@@ -156,6 +156,7 @@ pub(crate) async fn publish(
     let message = Message::new(topic, payload, qos).with_retain(retain);
     // MQTT 3.1.1 has no negative PUBACK: an invalid topic or a failed state write closes
     // the connection, so the publisher re-sends after reconnecting.
+    conn.throttle().await;
     let routed = conn.route(message).map_err(BrokerError::Topic)?;
     if qos != QoS::AtMostOnce {
         routed

@@ -227,6 +227,7 @@ pub(crate) async fn publish(
     let message = Message::new(topic, payload, qos)
         .with_retain(retain)
         .with_properties(properties);
+    conn.throttle().await;
     match conn.route(message) {
         Ok(routed) => {
             let code = if routed.delivered == 0 {

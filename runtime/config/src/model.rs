@@ -182,6 +182,8 @@ pub struct Limits {
     pub topic_alias_maximum: u16,
     /// Longest session expiry a v5 client may ask for.
     pub max_session_expiry: Duration,
+    /// PUBLISH packets per second one connection may send; 0 = unlimited.
+    pub max_publish_rate: u32,
 }
 
 impl Default for Limits {
@@ -195,6 +197,7 @@ impl Default for Limits {
             max_queued: 1000,
             topic_alias_maximum: 32,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            max_publish_rate: 0,
         }
     }
 }

@@ -98,6 +98,7 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
             receive_maximum: limits.receive_maximum,
             max_inflight: limits.max_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
+            max_publish_rate: limits.max_publish_rate,
         },
         auth,
         workers: 0,

@@ -18,6 +18,7 @@ pub const BROKER_SESSIONS: &str = "edgegw_broker_sessions";
 pub const BROKER_QUEUED: &str = "edgegw_broker_queued_messages";
 pub const BROKER_PROTOCOL_ERRORS: &str = "edgegw_broker_protocol_errors_total";
 pub const BROKER_WILLS: &str = "edgegw_broker_wills_published_total";
+pub const BROKER_THROTTLED: &str = "edgegw_broker_publishes_throttled_total";
 pub const BROKER_AUTH_FAILURES: &str = "edgegw_broker_auth_failures_total";
 pub const BROKER_ACL_DENIALS: &str = "edgegw_broker_acl_denials_total";
 pub const STORE_COMMITS: &str = "edgegw_store_commits_total";
@@ -85,6 +86,10 @@ pub fn describe() {
         "Connections closed for malformed packets or protocol violations, by kind."
     );
     describe_counter!(BROKER_WILLS, "Will messages published.");
+    describe_counter!(
+        BROKER_THROTTLED,
+        "PUBLISH packets delayed by broker.limits.max_publish_rate."
+    );
     describe_counter!(
         BROKER_AUTH_FAILURES,
         "Refused logins at CONNECT, by reason: unknown_user, wrong_password, no_password, anonymous (anonymous clients not allowed), certificate (no usable client certificate CN), banned (address refused after repeated failures)."
