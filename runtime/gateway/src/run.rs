@@ -44,6 +44,7 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
         "{}",
         config.summary()
     );
+    raise_file_limit(config.broker.limits.max_connections);
     let telemetry = edgegw_telemetry::Telemetry::install().context("cannot set up metrics")?;
     std::fs::create_dir_all(&config.gateway.data_dir).with_context(|| {
         format!(
@@ -120,6 +121,27 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
     shutdown.cancel();
     tracing::info!("Stopped.");
     Ok(())
+}
+
+/// Each connection is a file descriptor: raise the soft limit to the hard one so
+/// `max_connections` can be reached, and say so when even that is too low.
+fn raise_file_limit(max_connections: u32) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            // Listeners, the state file, metrics and logs need some descriptors too.
+            let needed = u64::from(max_connections) + 64;
+            if limit < needed {
+                tracing::warn!(
+                    limit,
+                    max_connections,
+                    "Open-file limit is below broker.limits.max_connections; raise LimitNOFILE (systemd) or ulimit -n."
+                );
+            } else {
+                tracing::debug!(limit, "Open-file limit.");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "Cannot raise the open-file limit."),
+    }
 }
 
 async fn wait_for_signal() {
