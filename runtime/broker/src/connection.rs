@@ -262,6 +262,50 @@ pub(crate) enum SendResult {
     Closed,
 }
 
+impl SendResult {
+    pub fn from_error(error: &ntex_mqtt::error::SendPacketError) -> Self {
+        use ntex_mqtt::error::SendPacketError as E;
+        match error {
+            E::Encode(_) => SendResult::Rejected,
+            E::Disconnected => SendResult::Closed,
+            other => {
+                tracing::error!(error = %other, "Unexpected send error; message dropped.");
+                SendResult::Rejected
+            }
+        }
+    }
+}
+
+/// Follows one outgoing QoS 2 delivery through PUBREC, PUBREL and PUBCOMP (a task per
+/// message: ntex has no callback form for QoS 2), keeping the session's in-flight state in
+/// step. `accepted` tells whether the PUBREC continues the flow.
+pub(crate) async fn complete_qos2<R, Release>(
+    session: Arc<Session>,
+    packet_id: u16,
+    metrics: Arc<BrokerMetrics>,
+    sent: impl Future<Output = Result<R, ntex_mqtt::error::SendPacketError>>,
+    accepted: impl FnOnce(&R) -> bool,
+    release: impl FnOnce(R) -> Release,
+) where
+    Release: Future<Output = Result<(), ntex_mqtt::error::SendPacketError>>,
+{
+    match sent.await {
+        Ok(received) if !accepted(&received) => session.acknowledge(packet_id),
+        Ok(received) => {
+            session.received(packet_id);
+            if release(received).await.is_ok() {
+                session.acknowledge(packet_id);
+            }
+        }
+        Err(ntex_mqtt::error::SendPacketError::Encode(_)) => {
+            session.acknowledge(packet_id);
+            metrics.dropped(DropReason::TooLarge, 1);
+        }
+        // Disconnected: the delivery stays in flight and is re-sent after a reconnect.
+        Err(_) => {}
+    }
+}
+
 /// Drains the session into the connection until either ends.
 pub(crate) async fn run_writer<O: Outbound>(
     mut out: O,

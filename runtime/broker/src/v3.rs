@@ -3,14 +3,14 @@
 use std::{cell::RefCell, collections::HashSet, num::NonZeroU16, rc::Rc, sync::Arc};
 
 use ntex::time::Seconds;
-use ntex_mqtt::{Control, Reason, error::SendPacketError, v3};
+use ntex_mqtt::{Control, Reason, v3};
 
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Outbound, Qos2, SendResult, Shared, run_writer},
+    connection::{Conn, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer},
     message::{Message, QoS},
-    metrics::{BrokerMetrics, DropReason, Protocol},
+    metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
     session::{Outgoing, Session},
     tree::SubOptions,
@@ -272,17 +272,6 @@ impl Sink {
     }
 }
 
-fn classify(error: &SendPacketError) -> SendResult {
-    match error {
-        SendPacketError::Encode(_) => SendResult::Rejected,
-        SendPacketError::Disconnected => SendResult::Closed,
-        other => {
-            tracing::error!(error = %other, "Unexpected send error; message dropped.");
-            SendResult::Rejected
-        }
-    }
-}
-
 impl Outbound for Sink {
     fn is_open(&self) -> bool {
         self.sink.is_open()
@@ -300,7 +289,7 @@ impl Outbound for Sink {
         let payload = outgoing.delivery.message.payload.clone();
         match self.builder(&outgoing).send_at_most_once(payload).await {
             Ok(()) => SendResult::Sent,
-            Err(error) => classify(&error),
+            Err(error) => SendResult::from_error(&error),
         }
     }
 
@@ -308,7 +297,7 @@ impl Outbound for Sink {
         let payload = outgoing.delivery.message.payload.clone();
         match self.builder(&outgoing).send_at_least_once_no_block(payload) {
             Ok(()) => SendResult::Sent,
-            Err(error) => classify(&error),
+            Err(error) => SendResult::from_error(&error),
         }
     }
 
@@ -318,23 +307,14 @@ impl Outbound for Sink {
         let Some(id) = outgoing.packet_id.map(NonZeroU16::get) else {
             return SendResult::Rejected;
         };
-        let session = self.session.clone();
-        let metrics = self.metrics.clone();
-        ntex::rt::spawn(async move {
-            match builder.send_exactly_once(payload).await {
-                Ok(received) => {
-                    session.received(id);
-                    if received.release().await.is_ok() {
-                        session.acknowledge(id);
-                    }
-                }
-                Err(SendPacketError::Encode(_)) => {
-                    session.acknowledge(id);
-                    metrics.dropped(DropReason::TooLarge, 1);
-                }
-                Err(_) => {}
-            }
-        });
+        ntex::rt::spawn(complete_qos2(
+            self.session.clone(),
+            id,
+            self.metrics.clone(),
+            builder.send_exactly_once(payload),
+            |_| true,
+            |received| received.release(),
+        ));
         SendResult::Sent
     }
 

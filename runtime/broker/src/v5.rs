@@ -11,7 +11,6 @@ use std::{
 
 use ntex_mqtt::{
     Control, Reason,
-    error::SendPacketError,
     v5::{
         self,
         codec::{
@@ -24,7 +23,7 @@ use ntex_mqtt::{
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Outbound, Qos2, SendResult, Shared, run_writer},
+    connection::{Conn, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer},
     message::{ByteString, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
@@ -423,17 +422,6 @@ impl Sink {
     }
 }
 
-fn classify(error: &SendPacketError) -> SendResult {
-    match error {
-        SendPacketError::Encode(_) => SendResult::Rejected,
-        SendPacketError::Disconnected => SendResult::Closed,
-        other => {
-            tracing::error!(error = %other, "Unexpected send error; message dropped.");
-            SendResult::Rejected
-        }
-    }
-}
-
 impl Outbound for Sink {
     fn is_open(&self) -> bool {
         self.sink.is_open()
@@ -451,7 +439,7 @@ impl Outbound for Sink {
         let payload = outgoing.delivery.message.payload.clone();
         match self.builder(&outgoing).send_at_most_once(payload).await {
             Ok(()) => SendResult::Sent,
-            Err(error) => classify(&error),
+            Err(error) => SendResult::from_error(&error),
         }
     }
 
@@ -459,7 +447,7 @@ impl Outbound for Sink {
         let payload = outgoing.delivery.message.payload.clone();
         match self.builder(&outgoing).send_at_least_once_no_block(payload) {
             Ok(()) => SendResult::Sent,
-            Err(error) => classify(&error),
+            Err(error) => SendResult::from_error(&error),
         }
     }
 
@@ -469,27 +457,15 @@ impl Outbound for Sink {
         let Some(id) = outgoing.packet_id.map(NonZeroU16::get) else {
             return SendResult::Rejected;
         };
-        let session = self.session.clone();
-        let metrics = self.metrics.clone();
-        ntex::rt::spawn(async move {
-            match builder.send_exactly_once(payload).await {
-                Ok(received) => {
-                    if u8::from(received.packet().reason_code) >= 0x80 {
-                        session.acknowledge(id);
-                        return;
-                    }
-                    session.received(id);
-                    if received.release().await.is_ok() {
-                        session.acknowledge(id);
-                    }
-                }
-                Err(SendPacketError::Encode(_)) => {
-                    session.acknowledge(id);
-                    metrics.dropped(crate::metrics::DropReason::TooLarge, 1);
-                }
-                Err(_) => {}
-            }
-        });
+        ntex::rt::spawn(complete_qos2(
+            self.session.clone(),
+            id,
+            self.metrics.clone(),
+            builder.send_exactly_once(payload),
+            // A PUBREC with a failure code ends the flow without PUBREL.
+            |received| u8::from(received.packet().reason_code) < 0x80,
+            |received| received.release(),
+        ));
         SendResult::Sent
     }
 
