@@ -238,3 +238,18 @@ fn unreadable_state_file_stops_the_gateway() {
         "left untouched"
     );
 }
+
+/// Clean sessions (the common case) never touch the state file: no fsyncs for them.
+#[test]
+fn clean_sessions_do_not_write_the_state_file() {
+    let gw = Gateway::start();
+    for i in 0..20 {
+        let (mut c, _) = connect_v3(&gw, &format!("clean-{i}"), true);
+        subscribe(&mut c, "c/#", 1);
+        c.send(&raw::publish_v3("c/x", 1, 1, false, b"x"));
+        assert!(c.read_kind(raw::PUBACK, WAIT).0.is_some());
+        c.send(&raw::disconnect());
+    }
+    gw.wait_metric("edgegw_broker_sessions", WAIT, |v| v == 0.0);
+    assert_eq!(gw.metric("edgegw_store_ops_total"), 0.0);
+}

@@ -87,6 +87,9 @@ struct State {
     pending_will: Option<Message>,
     /// Written to the state file (a store exists and the session outlives connections).
     persisted: bool,
+    /// It was persisted at some point, so its end must be written (clean sessions, the
+    /// common case, never touch the state file).
+    was_persisted: bool,
     /// The user name that created the session; only that user may resume it.
     owner: Option<Arc<str>>,
 }
@@ -166,6 +169,7 @@ impl Session {
         state.expiry_secs = expiry_secs;
         state.owner = owner;
         state.persisted = self.persistence.is_some() && expiry_secs > 0;
+        state.was_persisted = true;
         self.metrics.queued.increment(queued.len() as f64);
         state.queue.extend(queued);
         for (packet_id, delivery, released) in inflight {
@@ -243,6 +247,7 @@ impl Session {
             // A new connection to this session cancels a delayed will [MQTT-3.1.3-9].
             state.pending_will = None;
             state.persisted = self.persistence.is_some() && expiry_secs > 0;
+            state.was_persisted |= state.persisted;
             state.owner = owner;
             let owner = state.owner.as_deref().map(str::to_string);
             self.persist(&state, |client_id| Op::PutSession {
@@ -313,7 +318,9 @@ impl Session {
         let (subscriptions, discarded) = {
             let mut state = self.lock();
             state.ended = true;
-            if let Some(p) = &self.persistence {
+            if let Some(p) = &self.persistence
+                && state.was_persisted
+            {
                 // Also when not persisted now: an earlier connection may have persisted it.
                 p.store.submit_one(Op::DeleteSession {
                     client_id: self.client_id.to_string(),
