@@ -37,6 +37,10 @@ pub struct Gateway {
     child: Child,
     pub mqtt: SocketAddr,
     pub mqtts: Option<SocketAddr>,
+    /// The first WebSocket listener (`ws://ADDR/PATH` in the log), if any.
+    pub ws: Option<SocketAddr>,
+    /// The first WebSocket-over-TLS listener (`wss://ADDR/PATH`), if any.
+    pub wss: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub dir: tempfile::TempDir,
     /// The config file this gateway was started with.
@@ -96,6 +100,8 @@ impl Gateway {
             child,
             mqtt: "0.0.0.0:0".parse().unwrap(),
             mqtts: None,
+            ws: None,
+            wss: None,
             metrics: "0.0.0.0:0".parse().unwrap(),
             dir,
             config: path.to_path_buf(),
@@ -117,6 +123,10 @@ impl Gateway {
                     gateway.mqtt = addr.parse().unwrap();
                 } else if let Some(addr) = url.strip_prefix("mqtts://") {
                     gateway.mqtts = Some(addr.parse().unwrap());
+                } else if let Some(rest) = url.strip_prefix("ws://") {
+                    gateway.ws.get_or_insert(url_addr(rest));
+                } else if let Some(rest) = url.strip_prefix("wss://") {
+                    gateway.wss.get_or_insert(url_addr(rest));
                 } else if let Some(addr) = url.strip_prefix("http://") {
                     gateway.metrics = addr.trim_end_matches("/metrics").parse().unwrap();
                 }
@@ -255,6 +265,13 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The address of `ADDR/PATH` (a URL after its scheme).
+fn url_addr(rest: &str) -> SocketAddr {
+    let addr = rest.split_once('/').map_or(rest, |(addr, _)| addr);
+    addr.parse()
+        .unwrap_or_else(|e| panic!("bad listener URL {rest:?}: {e}"))
 }
 
 /// The `fields.message` of a JSON log line.

@@ -150,10 +150,18 @@ fn version_and_help() {
 
 /// 1-based (line, column) of the first occurrence of `needle` in `text`.
 fn position_of(text: &str, needle: &str) -> (usize, usize) {
+    positions_of(text, needle)
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("{needle:?} not in the file"))
+}
+
+/// 1-based (line, column) of each line's first occurrence of `needle` in `text`.
+fn positions_of(text: &str, needle: &str) -> Vec<(usize, usize)> {
     text.lines()
         .enumerate()
-        .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
-        .unwrap_or_else(|| panic!("{needle:?} not in the file"))
+        .filter_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
+        .collect()
 }
 
 #[test]
@@ -182,11 +190,19 @@ fn shipped_example_is_rejected_for_its_missing_files() {
         .collect();
     assert_eq!(
         errors.len(),
-        4,
-        "exactly the three TLS files and the password file:\n{stderr}"
+        6,
+        "exactly the TLS files (three of the mqtts listener, two of the wss one) and the password file:\n{stderr}"
     );
-    for ((key, path), line) in files.iter().zip(&errors) {
-        let (l, c) = position_of(&yaml, &format!("{key}: {path}"));
+    // In listener order: the mqtts listener's files, then the wss listener's.
+    let mut expected: Vec<(&str, &str, (usize, usize))> = Vec::new();
+    for (key, path) in files {
+        for position in positions_of(&yaml, &format!("{key}: {path}")) {
+            expected.push((key, path, position));
+        }
+    }
+    expected.sort_by_key(|(_, _, position)| *position);
+    assert_eq!(expected.len(), 5, "{expected:?}");
+    for ((key, path, (l, c)), line) in expected.iter().zip(&errors) {
         let value_column = c + key.len() + 2;
         let prefix = format!("{shown}:{l}:{value_column}: ");
         assert!(
@@ -198,13 +214,13 @@ fn shipped_example_is_rejected_for_its_missing_files() {
     }
     let (l, c) = position_of(&yaml, &format!("password_file: {password_file}"));
     let prefix = format!("{shown}:{l}:{}: ", c + "password_file: ".len());
-    assert!(errors[3].starts_with(&prefix), "want {prefix:?}: {stderr}");
+    assert!(errors[5].starts_with(&prefix), "want {prefix:?}: {stderr}");
     assert!(
-        errors[3].contains(&format!("edgegw passwd {password_file} USER")),
+        errors[5].contains(&format!("edgegw passwd {password_file} USER")),
         "{stderr}"
     );
     assert!(
-        stderr.contains(&format!("4 problems found in {shown}")),
+        stderr.contains(&format!("6 problems found in {shown}")),
         "{stderr}"
     );
     assert!(
@@ -239,6 +255,8 @@ fn shipped_example_is_rejected_for_its_missing_files() {
         "pi-kitchen",
         "mqtt://0.0.0.0:1883",
         "mqtts://0.0.0.0:8883",
+        "ws://0.0.0.0:8080/mqtt (any path)",
+        "wss://0.0.0.0:8443/mqtt",
         "anonymous clients refused",
         &format!("users from {}", users.display()),
         "ACL: 4 rules, default deny",

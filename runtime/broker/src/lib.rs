@@ -1,5 +1,5 @@
-//! The MQTT broker: listeners (TCP, TLS) on ntex-mqtt for MQTT 3.1.1 and 5.0, sessions, and
-//! the router every other part of the gateway publishes through.
+//! The MQTT broker: listeners (TCP, TLS, WebSocket) on ntex-mqtt for MQTT 3.1.1 and 5.0,
+//! sessions, and the router every other part of the gateway publishes through.
 //!
 //! This is the only crate that touches ntex types. What it exposes is plain Rust: a
 //! [`Message`], a [`Router`] with [`LocalClient`]s for in-process parts, and [`Broker`] to
@@ -24,11 +24,13 @@ mod connection;
 mod server;
 mod v3;
 mod v5;
+mod websocket;
 
 pub use acl::{AclRule, AclSettings, Action as AclAction, Permission, Selector};
 pub use auth::{AuthSettings, PasswordFile, PasswordFileError};
 pub use connection::ConnectionLimits;
 pub use server::{BoundListener, Broker, BrokerSettings, ListenerSettings, TlsFiles};
+pub use websocket::WebSocketSettings;
 
 /// Errors of the broker crate.
 #[derive(Debug, thiserror::Error)]

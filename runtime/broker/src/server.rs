@@ -1,7 +1,8 @@
 //! Listeners: binds sockets, builds the ntex-mqtt service (v3.1.1 and v5 on one port, with
-//! optional rustls in front) and runs it on a dedicated ntex system thread with one worker
-//! per core. Handshake failures (garbage, bad CONNECT, TLS) never reach a connection's
-//! control service, so they are logged and counted here.
+//! optional rustls and optional WebSocket in front, see `websocket.rs`) and runs it on a
+//! dedicated ntex system thread with one worker per core. Handshake failures (garbage, bad
+//! CONNECT, TLS) never reach a connection's control service, so they are logged and counted
+//! here.
 
 use std::{
     fs::File,
@@ -26,6 +27,7 @@ use crate::{
     connection::{ConnectionLimits, Shared},
     metrics::BrokerMetrics,
     router::Router,
+    websocket::{self, WebSocketSettings},
 };
 
 /// Where and how one listener serves MQTT.
@@ -33,6 +35,8 @@ use crate::{
 pub struct ListenerSettings {
     pub bind: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// MQTT over WebSocket (inside TLS when `tls` is set).
+    pub websocket: Option<WebSocketSettings>,
 }
 
 /// PEM files for a TLS listener.
@@ -60,6 +64,27 @@ pub struct BrokerSettings {
 pub struct BoundListener {
     pub addr: SocketAddr,
     pub tls: bool,
+    pub websocket: Option<WebSocketSettings>,
+}
+
+impl BoundListener {
+    /// The URL clients connect to: `mqtt://`, `mqtts://`, or for WebSocket `ws://` and
+    /// `wss://` with the listener's path (`/mqtt` when any path is served).
+    pub fn url(&self) -> String {
+        match &self.websocket {
+            None => format!(
+                "{}://{}",
+                if self.tls { "mqtts" } else { "mqtt" },
+                self.addr
+            ),
+            Some(websocket) => format!(
+                "{}://{}{}",
+                if self.tls { "wss" } else { "ws" },
+                self.addr,
+                websocket.path.as_deref().unwrap_or("/mqtt")
+            ),
+        }
+    }
 }
 
 /// The running listeners. Stop with [`Broker::stop`].
@@ -93,13 +118,14 @@ impl Broker {
                     files.use_identity_as_username && files.client_ca.is_some()
                 }),
             };
-            sockets.push((socket, addr, tls, auth));
+            sockets.push((socket, addr, tls, auth, listener.websocket.clone()));
         }
         let listeners: Vec<BoundListener> = sockets
             .iter()
-            .map(|(_, addr, tls, _)| BoundListener {
+            .map(|(_, addr, tls, _, websocket)| BoundListener {
                 addr: *addr,
                 tls: tls.is_some(),
+                websocket: websocket.clone(),
             })
             .collect();
         let workers = if settings.workers == 0 {
@@ -127,24 +153,51 @@ impl Broker {
                             .disable_signals()
                             .max_connections(limits.max_connections.max(1))
                             .graceful_shutdown_timeout(Seconds(5));
-                        for (index, (socket, addr, tls, auth)) in sockets.into_iter().enumerate() {
+                        let max_frame = websocket::max_frame_size(limits.max_packet_size);
+                        for (index, (socket, addr, tls, auth, ws)) in
+                            sockets.into_iter().enumerate()
+                        {
                             let shared = shared.clone();
-                            let cfg = service_config(&limits);
+                            let cfg = service_config(&limits, ws.is_some());
                             let name = format!("mqtt-{index}");
-                            builder = match tls {
-                                None => builder.listen(name, socket, cfg, async move |_| {
-                                    mqtt_service(shared.clone(), addr, auth)
-                                })?,
-                                Some(tls) => builder.listen(name, socket, cfg, async move |_| {
-                                    let shared = shared.clone();
-                                    ntex_tls::rustls::TlsAcceptor::new(tls.clone())
-                                        .map_err(move |error: std::io::Error| {
-                                            BrokerMetrics::protocol_error("tls");
-                                            tracing::info!(listener = %addr, %error, "TLS handshake failed.");
-                                            MqttError::<BrokerError>::from(error)
-                                        })
-                                        .and_then(mqtt_service(shared, addr, auth))
-                                })?,
+                            builder = match (tls, ws) {
+                                (None, None) => {
+                                    builder.listen(name, socket, cfg, async move |_| {
+                                        mqtt_service(shared.clone(), addr, auth)
+                                    })?
+                                }
+                                (Some(tls), None) => {
+                                    builder.listen(name, socket, cfg, async move |_| {
+                                        let shared = shared.clone();
+                                        ntex_tls::rustls::TlsAcceptor::new(tls.clone())
+                                            .map_err(move |error: std::io::Error| {
+                                                log_tls_error(addr, &error);
+                                                MqttError::<BrokerError>::from(error)
+                                            })
+                                            .and_then(mqtt_service(shared, addr, auth))
+                                    })?
+                                }
+                                (None, Some(ws)) => {
+                                    builder.listen(name, socket, cfg, async move |_| {
+                                        let mqtt = mqtt_service(shared.clone(), addr, auth);
+                                        websocket::service(mqtt, addr, ws.clone(), max_frame)
+                                    })?
+                                }
+                                (Some(tls), Some(ws)) => {
+                                    builder.listen(name, socket, cfg, async move |_| {
+                                        let mqtt = mqtt_service(shared.clone(), addr, auth);
+                                        ntex_tls::rustls::TlsAcceptor::new(tls.clone())
+                                            .map_err(move |error: std::io::Error| {
+                                                log_tls_error(addr, &error)
+                                            })
+                                            .and_then(websocket::service(
+                                                mqtt,
+                                                addr,
+                                                ws.clone(),
+                                                max_frame,
+                                            ))
+                                    })?
+                                }
                             };
                         }
                         let server = builder.run();
@@ -180,23 +233,31 @@ impl Broker {
     }
 }
 
-fn service_config(limits: &ConnectionLimits) -> SharedCfg {
-    SharedCfg::new("edgegw-mqtt")
-        .add(
-            MqttServiceConfig::new()
-                .set_max_qos(ntex_mqtt::QoS::ExactlyOnce)
-                .set_max_size(limits.max_packet_size)
-                .set_max_receive(limits.receive_maximum)
-                .set_max_send(limits.max_inflight)
-                .set_max_topic_alias(limits.topic_alias_maximum)
-                .set_connect_timeout(Seconds(10))
-                // A QoS 0 PUBLISH right before DISCONNECT (mosquitto_pub does this) is still
-                // routed, as are QoS 1 and 2 publishes already read.
-                .set_handle_qos_after_disconnect(Some(ntex_mqtt::QoS::ExactlyOnce))
-                // Shared and wildcard filters are allowed; per-filter errors are ours.
-                .set_check_subs_availability(false),
-        )
-        .into()
+fn service_config(limits: &ConnectionLimits, websocket: bool) -> SharedCfg {
+    let cfg = SharedCfg::new("edgegw-mqtt").add(
+        MqttServiceConfig::new()
+            .set_max_qos(ntex_mqtt::QoS::ExactlyOnce)
+            .set_max_size(limits.max_packet_size)
+            .set_max_receive(limits.receive_maximum)
+            .set_max_send(limits.max_inflight)
+            .set_max_topic_alias(limits.topic_alias_maximum)
+            .set_connect_timeout(Seconds(10))
+            // A QoS 0 PUBLISH right before DISCONNECT (mosquitto_pub does this) is still
+            // routed, as are QoS 1 and 2 publishes already read.
+            .set_handle_qos_after_disconnect(Some(ntex_mqtt::QoS::ExactlyOnce))
+            // Shared and wildcard filters are allowed; per-filter errors are ours.
+            .set_check_subs_availability(false),
+    );
+    if websocket {
+        cfg.add(websocket::http_config()).into()
+    } else {
+        cfg.into()
+    }
+}
+
+fn log_tls_error(listener: SocketAddr, error: &std::io::Error) {
+    BrokerMetrics::protocol_error("tls");
+    tracing::info!(%listener, %error, "TLS handshake failed.");
 }
 
 /// The MQTT service for one connection: version detection, then v3.1.1 or v5.

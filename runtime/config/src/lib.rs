@@ -179,12 +179,14 @@ impl Config {
             .broker
             .listeners
             .iter()
-            .map(|l| {
-                format!(
-                    "{}://{}",
-                    if l.tls.is_some() { "mqtts" } else { "mqtt" },
-                    l.bind
-                )
+            .map(|l| match (&l.websocket, l.tls.is_some()) {
+                (None, tls) => format!("{}://{}", if tls { "mqtts" } else { "mqtt" }, l.bind),
+                (Some(websocket), tls) => format!(
+                    "{}://{}{}",
+                    if tls { "wss" } else { "ws" },
+                    l.bind,
+                    websocket.path.as_deref().unwrap_or("/mqtt (any path)")
+                ),
             })
             .collect();
         let auth = &self.broker.auth;

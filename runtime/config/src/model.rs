@@ -57,6 +57,7 @@ impl Default for Broker {
             listeners: vec![Listener {
                 bind: "127.0.0.1:1883".parse().expect("valid literal address"),
                 tls: None,
+                websocket: None,
             }],
             auth: Auth::default(),
             acl: Acl::default(),
@@ -73,6 +74,69 @@ pub struct Listener {
     /// When present the listener speaks MQTT over TLS.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// When present the listener speaks MQTT over WebSocket (inside TLS when `tls` is set).
+    #[serde(default, deserialize_with = "websocket_option")]
+    pub websocket: Option<WebSocket>,
+}
+
+/// MQTT over WebSocket on a listener. `websocket: true` (or `{}`) serves the upgrade on
+/// any request path; `websocket: { path: /mqtt }` only on that path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WebSocket {
+    /// The one request path served (the query string is ignored); `None`: any path.
+    pub path: Option<String>,
+}
+
+/// The mapping form of `websocket:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebSocketOptions {
+    #[serde(default)]
+    path: Option<String>,
+}
+
+/// `websocket:` is `true`/`false` or a mapping; `false` and null mean plain MQTT.
+fn websocket_option<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<WebSocket>, D::Error> {
+    use serde::de::{self, Visitor};
+
+    struct WebSocketVisitor;
+
+    impl<'de> Visitor<'de> for WebSocketVisitor {
+        type Value = Option<WebSocket>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("`true`, `false` or a mapping such as `{ path: /mqtt }`")
+        }
+
+        fn visit_bool<E: de::Error>(self, on: bool) -> Result<Self::Value, E> {
+            Ok(on.then(WebSocket::default))
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_any(self)
+        }
+
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            let options =
+                WebSocketOptions::deserialize(de::value::MapAccessDeserializer::new(map))?;
+            Ok(Some(WebSocket { path: options.path }))
+        }
+    }
+
+    deserializer.deserialize_any(WebSocketVisitor)
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -163,6 +163,15 @@ fn shipped_example_is_valid() {
             .iter()
             .any(|l| l.tls.as_ref().is_some_and(|t| t.use_identity_as_username))
     );
+    // ... and WebSocket listeners, plain and inside TLS.
+    let websocket = |tls: bool| {
+        config
+            .broker
+            .listeners
+            .iter()
+            .any(|l| l.websocket.is_some() && l.tls.is_some() == tls)
+    };
+    assert!(websocket(false) && websocket(true));
 }
 
 #[test]
@@ -288,4 +297,74 @@ fn auth_errors_point_at_the_value() {
     );
     // max_failures 0 turns the limit off, so any window is fine then.
     assert!(load("broker:\n  auth: { max_failures: 0, failure_window: 0s }\n").is_ok());
+}
+
+#[test]
+fn websocket_listeners_parse() {
+    let config = load(
+        "broker:\n  listeners:\n    - bind: 127.0.0.1:1883\n    - { bind: 127.0.0.1:8080, websocket: true }\n    \
+         - { bind: 127.0.0.1:8081, websocket: { path: /mqtt } }\n    - { bind: 127.0.0.1:8082, websocket: {} }\n    \
+         - { bind: 127.0.0.1:8083, websocket: false }\n",
+    )
+    .unwrap();
+    let websockets: Vec<_> = config
+        .broker
+        .listeners
+        .iter()
+        .map(|l| l.websocket.clone())
+        .collect();
+    assert_eq!(
+        websockets,
+        [
+            None,
+            Some(WebSocket { path: None }),
+            Some(WebSocket {
+                path: Some("/mqtt".into())
+            }),
+            Some(WebSocket { path: None }),
+            None,
+        ]
+    );
+    let summary = config.summary();
+    assert!(
+        summary.contains(
+            "mqtt://127.0.0.1:1883, ws://127.0.0.1:8080/mqtt (any path), ws://127.0.0.1:8081/mqtt, "
+        ),
+        "{summary}"
+    );
+}
+
+#[test]
+fn websocket_errors_point_at_the_value() {
+    let errs = errors(
+        "broker:\n  listeners:\n    - bind: 127.0.0.1:8080\n      websocket:\n        path: mqtt\n    \
+         - bind: 127.0.0.1:8081\n      websocket: { path: \"/a b?x\" }\n",
+    );
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0]
+            .starts_with("site.yaml:5:15: listener 0: websocket path `mqtt` must start with `/`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with(
+            "site.yaml:7:26: listener 1: websocket path `/a b?x` must be a path alone"
+        ),
+        "{errs:#?}"
+    );
+
+    let errs = errors(
+        "broker:\n  listeners:\n    - bind: 127.0.0.1:8080\n      websocket: { paht: /mqtt }\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("site.yaml:4:"), "{errs:#?}");
+    assert!(errs[0].contains("did you mean `path`?"), "{errs:#?}");
+
+    let errs = errors("broker:\n  listeners:\n    - bind: 127.0.0.1:8080\n      websocket: yes\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("site.yaml:4:18: "), "{errs:#?}");
+    assert!(
+        errs[0].contains("`true`, `false` or a mapping"),
+        "{errs:#?}"
+    );
 }

@@ -66,6 +66,23 @@ fn auth_issues(broker: &crate::Broker, issue: &mut impl FnMut(&[&str], String)) 
     }
 }
 
+/// Why a WebSocket path cannot match a request: it is compared with the request target's
+/// path as sent (percent-encoded, without the query).
+fn websocket_path_problem(path: &str) -> Option<&'static str> {
+    if !path.starts_with('/') {
+        return Some("must start with `/`, e.g. `/mqtt`");
+    }
+    if path.contains(['?', '#']) {
+        return Some("must be a path alone, without `?` or `#` (the query string is ignored)");
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some(
+            "must be printable ASCII without spaces (percent-encode other characters, e.g. `%20`)",
+        );
+    }
+    None
+}
+
 /// Why an ACL topic filter is unusable (`%u`/`%c` stand for one level's text).
 fn acl_filter_problem(filter: &str) -> Option<String> {
     let mut text = String::with_capacity(filter.len());
@@ -199,6 +216,14 @@ pub fn validate(config: &Config) -> Vec<Issue> {
                     "use_identity_as_username needs client_ca: without client certificates there is no identity; set client_ca to the CA bundle that signs them".into(),
                 );
             }
+        }
+        if let Some(path) = listener.websocket.as_ref().and_then(|w| w.path.as_ref())
+            && let Some(problem) = websocket_path_problem(path)
+        {
+            issue(
+                &["broker", "listeners", &index, "websocket", "path"],
+                format!("listener {i}: websocket path `{path}` {problem}"),
+            );
         }
     }
     auth_issues(broker, &mut issue);

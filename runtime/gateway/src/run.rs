@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use edgegw_broker::{
     AuthSettings, Broker, BrokerSettings, ConnectionLimits, ListenerSettings, Router, RouterLimits,
-    TlsFiles,
+    TlsFiles, WebSocketSettings,
 };
 use edgegw_config::{Config, LogFormat};
 use edgegw_store::{Store, StoreOptions};
@@ -90,6 +90,9 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
                     client_ca: t.client_ca.clone(),
                     use_identity_as_username: t.use_identity_as_username,
                 }),
+                websocket: l.websocket.as_ref().map(|w| WebSocketSettings {
+                    path: w.path.clone(),
+                }),
             })
             .collect(),
         limits: ConnectionLimits {
@@ -106,8 +109,7 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
     };
     let broker = Broker::start(settings, router.clone()).context("cannot start the MQTT broker")?;
     for listener in broker.listeners() {
-        let scheme = if listener.tls { "mqtts" } else { "mqtt" };
-        tracing::info!(url = %format!("{scheme}://{}", listener.addr), "MQTT listening (3.1.1 and 5.0).");
+        tracing::info!(url = %listener.url(), "MQTT listening (3.1.1 and 5.0).");
     }
     telemetry.set_ready(true);
     tracing::info!("Ready.");
