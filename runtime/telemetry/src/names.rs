@@ -25,6 +25,14 @@ pub const STORE_COMMITS: &str = "edgegw_store_commits_total";
 pub const STORE_OPS: &str = "edgegw_store_ops_total";
 pub const STORE_COMMIT_ERRORS: &str = "edgegw_store_commit_errors_total";
 pub const STORE_PENDING_OPS: &str = "edgegw_store_pending_ops";
+pub const NODES_LINKS_UP: &str = "edgegw_nodes_links_up";
+pub const NODES_LINK_RECONNECTS: &str = "edgegw_nodes_link_reconnects_total";
+pub const NODES_CONNECTED: &str = "edgegw_nodes_connected";
+pub const NODES_FRAMES_RECEIVED: &str = "edgegw_nodes_frames_received_total";
+pub const NODES_FRAMES_SENT: &str = "edgegw_nodes_frames_sent_total";
+pub const NODES_FRAME_ERRORS: &str = "edgegw_nodes_frame_errors_total";
+pub const NODES_REJECTED: &str = "edgegw_nodes_rejected_messages_total";
+pub const NODES_KEEPALIVE_TIMEOUTS: &str = "edgegw_nodes_keepalive_timeouts_total";
 
 /// Label values of [`BROKER_DROPPED`]'s `reason`.
 pub const DROP_REASONS: &[&str] = &[
@@ -110,5 +118,31 @@ pub fn describe() {
     describe_gauge!(
         STORE_PENDING_OPS,
         "Changes waiting for the next state file commit."
+    );
+    describe_gauge!(NODES_LINKS_UP, "Node links (serial ports) open now.");
+    describe_counter!(
+        NODES_LINK_RECONNECTS,
+        "Node link (re)opens after the port disappeared or failed to open."
+    );
+    describe_gauge!(
+        NODES_CONNECTED,
+        "MQTT-SN nodes connected over all node links."
+    );
+    describe_counter!(
+        NODES_FRAMES_RECEIVED,
+        "Good frames (CRC checked) received from nodes."
+    );
+    describe_counter!(NODES_FRAMES_SENT, "Frames written to node links.");
+    describe_counter!(
+        NODES_FRAME_ERRORS,
+        "Bytes from a node link that were not a usable MQTT-SN message, by kind: oversize, cobs (truncated COBS block), too_short, crc, decode (a good frame that is no valid MQTT-SN message). Each is dropped; the link stays up."
+    );
+    describe_counter!(
+        NODES_REJECTED,
+        "Well-formed MQTT-SN messages the gateway refused, by reason: not_connected (no CONNECT yet), unknown_topic (topic id not registered or predefined), invalid_topic (bad name or filter), invalid_client_id (empty or over 64 bytes), unsupported (wills, sleeping clients), inflight_full (too many QoS 2 in flight)."
+    );
+    describe_counter!(
+        NODES_KEEPALIVE_TIMEOUTS,
+        "Nodes dropped after 1.5 keepalive periods without a message."
     );
 }

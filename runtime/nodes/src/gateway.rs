@@ -1,0 +1,764 @@
+//! The MQTT-SN 1.2 gateway of one link: frames in, broker clients out.
+//!
+//! Every node on the link (one directly attached, or many behind a forwarder, told apart by
+//! their wireless node ids) that sends CONNECT becomes a broker client
+//! ([`Router::local_client`]) named by its client id. A task per node moves the node's
+//! deliveries from its broker session into the link's one bounded channel; the link loop
+//! owns all node state, so there are no locks. Whatever the link writes goes out in one
+//! `write_all` per turn of the loop.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use edgegw_broker::{
+    Bytes, Delivery, LocalClient, Message as BrokerMessage, QoS as BrokerQoS, Router, SubOptions,
+};
+use edgegw_protocol::{
+    Connect, FrameDecoder, Message, Publish, QoS, Register, ReturnCode, Subscribe, Topic, TopicId,
+    Unsubscribe, encode_encapsulated, encode_frame_to_vec, encode_to_vec,
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    LinkError,
+    metrics::{FrameErrorKind, NodeMetrics, RejectReason},
+};
+
+/// Longest frame accepted from a node (message + CRC); longer ones are dropped and counted.
+pub const MAX_FRAME: usize = 1024;
+/// Deliveries from all node sessions of one link waiting to be written. When full the
+/// per-node forwarding tasks wait, so the broker session queues (bounded by
+/// `broker.limits.max_queued`, drops counted there) absorb a slow link.
+const DELIVERY_QUEUE: usize = 64;
+/// Deliveries held per topic while the node has not yet acknowledged its REGISTER; beyond
+/// that the oldest are dropped (counted as `inflight_full`).
+const MAX_AWAITING_REGACK: usize = 16;
+/// Inbound QoS 2 messages waiting for PUBREL per node.
+const MAX_QOS2_INFLIGHT: usize = 16;
+/// The spec limits client ids to 23 characters; be lenient but bounded.
+const MAX_CLIENT_ID: usize = 64;
+/// How often keepalives are checked.
+const KEEPALIVE_TICK: Duration = Duration::from_millis(500);
+
+/// Where a link's nodes are: `None` for the node attached directly, else the wireless node id
+/// of a node behind a forwarder.
+type NodeKey = Option<Arc<[u8]>>;
+
+/// What every link shares.
+#[derive(Clone)]
+pub struct Context {
+    pub router: Router,
+    /// Predefined topic ids; `{node}` is replaced by the node's client id.
+    pub predefined_topics: Arc<BTreeMap<u16, String>>,
+    pub metrics: NodeMetrics,
+}
+
+impl Context {
+    fn predefined(&self, id: u16, node: Option<&str>) -> Option<String> {
+        let template = self.predefined_topics.get(&id)?;
+        match node {
+            Some(node) => Some(template.replace("{node}", node)),
+            None if template.contains("{node}") => None,
+            None => Some(template.clone()),
+        }
+    }
+}
+
+/// Topic ids registered with one node, both ways.
+#[derive(Default)]
+struct Topics {
+    by_name: HashMap<Arc<str>, u16>,
+    by_id: HashMap<u16, Arc<str>>,
+    last: u16,
+}
+
+impl Topics {
+    /// The id of `name`, assigning the next free one; `None` when all 65 535 are used.
+    fn id_for(&mut self, name: &str) -> Option<(u16, bool)> {
+        if let Some(&id) = self.by_name.get(name) {
+            return Some((id, false));
+        }
+        let id = self.last.checked_add(1)?;
+        self.last = id;
+        let name: Arc<str> = name.into();
+        self.by_name.insert(name.clone(), id);
+        self.by_id.insert(id, name);
+        Some((id, true))
+    }
+}
+
+struct Node {
+    client_id: Arc<str>,
+    client: Arc<LocalClient>,
+    /// Tells this node's deliveries from those of a node it replaced on the same key.
+    epoch: u64,
+    forward: JoinHandle<()>,
+    keepalive: Option<Duration>,
+    last_seen: Instant,
+    topics: Topics,
+    next_message_id: u16,
+    /// Deliveries for topic ids the node has been sent a REGISTER for and not acked yet.
+    awaiting_regack: HashMap<u16, Vec<Delivery>>,
+    /// Inbound QoS 2 messages by message id, published at PUBREL.
+    qos2_in: HashMap<u16, BrokerMessage>,
+    metrics: NodeMetrics,
+}
+
+impl Node {
+    fn message_id(&mut self) -> u16 {
+        let id = self.next_message_id;
+        self.next_message_id = self.next_message_id.checked_add(1).unwrap_or(1);
+        id
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // The task holds the other reference to the client: once it is gone the broker
+        // session ends.
+        self.forward.abort();
+        self.metrics.connected.decrement(1.0);
+    }
+}
+
+/// Encoded frames waiting to be written.
+struct Outbox {
+    bytes: Vec<u8>,
+    metrics: NodeMetrics,
+}
+
+impl Outbox {
+    fn send(&mut self, key: &NodeKey, message: &Message<'_>) {
+        let encoded = match key {
+            None => encode_to_vec(message),
+            Some(id) => {
+                let mut buffer = vec![0; message_capacity(message)];
+                encode_encapsulated(0, id, message, &mut buffer).map(|n| {
+                    buffer.truncate(n);
+                    buffer
+                })
+            }
+        };
+        match encoded {
+            Ok(bytes) => {
+                self.bytes.extend_from_slice(&encode_frame_to_vec(&bytes));
+                self.metrics.frames_sent.increment(1);
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                message_type = message.message_type().name(),
+                "Cannot encode a message for a node; dropped."
+            ),
+        }
+    }
+}
+
+/// An upper bound of `message` wrapped in an encapsulation.
+fn message_capacity(message: &Message<'_>) -> usize {
+    edgegw_protocol::encoded_len(message).unwrap_or(0)
+        + 3
+        + edgegw_protocol::MAX_WIRELESS_NODE_ID_LEN
+}
+
+fn to_broker_qos(qos: QoS) -> BrokerQoS {
+    match qos {
+        QoS::One => BrokerQoS::AtLeastOnce,
+        QoS::Two => BrokerQoS::ExactlyOnce,
+        QoS::Zero | QoS::MinusOne => BrokerQoS::AtMostOnce,
+    }
+}
+
+fn to_node_qos(qos: BrokerQoS) -> QoS {
+    match qos {
+        BrokerQoS::AtMostOnce => QoS::Zero,
+        BrokerQoS::AtLeastOnce => QoS::One,
+        BrokerQoS::ExactlyOnce => QoS::Two,
+    }
+}
+
+fn node_label(key: &NodeKey) -> String {
+    match key {
+        None => "direct".into(),
+        Some(id) => String::from_utf8_lossy(id).into_owned(),
+    }
+}
+
+struct Link {
+    context: Context,
+    link: Arc<str>,
+    nodes: HashMap<NodeKey, Node>,
+    outbox: Outbox,
+    deliveries: mpsc::Sender<(NodeKey, u64, Delivery)>,
+    next_epoch: u64,
+}
+
+/// Runs the gateway on one open link until it fails (`Err`) or `cancel` fires (`Ok`).
+pub async fn run_link<T>(
+    io: T,
+    link: &str,
+    context: &Context,
+    cancel: &CancellationToken,
+) -> Result<(), LinkError>
+where
+    T: AsyncRead + AsyncWrite,
+{
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let (deliveries, mut delivered) = mpsc::channel(DELIVERY_QUEUE);
+    let mut state = Link {
+        context: context.clone(),
+        link: link.into(),
+        nodes: HashMap::new(),
+        outbox: Outbox {
+            // A lone delimiter ends whatever half frame a node still holds from before.
+            bytes: vec![edgegw_protocol::DELIMITER],
+            metrics: context.metrics.clone(),
+        },
+        deliveries,
+        next_epoch: 0,
+    };
+    let mut decoder = Box::new(FrameDecoder::<MAX_FRAME>::new());
+    let mut chunk = vec![0u8; 1024];
+    let mut keepalive = tokio::time::interval(KEEPALIVE_TICK);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if !state.outbox.bytes.is_empty() {
+            writer
+                .write_all(&state.outbox.bytes)
+                .await
+                .map_err(|source| LinkError::Write { source })?;
+            state.outbox.bytes.clear();
+        }
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(()),
+            read = reader.read(&mut chunk) => {
+                let n = read.map_err(|source| LinkError::Read { source })?;
+                if n == 0 {
+                    return Err(LinkError::Closed);
+                }
+                let mut frames = decoder.feed(&chunk[..n]);
+                while let Some(frame) = frames.next_frame() {
+                    match frame {
+                        Ok(bytes) => {
+                            let bytes = bytes.to_vec();
+                            state.on_frame(&bytes).await;
+                        }
+                        Err(error) => {
+                            tracing::debug!(link, %error, "Bad frame from a node; dropped.");
+                            context.metrics.frame_error(FrameErrorKind::from(&error));
+                        }
+                    }
+                }
+            }
+            Some((key, epoch, delivery)) = delivered.recv() => state.deliver(key, epoch, delivery),
+            _ = keepalive.tick() => state.check_keepalives(Instant::now()),
+        }
+    }
+}
+
+impl Link {
+    async fn on_frame(&mut self, bytes: &[u8]) {
+        self.context.metrics.frames_received.increment(1);
+        let decoded = edgegw_protocol::decode_exact(bytes).and_then(|message| match message {
+            Message::Encapsulated(encapsulated) => encapsulated.decode_message().map(|inner| {
+                (
+                    Some(Arc::<[u8]>::from(encapsulated.wireless_node_id)),
+                    inner,
+                )
+            }),
+            message => Ok((None, message)),
+        });
+        match decoded {
+            Ok((key, message)) => self.on_message(key, message).await,
+            Err(error) => {
+                tracing::debug!(link = %self.link, %error, "Undecodable MQTT-SN message; dropped.");
+                self.context.metrics.frame_error(FrameErrorKind::Decode);
+            }
+        }
+    }
+
+    fn reject(&self, key: &NodeKey, reason: RejectReason, message_type: &'static str) {
+        tracing::debug!(
+            link = %self.link,
+            node = %node_label(key),
+            reason = reason.label(),
+            message_type,
+            "Node message refused."
+        );
+        self.context.metrics.rejected(reason);
+    }
+
+    async fn on_message(&mut self, key: NodeKey, message: Message<'_>) {
+        match message {
+            Message::Connect(connect) => return self.connect(key, connect),
+            Message::SearchGw { .. } => {
+                return self.outbox.send(
+                    &key,
+                    &Message::GwInfo {
+                        gateway_id: 1,
+                        gateway_address: &[],
+                    },
+                );
+            }
+            Message::Publish(publish) if publish.qos == QoS::MinusOne => {
+                return self.publish_without_connection(&key, publish);
+            }
+            _ => {}
+        }
+        let Some(node) = self.nodes.get_mut(&key) else {
+            // Not (or no longer) connected, e.g. after a gateway restart: DISCONNECT tells the
+            // node to start over with CONNECT.
+            self.reject(
+                &key,
+                RejectReason::NotConnected,
+                message.message_type().name(),
+            );
+            self.outbox
+                .send(&key, &Message::Disconnect { duration: None });
+            return;
+        };
+        node.last_seen = Instant::now();
+        match message {
+            Message::Register(register) => self.register(key, register),
+            Message::RegAck {
+                topic_id,
+                return_code,
+                ..
+            } => self.registered(key, topic_id, return_code),
+            Message::Publish(publish) => self.publish(key, publish).await,
+            Message::PubRel { message_id } => {
+                if let Some(message) = node.qos2_in.remove(&message_id) {
+                    let routed = node.client.publish(message);
+                    if let Err(error) = routed.durable().await {
+                        tracing::warn!(%error, "QoS 2 message from a node not stored.");
+                    }
+                }
+                self.outbox.send(&key, &Message::PubComp { message_id });
+            }
+            // Deliveries count as acknowledged once taken from the session; nothing to do.
+            Message::PubAck { .. } | Message::PubComp { .. } => {}
+            Message::PubRec { message_id } => {
+                self.outbox.send(&key, &Message::PubRel { message_id });
+            }
+            Message::Subscribe(subscribe) => self.subscribe(key, subscribe),
+            Message::Unsubscribe(unsubscribe) => self.unsubscribe(key, unsubscribe),
+            Message::PingReq { .. } => self.outbox.send(&key, &Message::PingResp),
+            Message::Disconnect { duration } => {
+                if duration.is_some() {
+                    // Sleeping clients are not supported yet: treated as a plain disconnect.
+                    self.reject(&key, RejectReason::Unsupported, "DISCONNECT(duration)");
+                }
+                self.outbox
+                    .send(&key, &Message::Disconnect { duration: None });
+                if let Some(node) = self.nodes.remove(&key) {
+                    tracing::info!(link = %self.link, client_id = %node.client_id, "Node disconnected.");
+                }
+            }
+            other => self.reject(&key, RejectReason::Unsupported, other.message_type().name()),
+        }
+    }
+
+    fn connect(&mut self, key: NodeKey, connect: Connect<'_>) {
+        let refuse = |link: &mut Self, reason| {
+            link.reject(&key, reason, "CONNECT");
+            link.outbox.send(
+                &key,
+                &Message::ConnAck {
+                    return_code: ReturnCode::NotSupported,
+                },
+            );
+        };
+        if connect.client_id.is_empty() || connect.client_id.len() > MAX_CLIENT_ID {
+            return refuse(self, RejectReason::InvalidClientId);
+        }
+        if connect.will {
+            // Wills are not supported yet; a node that asks for one is told so rather than
+            // connected without it.
+            return refuse(self, RejectReason::Unsupported);
+        }
+        // A node that reconnects replaces its old state (and broker session) first.
+        self.nodes.remove(&key);
+        let client = Arc::new(self.context.router.local_client(connect.client_id));
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        let forward = tokio::spawn({
+            let client = client.clone();
+            let deliveries = self.deliveries.clone();
+            let key = key.clone();
+            async move {
+                while let Some(delivery) = client.recv().await {
+                    if deliveries
+                        .send((key.clone(), epoch, delivery))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        });
+        let keepalive = (connect.duration > 0)
+            // The spec's grace: 1.5 periods without a message.
+            .then(|| Duration::from_secs(u64::from(connect.duration)) * 3 / 2);
+        self.context.metrics.connected.increment(1.0);
+        tracing::info!(
+            link = %self.link,
+            node = %node_label(&key),
+            client_id = connect.client_id,
+            keepalive_secs = connect.duration,
+            "Node connected."
+        );
+        self.nodes.insert(
+            key.clone(),
+            Node {
+                client_id: connect.client_id.into(),
+                client,
+                epoch,
+                forward,
+                keepalive,
+                last_seen: Instant::now(),
+                topics: Topics::default(),
+                next_message_id: 1,
+                awaiting_regack: HashMap::new(),
+                qos2_in: HashMap::new(),
+                metrics: self.context.metrics.clone(),
+            },
+        );
+        self.outbox.send(
+            &key,
+            &Message::ConnAck {
+                return_code: ReturnCode::Accepted,
+            },
+        );
+    }
+
+    fn register(&mut self, key: NodeKey, register: Register<'_>) {
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let name = register.topic_name;
+        let (topic_id, return_code) = if name.is_empty() || name.contains(['+', '#', '\0']) {
+            self.context.metrics.rejected(RejectReason::InvalidTopic);
+            (0, ReturnCode::NotSupported)
+        } else {
+            match node.topics.id_for(name) {
+                Some((id, _)) => (id, ReturnCode::Accepted),
+                None => (0, ReturnCode::Congestion),
+            }
+        };
+        self.outbox.send(
+            &key,
+            &Message::RegAck {
+                topic_id,
+                message_id: register.message_id,
+                return_code,
+            },
+        );
+    }
+
+    fn registered(&mut self, key: NodeKey, topic_id: u16, return_code: ReturnCode) {
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let Some(queued) = node.awaiting_regack.remove(&topic_id) else {
+            return;
+        };
+        if return_code != ReturnCode::Accepted {
+            tracing::debug!(
+                topic_id,
+                ?return_code,
+                "Node refused a topic; its messages are dropped."
+            );
+            return;
+        }
+        for delivery in queued {
+            send_publish(
+                &mut self.outbox,
+                &key,
+                node,
+                TopicId::Normal(topic_id),
+                &delivery,
+            );
+        }
+    }
+
+    /// The topic name a node's PUBLISH means, `None` when unknown.
+    fn topic_name(context: &Context, node: &Node, topic: TopicId) -> Option<String> {
+        match topic {
+            TopicId::Normal(id) => node.topics.by_id.get(&id).map(|n| n.to_string()),
+            TopicId::Predefined(id) => context.predefined(id, Some(&node.client_id)),
+            TopicId::Short(name) => std::str::from_utf8(&name).ok().map(str::to_owned),
+        }
+    }
+
+    async fn publish(&mut self, key: NodeKey, publish: Publish<'_>) {
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let Some(topic) = Self::topic_name(&self.context, node, publish.topic) else {
+            self.context.metrics.rejected(RejectReason::UnknownTopic);
+            tracing::debug!(client_id = %node.client_id, topic = ?publish.topic, "PUBLISH to an unknown topic id.");
+            self.outbox.send(
+                &key,
+                &Message::PubAck {
+                    topic_id: u16::from_be_bytes(publish.topic.to_bytes()),
+                    message_id: publish.message_id,
+                    return_code: ReturnCode::InvalidTopicId,
+                },
+            );
+            return;
+        };
+        let message = BrokerMessage::new(
+            topic,
+            Bytes::copy_from_slice(publish.data),
+            to_broker_qos(publish.qos),
+        )
+        .with_retain(publish.retain);
+        match publish.qos {
+            QoS::Zero | QoS::MinusOne => {
+                node.client.publish(message);
+            }
+            QoS::One => {
+                let routed = node.client.publish(message);
+                // Acknowledge only what the state file holds (when it is persisted at all).
+                let return_code = match routed.durable().await {
+                    Ok(()) => ReturnCode::Accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "QoS 1 message from a node not stored.");
+                        ReturnCode::Congestion
+                    }
+                };
+                self.outbox.send(
+                    &key,
+                    &Message::PubAck {
+                        topic_id: u16::from_be_bytes(publish.topic.to_bytes()),
+                        message_id: publish.message_id,
+                        return_code,
+                    },
+                );
+            }
+            QoS::Two => {
+                if node.qos2_in.len() >= MAX_QOS2_INFLIGHT
+                    && !node.qos2_in.contains_key(&publish.message_id)
+                {
+                    self.context.metrics.rejected(RejectReason::InflightFull);
+                    return;
+                }
+                // A DUP re-send replaces the held copy: it is routed once, at PUBREL.
+                node.qos2_in.insert(publish.message_id, message);
+                self.outbox.send(
+                    &key,
+                    &Message::PubRec {
+                        message_id: publish.message_id,
+                    },
+                );
+            }
+        }
+    }
+
+    /// QoS −1 (spec §6.8): predefined or short topic ids, no connection needed.
+    fn publish_without_connection(&mut self, key: &NodeKey, publish: Publish<'_>) {
+        let node = self.nodes.get(key);
+        let name = match (node, key) {
+            (Some(node), _) => Some(node.client_id.to_string()),
+            (None, Some(id)) => Some(String::from_utf8_lossy(id).into_owned()),
+            (None, None) => None,
+        };
+        let topic = match publish.topic {
+            TopicId::Predefined(id) => self.context.predefined(id, name.as_deref()),
+            TopicId::Short(short) => std::str::from_utf8(&short).ok().map(str::to_owned),
+            TopicId::Normal(_) => None,
+        };
+        let Some(topic) = topic else {
+            return self.reject(key, RejectReason::UnknownTopic, "PUBLISH(QoS -1)");
+        };
+        let message = BrokerMessage::new(
+            topic,
+            Bytes::copy_from_slice(publish.data),
+            BrokerQoS::AtMostOnce,
+        )
+        .with_retain(publish.retain);
+        match node {
+            Some(node) => node.client.publish(message),
+            None => self.context.router.publish(message),
+        };
+    }
+
+    fn subscribe(&mut self, key: NodeKey, subscribe: Subscribe<'_>) {
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let (filter, predefined_id) = match subscribe.topic {
+            Topic::Name(name) => (Some(name.to_owned()), None),
+            Topic::Predefined(id) => (self.context.predefined(id, Some(&node.client_id)), Some(id)),
+            Topic::Short(short) => (std::str::from_utf8(&short).ok().map(str::to_owned), None),
+        };
+        let qos = to_broker_qos(subscribe.qos);
+        let suback = |topic_id, return_code| Message::SubAck {
+            qos: to_node_qos(qos),
+            topic_id,
+            message_id: subscribe.message_id,
+            return_code,
+        };
+        let Some(filter) = filter else {
+            self.context.metrics.rejected(RejectReason::UnknownTopic);
+            self.outbox
+                .send(&key, &suback(0, ReturnCode::InvalidTopicId));
+            return;
+        };
+        if let Err(error) = node.client.subscribe(&filter, SubOptions::qos(qos)) {
+            tracing::debug!(client_id = %node.client_id, %error, "Invalid SUBSCRIBE filter.");
+            self.context.metrics.rejected(RejectReason::InvalidTopic);
+            self.outbox.send(&key, &suback(0, ReturnCode::NotSupported));
+            return;
+        }
+        // A topic name without wildcards gets its id in SUBACK (spec §6.9), so deliveries
+        // need no REGISTER.
+        let topic_id = match (subscribe.topic, predefined_id) {
+            (_, Some(id)) => id,
+            (Topic::Name(name), None) if !name.contains(['+', '#']) => {
+                node.topics.id_for(name).map_or(0, |(id, _)| id)
+            }
+            _ => 0,
+        };
+        tracing::debug!(client_id = %node.client_id, filter, "Node subscribed.");
+        self.outbox
+            .send(&key, &suback(topic_id, ReturnCode::Accepted));
+    }
+
+    fn unsubscribe(&mut self, key: NodeKey, unsubscribe: Unsubscribe<'_>) {
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let filter = match unsubscribe.topic {
+            Topic::Name(name) => Some(name.to_owned()),
+            Topic::Predefined(id) => self.context.predefined(id, Some(&node.client_id)),
+            Topic::Short(short) => std::str::from_utf8(&short).ok().map(str::to_owned),
+        };
+        if let Some(filter) = filter {
+            let _ = node.client.unsubscribe(&filter);
+        }
+        self.outbox.send(
+            &key,
+            &Message::UnsubAck {
+                message_id: unsubscribe.message_id,
+            },
+        );
+    }
+
+    /// A message from the broker for the node at `key`.
+    fn deliver(&mut self, key: NodeKey, epoch: u64, delivery: Delivery) {
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        if node.epoch != epoch {
+            return;
+        }
+        let topic = &*delivery.message.topic;
+        if let Some(&id) = node.topics.by_name.get(topic) {
+            if let Some(queued) = node.awaiting_regack.get_mut(&id) {
+                return hold(queued, delivery, &self.context.metrics);
+            }
+            return send_publish(&mut self.outbox, &key, node, TopicId::Normal(id), &delivery);
+        }
+        let predefined = self.context.predefined_topics.keys().copied().find(|&id| {
+            self.context
+                .predefined(id, Some(&node.client_id))
+                .as_deref()
+                == Some(topic)
+        });
+        if let Some(id) = predefined {
+            return send_publish(
+                &mut self.outbox,
+                &key,
+                node,
+                TopicId::Predefined(id),
+                &delivery,
+            );
+        }
+        if let [a, b] = topic.as_bytes() {
+            return send_publish(
+                &mut self.outbox,
+                &key,
+                node,
+                TopicId::Short([*a, *b]),
+                &delivery,
+            );
+        }
+        let Some((id, _)) = node.topics.id_for(topic) else {
+            self.context.metrics.rejected(RejectReason::InflightFull);
+            return;
+        };
+        let message_id = node.message_id();
+        self.outbox.send(
+            &key,
+            &Message::Register(Register {
+                topic_id: id,
+                message_id,
+                topic_name: topic,
+            }),
+        );
+        node.awaiting_regack.insert(id, vec![delivery]);
+    }
+
+    fn check_keepalives(&mut self, now: Instant) {
+        let link = self.link.clone();
+        let metrics = self.context.metrics.clone();
+        self.nodes.retain(|_, node| {
+            let alive = node
+                .keepalive
+                .is_none_or(|limit| now.duration_since(node.last_seen) <= limit);
+            if !alive {
+                tracing::warn!(%link, client_id = %node.client_id, "Node keepalive expired; disconnected.");
+                metrics.keepalive_timeouts.increment(1);
+            }
+            alive
+        });
+    }
+}
+
+fn hold(queued: &mut Vec<Delivery>, delivery: Delivery, metrics: &NodeMetrics) {
+    if queued.len() >= MAX_AWAITING_REGACK {
+        queued.remove(0);
+        metrics.rejected(RejectReason::InflightFull);
+    }
+    queued.push(delivery);
+}
+
+fn send_publish(
+    outbox: &mut Outbox,
+    key: &NodeKey,
+    node: &mut Node,
+    topic: TopicId,
+    delivery: &Delivery,
+) {
+    let qos = to_node_qos(delivery.qos);
+    let message_id = if qos == QoS::Zero {
+        0
+    } else {
+        node.message_id()
+    };
+    outbox.send(
+        key,
+        &Message::Publish(Publish {
+            dup: false,
+            qos,
+            retain: delivery.retain,
+            topic,
+            message_id,
+            data: &delivery.message.payload,
+        }),
+    );
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,417 @@
+//! The gateway over an in-memory link: a test node on one end of a duplex pipe.
+
+use std::time::Duration;
+
+use edgegw_broker::{QoS as BrokerQoS, RouterLimits};
+use edgegw_protocol::{decode_exact, encode_frame_to_vec};
+use tokio::io::DuplexStream;
+
+use super::*;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct TestNode {
+    io: DuplexStream,
+    decoder: Box<FrameDecoder<MAX_FRAME>>,
+    /// Wireless node id when behind a forwarder.
+    wireless_id: Option<Vec<u8>>,
+}
+
+impl TestNode {
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.unwrap();
+    }
+
+    async fn send(&mut self, message: &Message<'_>) {
+        let bytes = match &self.wireless_id {
+            None => encode_to_vec(message).unwrap(),
+            Some(id) => {
+                let mut buffer = vec![0; 2048];
+                let n = encode_encapsulated(0, id, message, &mut buffer).unwrap();
+                buffer.truncate(n);
+                buffer
+            }
+        };
+        self.send_raw(&encode_frame_to_vec(&bytes)).await;
+    }
+
+    /// The next message's bytes (unwrapped from its encapsulation).
+    async fn recv(&mut self) -> Vec<u8> {
+        let mut chunk = [0u8; 1];
+        loop {
+            let n = tokio::time::timeout(TIMEOUT, self.io.read(&mut chunk))
+                .await
+                .expect("a message from the gateway in time")
+                .unwrap();
+            assert!(n > 0, "link closed");
+            let mut frames = self.decoder.feed(&chunk[..n]);
+            if let Some(frame) = frames.next_frame() {
+                let bytes = frame.unwrap().to_vec();
+                return match decode_exact(&bytes).unwrap() {
+                    Message::Encapsulated(e) => {
+                        assert_eq!(Some(e.wireless_node_id), self.wireless_id.as_deref());
+                        e.message.to_vec()
+                    }
+                    _ => bytes,
+                };
+            }
+        }
+    }
+
+    async fn connect(&mut self, client_id: &str) {
+        self.send(&Message::Connect(Connect {
+            will: false,
+            clean_session: true,
+            duration: 30,
+            client_id,
+        }))
+        .await;
+        assert_eq!(
+            decode_exact(&self.recv().await).unwrap(),
+            Message::ConnAck {
+                return_code: ReturnCode::Accepted
+            }
+        );
+    }
+
+    async fn register(&mut self, topic_name: &str) -> u16 {
+        self.send(&Message::Register(Register {
+            topic_id: 0,
+            message_id: 7,
+            topic_name,
+        }))
+        .await;
+        match decode_exact(&self.recv().await).unwrap() {
+            Message::RegAck {
+                topic_id,
+                message_id: 7,
+                return_code: ReturnCode::Accepted,
+            } => topic_id,
+            other => panic!("expected REGACK, got {other:?}"),
+        }
+    }
+}
+
+struct Harness {
+    router: Router,
+    cancel: CancellationToken,
+    link: JoinHandle<Result<(), LinkError>>,
+    /// The gateway side, kept to open more test nodes on the same link (forwarder tests).
+    node: TestNode,
+}
+
+fn start(predefined: &[(u16, &str)]) -> Harness {
+    let router = Router::new(RouterLimits::default());
+    let context = Context {
+        router: router.clone(),
+        predefined_topics: Arc::new(
+            predefined
+                .iter()
+                .map(|(id, name)| (*id, (*name).to_owned()))
+                .collect(),
+        ),
+        metrics: NodeMetrics::new(),
+    };
+    let (node_end, gateway_end) = tokio::io::duplex(4096);
+    let cancel = CancellationToken::new();
+    let link = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { run_link(gateway_end, "test", &context, &cancel).await }
+    });
+    Harness {
+        router,
+        cancel,
+        link,
+        node: TestNode {
+            io: node_end,
+            decoder: Box::new(FrameDecoder::new()),
+            wireless_id: None,
+        },
+    }
+}
+
+async fn next(client: &LocalClient) -> Delivery {
+    tokio::time::timeout(TIMEOUT, client.recv())
+        .await
+        .expect("a delivery in time")
+        .expect("session alive")
+}
+
+#[tokio::test]
+async fn registered_publishes_reach_the_broker_at_qos_0_and_1() {
+    let mut h = start(&[]);
+    let subscriber = h.router.local_client("subscriber");
+    subscriber
+        .subscribe("sensors/#", SubOptions::qos(BrokerQoS::AtLeastOnce))
+        .unwrap();
+    h.node.connect("kitchen").await;
+    let id = h.node.register("sensors/kitchen/temp").await;
+    assert_eq!(
+        h.node.register("sensors/kitchen/temp").await,
+        id,
+        "stable id"
+    );
+
+    h.node
+        .send(&Message::Publish(Publish {
+            dup: false,
+            qos: QoS::Zero,
+            retain: false,
+            topic: TopicId::Normal(id),
+            message_id: 0,
+            data: b"{\"temp\": 21.5}",
+        }))
+        .await;
+    let delivery = next(&subscriber).await;
+    assert_eq!(&*delivery.message.topic, "sensors/kitchen/temp");
+    assert_eq!(&delivery.message.payload[..], b"{\"temp\": 21.5}");
+    assert_eq!(delivery.qos, BrokerQoS::AtMostOnce);
+
+    h.node
+        .send(&Message::Publish(Publish {
+            dup: false,
+            qos: QoS::One,
+            retain: false,
+            topic: TopicId::Normal(id),
+            message_id: 9,
+            data: b"1",
+        }))
+        .await;
+    assert_eq!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::PubAck {
+            topic_id: id,
+            message_id: 9,
+            return_code: ReturnCode::Accepted
+        }
+    );
+    assert_eq!(next(&subscriber).await.qos, BrokerQoS::AtLeastOnce);
+
+    // An id nobody registered is refused per spec.
+    h.node
+        .send(&Message::Publish(Publish {
+            dup: false,
+            qos: QoS::One,
+            retain: false,
+            topic: TopicId::Normal(999),
+            message_id: 10,
+            data: b"x",
+        }))
+        .await;
+    assert_eq!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::PubAck {
+            topic_id: 999,
+            message_id: 10,
+            return_code: ReturnCode::InvalidTopicId
+        }
+    );
+    h.cancel.cancel();
+    h.link.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn qos_2_from_a_node_is_routed_once_at_pubrel() {
+    let mut h = start(&[]);
+    let subscriber = h.router.local_client("subscriber");
+    subscriber
+        .subscribe("t/#", SubOptions::qos(BrokerQoS::ExactlyOnce))
+        .unwrap();
+    h.node.connect("n").await;
+    let id = h.node.register("t/a").await;
+    let publish = Message::Publish(Publish {
+        dup: false,
+        qos: QoS::Two,
+        retain: false,
+        topic: TopicId::Normal(id),
+        message_id: 3,
+        data: b"once",
+    });
+    h.node.send(&publish).await;
+    assert_eq!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::PubRec { message_id: 3 }
+    );
+    h.node.send(&publish).await; // a DUP re-send
+    assert_eq!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::PubRec { message_id: 3 }
+    );
+    assert_eq!(subscriber.queued(), 0);
+    h.node.send(&Message::PubRel { message_id: 3 }).await;
+    assert_eq!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::PubComp { message_id: 3 }
+    );
+    assert_eq!(&next(&subscriber).await.message.payload[..], b"once");
+    assert_eq!(subscriber.queued(), 0);
+}
+
+#[tokio::test]
+async fn subscriptions_deliver_with_suback_ids_and_register_new_names_first() {
+    let mut h = start(&[]);
+    h.node.connect("n1").await;
+    h.node
+        .send(&Message::Subscribe(Subscribe {
+            dup: false,
+            qos: QoS::One,
+            message_id: 5,
+            topic: Topic::Name("control/n1/led"),
+        }))
+        .await;
+    let led = match decode_exact(&h.node.recv().await).unwrap() {
+        Message::SubAck {
+            qos: QoS::One,
+            topic_id,
+            message_id: 5,
+            return_code: ReturnCode::Accepted,
+        } => topic_id,
+        other => panic!("expected SUBACK, got {other:?}"),
+    };
+    assert_ne!(led, 0);
+    h.router.publish(BrokerMessage::new(
+        "control/n1/led",
+        "on",
+        BrokerQoS::AtMostOnce,
+    ));
+    match decode_exact(&h.node.recv().await).unwrap() {
+        Message::Publish(p) => {
+            assert_eq!(p.topic, TopicId::Normal(led));
+            assert_eq!(p.qos, QoS::Zero);
+            assert_eq!(p.data, b"on");
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+
+    // A wildcard: SUBACK carries id 0; a new topic name is REGISTERed before its PUBLISH.
+    h.node
+        .send(&Message::Subscribe(Subscribe {
+            dup: false,
+            qos: QoS::Zero,
+            message_id: 6,
+            topic: Topic::Name("alerts/#"),
+        }))
+        .await;
+    assert!(matches!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::SubAck { topic_id: 0, .. }
+    ));
+    h.router.publish(BrokerMessage::new(
+        "alerts/fire",
+        "1",
+        BrokerQoS::AtMostOnce,
+    ));
+    h.router.publish(BrokerMessage::new(
+        "alerts/fire",
+        "2",
+        BrokerQoS::AtMostOnce,
+    ));
+    let (topic_id, message_id) = match decode_exact(&h.node.recv().await).unwrap() {
+        Message::Register(r) => {
+            assert_eq!(r.topic_name, "alerts/fire");
+            (r.topic_id, r.message_id)
+        }
+        other => panic!("expected REGISTER, got {other:?}"),
+    };
+    h.node
+        .send(&Message::RegAck {
+            topic_id,
+            message_id,
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    for payload in [b"1", b"2"] {
+        match decode_exact(&h.node.recv().await).unwrap() {
+            Message::Publish(p) => {
+                assert_eq!(p.topic, TopicId::Normal(topic_id));
+                assert_eq!(p.data, payload);
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn garbage_is_counted_and_ignored() {
+    let mut h = start(&[]);
+    // Line noise, a frame with a bad CRC, an oversize run, a good frame holding no message.
+    h.node.send_raw(b"\x13\x37noise\xff\xfe\x00").await;
+    let mut bad_crc = encode_frame_to_vec(b"\x02\x18");
+    bad_crc[1] ^= 0x40;
+    h.node.send_raw(&bad_crc).await;
+    h.node.send_raw(&vec![0x55; 3 * MAX_FRAME]).await;
+    h.node.send_raw(&[0]).await;
+    h.node.send_raw(&encode_frame_to_vec(b"\x05\x99zz")).await;
+    // Then the link works as ever.
+    h.node.connect("survivor").await;
+    h.node.send(&Message::PingReq { client_id: None }).await;
+    assert_eq!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::PingResp
+    );
+    assert!(!h.link.is_finished());
+}
+
+#[tokio::test]
+async fn messages_before_connect_get_disconnect() {
+    let mut h = start(&[]);
+    h.node.send(&Message::PingReq { client_id: None }).await;
+    assert_eq!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::Disconnect { duration: None }
+    );
+}
+
+#[tokio::test]
+async fn forwarded_nodes_are_separate_clients_with_predefined_topics() {
+    let mut h = start(&[(1, "sensors/{node}/temp")]);
+    let subscriber = h.router.local_client("subscriber");
+    subscriber
+        .subscribe("sensors/+/temp", SubOptions::qos(BrokerQoS::AtMostOnce))
+        .unwrap();
+    for name in ["hub-1", "hub-2"] {
+        h.node.wireless_id = Some(name.as_bytes().to_vec());
+        h.node.connect(name).await;
+    }
+    for name in ["hub-1", "hub-2"] {
+        h.node.wireless_id = Some(name.as_bytes().to_vec());
+        h.node
+            .send(&Message::Publish(Publish {
+                dup: false,
+                qos: QoS::Zero,
+                retain: false,
+                topic: TopicId::Predefined(1),
+                message_id: 0,
+                data: name.as_bytes(),
+            }))
+            .await;
+        let delivery = next(&subscriber).await;
+        assert_eq!(&*delivery.message.topic, format!("sensors/{name}/temp"));
+    }
+    // QoS −1 needs no connection: a third, unconnected wireless node.
+    h.node.wireless_id = Some(b"loner".to_vec());
+    h.node
+        .send(&Message::Publish(Publish {
+            dup: false,
+            qos: QoS::MinusOne,
+            retain: false,
+            topic: TopicId::Predefined(1),
+            message_id: 0,
+            data: b"-1",
+        }))
+        .await;
+    assert_eq!(
+        &*next(&subscriber).await.message.topic,
+        "sensors/loner/temp"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_node_is_dropped_after_its_keepalive() {
+    let mut h = start(&[]);
+    h.node.connect("sleepy").await; // keepalive 30 s
+    assert_eq!(h.router.session_count(), 1);
+    tokio::time::sleep(Duration::from_secs(46)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(h.router.session_count(), 0);
+}

@@ -1,0 +1,105 @@
+//! Node link: ESP32 (or simulated) sensor nodes on serial ports become broker clients.
+//!
+//! One task per configured serial port opens it (`tokio-serial`), runs an MQTT-SN 1.2
+//! gateway over its COBS + CRC frames ([`gateway`]), and when the port fails, disappears
+//! (USB unplugged) or cannot be opened, tries again after a jittered exponential backoff
+//! until the link is stopped. Each node that connects is an in-process broker client
+//! (`Router::local_client`) named by its MQTT-SN client id.
+//!
+//! Supported: CONNECT, REGISTER/REGACK both ways, predefined (`{node}` substituted) and short
+//! topic ids, PUBLISH QoS −1/0/1/2 from nodes, deliveries to nodes at QoS 0/1/2 (REGISTER first
+//! for new topic names), SUBSCRIBE/UNSUBSCRIBE, PINGREQ/PINGRESP, DISCONNECT, keepalive,
+//! SEARCHGW, the forwarder encapsulation. Not yet: wills (CONNECT with the will flag is
+//! refused), sleeping clients (DISCONNECT with a duration is a plain disconnect), re-sending
+//! unacknowledged deliveries to a node.
+
+pub mod gateway;
+pub mod metrics;
+mod serial;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use edgegw_broker::Router;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::gateway::Context;
+pub use crate::gateway::run_link;
+pub use crate::metrics::NodeMetrics;
+
+/// Why a link stopped working (it is reopened after a backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot open serial port {port} at {baud} baud: {source}")]
+    Open {
+        port: String,
+        baud: u32,
+        source: tokio_serial::Error,
+    },
+    #[error("reading from the link failed: {source}")]
+    Read { source: std::io::Error },
+    #[error("writing to the link failed: {source}")]
+    Write { source: std::io::Error },
+    #[error("the link was closed (end of stream)")]
+    Closed,
+}
+
+/// One serial port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SerialSettings {
+    pub port: String,
+    pub baud: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodesSettings {
+    pub serial: Vec<SerialSettings>,
+    /// Predefined topic ids; `{node}` in a name is the node's client id.
+    pub predefined_topics: BTreeMap<u16, String>,
+    /// First reopen delay after a link failure; doubles per failure up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Default for NodesSettings {
+    fn default() -> Self {
+        Self {
+            serial: Vec::new(),
+            predefined_topics: BTreeMap::new(),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The running node links. [`NodeLink::stop`] ends them (nodes' broker sessions end too).
+pub struct NodeLink {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl NodeLink {
+    /// Starts one task per serial port on the current tokio runtime.
+    pub fn start(settings: NodesSettings, router: Router, cancel: CancellationToken) -> Self {
+        let tracker = TaskTracker::new();
+        let context = Context {
+            router,
+            predefined_topics: Arc::new(settings.predefined_topics.clone()),
+            metrics: NodeMetrics::new(),
+        };
+        for port in &settings.serial {
+            tracker.spawn(serial::run(
+                port.clone(),
+                serial::Backoff::new(settings.reconnect_min, settings.reconnect_max),
+                context.clone(),
+                cancel.clone(),
+            ));
+        }
+        tracker.close();
+        Self { cancel, tracker }
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.wait().await;
+    }
+}
