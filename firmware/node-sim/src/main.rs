@@ -30,7 +30,10 @@ const RETRY: Duration = Duration::from_secs(2);
 const MAX_FRAME: usize = 1024;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Simulated MQTT-SN sensor nodes on a serial port or PTY")]
+#[command(
+    version,
+    about = "Simulated MQTT-SN sensor nodes on a serial port or PTY"
+)]
 struct Args {
     /// Serial device or PTY, e.g. /dev/ttyUSB0 or /dev/pts/3.
     #[arg(long)]
@@ -95,7 +98,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown unit `{other}` in `{text}`; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`; use ms, s, m or h"
+            ));
+        }
     };
     if !seconds.is_finite() || seconds <= 0.0 {
         return Err(format!("`{text}`: a duration must be greater than zero"));
@@ -207,8 +214,8 @@ impl Sim {
     /// PINGREQ. Returns the earliest time something may be due next.
     fn poll(&mut self, now: Instant) -> Result<Instant, SimError> {
         let keepalive = self.args.keepalive;
-        let duration = u16::try_from(keepalive.as_secs())
-            .map_err(|_| SimError::Keepalive { keepalive })?;
+        let duration =
+            u16::try_from(keepalive.as_secs()).map_err(|_| SimError::Keepalive { keepalive })?;
         let mut next = now + RETRY;
         for index in 0..self.nodes.len() {
             let node = &mut self.nodes[index];
@@ -218,7 +225,9 @@ impl Sim {
                 eprintln!("node-sim: {}: gateway silent, reconnecting", node.name);
                 node.restart();
             }
-            let due = node.requested.is_none_or(|at| now.duration_since(at) >= RETRY);
+            let due = node
+                .requested
+                .is_none_or(|at| now.duration_since(at) >= RETRY);
             match node.state {
                 State::Running => {}
                 _ if !due => continue,
@@ -310,22 +319,23 @@ impl Sim {
                 return Ok(());
             }
         };
-        let (index, message) = match message {
-            Message::Encapsulated(encapsulated) => {
-                let Some(index) = self.nodes.iter().position(|n| {
-                    n.wireless_id.as_deref() == Some(encapsulated.wireless_node_id)
-                }) else {
-                    return Ok(());
-                };
-                match encapsulated.decode_message() {
-                    Ok(inner) => (index, inner),
-                    Err(_) => return Ok(()),
+        let (index, message) =
+            match message {
+                Message::Encapsulated(encapsulated) => {
+                    let Some(index) = self.nodes.iter().position(|n| {
+                        n.wireless_id.as_deref() == Some(encapsulated.wireless_node_id)
+                    }) else {
+                        return Ok(());
+                    };
+                    match encapsulated.decode_message() {
+                        Ok(inner) => (index, inner),
+                        Err(_) => return Ok(()),
+                    }
                 }
-            }
-            // A lone node gets plain messages; behind a forwarder they would be ambiguous.
-            other if self.nodes.len() == 1 => (0, other),
-            _ => return Ok(()),
-        };
+                // A lone node gets plain messages; behind a forwarder they would be ambiguous.
+                other if self.nodes.len() == 1 => (0, other),
+                _ => return Ok(()),
+            };
         let node = &mut self.nodes[index];
         node.last_received = Instant::now();
         match message {
@@ -363,7 +373,10 @@ impl Sim {
                     node.state = State::Running;
                     node.requested = None;
                 } else {
-                    eprintln!("node-sim: {}: SUBSCRIBE refused: {return_code:?}", node.name);
+                    eprintln!(
+                        "node-sim: {}: SUBSCRIBE refused: {return_code:?}",
+                        node.name
+                    );
                 }
             }
             Message::Register(register) => {
