@@ -1,0 +1,482 @@
+//! `cargo run --release -p edgegw-bench [-- --quick]`: edgegw against Mosquitto (and rumqttd
+//! when it is on PATH), same scenarios, same run. Each broker runs pinned to core 0, the load
+//! generator (one current-thread tokio runtime, hand-encoded MQTT 3.1.1) on core 1.
+//!
+//! How it measures:
+//! - a fresh broker per scenario and broker (temp config, free loopback port);
+//! - publishers encode batches of PUBLISHes into one buffer per write; QoS 1/2 publishers keep
+//!   up to `load::WINDOW` unacknowledged; end to end, at most `load::CREDIT` messages are on
+//!   their way to any one subscriber, so the figure is the rate a broker sustains (CPU-bound)
+//!   rather than an overload figure (the flood scenario is the overload test);
+//! - payloads carry publisher id, sequence number and send time: subscribers count loss,
+//!   duplicates and end-to-end latency;
+//! - throughput is what subscribers receive during the measured window, after a warm-up;
+//! - CPU shares come from /proc (utime + stime over wall time) for the broker and for this
+//!   process; a load generator at 90% of its core or more is flagged.
+//!
+//! `BENCH_DEBUG=1` prints per-publisher sent/received counts after each scenario.
+
+mod broker;
+mod load;
+mod mqtt;
+mod procfs;
+mod report;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+use broker::{Broker, BrokerBin, Kind, Profile};
+use load::{Scenario, SubSpec, Timing};
+use report::{Entry, Measured};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Benchmark edgegw against Mosquitto (and rumqttd if on PATH), same scenarios, same run"
+)]
+struct Args {
+    /// About a minute in all: 0.5 s warm-up and 2 s per scenario (default 1 s + 5 s).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds measured per scenario.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds of warm-up before each measurement.
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Idle connections opened for the memory-per-connection scenario.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Brokers to run, comma-separated (edgegw,mosquitto,rumqttd); default: all found.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Only scenarios whose key contains one of these, comma-separated (e.g. fanin,latency).
+    #[arg(long)]
+    only: Option<String>,
+    /// Use this edgegw binary instead of building target/release/edgegw.
+    #[arg(long)]
+    edgegw_bin: Option<PathBuf>,
+    /// Do not run `cargo build --release -p edgegw`; use the existing binary.
+    #[arg(long)]
+    no_build: bool,
+    /// Where to write the Markdown results (default: target/bench-results.md).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// One step of the run.
+enum Step {
+    Flow(Scenario),
+    Flood,
+    Idle,
+}
+
+impl Step {
+    fn key(&self) -> &str {
+        match self {
+            Step::Flow(s) => s.key,
+            Step::Flood => "flood",
+            Step::Idle => "idle",
+        }
+    }
+}
+
+fn steps() -> Vec<Step> {
+    let topics = |prefix: &str, n: usize| -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}/{i}")).collect()
+    };
+    let mut steps = Vec::new();
+    for qos in 0..=2 {
+        steps.push(Step::Flow(Scenario {
+            key: ["fanin-q0", "fanin-q1", "fanin-q2"][qos as usize],
+            title: format!("fan-in 8→1, QoS {qos}"),
+            qos,
+            publishers: topics("bench/fanin", 8),
+            subscribers: vec![SubSpec {
+                filter: "bench/#".into(),
+                clean: true,
+                from: (0..8).collect(),
+            }],
+            rate: None,
+            latency: false,
+            unit: "msg/s",
+        }));
+    }
+    for qos in 0..=1 {
+        steps.push(Step::Flow(Scenario {
+            key: ["fanout-q0", "fanout-q1"][qos as usize],
+            title: format!("fan-out 1→10, QoS {qos}"),
+            qos,
+            publishers: vec!["bench/fanout".into()],
+            subscribers: (0..10)
+                .map(|_| SubSpec {
+                    filter: "bench/fanout".into(),
+                    clean: true,
+                    from: vec![0],
+                })
+                .collect(),
+            rate: None,
+            latency: false,
+            unit: "deliveries/s",
+        }));
+    }
+    for qos in 0..=1 {
+        steps.push(Step::Flow(Scenario {
+            key: ["pairs-q0", "pairs-q1"][qos as usize],
+            title: format!("8 pairs 1→1, QoS {qos}"),
+            qos,
+            publishers: topics("bench/pair", 8),
+            subscribers: (0..8)
+                .map(|i| SubSpec {
+                    filter: format!("bench/pair/{i}"),
+                    clean: true,
+                    from: vec![i],
+                })
+                .collect(),
+            rate: None,
+            latency: false,
+            unit: "msg/s",
+        }));
+    }
+    steps.push(Step::Flow(Scenario {
+        key: "persistent-q1",
+        title: "1→1 QoS 1, persistent-session subscriber".into(),
+        qos: 1,
+        publishers: vec!["bench/persist".into()],
+        subscribers: vec![SubSpec {
+            filter: "bench/persist".into(),
+            clean: false,
+            from: vec![0],
+        }],
+        rate: None,
+        latency: false,
+        unit: "msg/s",
+    }));
+    steps.push(Step::Flow(Scenario {
+        key: "latency",
+        title: "latency, QoS 1 at 5,000 msg/s".into(),
+        qos: 1,
+        publishers: vec!["bench/latency".into()],
+        subscribers: vec![SubSpec {
+            filter: "bench/latency".into(),
+            clean: true,
+            from: vec![0],
+        }],
+        rate: Some(5000.0),
+        latency: true,
+        unit: "msg/s",
+    }));
+    steps.push(Step::Flood);
+    steps.push(Step::Idle);
+    steps
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf()
+}
+
+/// `cargo build --release -p edgegw` (cargo decides whether it is stale); returns the binary.
+fn build_edgegw(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("Building edgegw: cargo build --release -p edgegw");
+    let output = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "edgegw",
+            "--bin",
+            "edgegw",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cargo}"))?;
+    if !output.status.success() {
+        bail!(
+            "`cargo build --release -p edgegw` failed ({}); fix the build, or pass --edgegw-bin PATH / --no-build",
+            output.status
+        );
+    }
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == "edgegw"
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            return Ok(PathBuf::from(exe));
+        }
+    }
+    bail!("cargo built edgegw but did not say where the binary is")
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+fn find_brokers(args: &Args, root: &Path) -> Result<Vec<BrokerBin>> {
+    let wanted: Option<Vec<String>> = args
+        .brokers
+        .as_ref()
+        .map(|s| s.split(',').map(|b| b.trim().to_lowercase()).collect());
+    let want = |name: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|b| b == name));
+    let mut bins = Vec::new();
+    if want("edgegw") {
+        let path = if let Some(path) = &args.edgegw_bin {
+            path.clone()
+        } else if args.no_build {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target.join("release/edgegw")
+        } else {
+            build_edgegw(root)?
+        };
+        if !path.is_file() {
+            bail!(
+                "edgegw binary {} not found: run `cargo build --release -p edgegw` first",
+                path.display()
+            );
+        }
+        bins.push(BrokerBin {
+            kind: Kind::Edgegw,
+            path,
+        });
+    }
+    if want("mosquitto") {
+        let path = [PathBuf::from("/usr/sbin/mosquitto")]
+            .into_iter()
+            .find(|p| p.is_file())
+            .or_else(|| on_path("mosquitto"));
+        match path {
+            Some(path) => bins.push(BrokerBin {
+                kind: Kind::Mosquitto,
+                path,
+            }),
+            None => eprintln!(
+                "note: mosquitto not found (/usr/sbin/mosquitto): `apt-get install mosquitto` to compare against it"
+            ),
+        }
+    }
+    if want("rumqttd") {
+        match on_path("rumqttd") {
+            Some(path) => bins.push(BrokerBin {
+                kind: Kind::Rumqttd,
+                path,
+            }),
+            None => eprintln!(
+                "note: rumqttd is not on PATH, skipped (`cargo install rumqttd` to compare against it)"
+            ),
+        }
+    }
+    if bins.is_empty() {
+        bail!("no broker to benchmark");
+    }
+    Ok(bins)
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+async fn run_step(bin: &BrokerBin, step: &Step, timing: Timing, idle: usize) -> Measured {
+    let profile = match step {
+        Step::Flow(_) => Profile::Throughput,
+        Step::Flood => Profile::Defaults,
+        Step::Idle => Profile::Connections(idle),
+    };
+    let mut broker = match Broker::start(bin, profile) {
+        Ok(b) => b,
+        Err(e) => return Measured::Failed(format!("{e:#}")),
+    };
+    // Every scenario is bounded by its own timeouts; this is the backstop.
+    let limit = timing.warmup + timing.duration + Duration::from_secs(120);
+    let result = match step {
+        Step::Flow(sc) => tokio::time::timeout(limit, load::run_flow(&mut broker, sc, timing))
+            .await
+            .map(|r| r.map(Measured::Flow)),
+        Step::Flood => tokio::time::timeout(limit, load::run_flood(&mut broker, timing.duration))
+            .await
+            .map(|r| r.map(Measured::Flood)),
+        Step::Idle => tokio::time::timeout(limit, load::run_idle(&mut broker, idle))
+            .await
+            .map(|r| r.map(Measured::Idle)),
+    };
+    match result {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => Measured::Failed(format!("{e:#}")),
+        Err(_) => Measured::Failed(format!("scenario did not finish within {limit:?}")),
+    }
+}
+
+/// Every step against every broker, scenario by scenario so that brokers meet the same
+/// machine conditions; each result is printed as it comes.
+async fn run_all(
+    steps: &[Step],
+    bins: &[BrokerBin],
+    timing: Timing,
+    idle: usize,
+    entries: &std::cell::RefCell<Vec<Entry>>,
+) {
+    for step in steps {
+        for bin in bins {
+            let measured = run_step(bin, step, timing, idle).await;
+            let entry = Entry {
+                key: step.key().to_string(),
+                title: match step {
+                    Step::Flow(s) => s.title.clone(),
+                    Step::Flood => "memory: QoS 0 flood, 8→1 slow subscriber".into(),
+                    Step::Idle => format!("memory: {idle} idle connections"),
+                },
+                unit: match step {
+                    Step::Flow(s) => s.unit,
+                    _ => "",
+                },
+                kind: bin.kind,
+                measured,
+            };
+            println!("{}", report::line(&entry));
+            entries.borrow_mut().push(entry);
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let root = workspace_root();
+    // Build before pinning: cargo would inherit the one-core affinity.
+    let bins = find_brokers(&args, &root)?;
+    let (warmup, duration) = if args.quick { (0.5, 2.0) } else { (1.0, 5.0) };
+    let timing = Timing {
+        warmup: secs(args.warmup.unwrap_or(warmup)),
+        duration: secs(args.duration.unwrap_or(duration)),
+    };
+
+    // The idle scenario needs one descriptor per connection here and in the broker, which
+    // inherits this limit.
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let mut idle = args.idle_connections;
+    if (idle as u64) + 256 > nofile {
+        let fit = nofile.saturating_sub(256) as usize;
+        eprintln!("note: RLIMIT_NOFILE is {nofile}; idle connections lowered from {idle} to {fit}");
+        idle = fit;
+    }
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if cores.len() < 2 {
+        eprintln!(
+            "warning: fewer than 2 cores visible; the broker and the load generator share a core"
+        );
+    }
+    if !core_affinity::set_for_current(core_affinity::CoreId {
+        id: broker::LOAD_CORE,
+    }) {
+        eprintln!(
+            "warning: could not pin the load generator to core {}",
+            broker::LOAD_CORE
+        );
+    }
+
+    let mut steps = steps();
+    if let Some(only) = &args.only {
+        let keys: Vec<&str> = only.split(',').map(str::trim).collect();
+        steps.retain(|s| keys.iter().any(|k| s.key().contains(k)));
+    }
+
+    println!(
+        "edgegw benchmark: brokers {} on core {}, load generator on core {} (one thread)",
+        bins.iter()
+            .map(|b| format!("{} ({})", b.kind, b.path.display()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        broker::BROKER_CORE,
+        broker::LOAD_CORE
+    );
+    println!(
+        "timing: {:.1} s warm-up + {:.1} s measured per scenario; 100-byte payloads; up to {} publishes per write; QoS 1/2 window {} per publisher; at most {} messages on their way to each subscriber; idle connections {idle}",
+        timing.warmup.as_secs_f64(),
+        timing.duration.as_secs_f64(),
+        load::BATCH,
+        load::WINDOW,
+        load::CREDIT
+    );
+    println!("broker settings (a fresh broker per scenario):");
+    for line in broker::describe_settings() {
+        println!("  {line}");
+    }
+    println!();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    let started = Instant::now();
+    let interrupted = std::cell::Cell::new(false);
+    let entries = std::cell::RefCell::new(Vec::new());
+    local.block_on(&rt, async {
+        // On Ctrl-C or SIGTERM the run stops: dropping it kills the running broker and
+        // removes its temp dir, and the scenarios done so far are still reported.
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let signalled = async {
+            match term.as_mut() {
+                Some(t) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = t.recv() => {}
+                    }
+                }
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        tokio::select! {
+            () = run_all(&steps, &bins, timing, idle, &entries) => {}
+            () = signalled => interrupted.set(true),
+        }
+    });
+    let entries = entries.into_inner();
+    if interrupted.get() {
+        eprintln!("\ninterrupted: brokers stopped; reporting the scenarios that finished");
+    }
+    println!("\n(run took {:.0} s)\n", started.elapsed().as_secs_f64());
+
+    let kinds: Vec<Kind> = bins.iter().map(|b| b.kind).collect();
+    let markdown = report::markdown(&entries, &kinds, timing, idle, &bins);
+    println!("{markdown}");
+    let output = args
+        .output
+        .unwrap_or_else(|| root.join("target").join("bench-results.md"));
+    match std::fs::write(&output, &markdown) {
+        Ok(()) => println!("(written to {})", output.display()),
+        Err(e) => eprintln!("could not write {}: {e}", output.display()),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgegw-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
