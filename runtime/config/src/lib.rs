@@ -97,7 +97,7 @@ impl Config {
                 return Err(ConfigErrors(vec![error_at(
                     1,
                     1,
-                    "the config must be a mapping of sections (gateway:, broker:, metrics:, log:)"
+                    "the config must be a mapping of sections (gateway:, broker:, nodes:, metrics:, log:)"
                         .into(),
                 )]));
             }
@@ -131,6 +131,7 @@ impl Config {
         }
         section(file, &text, "gateway", &mut config.gateway, &mut errors);
         section(file, &text, "broker", &mut config.broker, &mut errors);
+        section(file, &text, "nodes", &mut config.nodes, &mut errors);
         section(file, &text, "metrics", &mut config.metrics, &mut errors);
         section(file, &text, "log", &mut config.log, &mut errors);
 

@@ -1,7 +1,7 @@
 //! The typed configuration. Every field here is a public config key: each one is documented
 //! in `configs/gateway.yaml`, and unknown keys are rejected at load time.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::Deserialize;
 
@@ -13,12 +13,13 @@ use crate::units::{ByteSize, Duration};
 pub struct Config {
     pub gateway: Gateway,
     pub broker: Broker,
+    pub nodes: Nodes,
     pub metrics: Metrics,
     pub log: Log,
 }
 
 /// Top-level section names, in file order of the documented example.
-pub const SECTIONS: &[&str] = &["gateway", "broker", "metrics", "log"];
+pub const SECTIONS: &[&str] = &["gateway", "broker", "nodes", "metrics", "log"];
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -264,6 +265,30 @@ impl Default for Limits {
             max_publish_rate: 0,
         }
     }
+}
+
+/// The node link: sensor nodes speaking MQTT-SN 1.2 over serial ports.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Nodes {
+    /// Serial ports (USB serial adapters, PTYs); each is reopened with backoff when it
+    /// disappears or cannot be opened.
+    pub serial: Vec<SerialPort>,
+    /// Topic ids nodes may use without REGISTER; `{node}` is replaced by the node's client id.
+    pub predefined_topics: BTreeMap<u16, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialPort {
+    /// Device path, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/...`.
+    pub port: String,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+fn default_baud() -> u32 {
+    115_200
 }
 
 #[derive(Clone, Debug, Deserialize)]

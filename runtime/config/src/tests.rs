@@ -368,3 +368,34 @@ fn websocket_errors_point_at_the_value() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn nodes_parse() {
+    let config = load(
+        "nodes:\n  serial:\n    - { port: /dev/ttyUSB0 }\n    - { port: /dev/ttyACM0, baud: 9600 }\n  predefined_topics: { 1: \"sensors/{node}/temp\" }\n",
+    )
+    .unwrap();
+    assert_eq!(config.nodes.serial.len(), 2);
+    assert_eq!(config.nodes.serial[0].baud, 115_200);
+    assert_eq!(config.nodes.serial[1].baud, 9600);
+    assert_eq!(config.nodes.predefined_topics[&1], "sensors/{node}/temp");
+}
+
+#[test]
+fn nodes_errors_point_at_the_value() {
+    let errs = errors(
+        "nodes:\n  serial:\n    - { port: /dev/ttyUSB0 }\n    - { port: /dev/ttyUSB0, baud: 0 }\n  predefined_topics:\n    0: \"sensors/#\"\n",
+    );
+    let all = errs.join("\n");
+    assert!(all.contains("site.yaml:4:"), "{all}");
+    assert!(all.contains("already used by entry 0"), "{all}");
+    assert!(all.contains("baud must be above 0"), "{all}");
+    assert!(
+        all.contains("site.yaml:6:5: predefined topic id 0"),
+        "{all}"
+    );
+    assert!(all.contains("reserved"), "{all}");
+    assert!(all.contains("without wildcards"), "{all}");
+    let unknown = errors("nodes:\n  serial:\n    - { port: /dev/ttyUSB0, speed: 9600 }\n");
+    assert!(unknown[0].starts_with("site.yaml:3:"), "{unknown:?}");
+}

@@ -13,6 +13,53 @@ pub struct Issue {
 /// The protocol limit on an MQTT packet (the remaining length is a 4-byte varint).
 const MQTT_MAX_PACKET: u64 = 268_435_455;
 
+/// `nodes`.
+fn nodes_issues(nodes: &crate::Nodes, issue: &mut impl FnMut(&[&str], String)) {
+    let mut seen = HashMap::new();
+    for (i, serial) in nodes.serial.iter().enumerate() {
+        let index = i.to_string();
+        if serial.port.is_empty() {
+            issue(
+                &["nodes", "serial", &index, "port"],
+                format!("nodes.serial {i}: port must be a device path, e.g. /dev/ttyUSB0"),
+            );
+        } else if let Some(first) = seen.insert(serial.port.as_str(), i) {
+            issue(
+                &["nodes", "serial", &index, "port"],
+                format!(
+                    "nodes.serial {i}: port {} is already used by entry {first}; each port can be opened once",
+                    serial.port
+                ),
+            );
+        }
+        if serial.baud == 0 {
+            issue(
+                &["nodes", "serial", &index, "baud"],
+                format!("nodes.serial {i}: baud must be above 0, e.g. 115200"),
+            );
+        }
+    }
+    for (id, topic) in &nodes.predefined_topics {
+        // The map key is a number, which the locator would read as a list index: point at
+        // the mapping instead and name the id in the message.
+        let place = ["nodes", "predefined_topics"];
+        if *id == 0 || *id == u16::MAX {
+            issue(
+                &place,
+                format!("predefined topic id {id} is reserved by MQTT-SN; use 1 to 65534"),
+            );
+        }
+        if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+            issue(
+                &place,
+                format!(
+                    "predefined topic {id}: `{topic}` must be a topic name without wildcards (+, #), e.g. sensors/{{node}}/temp"
+                ),
+            );
+        }
+    }
+}
+
 /// `broker.auth` and `broker.acl`.
 fn auth_issues(broker: &crate::Broker, issue: &mut impl FnMut(&[&str], String)) {
     let auth = &broker.auth;
@@ -138,6 +185,8 @@ pub fn validate(config: &Config) -> Vec<Issue> {
             message,
         });
     };
+
+    nodes_issues(&config.nodes, &mut issue);
 
     let id = &config.gateway.id;
     if id.is_empty()

@@ -111,12 +111,31 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
     for listener in broker.listeners() {
         tracing::info!(url = %listener.url(), "MQTT listening (3.1.1 and 5.0).");
     }
+    let nodes = edgegw_nodes::NodeLink::start(
+        edgegw_nodes::NodesSettings {
+            serial: config
+                .nodes
+                .serial
+                .iter()
+                .map(|s| edgegw_nodes::SerialSettings {
+                    port: s.port.clone(),
+                    baud: s.baud,
+                })
+                .collect(),
+            predefined_topics: config.nodes.predefined_topics.clone(),
+            ..edgegw_nodes::NodesSettings::default()
+        },
+        router.clone(),
+        shutdown.child_token(),
+    );
     telemetry.set_ready(true);
     tracing::info!("Ready.");
 
     wait_for_signal().await;
     tracing::info!("Shutting down.");
     telemetry.set_ready(false);
+    // Nodes first: their sessions end before the broker and the state file close.
+    nodes.stop().await;
     broker.stop().await;
     // Commit what is pending and stop the writer thread (off the async workers).
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
