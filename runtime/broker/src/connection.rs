@@ -315,7 +315,10 @@ pub(crate) async fn run_writer<O: Outbound>(
     closed: Rc<Notify>,
     metrics: Arc<BrokerMetrics>,
 ) {
-    let send = async |out: &mut O, outgoing: Outgoing| -> bool {
+    // Sent-message metrics are added up per batch: per-message atomic updates of shared
+    // counters showed up in profiles of fan-out.
+    let mut tally = SentTally::new(metrics.clone());
+    let send = async |out: &mut O, outgoing: Outgoing, tally: &mut SentTally| -> bool {
         if outgoing.release_only
             && let Some(id) = outgoing.packet_id
         {
@@ -345,7 +348,7 @@ pub(crate) async fn run_writer<O: Outbound>(
         };
         match result {
             SendResult::Sent => {
-                metrics.sent(qos, size);
+                tally.add(qos, size);
                 true
             }
             SendResult::Rejected => {
@@ -362,7 +365,7 @@ pub(crate) async fn run_writer<O: Outbound>(
     match session.take_redelivery(generation) {
         Ok(list) => {
             for outgoing in list {
-                if !send(&mut out, outgoing).await {
+                if !send(&mut out, outgoing, &mut tally).await {
                     return;
                 }
             }
@@ -395,10 +398,51 @@ pub(crate) async fn run_writer<O: Outbound>(
             continue;
         }
         for outgoing in batch.drain(..) {
-            if !send(&mut out, outgoing).await {
+            if !send(&mut out, outgoing, &mut tally).await {
                 return;
             }
         }
+        tally.flush();
+    }
+}
+
+/// Messages and payload bytes written since the last flush, by QoS; flushed into the
+/// shared counters per batch and when the writer ends.
+struct SentTally {
+    metrics: Arc<BrokerMetrics>,
+    messages: [u64; 3],
+    bytes: [u64; 3],
+}
+
+impl SentTally {
+    fn new(metrics: Arc<BrokerMetrics>) -> Self {
+        Self {
+            metrics,
+            messages: [0; 3],
+            bytes: [0; 3],
+        }
+    }
+
+    fn add(&mut self, qos: QoS, bytes: usize) {
+        self.messages[qos as usize] += 1;
+        self.bytes[qos as usize] += bytes as u64;
+    }
+
+    fn flush(&mut self) {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let i = qos as usize;
+            if self.messages[i] > 0 {
+                self.metrics.sent_many(qos, self.messages[i], self.bytes[i]);
+                self.messages[i] = 0;
+                self.bytes[i] = 0;
+            }
+        }
+    }
+}
+
+impl Drop for SentTally {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -110,6 +110,11 @@ impl BrokerMetrics {
         self.received_bytes[qos as usize].increment(bytes as u64);
     }
 
+    pub fn sent_many(&self, qos: QoS, messages: u64, bytes: u64) {
+        self.sent[qos as usize].increment(messages);
+        self.sent_bytes[qos as usize].increment(bytes);
+    }
+
     pub fn sent(&self, qos: QoS, bytes: usize) {
         self.sent[qos as usize].increment(1);
         self.sent_bytes[qos as usize].increment(bytes as u64);

@@ -510,6 +510,9 @@ impl Router {
                 }
             }
         }
+        if routed.delivered > 0 {
+            self.0.metrics.queued.increment(routed.delivered as f64);
+        }
         routed
     }
 
@@ -560,8 +563,9 @@ impl Router {
                 seq: 0,
                 message,
             };
-            if let Err(reason) = session.enqueue(delivery) {
-                self.0.metrics.dropped(reason, 1);
+            match session.enqueue(delivery) {
+                Ok(_) => self.0.metrics.queued.increment(1.0),
+                Err(reason) => self.0.metrics.dropped(reason, 1),
             }
         }
     }

@@ -230,7 +230,7 @@ impl Session {
             state.queue.push_back(delivery);
             ticket
         };
-        self.metrics.queued.increment(1.0);
+        // The queue-depth gauge is raised by the caller, once per publish.
         if online {
             self.notify.notify_one();
         }
