@@ -75,6 +75,8 @@ struct State {
     queue: VecDeque<Delivery>,
     /// In send order, so a reconnect re-sends in the original order.
     inflight: VecDeque<Inflight>,
+    /// Packet ids of `inflight`, so allocating an id is O(1) even with a wide window.
+    inflight_ids: HashSet<u16>,
     next_packet_id: u16,
     generation: u64,
     subscriptions: HashMap<String, (Filter, SubOptions)>,
@@ -173,6 +175,7 @@ impl Session {
         self.metrics.queued.increment(queued.len() as f64);
         state.queue.extend(queued);
         for (packet_id, delivery, released) in inflight {
+            state.inflight_ids.insert(packet_id);
             state.next_packet_id = packet_id.checked_add(1).unwrap_or(1).max(1);
             state.inflight.push_back(Inflight {
                 packet_id,
@@ -329,6 +332,7 @@ impl Session {
             let discarded = state.queue.len();
             state.queue.clear();
             state.inflight.clear();
+            state.inflight_ids.clear();
             (
                 state.subscriptions.drain().map(|(_, v)| v).collect(),
                 discarded,
@@ -438,6 +442,7 @@ impl Session {
                             released: false,
                         });
                     }
+                    state.inflight_ids.insert(id);
                     state.inflight.push_back(Inflight {
                         packet_id: id,
                         delivery: delivery.clone(),
@@ -474,6 +479,7 @@ impl Session {
     pub fn acknowledge(&self, packet_id: u16) {
         let mut state = self.lock();
         if let Some(i) = state.inflight.iter().position(|f| f.packet_id == packet_id) {
+            state.inflight_ids.remove(&packet_id);
             if let Some(done) = state.inflight.remove(i)
                 && done.delivery.seq != 0
             {
@@ -569,7 +575,7 @@ fn allocate_packet_id(state: &mut State) -> u16 {
     loop {
         let id = state.next_packet_id;
         state.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
-        if !state.inflight.iter().any(|f| f.packet_id == id) {
+        if !state.inflight_ids.contains(&id) {
             return id;
         }
     }
