@@ -314,3 +314,39 @@ pub fn require_mosquitto_clients() {
          which installs Debian's mosquitto-clients, or `apt-get install mosquitto-clients`"
     );
 }
+
+/// Waits for `child` (stdout and stderr piped) with a deadline, collecting its output;
+/// kills it and panics, naming `what`, when it does not finish in time.
+pub fn finish_within(mut child: Child, timeout: Duration, what: &str) -> std::process::Output {
+    let mut pipes = Vec::new();
+    for pipe in [
+        Box::new(child.stdout.take().expect("stdout piped")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr piped")),
+    ] {
+        pipes.push(std::thread::spawn(move || {
+            let mut pipe = pipe;
+            let mut out = Vec::new();
+            let _ = pipe.read_to_end(&mut out);
+            out
+        }));
+    }
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = pipes.pop().unwrap().join().unwrap();
+    let stdout = pipes.pop().unwrap().join().unwrap();
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}

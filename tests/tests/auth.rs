@@ -5,7 +5,7 @@
 
 use std::{
     collections::VecDeque,
-    io::{Read as _, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -37,38 +37,8 @@ fn edgegw_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
 }
 
 /// Waits for a child with a deadline, collecting its output.
-fn finish(mut child: std::process::Child, timeout: Duration) -> Output {
-    let mut pipes = Vec::new();
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        pipes.push(std::thread::spawn(move || {
-            let mut pipe = pipe;
-            let mut out = Vec::new();
-            let _ = pipe.read_to_end(&mut out);
-            out
-        }));
-    }
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("process did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = pipes.pop().unwrap().join().unwrap();
-    let stdout = pipes.pop().unwrap().join().unwrap();
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
+fn finish(child: std::process::Child, timeout: Duration) -> Output {
+    edgegw_tests::finish_within(child, timeout, "process")
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -3,7 +3,6 @@
 //! certificates) exercised with Debian's mosquitto clients.
 
 use std::{
-    io::Read,
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -20,43 +19,13 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Runs a command to completion, killing it (and failing) after `timeout`.
 fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let mut pipes = Vec::new();
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        pipes.push(std::thread::spawn(move || {
-            let mut pipe = pipe;
-            let mut out = Vec::new();
-            let _ = pipe.read_to_end(&mut out);
-            out
-        }));
-    }
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = pipes.pop().unwrap().join().unwrap();
-    let stdout = pipes.pop().unwrap().join().unwrap();
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
+    edgegw_tests::finish_within(child, timeout, &format!("{cmd:?}"))
 }
 
 fn edgegw(args: &[&str]) -> Output {
