@@ -26,6 +26,12 @@ impl Packet {
     }
 }
 
+enum Fill {
+    Data,
+    Closed,
+    TimedOut,
+}
+
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
 pub const PUBACK: u8 = 4;
@@ -63,23 +69,9 @@ impl Raw {
             if let Some(packet) = self.take_packet() {
                 return Some(packet);
             }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            self.stream
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None;
-                }
-                Err(_) => return None,
+            match self.fill(deadline) {
+                Fill::Data => {}
+                Fill::Closed | Fill::TimedOut => return None,
             }
         }
     }
@@ -103,30 +95,42 @@ impl Raw {
     pub fn closed_within(&mut self, timeout: Duration, seen: &mut Vec<Packet>) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return false;
-            };
             if let Some(p) = self.take_packet() {
                 seen.push(p);
                 continue;
             }
-            self.stream
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return true,
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return false;
-                }
-                Err(_) => return true,
+            match self.fill(deadline) {
+                Fill::Data => {}
+                Fill::Closed => return true,
+                Fill::TimedOut => return false,
             }
+        }
+    }
+
+    /// Reads what arrives before `deadline` into the buffer.
+    fn fill(&mut self, deadline: Instant) -> Fill {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return Fill::TimedOut;
+        };
+        self.stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => Fill::Closed,
+            Ok(n) => {
+                self.buffer.extend_from_slice(&chunk[..n]);
+                Fill::Data
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Fill::TimedOut
+            }
+            Err(_) => Fill::Closed,
         }
     }
 
