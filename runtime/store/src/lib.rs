@@ -13,6 +13,7 @@
 //!
 //! The store knows nothing about MQTT: records are opaque blobs encoded by the broker.
 
+mod outbox;
 mod schema;
 
 use std::{
@@ -27,6 +28,7 @@ use metrics::{Counter, Gauge, counter, gauge};
 use rusqlite::{Connection, params};
 use tokio::sync::watch;
 
+pub use outbox::{Appended, Fsync, OnFull, Outbox, OutboxEntry, OutboxOptions, OutboxStats};
 pub use schema::SCHEMA_VERSION;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -193,37 +195,127 @@ pub struct Store {
     path: PathBuf,
 }
 
-/// Resolves when the ops submitted with it are durable.
-pub struct Ticket {
-    batch: u64,
-    committed: watch::Receiver<Committed>,
+/// Resolves when the ops submitted with it are durable. Tickets of different stores (the
+/// state file, an uplink outbox) combine with [`Ticket::max`]: waiting for the result
+/// covers all of them.
+pub struct Ticket(TicketKind);
+
+enum TicketKind {
+    One(Part),
+    Many(Vec<Part>),
 }
 
-impl Ticket {
-    pub fn batch(&self) -> u64 {
-        self.batch
-    }
+enum Part {
+    /// Durable once the writer has committed batch `batch` of the store behind `committed`.
+    Batch {
+        batch: u64,
+        committed: watch::Receiver<Committed>,
+    },
+    /// Durable when the writer says so (a message admitted later, e.g. an outbox that
+    /// blocks while full).
+    Signal(tokio::sync::oneshot::Receiver<Result<(), StoreError>>),
+}
 
-    /// The later of two tickets (waiting for it covers both).
-    pub fn max(self, other: Ticket) -> Ticket {
-        if other.batch > self.batch {
-            other
-        } else {
-            self
+impl Part {
+    async fn wait(self) -> Result<(), StoreError> {
+        match self {
+            Part::Batch {
+                batch,
+                mut committed,
+            } => {
+                let state = committed
+                    .wait_for(|c| c.done >= batch || c.closed)
+                    .await
+                    .map_err(|_| StoreError::Closed)?;
+                match &state.failed {
+                    Some((failed, message)) if *failed == batch => {
+                        Err(StoreError::Write(message.clone()))
+                    }
+                    _ if state.done >= batch => Ok(()),
+                    _ => Err(StoreError::Closed),
+                }
+            }
+            Part::Signal(signal) => signal.await.unwrap_or(Err(StoreError::Closed)),
         }
     }
 
-    pub async fn wait(mut self) -> Result<(), StoreError> {
-        let batch = self.batch;
-        let state = self
-            .committed
-            .wait_for(|c| c.done >= batch || c.closed)
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        match &state.failed {
-            Some((failed, message)) if *failed == batch => Err(StoreError::Write(message.clone())),
-            _ if state.done >= batch => Ok(()),
-            _ => Err(StoreError::Closed),
+    /// Folds `other` into `self` when both are batches of the same store.
+    fn absorb(&mut self, other: Part) -> Option<Part> {
+        match (self, other) {
+            (
+                Part::Batch { batch, committed },
+                Part::Batch {
+                    batch: other_batch,
+                    committed: other_committed,
+                },
+            ) if committed.same_channel(&other_committed) => {
+                *batch = (*batch).max(other_batch);
+                None
+            }
+            (_, other) => Some(other),
+        }
+    }
+}
+
+impl Ticket {
+    fn batch_of(batch: u64, committed: watch::Receiver<Committed>) -> Ticket {
+        Ticket(TicketKind::One(Part::Batch { batch, committed }))
+    }
+
+    /// A ticket resolved by whoever holds the sender.
+    pub fn signal() -> (tokio::sync::oneshot::Sender<Result<(), StoreError>>, Ticket) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (tx, Ticket(TicketKind::One(Part::Signal(rx))))
+    }
+
+    /// The highest commit batch this ticket waits for (0 if none).
+    pub fn batch(&self) -> u64 {
+        let of = |p: &Part| match p {
+            Part::Batch { batch, .. } => *batch,
+            Part::Signal(_) => 0,
+        };
+        match &self.0 {
+            TicketKind::One(p) => of(p),
+            TicketKind::Many(parts) => parts.iter().map(of).max().unwrap_or(0),
+        }
+    }
+
+    /// A ticket that resolves once both have: the later batch of the same store, or both
+    /// when they belong to different stores.
+    pub fn max(self, other: Ticket) -> Ticket {
+        let mut parts = match self.0 {
+            TicketKind::One(p) => vec![p],
+            TicketKind::Many(parts) => parts,
+        };
+        let others = match other.0 {
+            TicketKind::One(p) => vec![p],
+            TicketKind::Many(parts) => parts,
+        };
+        'next: for mut part in others {
+            for mine in parts.iter_mut() {
+                match mine.absorb(part) {
+                    None => continue 'next,
+                    Some(back) => part = back,
+                }
+            }
+            parts.push(part);
+        }
+        if parts.len() == 1 {
+            Ticket(TicketKind::One(parts.pop().expect("one part")))
+        } else {
+            Ticket(TicketKind::Many(parts))
+        }
+    }
+
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            TicketKind::One(part) => part.wait().await,
+            TicketKind::Many(parts) => {
+                for part in parts {
+                    part.wait().await?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -299,10 +391,7 @@ impl Store {
             pending.batch
         };
         self.shared.wake.notify_one();
-        Ticket {
-            batch,
-            committed: self.shared.committed.subscribe(),
-        }
+        Ticket::batch_of(batch, self.shared.committed.subscribe())
     }
 
     /// Queues one op.

@@ -46,6 +46,17 @@ const MIGRATIONS: &[&str] = &[
 
 /// Sets the pragmas, checks the file is ours, and migrates it to [`SCHEMA_VERSION`].
 pub fn prepare(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    prepare_with(connection, path, MIGRATIONS, "FULL")
+}
+
+/// [`prepare`] for any file of ours: WAL, `synchronous` as given, then `migrations`.
+pub fn prepare_with(
+    connection: &mut Connection,
+    path: &Path,
+    migrations: &[&str],
+    synchronous: &str,
+) -> Result<(), StoreError> {
+    let supported = migrations.len() as i64;
     let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -61,19 +72,21 @@ pub fn prepare(connection: &mut Connection, path: &Path) -> Result<(), StoreErro
         });
     }
     connection
-        .execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")
+        .execute_batch(&format!(
+            "PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = OFF;"
+        ))
         .map_err(corrupt)?;
     let version: i64 = connection
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(corrupt)?;
-    if version > SCHEMA_VERSION {
+    if version > supported {
         return Err(StoreError::TooNew {
             path: path.to_path_buf(),
             found: version,
-            supported: SCHEMA_VERSION,
+            supported,
         });
     }
-    for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (from, sql) in migrations.iter().enumerate().skip(version as usize) {
         let tx = connection.transaction().map_err(corrupt)?;
         tx.execute_batch(sql).map_err(corrupt)?;
         tx.pragma_update(None, "user_version", from as i64 + 1)

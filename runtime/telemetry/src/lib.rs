@@ -16,6 +16,12 @@ use std::{
 };
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Bucket bounds (seconds) of every histogram: durations from 10 µs to 10 s.
+const HISTOGRAM_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -44,6 +50,8 @@ impl Telemetry {
     /// Installs the process-wide Prometheus recorder and registers every metric's help.
     pub fn install() -> Result<Self, TelemetryError> {
         let handle = PrometheusBuilder::new()
+            .set_buckets(HISTOGRAM_BUCKETS)
+            .map_err(|e| TelemetryError::Recorder(e.to_string()))?
             .install_recorder()
             .map_err(|e| TelemetryError::Recorder(e.to_string()))?;
         names::describe();

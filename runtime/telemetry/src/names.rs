@@ -2,7 +2,7 @@
 //! these names. Naming: `edgegw_<subsystem>_<name>_<unit>`, counters end in `_total`,
 //! labels are small closed sets (never a client id or a topic).
 
-use metrics::{Unit, describe_counter, describe_gauge};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 pub const BROKER_CONNECTIONS: &str = "edgegw_broker_connections";
 pub const BROKER_CONNECTIONS_ACCEPTED: &str = "edgegw_broker_connections_accepted_total";
@@ -33,6 +33,18 @@ pub const NODES_FRAMES_SENT: &str = "edgegw_nodes_frames_sent_total";
 pub const NODES_FRAME_ERRORS: &str = "edgegw_nodes_frame_errors_total";
 pub const NODES_REJECTED: &str = "edgegw_nodes_rejected_messages_total";
 pub const NODES_KEEPALIVE_TIMEOUTS: &str = "edgegw_nodes_keepalive_timeouts_total";
+pub const UPLINK_CONNECTED: &str = "edgegw_uplink_connected";
+pub const UPLINK_RECONNECTS: &str = "edgegw_uplink_reconnects_total";
+pub const UPLINK_CONNECT_FAILURES: &str = "edgegw_uplink_connect_failures_total";
+pub const UPLINK_FORWARDED: &str = "edgegw_uplink_forwarded_messages_total";
+pub const UPLINK_DROPPED: &str = "edgegw_uplink_dropped_messages_total";
+pub const UPLINK_DOWNLINK: &str = "edgegw_uplink_downlink_messages_total";
+pub const UPLINK_ACK_RTT: &str = "edgegw_uplink_ack_round_trip_seconds";
+pub const UPLINK_OUTBOX_MESSAGES: &str = "edgegw_uplink_outbox_messages";
+pub const UPLINK_OUTBOX_BYTES: &str = "edgegw_uplink_outbox_bytes";
+pub const UPLINK_OUTBOX_OLDEST_AGE: &str = "edgegw_uplink_outbox_oldest_age_seconds";
+pub const UPLINK_OUTBOX_COMMITS: &str = "edgegw_uplink_outbox_commits_total";
+pub const UPLINK_OUTBOX_WRITE_ERRORS: &str = "edgegw_uplink_outbox_write_errors_total";
 
 /// Label values of [`BROKER_DROPPED`]'s `reason`.
 pub const DROP_REASONS: &[&str] = &[
@@ -42,6 +54,9 @@ pub const DROP_REASONS: &[&str] = &[
     "session_ended",
     "too_large",
 ];
+
+/// Label values of [`UPLINK_DROPPED`]'s `reason`.
+pub const UPLINK_DROP_REASONS: &[&str] = &["full", "too_large", "expired", "write_error", "closed"];
 
 /// Registers help texts and units. Call once after installing the recorder.
 pub fn describe() {
@@ -144,5 +159,56 @@ pub fn describe() {
     describe_counter!(
         NODES_KEEPALIVE_TIMEOUTS,
         "Nodes dropped after 1.5 keepalive periods without a message."
+    );
+    describe_gauge!(
+        UPLINK_CONNECTED,
+        "1 while the uplink is connected to its cloud broker, else 0; by uplink."
+    );
+    describe_counter!(
+        UPLINK_RECONNECTS,
+        "Successful connections of an uplink after the first; by uplink."
+    );
+    describe_counter!(
+        UPLINK_CONNECT_FAILURES,
+        "Failed connection attempts of an uplink (network, TLS, refused CONNACK); by uplink."
+    );
+    describe_counter!(
+        UPLINK_FORWARDED,
+        "Messages the cloud broker acknowledged (QoS 1/2) or that were sent (QoS 0); by uplink."
+    );
+    describe_counter!(
+        UPLINK_DROPPED,
+        "Messages bound for an uplink that were dropped, by uplink and reason: full (outbox bounds, on_full policy), too_large (above outbox.max_bytes or the remote maximum packet size), expired (older than outbox.max_age), write_error (the outbox cannot be written), closed (gateway stopping)."
+    );
+    describe_counter!(
+        UPLINK_DOWNLINK,
+        "Messages received from the cloud broker on downlink subscriptions; by uplink."
+    );
+    describe_histogram!(
+        UPLINK_ACK_RTT,
+        Unit::Seconds,
+        "Time from sending a message to the cloud broker to its acknowledgement; by uplink."
+    );
+    describe_gauge!(
+        UPLINK_OUTBOX_MESSAGES,
+        "Messages in the outbox (not yet acknowledged by the cloud broker); by uplink."
+    );
+    describe_gauge!(
+        UPLINK_OUTBOX_BYTES,
+        Unit::Bytes,
+        "Bytes (topic, payload, properties) in the outbox; by uplink."
+    );
+    describe_gauge!(
+        UPLINK_OUTBOX_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest message in the outbox; by uplink."
+    );
+    describe_counter!(
+        UPLINK_OUTBOX_COMMITS,
+        "Outbox commits (one fsync each unless outbox.fsync is off); by uplink."
+    );
+    describe_counter!(
+        UPLINK_OUTBOX_WRITE_ERRORS,
+        "Failed outbox commits (e.g. disk full); the messages stay in memory and are retried; by uplink."
     );
 }

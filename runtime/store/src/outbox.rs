@@ -1,0 +1,847 @@
+//! An uplink's outbox: messages bound for a cloud broker, durable in their own SQLite file
+//! (WAL) until the cloud acknowledges them.
+//!
+//! Like the state file, one writer thread owns the connection and commits in groups: callers
+//! [`Outbox::append`] without blocking and get a [`Ticket`] that resolves once the message is
+//! durable (the uplink acknowledges the local publisher only then). The forwarder reads
+//! committed entries in sequence order with [`Outbox::fetch`] (served by the same thread, off
+//! the async workers) and deletes each with [`Outbox::ack`] once the cloud broker has
+//! acknowledged it; after a restart forwarding resumes from the oldest entry left.
+//!
+//! Bounds (`max_messages`, `max_bytes`, `max_age`) are enforced here, with the policy
+//! [`OnFull`]; every drop is counted with its reason. Counts and bytes live in a one-row
+//! table updated in the same transactions, so opening a file with a million entries reads
+//! no entries at all.
+//!
+//! A failed commit (a full disk) rolls back, keeps the entries in memory, logs once what to
+//! fix, and is retried until it succeeds; tickets resolve only then, so nothing is
+//! acknowledged that is not on disk.
+
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use edgegw_telemetry::names;
+use metrics::{Counter, Gauge, counter, gauge};
+use rusqlite::{Connection, params};
+use tokio::sync::{oneshot, watch};
+
+use crate::{Committed, StoreError, Ticket, lock};
+
+/// Outbox file migrations (see `schema.rs`).
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1
+    "CREATE TABLE outbox (
+         seq         INTEGER PRIMARY KEY,
+         topic       TEXT NOT NULL,
+         payload     BLOB NOT NULL,
+         qos         INTEGER NOT NULL,
+         retain      INTEGER NOT NULL,
+         properties  BLOB NOT NULL,
+         enqueued_ms INTEGER NOT NULL
+     );
+     CREATE TABLE outbox_totals (
+         id       INTEGER PRIMARY KEY CHECK (id = 0),
+         messages INTEGER NOT NULL,
+         bytes    INTEGER NOT NULL
+     );
+     INSERT INTO outbox_totals(id, messages, bytes) VALUES (0, 0, 0);",
+];
+
+/// What to do with a new message when the outbox is at one of its bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFull {
+    /// Accept it and delete the oldest entries until within bounds.
+    DropOldest,
+    /// Refuse it (counted).
+    DropNew,
+    /// Hold it (and its publisher's acknowledgement) until space frees up; at most
+    /// `max_blocked` messages wait, beyond that new ones are refused.
+    Block,
+}
+
+/// How hard a commit pushes data to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// Commit (and fsync) as soon as anything is pending.
+    Always,
+    /// Group commit: at most one commit (one fsync) per `commit_interval`.
+    Batch,
+    /// Group commit without fsync: survives a crash of the gateway, not a power cut.
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutboxOptions {
+    /// The uplink's name (metric label, log field).
+    pub uplink: String,
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    /// Entries older than this are dropped (reason `expired`).
+    pub max_age: Option<Duration>,
+    pub on_full: OnFull,
+    pub fsync: Fsync,
+    /// Minimum time between commits for [`Fsync::Batch`] and [`Fsync::Off`].
+    pub commit_interval: Duration,
+    /// Messages that may wait for space with [`OnFull::Block`].
+    pub max_blocked: usize,
+    /// Messages held in memory while commits fail (a full disk) before new ones are refused.
+    pub max_pending: usize,
+    /// Caps the file at this many pages (SQLite `max_page_count`); for tests of a full disk.
+    #[doc(hidden)]
+    pub max_pages: Option<u64>,
+}
+
+impl OutboxOptions {
+    pub fn new(uplink: impl Into<String>) -> Self {
+        Self {
+            uplink: uplink.into(),
+            max_messages: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age: None,
+            on_full: OnFull::DropOldest,
+            fsync: Fsync::Batch,
+            commit_interval: Duration::from_millis(10),
+            max_blocked: 10_000,
+            max_pending: 100_000,
+            max_pages: None,
+        }
+    }
+}
+
+/// One message in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Position in the outbox; increases with every append.
+    pub seq: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    /// Opaque to the outbox (the uplink encodes MQTT 5 properties here).
+    pub properties: Vec<u8>,
+    /// When it was appended, milliseconds since the Unix epoch.
+    pub enqueued_ms: u64,
+}
+
+impl OutboxEntry {
+    /// What the entry counts against `max_bytes`.
+    pub fn size(&self) -> u64 {
+        (self.topic.len() + self.payload.len() + self.properties.len()) as u64
+    }
+}
+
+/// The result of [`Outbox::append`].
+pub enum Appended {
+    /// Accepted; the ticket resolves once it is durable.
+    Queued(Ticket),
+    /// Refused; the reason is a metric label (`full`, `too_large`, `write_error`, `closed`).
+    Dropped(&'static str),
+}
+
+/// Counts of what is in the outbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Messages accepted and not yet acknowledged upstream or dropped.
+    pub messages: u64,
+    pub bytes: u64,
+    /// Append time of the oldest entry on disk, ms since the Unix epoch.
+    pub oldest_ms: Option<u64>,
+    /// The highest committed sequence number.
+    pub committed_seq: u64,
+}
+
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+struct State {
+    appends: Vec<OutboxEntry>,
+    acks: Vec<u64>,
+    reads: Vec<(
+        u64,
+        usize,
+        oneshot::Sender<Result<Vec<OutboxEntry>, StoreError>>,
+    )>,
+    blocked: VecDeque<(OutboxEntry, Waiter)>,
+    /// Admitted blocked messages: resolved when batch `.0` commits.
+    signals: Vec<(u64, Waiter)>,
+    batch: u64,
+    next_seq: u64,
+    /// Messages and bytes accepted and not yet deleted (committed or pending).
+    messages: u64,
+    bytes: u64,
+    oldest_ms: Option<u64>,
+    committed_seq: u64,
+    /// The last commit failed; appends are held in memory.
+    failing: bool,
+    closing: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    committed: watch::Sender<Committed>,
+    /// The highest committed sequence number, for the forwarder to wait on.
+    seq: watch::Sender<u64>,
+    options: OutboxOptions,
+    path: PathBuf,
+    metrics: Metrics,
+}
+
+struct Metrics {
+    messages: Gauge,
+    bytes: Gauge,
+    oldest_age: Gauge,
+    commits: Counter,
+    write_errors: Counter,
+    dropped_full: Counter,
+    dropped_too_large: Counter,
+    dropped_write_error: Counter,
+    dropped_expired: Counter,
+}
+
+impl Metrics {
+    fn new(uplink: &str) -> Self {
+        let label = uplink.to_string();
+        let dropped = |reason: &'static str| counter!(names::UPLINK_DROPPED, "uplink" => label.clone(), "reason" => reason);
+        Self {
+            messages: gauge!(names::UPLINK_OUTBOX_MESSAGES, "uplink" => label.clone()),
+            bytes: gauge!(names::UPLINK_OUTBOX_BYTES, "uplink" => label.clone()),
+            oldest_age: gauge!(names::UPLINK_OUTBOX_OLDEST_AGE, "uplink" => label.clone()),
+            commits: counter!(names::UPLINK_OUTBOX_COMMITS, "uplink" => label.clone()),
+            write_errors: counter!(names::UPLINK_OUTBOX_WRITE_ERRORS, "uplink" => label.clone()),
+            dropped_full: dropped("full"),
+            dropped_too_large: dropped("too_large"),
+            dropped_write_error: dropped("write_error"),
+            dropped_expired: dropped("expired"),
+        }
+    }
+
+    fn dropped(&self, reason: &'static str, n: u64) {
+        match reason {
+            "full" => self.dropped_full.increment(n),
+            "too_large" => self.dropped_too_large.increment(n),
+            "expired" => self.dropped_expired.increment(n),
+            _ => self.dropped_write_error.increment(n),
+        }
+    }
+}
+
+/// Handle to one outbox; cheap to clone. [`Outbox::close`] commits and stops the writer.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox file and starts its writer thread.
+    pub fn open(path: &Path, options: OutboxOptions) -> Result<Outbox, StoreError> {
+        let open_error = |message: String| StoreError::Open {
+            path: path.to_path_buf(),
+            message,
+        };
+        let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| open_error(format!("cannot create its directory: {e}")))?;
+        }
+        let mut connection = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
+        let synchronous = match options.fsync {
+            Fsync::Off => "OFF",
+            Fsync::Always | Fsync::Batch => "FULL",
+        };
+        crate::schema::prepare_with(&mut connection, path, MIGRATIONS, synchronous)?;
+        if let Some(pages) = options.max_pages {
+            connection
+                .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+                .map_err(corrupt)?;
+        }
+        let (messages, bytes): (i64, i64) = connection
+            .query_row(
+                "SELECT messages, bytes FROM outbox_totals WHERE id = 0",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(corrupt)?;
+        let (last_seq, oldest_ms) = head_and_tail(&connection).map_err(corrupt)?;
+
+        let metrics = Metrics::new(&options.uplink);
+        metrics.messages.set(messages as f64);
+        metrics.bytes.set(bytes as f64);
+        let (committed, _) = watch::channel(Committed::default());
+        let (seq, _) = watch::channel(last_seq);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                appends: Vec::new(),
+                acks: Vec::new(),
+                reads: Vec::new(),
+                blocked: VecDeque::new(),
+                signals: Vec::new(),
+                batch: 1,
+                next_seq: last_seq + 1,
+                messages: messages as u64,
+                bytes: bytes as u64,
+                oldest_ms,
+                committed_seq: last_seq,
+                failing: false,
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            committed,
+            seq,
+            options,
+            path: path.to_path_buf(),
+            metrics,
+        });
+        let writer_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("edgegw-outbox".into())
+            .spawn(move || Writer::new(connection, writer_shared).run())
+            .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
+        Ok(Outbox {
+            shared,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Queues a message. Never blocks on I/O.
+    pub fn append(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+        properties: Vec<u8>,
+    ) -> Appended {
+        let options = &self.shared.options;
+        let mut entry = OutboxEntry {
+            seq: 0,
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+            qos,
+            retain,
+            properties,
+            enqueued_ms: now_ms(),
+        };
+        let size = entry.size();
+        let reason = if size > options.max_bytes {
+            Some("too_large")
+        } else {
+            let mut state = lock(&self.shared.state);
+            if state.closing {
+                return Appended::Dropped("closed");
+            }
+            let full =
+                state.messages + 1 > options.max_messages || state.bytes + size > options.max_bytes;
+            if state.failing && state.appends.len() >= options.max_pending {
+                Some("write_error")
+            } else if full && options.on_full == OnFull::DropNew {
+                Some("full")
+            } else if (full || !state.blocked.is_empty()) && options.on_full == OnFull::Block {
+                if state.blocked.len() >= options.max_blocked {
+                    Some("full")
+                } else {
+                    let (waiter, ticket) = Ticket::signal();
+                    state.blocked.push_back((entry, waiter));
+                    return Appended::Queued(ticket);
+                }
+            } else {
+                entry.seq = state.next_seq;
+                state.next_seq += 1;
+                state.messages += 1;
+                state.bytes += size;
+                state.oldest_ms.get_or_insert(entry.enqueued_ms);
+                state.appends.push(entry);
+                let batch = state.batch;
+                drop(state);
+                self.shared.wake.notify_one();
+                return Appended::Queued(Ticket::batch_of(
+                    batch,
+                    self.shared.committed.subscribe(),
+                ));
+            }
+        };
+        let reason = reason.unwrap_or("full");
+        self.shared.metrics.dropped(reason, 1);
+        Appended::Dropped(reason)
+    }
+
+    /// Up to `limit` committed entries with a sequence number above `after`, in order.
+    pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = lock(&self.shared.state);
+            if state.closing {
+                return Err(StoreError::Closed);
+            }
+            state.reads.push((after, limit, tx));
+        }
+        self.shared.wake.notify_one();
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// The cloud broker acknowledged entry `seq`: delete it (in the next commit).
+    pub fn ack(&self, seq: u64) {
+        lock(&self.shared.state).acks.push(seq);
+        self.shared.wake.notify_one();
+    }
+
+    /// Watches the highest committed sequence number (the forwarder sleeps on it).
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.shared.seq.subscribe()
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        let state = lock(&self.shared.state);
+        OutboxStats {
+            messages: state.messages,
+            bytes: state.bytes,
+            oldest_ms: state.oldest_ms,
+            committed_seq: state.committed_seq,
+        }
+    }
+
+    /// Commits everything pending and stops the writer. Blocked messages are refused.
+    pub fn close(&self) {
+        lock(&self.shared.state).closing = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The last sequence number and the oldest entry's time.
+fn head_and_tail(connection: &Connection) -> rusqlite::Result<(u64, Option<u64>)> {
+    let last: Option<i64> =
+        connection.query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))?;
+    let oldest: Option<i64> = connection
+        .query_row(
+            "SELECT enqueued_ms FROM outbox ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    Ok((last.unwrap_or(0).max(0) as u64, oldest.map(|t| t as u64)))
+}
+
+struct Writer {
+    connection: Connection,
+    shared: Arc<Shared>,
+    last_commit: Instant,
+    last_expiry: Instant,
+    /// When a failed commit may be retried.
+    retry_at: Option<Instant>,
+}
+
+/// What one commit changed.
+#[derive(Default)]
+struct Delta {
+    /// Deleted because acknowledged, dropped oldest, or expired: (messages, bytes).
+    acked: (u64, u64),
+    dropped_full: (u64, u64),
+    expired: (u64, u64),
+}
+
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Writer {
+    fn new(connection: Connection, shared: Arc<Shared>) -> Self {
+        Self {
+            connection,
+            shared,
+            last_commit: Instant::now() - Duration::from_secs(3600),
+            last_expiry: Instant::now(),
+            retry_at: None,
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        match self.shared.options.fsync {
+            Fsync::Always => Duration::ZERO,
+            Fsync::Batch | Fsync::Off => self.shared.options.commit_interval,
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            // Wait until there are reads to serve, or writes whose commit time has come.
+            let (reads, closing) = {
+                let mut state = lock(&self.shared.state);
+                loop {
+                    let has_writes = !state.appends.is_empty() || !state.acks.is_empty();
+                    let due = self.commit_due();
+                    let expiry_due = self.shared.options.max_age.is_some()
+                        && self.last_expiry.elapsed() >= EXPIRY_INTERVAL
+                        && state.messages > 0;
+                    if !state.reads.is_empty()
+                        || state.closing
+                        || expiry_due
+                        || (has_writes && due.is_none())
+                    {
+                        break;
+                    }
+                    let wait = match (has_writes, due) {
+                        (true, Some(wait)) => wait,
+                        _ if self.shared.options.max_age.is_some() && state.messages > 0 => {
+                            EXPIRY_INTERVAL
+                        }
+                        _ => Duration::from_secs(3600),
+                    };
+                    state = self
+                        .shared
+                        .wake
+                        .wait_timeout(state, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                (std::mem::take(&mut state.reads), state.closing)
+            };
+            for (after, limit, reply) in reads {
+                let result = self.read(after, limit).map_err(|e| {
+                    StoreError::Write(format!("reading {}: {e}", self.shared.path.display()))
+                });
+                let _ = reply.send(result);
+            }
+            let expiry_due = self.shared.options.max_age.is_some()
+                && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
+            if closing || expiry_due || self.commit_due().is_none() {
+                self.commit();
+            }
+            if closing {
+                let pending = {
+                    let state = lock(&self.shared.state);
+                    state.appends.len() + state.acks.len()
+                };
+                if pending == 0 || self.retry_at.is_some() {
+                    break;
+                }
+            }
+        }
+        let mut state = lock(&self.shared.state);
+        for (_, waiter) in state.blocked.drain(..) {
+            let _ = waiter.send(Err(StoreError::Closed));
+        }
+        for (_, waiter) in state.signals.drain(..) {
+            let _ = waiter.send(Err(StoreError::Closed));
+        }
+        for (_, _, reply) in state.reads.drain(..) {
+            let _ = reply.send(Err(StoreError::Closed));
+        }
+        drop(state);
+        self.shared.committed.send_modify(|c| c.closed = true);
+    }
+
+    /// `None` when a commit may happen now, else how long until it may.
+    fn commit_due(&self) -> Option<Duration> {
+        let now = Instant::now();
+        if let Some(at) = self.retry_at
+            && at > now
+        {
+            return Some(at - now);
+        }
+        let next = self.last_commit + self.interval();
+        (next > now).then(|| next - now)
+    }
+
+    fn read(&mut self, after: u64, limit: usize) -> rusqlite::Result<Vec<OutboxEntry>> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT seq, topic, payload, qos, retain, properties, enqueued_ms FROM outbox
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        statement
+            .query_map(params![after as i64, limit as i64], |row| {
+                Ok(OutboxEntry {
+                    seq: row.get::<_, i64>(0)? as u64,
+                    topic: row.get(1)?,
+                    payload: row.get(2)?,
+                    qos: row.get(3)?,
+                    retain: row.get(4)?,
+                    properties: row.get(5)?,
+                    enqueued_ms: row.get::<_, i64>(6)? as u64,
+                })
+            })?
+            .collect()
+    }
+
+    fn commit(&mut self) {
+        let expire =
+            self.shared.options.max_age.is_some() && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
+        let (appends, acks, batch, over) = {
+            let mut state = lock(&self.shared.state);
+            if state.appends.is_empty() && state.acks.is_empty() && !expire {
+                return;
+            }
+            let batch = state.batch;
+            state.batch += 1;
+            let options = &self.shared.options;
+            // Messages above the bounds, after this batch lands (drop_oldest trims them).
+            let over = if options.on_full == OnFull::DropOldest {
+                (
+                    state.messages.saturating_sub(options.max_messages),
+                    state.bytes.saturating_sub(options.max_bytes),
+                )
+            } else {
+                (0, 0)
+            };
+            (
+                std::mem::take(&mut state.appends),
+                std::mem::take(&mut state.acks),
+                batch,
+                over,
+            )
+        };
+        if expire {
+            self.last_expiry = Instant::now();
+        }
+        let cutoff = self
+            .shared
+            .options
+            .max_age
+            .filter(|_| expire)
+            .map(|age| now_ms().saturating_sub(age.as_millis() as u64));
+        let result = self.apply(&appends, &acks, over, cutoff);
+        self.last_commit = Instant::now();
+        match result {
+            Ok((delta, oldest)) => {
+                self.retry_at = None;
+                self.shared.metrics.commits.increment(1);
+                let last_seq = appends.last().map(|e| e.seq);
+                let mut state = lock(&self.shared.state);
+                if state.failing {
+                    state.failing = false;
+                    tracing::info!(uplink = %self.shared.options.uplink, path = %self.shared.path.display(), "Outbox writes succeed again.");
+                }
+                let removed = (
+                    delta.acked.0 + delta.dropped_full.0 + delta.expired.0,
+                    delta.acked.1 + delta.dropped_full.1 + delta.expired.1,
+                );
+                state.messages = state.messages.saturating_sub(removed.0);
+                state.bytes = state.bytes.saturating_sub(removed.1);
+                if let Some(seq) = last_seq {
+                    state.committed_seq = seq;
+                }
+                state.oldest_ms = oldest.or_else(|| state.appends.first().map(|e| e.enqueued_ms));
+                // Space freed: admit blocked messages into the next batch.
+                let options = &self.shared.options;
+                while let Some((entry, _)) = state.blocked.front() {
+                    let size = entry.size();
+                    if state.messages + 1 > options.max_messages
+                        || state.bytes + size > options.max_bytes
+                    {
+                        break;
+                    }
+                    let (mut entry, waiter) = state.blocked.pop_front().expect("front exists");
+                    entry.seq = state.next_seq;
+                    state.next_seq += 1;
+                    state.messages += 1;
+                    state.bytes += size;
+                    state.oldest_ms.get_or_insert(entry.enqueued_ms);
+                    state.appends.push(entry);
+                    let next = state.batch;
+                    state.signals.push((next, waiter));
+                }
+                let (ready, waiting): (Vec<_>, Vec<_>) =
+                    state.signals.drain(..).partition(|(b, _)| *b <= batch);
+                state.signals = waiting;
+                let metrics = &self.shared.metrics;
+                metrics.messages.set(state.messages as f64);
+                metrics.bytes.set(state.bytes as f64);
+                metrics.oldest_age.set(
+                    state
+                        .oldest_ms
+                        .map_or(0.0, |t| now_ms().saturating_sub(t) as f64 / 1000.0),
+                );
+                drop(state);
+                for (_, waiter) in ready {
+                    let _ = waiter.send(Ok(()));
+                }
+                metrics.dropped("full", delta.dropped_full.0);
+                metrics.dropped("expired", delta.expired.0);
+                if delta.dropped_full.0 > 0 {
+                    tracing::warn!(uplink = %self.shared.options.uplink, dropped = delta.dropped_full.0, "Outbox full: oldest messages dropped (outbox.on_full: drop_oldest).");
+                }
+                if delta.expired.0 > 0 {
+                    tracing::warn!(uplink = %self.shared.options.uplink, dropped = delta.expired.0, "Outbox messages older than outbox.max_age dropped.");
+                }
+                self.shared.committed.send_modify(|c| c.done = batch);
+                if let Some(seq) = last_seq {
+                    self.shared.seq.send_replace(seq);
+                }
+            }
+            Err(error) => {
+                self.shared.metrics.write_errors.increment(1);
+                self.retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                let mut state = lock(&self.shared.state);
+                if !state.failing {
+                    tracing::error!(
+                        uplink = %self.shared.options.uplink,
+                        path = %self.shared.path.display(),
+                        %error,
+                        "Cannot write the outbox (is the disk full?); messages are held in memory and not acknowledged until the write succeeds; retrying every second."
+                    );
+                }
+                state.failing = true;
+                // Put everything back in front of what arrived meanwhile, in order. The
+                // batch number moves on; tickets of the failed batch are carried to the
+                // next one by treating the failed batch as not done.
+                let mut back = appends;
+                back.append(&mut state.appends);
+                state.appends = back;
+                let mut back_acks = acks;
+                back_acks.append(&mut state.acks);
+                state.acks = back_acks;
+                // `done` stays below the failed batch; the retry commits these entries under
+                // a later batch number, which resolves the failed batch's tickets too.
+            }
+        }
+    }
+
+    /// One transaction: insert, delete acknowledged, trim to bounds, expire. Returns what
+    /// was removed and the oldest remaining entry's time.
+    fn apply(
+        &mut self,
+        appends: &[OutboxEntry],
+        acks: &[u64],
+        over: (u64, u64),
+        cutoff: Option<u64>,
+    ) -> rusqlite::Result<(Delta, Option<u64>)> {
+        let mut delta = Delta::default();
+        let tx = self.connection.transaction()?;
+        {
+            // Deletes first: on a full disk they free the pages the inserts need.
+            let mut delete = tx.prepare_cached(
+                "DELETE FROM outbox WHERE seq = ?1
+                 RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
+            )?;
+            // Acknowledged entries are committed ones (the forwarder reads nothing else);
+            // one still pending is deleted after the inserts.
+            let mut later = Vec::new();
+            for seq in acks {
+                let mut rows = delete.query(params![*seq as i64])?;
+                match rows.next()? {
+                    Some(row) => {
+                        delta.acked.0 += 1;
+                        delta.acked.1 += row.get::<_, i64>(0)? as u64;
+                    }
+                    None => later.push(*seq),
+                }
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO outbox(seq, topic, payload, qos, retain, properties, enqueued_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for e in appends {
+                insert.execute(params![
+                    e.seq as i64,
+                    e.topic,
+                    e.payload,
+                    e.qos,
+                    e.retain,
+                    e.properties,
+                    e.enqueued_ms as i64
+                ])?;
+            }
+            for seq in later {
+                let mut rows = delete.query(params![seq as i64])?;
+                if let Some(row) = rows.next()? {
+                    delta.acked.0 += 1;
+                    delta.acked.1 += row.get::<_, i64>(0)? as u64;
+                }
+            }
+            // drop_oldest: trim from the head until within bounds.
+            let (mut over_messages, mut over_bytes) = over;
+            over_messages = over_messages.saturating_sub(delta.acked.0);
+            over_bytes = over_bytes.saturating_sub(delta.acked.1);
+            let mut trim = tx.prepare_cached(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?1)
+                 RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
+            )?;
+            while over_messages > 0 || over_bytes > 0 {
+                let chunk = over_messages.max(1).min(4096);
+                let mut removed = 0;
+                let mut rows = trim.query(params![chunk as i64])?;
+                while let Some(row) = rows.next()? {
+                    let size = row.get::<_, i64>(0)? as u64;
+                    removed += 1;
+                    delta.dropped_full.0 += 1;
+                    delta.dropped_full.1 += size;
+                    over_messages = over_messages.saturating_sub(1);
+                    over_bytes = over_bytes.saturating_sub(size);
+                }
+                if removed == 0 {
+                    break;
+                }
+            }
+            if let Some(cutoff) = cutoff {
+                let mut expire = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE seq IN
+                       (SELECT seq FROM outbox WHERE enqueued_ms < ?1 ORDER BY seq LIMIT 4096)
+                     RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
+                )?;
+                loop {
+                    let mut removed = 0;
+                    let mut rows = expire.query(params![cutoff as i64])?;
+                    while let Some(row) = rows.next()? {
+                        removed += 1;
+                        delta.expired.0 += 1;
+                        delta.expired.1 += row.get::<_, i64>(0)? as u64;
+                    }
+                    if removed < 4096 {
+                        break;
+                    }
+                }
+            }
+            let added: u64 = appends.iter().map(OutboxEntry::size).sum();
+            let removed_messages = delta.acked.0 + delta.dropped_full.0 + delta.expired.0;
+            let removed_bytes = delta.acked.1 + delta.dropped_full.1 + delta.expired.1;
+            tx.prepare_cached(
+                "UPDATE outbox_totals SET messages = messages + ?1, bytes = bytes + ?2 WHERE id = 0",
+            )?
+            .execute(params![
+                appends.len() as i64 - removed_messages as i64,
+                added as i64 - removed_bytes as i64
+            ])?;
+        }
+        let oldest: Option<i64> = tx
+            .query_row(
+                "SELECT enqueued_ms FROM outbox ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        tx.commit()?;
+        Ok((delta, oldest.map(|t| t as u64)))
+    }
+}
+
+#[cfg(test)]
+mod tests;
