@@ -16,7 +16,9 @@ pub mod topic;
 pub mod tree;
 
 pub use message::{ByteString, Bytes, Message, Origin, Properties, QoS};
-pub use router::{AttachOptions, Attached, LocalClient, Routed, Router, RouterLimits, Will};
+pub use router::{
+    AttachOptions, Attached, LocalClient, Offer, Routed, Router, RouterLimits, Sink, SinkId, Will,
+};
 pub use session::{Delivery, Session};
 pub use tree::SubOptions;
 

@@ -105,7 +105,31 @@ fn later(a: Option<Ticket>, b: Option<Ticket>) -> Option<Ticket> {
     }
 }
 
+/// A part that takes routed messages synchronously, before the publisher is acknowledged:
+/// an uplink's outbox. The router offers it every message; a ticket it returns joins the
+/// message's durability, so a QoS 1/2 publisher is acknowledged only after the part has
+/// made the message durable.
+pub trait Sink: Send + Sync + 'static {
+    /// `None`: not for this sink. Must not block (queue and return a ticket instead).
+    fn offer(&self, message: &Arc<Message>) -> Option<Offer>;
+}
+
+/// What a [`Sink`] did with a message.
+pub enum Offer {
+    /// Taken; durable once the ticket (if any) resolves.
+    Accepted(Option<Ticket>),
+    /// Refused (the sink counts why).
+    Dropped,
+}
+
+/// Identifies a sink added with [`Router::add_sink`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SinkId(u64);
+
 struct Inner {
+    sinks: RwLock<Vec<(SinkId, Arc<dyn Sink>)>>,
+    has_sinks: std::sync::atomic::AtomicBool,
+    next_sink: AtomicU64,
     tree: RwLock<SubscriptionTree>,
     retained: RwLock<HashMap<ByteString, Arc<Message>>>,
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
@@ -139,6 +163,9 @@ impl Router {
 
     fn build(limits: RouterLimits, persistence: Option<Persistence>) -> Self {
         Self(Arc::new(Inner {
+            sinks: RwLock::new(Vec::new()),
+            has_sinks: std::sync::atomic::AtomicBool::new(false),
+            next_sink: AtomicU64::new(1),
             tree: RwLock::new(SubscriptionTree::default()),
             retained: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -513,7 +540,37 @@ impl Router {
         if routed.delivered > 0 {
             self.0.metrics.queued.increment(routed.delivered as f64);
         }
+        if self.0.has_sinks.load(Ordering::Acquire) {
+            for (_, sink) in read(&self.0.sinks).iter() {
+                match sink.offer(&message) {
+                    None => {}
+                    Some(Offer::Accepted(ticket)) => {
+                        routed.delivered += 1;
+                        routed.durable = later(routed.durable.take(), ticket);
+                    }
+                    Some(Offer::Dropped) => routed.dropped += 1,
+                }
+            }
+        }
         routed
+    }
+
+    /// Adds a sink that is offered every message published from now on.
+    pub fn add_sink(&self, sink: Arc<dyn Sink>) -> SinkId {
+        let id = SinkId(self.0.next_sink.fetch_add(1, Ordering::Relaxed));
+        let mut sinks = write(&self.0.sinks);
+        sinks.push((id, sink));
+        self.0.has_sinks.store(true, Ordering::Release);
+        id
+    }
+
+    /// Removes a sink; returns whether it was there.
+    pub fn remove_sink(&self, id: SinkId) -> bool {
+        let mut sinks = write(&self.0.sinks);
+        let before = sinks.len();
+        sinks.retain(|(s, _)| *s != id);
+        self.0.has_sinks.store(!sinks.is_empty(), Ordering::Release);
+        sinks.len() != before
     }
 
     /// Subscribes `session` to `filter`. Queues the matching retained messages as the
@@ -675,6 +732,11 @@ pub struct LocalClient {
 impl LocalClient {
     pub fn client_id(&self) -> &str {
         &self.session.client_id
+    }
+
+    /// The session id its publishes carry as [`Origin::Session`] (loop guards use it).
+    pub fn session_id(&self) -> u64 {
+        self.session.id
     }
 
     /// Publishes as this client (so `no_local` subscriptions of its own skip it).

@@ -97,7 +97,7 @@ impl Config {
                 return Err(ConfigErrors(vec![error_at(
                     1,
                     1,
-                    "the config must be a mapping of sections (gateway:, broker:, nodes:, metrics:, log:)"
+                    "the config must be a mapping of sections (gateway:, broker:, nodes:, uplinks:, metrics:, log:)"
                         .into(),
                 )]));
             }
@@ -132,6 +132,7 @@ impl Config {
         section(file, &text, "gateway", &mut config.gateway, &mut errors);
         section(file, &text, "broker", &mut config.broker, &mut errors);
         section(file, &text, "nodes", &mut config.nodes, &mut errors);
+        section(file, &text, "uplinks", &mut config.uplinks, &mut errors);
         section(file, &text, "metrics", &mut config.metrics, &mut errors);
         section(file, &text, "log", &mut config.log, &mut errors);
 
@@ -171,6 +172,19 @@ impl Config {
         }
         if let Some(path) = &mut self.broker.auth.password_file {
             join(path);
+        }
+        for uplink in &mut self.uplinks {
+            for path in [
+                &mut uplink.tls.ca,
+                &mut uplink.tls.cert,
+                &mut uplink.tls.key,
+                &mut uplink.password_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                join(path);
+            }
         }
     }
 

@@ -14,12 +14,13 @@ pub struct Config {
     pub gateway: Gateway,
     pub broker: Broker,
     pub nodes: Nodes,
+    pub uplinks: Vec<Uplink>,
     pub metrics: Metrics,
     pub log: Log,
 }
 
 /// Top-level section names, in file order of the documented example.
-pub const SECTIONS: &[&str] = &["gateway", "broker", "nodes", "metrics", "log"];
+pub const SECTIONS: &[&str] = &["gateway", "broker", "nodes", "uplinks", "metrics", "log"];
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -330,4 +331,225 @@ impl Default for Log {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// A cloud broker the gateway forwards to (store-and-forward through an outbox) and takes
+/// downlink messages from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uplink {
+    /// Names the uplink in logs, metrics, the outbox file and `uplink:<name>` outputs.
+    pub name: String,
+    /// `mqtts://host:port` (TLS, port 8883 by default) or `mqtt://host:port` (1883).
+    pub url: String,
+    /// Client id at the cloud broker; default: `gateway.id`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The password, typically `${ENV_VAR}`; or use `password_file`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A file whose content (trailing newline removed) is the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// MQTT version spoken to the cloud broker: `5` or `3.1.1`.
+    #[serde(default)]
+    pub protocol: UplinkProtocol,
+    #[serde(default = "default_uplink_keepalive")]
+    pub keepalive: Duration,
+    /// Start a new session at the cloud broker on every connect. `false` keeps the
+    /// downlink subscriptions' queued messages across reconnects.
+    #[serde(default)]
+    pub clean_start: bool,
+    /// TLS settings for `mqtts://`.
+    #[serde(default)]
+    pub tls: UplinkTls,
+    /// Local topic filter → remote topic, QoS.
+    #[serde(default)]
+    pub forward: Vec<Forward>,
+    /// Remote topic filter → local topic, QoS.
+    #[serde(default)]
+    pub subscribe: Vec<Downlink>,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// Messages sent and not yet acknowledged (capped by the broker's receive maximum).
+    #[serde(default = "default_uplink_inflight")]
+    pub inflight: u16,
+    #[serde(default)]
+    pub reconnect: Reconnect,
+}
+
+fn default_uplink_keepalive() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_uplink_inflight() -> u16 {
+    32
+}
+
+/// `protocol:` accepts `5`, `"5"`, `5.0`, `3.1.1`, `"3.1.1"`, `311`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UplinkProtocol {
+    V311,
+    #[default]
+    V5,
+}
+
+impl<'de> Deserialize<'de> for UplinkProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{self, Visitor};
+
+        struct ProtocolVisitor;
+
+        impl ProtocolVisitor {
+            fn parse<E: de::Error>(text: &str) -> Result<UplinkProtocol, E> {
+                match text.trim() {
+                    "5" | "5.0" | "v5" => Ok(UplinkProtocol::V5),
+                    "3.1.1" | "311" | "v3.1.1" | "v311" => Ok(UplinkProtocol::V311),
+                    _ => Err(E::custom(format!(
+                        "protocol must be 5 or 3.1.1, not `{text}`"
+                    ))),
+                }
+            }
+        }
+
+        impl Visitor<'_> for ProtocolVisitor {
+            type Value = UplinkProtocol;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("5 or 3.1.1")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<UplinkProtocol, E> {
+                Self::parse(text)
+            }
+
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<UplinkProtocol, E> {
+                Self::parse(&n.to_string())
+            }
+
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<UplinkProtocol, E> {
+                Self::parse(&n.to_string())
+            }
+
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<UplinkProtocol, E> {
+                Self::parse(&n.to_string())
+            }
+        }
+
+        deserializer.deserialize_any(ProtocolVisitor)
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkTls {
+    /// CA certificates (PEM) that sign the cloud broker's certificate; default: the
+    /// system's roots (`/etc/ssl/certs`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS, e.g. AWS IoT Core.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The name checked against the broker's certificate and sent as SNI, when it differs
+    /// from the url's host.
+    pub server_name: Option<String>,
+    /// ALPN protocols, e.g. `[x-amzn-mqtt-ca]` for AWS IoT Core on port 443.
+    pub alpn: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// Local topic filter (`+`, `#`).
+    pub from: String,
+    /// Remote topic template: `{topic}` is the local topic, `{1}`, `{2}`… its levels,
+    /// `{2..}` the levels from the 2nd on. Default: `{topic}`.
+    #[serde(default = "default_template")]
+    pub to: String,
+    #[serde(default = "default_uplink_qos")]
+    pub qos: u8,
+    /// Keep the retain flag of local messages upstream.
+    #[serde(default)]
+    pub retain: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Downlink {
+    /// Remote topic filter subscribed at the cloud broker.
+    pub remote: String,
+    /// Local topic template, as in `forward.to`, applied to the remote topic.
+    #[serde(default = "default_template")]
+    pub local: String,
+    #[serde(default = "default_uplink_qos")]
+    pub qos: u8,
+}
+
+fn default_template() -> String {
+    "{topic}".into()
+}
+
+fn default_uplink_qos() -> u8 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    pub max_bytes: ByteSize,
+    pub max_messages: u64,
+    /// Drop messages older than this; absent: keep until forwarded or pushed out.
+    pub max_age: Option<Duration>,
+    pub on_full: OnFull,
+    /// `always` (fsync per commit, commits as soon as anything waits), `batch` (at most one
+    /// commit per `gateway.commit_interval`), `off` (no fsync: survives a crash of the
+    /// gateway but not a power cut).
+    pub fsync: FsyncPolicy,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: ByteSize(1 << 30),
+            max_messages: 1_000_000,
+            max_age: None,
+            on_full: OnFull::DropOldest,
+            fsync: FsyncPolicy::Batch,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    DropOldest,
+    DropNew,
+    Block,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    Always,
+    Batch,
+    Off,
+}
+
+/// Reconnect backoff: doubles from `min` to `max`, with up to 50% random jitter.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reconnect {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            min: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+        }
+    }
 }

@@ -399,3 +399,115 @@ fn nodes_errors_point_at_the_value() {
     let unknown = errors("nodes:\n  serial:\n    - { port: /dev/ttyUSB0, speed: 9600 }\n");
     assert!(unknown[0].starts_with("site.yaml:3:"), "{unknown:?}");
 }
+
+/// The commented uplink example in the shipped config, uncommented.
+fn shipped_uplink_example() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/gateway.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let start = text.find("uplinks: []").unwrap();
+    let mut out = String::from("uplinks:\n");
+    for line in text[start..].lines().skip(1) {
+        let Some(rest) = line.strip_prefix('#') else {
+            break;
+        };
+        if rest.trim_start().starts_with('#') {
+            continue;
+        }
+        out.push_str(rest);
+        out.push('\n');
+    }
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    out.replace("${CLOUD_PASSWORD}", "secret")
+        .replace(
+            "/etc/edgegw/cloud-ca.pem",
+            &fixtures.join("ca.pem").display().to_string(),
+        )
+        .replace(
+            "/etc/edgegw/client.pem",
+            &fixtures.join("server.pem").display().to_string(),
+        )
+        .replace(
+            "/etc/edgegw/client.key",
+            &fixtures.join("server.key").display().to_string(),
+        )
+}
+
+#[test]
+fn shipped_uplink_example_is_valid() {
+    let text = shipped_uplink_example();
+    let config = load(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let uplink = &config.uplinks[0];
+    assert_eq!(uplink.name, "cloud");
+    assert_eq!(uplink.protocol, UplinkProtocol::V5);
+    assert_eq!(uplink.password.as_deref(), Some("secret"));
+    assert_eq!(uplink.forward.len(), 2);
+    assert_eq!(uplink.forward[1].to, "site1/temps/{2}");
+    assert_eq!(uplink.subscribe[0].local, "control/{3..}");
+    assert_eq!(uplink.tls.alpn, ["x-amzn-mqtt-ca"]);
+    assert_eq!(uplink.outbox.on_full, OnFull::DropOldest);
+    assert_eq!(uplink.outbox.fsync, FsyncPolicy::Batch);
+    assert_eq!(uplink.outbox.max_age.unwrap().as_secs(), 7 * 86400);
+    assert_eq!(uplink.reconnect.max.as_secs(), 60);
+}
+
+#[test]
+fn uplink_defaults_and_protocols() {
+    let config = load(
+        "uplinks:\n  - { name: a, url: \"mqtt://127.0.0.1:1884\", protocol: 3.1.1, forward: [ { from: \"#\" } ] }\n  - { name: b, url: \"mqtts://h\", subscribe: [ { remote: x/# } ] }\n",
+    )
+    .unwrap();
+    assert_eq!(config.uplinks[0].protocol, UplinkProtocol::V311);
+    assert_eq!(config.uplinks[0].forward[0].to, "{topic}");
+    assert_eq!(config.uplinks[0].forward[0].qos, 1);
+    assert_eq!(config.uplinks[1].protocol, UplinkProtocol::V5);
+    assert_eq!(config.uplinks[1].keepalive.as_secs(), 30);
+    assert_eq!(config.uplinks[1].inflight, 32);
+}
+
+#[test]
+fn uplink_errors_point_at_the_value() {
+    let errs = errors(
+        "uplinks:\n\
+         \x20 - name: cloud\n\
+         \x20   url: \"http://example.com\"\n\
+         \x20   forward:\n\
+         \x20     - { from: \"a/#/b\", to: \"x/{what}\", qos: 3 }\n\
+         \x20 - name: cloud\n\
+         \x20   url: \"mqtt://h:1883\"\n\
+         \x20   tls: { server_name: h }\n\
+         \x20   protocol: 4\n\
+         \x20   subscribe: [ { remote: \"r/#\", local: \"l/+\" } ]\n",
+    );
+    let joined = errs.join("\n");
+    // A type error (protocol: 4) stops before semantic checks; fix it and look again.
+    assert!(joined.contains("site.yaml:9:"), "{joined}");
+    assert!(joined.contains("protocol must be 5 or 3.1.1"), "{joined}");
+
+    let errs = errors(
+        "uplinks:\n\
+         \x20 - name: cloud\n\
+         \x20   url: \"http://example.com\"\n\
+         \x20   forward:\n\
+         \x20     - { from: \"a/#/b\", to: \"x/{what}\", qos: 3 }\n\
+         \x20 - name: cloud\n\
+         \x20   url: \"mqtt://h:1883\"\n\
+         \x20   tls: { server_name: h }\n\
+         \x20   subscribe: [ { remote: \"r/#\", local: \"l/+\" } ]\n",
+    );
+    let joined = errs.join("\n");
+    for (line, text) in [
+        (3, "must start with mqtts://"),
+        (5, "from `a/#/b` is not a valid filter"),
+        (5, "to `x/{what}` has `{what}`"),
+        (5, "qos must be 0, 1 or 2"),
+        (6, "already used by uplink 0"),
+        (8, "tls settings need an mqtts:// url"),
+        (9, "local `l/+` must produce a topic name"),
+    ] {
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&format!("site.yaml:{line}:")) && e.contains(text)),
+            "no error at line {line} saying `{text}` in:\n{joined}"
+        );
+    }
+}

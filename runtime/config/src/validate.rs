@@ -187,6 +187,7 @@ pub fn validate(config: &Config) -> Vec<Issue> {
     };
 
     nodes_issues(&config.nodes, &mut issue);
+    uplink_issues(&config.uplinks, &mut issue);
 
     let id = &config.gateway.id;
     if id.is_empty()
@@ -344,4 +345,296 @@ pub fn validate(config: &Config) -> Vec<Issue> {
         }
     }
     issues
+}
+
+/// Why a topic filter is unusable (plain MQTT syntax).
+fn filter_problem(filter: &str) -> Option<String> {
+    if filter.contains('%') {
+        return acl_filter_problem(&filter.replace('%', "_"));
+    }
+    acl_filter_problem(filter)
+}
+
+/// Why a topic template (`{topic}`, `{N}`, `{N..}`) is unusable.
+pub fn template_problem(template: &str) -> Option<String> {
+    if template.is_empty() {
+        return Some("is empty; `{topic}` keeps the topic as it is".into());
+    }
+    let mut rest = template;
+    let mut literal = String::new();
+    while let Some(open) = rest.find('{') {
+        literal.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            return Some("has a `{` without `}`".into());
+        };
+        let inner = &rest[open + 1..open + close];
+        let number = inner.strip_suffix("..").unwrap_or(inner);
+        if inner != "topic" && !matches!(number.parse::<usize>(), Ok(n) if n >= 1) {
+            return Some(format!(
+                "has `{{{inner}}}`; use `{{topic}}`, a topic level `{{1}}`, `{{2}}`… or the levels from one on, e.g. `{{2..}}`"
+            ));
+        }
+        rest = &rest[open + close + 1..];
+    }
+    literal.push_str(rest);
+    if literal.contains('}') {
+        return Some("has a `}` without `{`".into());
+    }
+    if literal.contains(['+', '#', '\0']) {
+        return Some("must produce a topic name: no `+` or `#`".into());
+    }
+    None
+}
+
+/// `uplinks`.
+fn uplink_issues(uplinks: &[crate::Uplink], issue: &mut impl FnMut(&[&str], String)) {
+    let mut names = HashMap::new();
+    for (i, uplink) in uplinks.iter().enumerate() {
+        let index = i.to_string();
+        let at = |key: &str| -> Vec<String> { vec!["uplinks".into(), index.clone(), key.into()] };
+        let mut report = |path: Vec<String>, message: String| {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            issue(&path, message);
+        };
+        let name = &uplink.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        {
+            report(
+                at("name"),
+                format!(
+                    "uplink name `{name}` must be non-empty and use only letters, digits, `-` and `_`"
+                ),
+            );
+        } else if let Some(first) = names.insert(name.as_str(), i) {
+            report(
+                at("name"),
+                format!("uplink name `{name}` is already used by uplink {first}"),
+            );
+        }
+        let tls_url = match url_problem(&uplink.url) {
+            Ok(tls) => Some(tls),
+            Err(problem) => {
+                report(
+                    at("url"),
+                    format!("uplink `{name}`: url `{}` {problem}", uplink.url),
+                );
+                None
+            }
+        };
+        let tls = &uplink.tls;
+        let tls_set = tls.ca.is_some()
+            || tls.cert.is_some()
+            || tls.key.is_some()
+            || tls.server_name.is_some()
+            || !tls.alpn.is_empty();
+        if tls_url == Some(false) && tls_set {
+            report(
+                at("tls"),
+                format!("uplink `{name}`: tls settings need an mqtts:// url"),
+            );
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            report(
+                at("tls"),
+                format!(
+                    "uplink `{name}`: tls.cert and tls.key go together (mutual TLS needs both)"
+                ),
+            );
+        }
+        for (key, path) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+            if let Some(path) = path
+                && let Err(error) = std::fs::metadata(path)
+            {
+                report(
+                    vec!["uplinks".into(), index.clone(), "tls".into(), key.into()],
+                    format!(
+                        "uplink `{name}`: cannot read tls.{key} {}: {error}",
+                        path.display()
+                    ),
+                );
+            }
+        }
+        if let Some(path) = &uplink.password_file {
+            if uplink.password.is_some() {
+                report(
+                    at("password_file"),
+                    format!("uplink `{name}`: set password or password_file, not both"),
+                );
+            } else if let Err(error) = std::fs::read(path) {
+                report(
+                    at("password_file"),
+                    format!(
+                        "uplink `{name}`: cannot read password_file {}: {error}",
+                        path.display()
+                    ),
+                );
+            }
+        }
+        if let Some(client_id) = &uplink.client_id
+            && (client_id.is_empty() || client_id.len() > 65_535)
+        {
+            report(
+                at("client_id"),
+                format!("uplink `{name}`: client_id must be 1 to 65535 bytes"),
+            );
+        }
+        if uplink.keepalive.as_secs() > 65_535 {
+            report(
+                at("keepalive"),
+                format!(
+                    "uplink `{name}`: keepalive {} is above MQTT's 65535 s",
+                    uplink.keepalive
+                ),
+            );
+        }
+        if uplink.inflight == 0 {
+            report(
+                at("inflight"),
+                format!("uplink `{name}`: inflight must be at least 1"),
+            );
+        }
+        let reconnect = &uplink.reconnect;
+        if reconnect.min.as_std().is_zero() || reconnect.min.as_std() > reconnect.max.as_std() {
+            report(
+                at("reconnect"),
+                format!(
+                    "uplink `{name}`: reconnect needs 0 < min <= max (min {}, max {})",
+                    reconnect.min, reconnect.max
+                ),
+            );
+        }
+        if uplink.forward.is_empty() && uplink.subscribe.is_empty() {
+            report(
+                at("name"),
+                format!(
+                    "uplink `{name}` has neither forward nor subscribe rules: it would do nothing"
+                ),
+            );
+        }
+        for (j, rule) in uplink.forward.iter().enumerate() {
+            let place = |key: &str| -> Vec<String> {
+                vec![
+                    "uplinks".into(),
+                    index.clone(),
+                    "forward".into(),
+                    j.to_string(),
+                    key.into(),
+                ]
+            };
+            if let Some(problem) = filter_problem(&rule.from) {
+                report(
+                    place("from"),
+                    format!(
+                        "uplink `{name}` forward {j}: from `{}` {problem}",
+                        rule.from
+                    ),
+                );
+            }
+            if let Some(problem) = template_problem(&rule.to) {
+                report(
+                    place("to"),
+                    format!("uplink `{name}` forward {j}: to `{}` {problem}", rule.to),
+                );
+            }
+            if rule.qos > 2 {
+                report(
+                    place("qos"),
+                    format!("uplink `{name}` forward {j}: qos must be 0, 1 or 2"),
+                );
+            }
+        }
+        for (j, rule) in uplink.subscribe.iter().enumerate() {
+            let place = |key: &str| -> Vec<String> {
+                vec![
+                    "uplinks".into(),
+                    index.clone(),
+                    "subscribe".into(),
+                    j.to_string(),
+                    key.into(),
+                ]
+            };
+            if let Some(problem) = filter_problem(&rule.remote) {
+                report(
+                    place("remote"),
+                    format!(
+                        "uplink `{name}` subscribe {j}: remote `{}` {problem}",
+                        rule.remote
+                    ),
+                );
+            }
+            if let Some(problem) = template_problem(&rule.local) {
+                report(
+                    place("local"),
+                    format!(
+                        "uplink `{name}` subscribe {j}: local `{}` {problem}",
+                        rule.local
+                    ),
+                );
+            }
+            if rule.qos > 2 {
+                report(
+                    place("qos"),
+                    format!("uplink `{name}` subscribe {j}: qos must be 0, 1 or 2"),
+                );
+            }
+        }
+        let outbox = &uplink.outbox;
+        if outbox.max_messages == 0 {
+            report(
+                vec![
+                    "uplinks".into(),
+                    index.clone(),
+                    "outbox".into(),
+                    "max_messages".into(),
+                ],
+                format!("uplink `{name}`: outbox.max_messages must be at least 1"),
+            );
+        }
+        if outbox.max_bytes.bytes() < 1024 {
+            report(
+                vec![
+                    "uplinks".into(),
+                    index.clone(),
+                    "outbox".into(),
+                    "max_bytes".into(),
+                ],
+                format!("uplink `{name}`: outbox.max_bytes must be at least 1KiB"),
+            );
+        }
+    }
+}
+
+/// `Ok(true)` for mqtts://, `Ok(false)` for mqtt://, else what is wrong.
+pub fn url_problem(url: &str) -> Result<bool, String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err("must start with mqtts:// (or mqtt:// without TLS)".into());
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['/', '?', '@', ' ']) {
+        return Err("must be mqtts://HOST[:PORT] (no path, no user in the url)".into());
+    }
+    let host = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
+            if !host.contains(':') || host.starts_with('[') {
+                if port.parse::<u16>().map_or(true, |p| p == 0) {
+                    return Err(format!("has an invalid port `{port}`"));
+                }
+                host
+            } else {
+                rest
+            }
+        }
+        _ => rest,
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    Ok(tls)
 }

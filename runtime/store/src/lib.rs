@@ -283,7 +283,15 @@ impl Ticket {
     /// A ticket that resolves once both have: the later batch of the same store, or both
     /// when they belong to different stores.
     pub fn max(self, other: Ticket) -> Ticket {
-        let mut parts = match self.0 {
+        // The common case, two batches of one store, without allocating.
+        let (self_, other) = match (self.0, other.0) {
+            (TicketKind::One(mut a), TicketKind::One(b)) => match a.absorb(b) {
+                None => return Ticket(TicketKind::One(a)),
+                Some(b) => (Ticket(TicketKind::One(a)), Ticket(TicketKind::One(b))),
+            },
+            (a, b) => (Ticket(a), Ticket(b)),
+        };
+        let mut parts = match self_.0 {
             TicketKind::One(p) => vec![p],
             TicketKind::Many(parts) => parts,
         };
