@@ -178,3 +178,100 @@ mod tests {
         assert!(!matches("a/b", "a/b/c"));
     }
 }
+
+/// A topic template: `{topic}` is the whole topic, `{N}` its N-th level (from 1), `{N..}`
+/// the levels from the N-th on; everything else is literal. Used by uplink forward and
+/// downlink rules and pipeline outputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<TemplatePart>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    Topic,
+    Level(usize),
+    From(usize),
+}
+
+impl TopicTemplate {
+    pub fn parse(template: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("`{template}` has a `{{` without `}}`"))?;
+            let inner = &rest[open + 1..open + close];
+            let level = |text: &str| match text.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(format!(
+                    "`{template}` has `{{{inner}}}`; use {{topic}}, {{1}}, {{2}}… or {{2..}}"
+                )),
+            };
+            parts.push(match inner {
+                "topic" => TemplatePart::Topic,
+                _ => match inner.strip_suffix("..") {
+                    Some(n) => TemplatePart::From(level(n)?),
+                    None => TemplatePart::Level(level(inner)?),
+                },
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_string()));
+        }
+        Ok(Self { parts })
+    }
+
+    /// The topic for `topic`; `None` when a level it names is missing or the result is not
+    /// a valid topic name.
+    pub fn render(&self, topic: &str) -> Option<String> {
+        if let [TemplatePart::Topic] = self.parts.as_slice() {
+            return Some(topic.to_string());
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut out = String::with_capacity(topic.len() + 16);
+        for part in &self.parts {
+            match part {
+                TemplatePart::Literal(text) => out.push_str(text),
+                TemplatePart::Topic => out.push_str(topic),
+                TemplatePart::Level(n) => out.push_str(levels.get(n - 1)?),
+                TemplatePart::From(n) => {
+                    if *n > levels.len() {
+                        return None;
+                    }
+                    out.push_str(&levels[n - 1..].join("/"));
+                }
+            }
+        }
+        validate_name(&out).ok()?;
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::TopicTemplate;
+
+    #[test]
+    fn renders_topic_levels_and_tails() {
+        let t = |template: &str, topic: &str| TopicTemplate::parse(template).unwrap().render(topic);
+        assert_eq!(t("{topic}", "a/b").as_deref(), Some("a/b"));
+        assert_eq!(t("site1/{topic}", "a/b").as_deref(), Some("site1/a/b"));
+        assert_eq!(t("x/{2}/y", "a/b/c").as_deref(), Some("x/b/y"));
+        assert_eq!(
+            t("control/{3..}", "site1/control/kitchen/led").as_deref(),
+            Some("control/kitchen/led")
+        );
+        assert_eq!(t("x/{4}", "a/b"), None);
+        assert_eq!(t("x/{3..}", "a/b"), None);
+        assert!(TopicTemplate::parse("x/{0}").is_err());
+        assert!(TopicTemplate::parse("x/{name}").is_err());
+        assert!(TopicTemplate::parse("x/{1").is_err());
+    }
+}

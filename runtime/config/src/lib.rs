@@ -222,8 +222,18 @@ impl Config {
                 }
             ),
         };
+        let uplinks = if self.uplinks.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = self
+                .uplinks
+                .iter()
+                .map(|u| format!("{} ({})", u.name, u.url))
+                .collect();
+            format!("; uplinks: {}", list.join(", "))
+        };
         format!(
-            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}{passwords}{acl}; metrics on http://{}/metrics",
+            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}{passwords}{acl}{uplinks}; metrics on http://{}/metrics",
             self.gateway.id,
             self.gateway.data_dir.display(),
             listeners.join(", "),

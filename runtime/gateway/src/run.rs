@@ -107,6 +107,15 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
         auth,
         workers: 0,
     };
+    // Uplinks before the listeners: their forward rules must see the first publish.
+    let mut uplinks = Vec::new();
+    for uplink in &config.uplinks {
+        let settings = uplink_settings(&config, uplink)?;
+        uplinks.push(
+            edgegw_uplink::Uplink::start(settings, router.clone(), &config.gateway.data_dir)
+                .with_context(|| format!("cannot start uplink `{}`", uplink.name))?,
+        );
+    }
     let broker = Broker::start(settings, router.clone()).context("cannot start the MQTT broker")?;
     for listener in broker.listeners() {
         tracing::info!(url = %listener.url(), "MQTT listening (3.1.1 and 5.0).");
@@ -137,11 +146,103 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
     // Nodes first: their sessions end before the broker and the state file close.
     nodes.stop().await;
     broker.stop().await;
+    // Uplinks commit their outboxes; what is not forwarded yet goes on after a restart.
+    let _ = tokio::task::spawn_blocking(move || {
+        for uplink in uplinks {
+            uplink.stop();
+        }
+    })
+    .await;
     // Commit what is pending and stop the writer thread (off the async workers).
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
     shutdown.cancel();
     tracing::info!("Stopped.");
     Ok(())
+}
+
+/// Maps an uplink's config onto its settings (reads `password_file`).
+fn uplink_settings(
+    config: &Config,
+    uplink: &edgegw_config::Uplink,
+) -> anyhow::Result<edgegw_uplink::UplinkSettings> {
+    use edgegw_config::{FsyncPolicy, OnFull, UplinkProtocol};
+    let password = match (&uplink.password, &uplink.password_file) {
+        (Some(password), _) => Some(password.clone()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "uplink `{}`: cannot read password_file {}",
+                    uplink.name,
+                    path.display()
+                )
+            })?;
+            Some(text.trim_end_matches(['\r', '\n']).to_string())
+        }
+        (None, None) => None,
+    };
+    let outbox = &uplink.outbox;
+    Ok(edgegw_uplink::UplinkSettings {
+        name: uplink.name.clone(),
+        url: uplink.url.clone(),
+        client_id: uplink
+            .client_id
+            .clone()
+            .unwrap_or_else(|| config.gateway.id.clone()),
+        username: uplink.username.clone(),
+        password,
+        protocol: match uplink.protocol {
+            UplinkProtocol::V311 => edgegw_uplink::Protocol::V311,
+            UplinkProtocol::V5 => edgegw_uplink::Protocol::V5,
+        },
+        keepalive: uplink.keepalive.as_std(),
+        clean_start: uplink.clean_start,
+        tls: edgegw_uplink::TlsSettings {
+            ca: uplink.tls.ca.clone(),
+            cert: uplink.tls.cert.clone(),
+            key: uplink.tls.key.clone(),
+            server_name: uplink.tls.server_name.clone(),
+            alpn: uplink.tls.alpn.clone(),
+        },
+        forward: uplink
+            .forward
+            .iter()
+            .map(|f| edgegw_uplink::ForwardRule {
+                from: f.from.clone(),
+                to: f.to.clone(),
+                qos: f.qos,
+                retain: f.retain,
+            })
+            .collect(),
+        subscribe: uplink
+            .subscribe
+            .iter()
+            .map(|d| edgegw_uplink::DownlinkRule {
+                remote: d.remote.clone(),
+                local: d.local.clone(),
+                qos: d.qos,
+            })
+            .collect(),
+        outbox: edgegw_store::OutboxOptions {
+            max_messages: outbox.max_messages,
+            max_bytes: outbox.max_bytes.bytes(),
+            max_age: outbox.max_age.map(|d| d.as_std()),
+            on_full: match outbox.on_full {
+                OnFull::DropOldest => edgegw_store::OnFull::DropOldest,
+                OnFull::DropNew => edgegw_store::OnFull::DropNew,
+                OnFull::Block => edgegw_store::OnFull::Block,
+            },
+            fsync: match outbox.fsync {
+                FsyncPolicy::Always => edgegw_store::Fsync::Always,
+                FsyncPolicy::Batch => edgegw_store::Fsync::Batch,
+                FsyncPolicy::Off => edgegw_store::Fsync::Off,
+            },
+            commit_interval: config.gateway.commit_interval.as_std(),
+            ..edgegw_store::OutboxOptions::new(uplink.name.clone())
+        },
+        inflight: uplink.inflight,
+        reconnect_min: uplink.reconnect.min.as_std(),
+        reconnect_max: uplink.reconnect.max.as_std(),
+    })
 }
 
 /// Each connection is a file descriptor: raise the soft limit to the hard one so

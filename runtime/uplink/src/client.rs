@@ -1,0 +1,624 @@
+//! The connection side of an uplink: one thread with its own single-threaded ntex runtime
+//! (ntex-mqtt's client types are `!Send`), connecting with backoff, forwarding the outbox in
+//! order with a bounded in-flight window, and delivering downlink messages to the router.
+
+use std::{
+    cell::Cell,
+    net::SocketAddr,
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use edgegw_broker::{LocalClient, Message, QoS, topic::TopicTemplate};
+use edgegw_store::{Outbox, OutboxEntry};
+use edgegw_telemetry::names;
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use ntex::{Pipeline, SharedCfg, service::fn_service, time::Seconds};
+use ntex_bytes::{ByteString, Bytes};
+use ntex_mqtt::{v3, v5};
+use ntex_tls::rustls::TlsConnector;
+use rand::Rng as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Endpoint, Protocol, UplinkSettings, qos_of};
+
+/// How long a connection attempt (TCP, TLS, CONNECT/CONNACK) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Session expiry asked for when `clean_start` is false (MQTT 5).
+const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
+
+pub(crate) struct CompiledDownlink {
+    pub remote: String,
+    pub template: TopicTemplate,
+    pub qos: u8,
+}
+
+pub(crate) struct Task {
+    pub settings: UplinkSettings,
+    pub endpoint: Endpoint,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub downlinks: Vec<CompiledDownlink>,
+    pub outbox: Outbox,
+    pub local: Arc<LocalClient>,
+    pub cancel: CancellationToken,
+}
+
+struct Metrics {
+    connected: Gauge,
+    reconnects: Counter,
+    connect_failures: Counter,
+    forwarded: Counter,
+    downlink: Counter,
+    rtt: Histogram,
+    too_large: Counter,
+}
+
+impl Metrics {
+    fn new(uplink: &str) -> Self {
+        let l = uplink.to_string();
+        Self {
+            connected: gauge!(names::UPLINK_CONNECTED, "uplink" => l.clone()),
+            reconnects: counter!(names::UPLINK_RECONNECTS, "uplink" => l.clone()),
+            connect_failures: counter!(names::UPLINK_CONNECT_FAILURES, "uplink" => l.clone()),
+            forwarded: counter!(names::UPLINK_FORWARDED, "uplink" => l.clone()),
+            downlink: counter!(names::UPLINK_DOWNLINK, "uplink" => l.clone()),
+            rtt: histogram!(names::UPLINK_ACK_RTT, "uplink" => l.clone()),
+            too_large: counter!(names::UPLINK_DROPPED, "uplink" => l, "reason" => "too_large"),
+        }
+    }
+}
+
+/// The address handed to ntex's connector: `host()` is the name TLS verifies (and sends as
+/// SNI); `addr()`, when set, is where to connect instead of resolving that name.
+#[derive(Clone, Debug)]
+struct Target {
+    name: String,
+    port: u16,
+    addr: Option<SocketAddr>,
+}
+
+impl ntex::connect::Address for Target {
+    fn host(&self) -> &str {
+        &self.name
+    }
+
+    fn port(&self) -> Option<u16> {
+        Some(self.port)
+    }
+
+    fn addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+}
+
+/// An open connection's sending side.
+#[derive(Clone)]
+enum Up {
+    V3(v3::MqttSink),
+    V5 {
+        sink: v5::MqttSink,
+        max_packet: Option<u32>,
+        max_qos: u8,
+    },
+}
+
+/// Why one forward failed.
+enum Failure {
+    /// The connection is gone: the entry stays in the outbox and is sent again.
+    Disconnected(String),
+    /// The cloud broker can never take it (too large, refused): dropped and counted.
+    Rejected(&'static str, String),
+}
+
+impl Up {
+    async fn publish(&self, entry: OutboxEntry) -> Result<(), Failure> {
+        let topic = ByteString::from(entry.topic);
+        let payload = Bytes::from(entry.payload);
+        let gone = |e: ntex_mqtt::error::SendPacketError| Failure::Disconnected(e.to_string());
+        match self {
+            Up::V3(sink) => {
+                let mut builder = sink.publish(topic);
+                if entry.retain {
+                    builder = builder.retain();
+                }
+                match entry.qos {
+                    0 => builder.send_at_most_once(payload).await.map_err(gone),
+                    1 => builder.send_at_least_once(payload).await.map_err(gone),
+                    _ => {
+                        let received = builder.send_exactly_once(payload).await.map_err(gone)?;
+                        received.release().await.map_err(gone)
+                    }
+                }
+            }
+            Up::V5 {
+                sink,
+                max_packet,
+                max_qos,
+            } => {
+                let builder = sink.publish(topic).retain(entry.retain);
+                if let Some(max) = max_packet
+                    && builder.size(payload.len()) > *max
+                {
+                    return Err(Failure::Rejected(
+                        "too_large",
+                        format!("above the broker's maximum packet size {max}"),
+                    ));
+                }
+                match entry.qos.min(*max_qos) {
+                    0 => builder.send_at_most_once(payload).await.map_err(gone),
+                    1 => {
+                        let ack = builder.send_at_least_once(payload).await.map_err(gone)?;
+                        refused(ack.reason_code as u8, ack.reason_string)
+                    }
+                    _ => {
+                        let received = builder.send_exactly_once(payload).await.map_err(gone)?;
+                        let code = received.packet().reason_code as u8;
+                        let reason = received.packet().reason_string.clone();
+                        refused(code, reason)?;
+                        received.release().await.map_err(gone)
+                    }
+                }
+            }
+        }
+    }
+
+    fn close(&self) {
+        match self {
+            Up::V3(sink) => sink.close(),
+            Up::V5 { sink, .. } => sink.close(),
+        }
+    }
+}
+
+/// A PUBACK/PUBREC reason code of 0x80 or above: the broker took the message and refused it.
+fn refused(code: u8, reason: Option<ByteString>) -> Result<(), Failure> {
+    if code < 0x80 {
+        return Ok(());
+    }
+    Err(Failure::Rejected(
+        "refused",
+        format!(
+            "reason code 0x{code:02x}{}",
+            reason.map(|r| format!(" ({r})")).unwrap_or_default()
+        ),
+    ))
+}
+
+/// Delivers downlink messages into the router.
+struct Downlink {
+    rules: Vec<CompiledDownlink>,
+    local: Arc<LocalClient>,
+    metrics: Rc<Metrics>,
+    uplink: String,
+}
+
+impl Downlink {
+    /// Routes one remote message; `Err` when it cannot be stored (then it is not acked).
+    async fn deliver(&self, topic: &str, payload: Bytes, qos: u8, retain: bool) -> Result<(), ()> {
+        let Some((rule, local)) = self.rules.iter().find_map(|rule| {
+            edgegw_broker::topic::matches(&rule.remote, topic)
+                .then(|| rule.template.render(topic).map(|t| (rule, t)))
+                .flatten()
+        }) else {
+            tracing::debug!(uplink = %self.uplink, %topic, "Downlink message matches no subscribe rule (or its template); acknowledged and dropped.");
+            return Ok(());
+        };
+        let qos = qos_of(qos.min(rule.qos));
+        self.metrics.downlink.increment(1);
+        let routed = self
+            .local
+            .publish(Message::new(local, payload, qos).with_retain(retain));
+        if qos != QoS::AtMostOnce
+            && let Err(error) = routed.durable().await
+        {
+            tracing::error!(uplink = %self.uplink, %error, "Downlink message not acknowledged: state file write failed.");
+            return Err(());
+        }
+        Ok(())
+    }
+}
+
+impl Task {
+    pub fn run(self) {
+        let name = format!("edgegw-uplink-{}", self.settings.name);
+        let uplink = self.settings.name.clone();
+        let result = ntex::rt::System::new(&name, ntex::rt::DefaultRuntime).block_on(async move {
+            self.main().await;
+            Ok::<(), std::io::Error>(())
+        });
+        if let Err(error) = result {
+            tracing::error!(%uplink, %error, "Uplink runtime failed.");
+        }
+    }
+
+    async fn main(self) {
+        let metrics = Rc::new(Metrics::new(&self.settings.name));
+        metrics.connected.set(0.0);
+        let task = Rc::new(self);
+        let mut backoff = task.settings.reconnect_min;
+        let mut connected_before = false;
+        loop {
+            if task.cancel.is_cancelled() {
+                break;
+            }
+            let attempt = tokio::select! {
+                result = tokio::time::timeout(CONNECT_TIMEOUT, task.connect(&metrics)) => {
+                    result.unwrap_or_else(|_| Err(format!("no CONNACK within {CONNECT_TIMEOUT:?}")))
+                }
+                () = task.cancel.cancelled() => break,
+            };
+            match attempt {
+                Ok((up, closed)) => {
+                    if connected_before {
+                        metrics.reconnects.increment(1);
+                    }
+                    connected_before = true;
+                    backoff = task.settings.reconnect_min;
+                    metrics.connected.set(1.0);
+                    tracing::info!(uplink = %task.settings.name, url = %task.settings.url, "Uplink connected.");
+                    let reason = task.session(up.clone(), closed, &metrics).await;
+                    metrics.connected.set(0.0);
+                    up.close();
+                    if task.cancel.is_cancelled() {
+                        break;
+                    }
+                    tracing::warn!(uplink = %task.settings.name, %reason, "Uplink disconnected; reconnecting.");
+                }
+                Err(error) => {
+                    metrics.connect_failures.increment(1);
+                    tracing::warn!(
+                        uplink = %task.settings.name,
+                        url = %task.settings.url,
+                        %error,
+                        retry_in = ?backoff,
+                        "Uplink cannot connect; retrying."
+                    );
+                }
+            }
+            // Jitter: between half and all of the backoff.
+            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = task.cancel.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(task.settings.reconnect_max);
+        }
+    }
+
+    async fn target(&self) -> Result<Target, String> {
+        let endpoint = &self.endpoint;
+        match &self.settings.tls.server_name {
+            Some(name) if self.endpoint.tls && *name != endpoint.host => {
+                let addr = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+                    .await
+                    .map_err(|e| format!("cannot resolve {}: {e}", endpoint.host))?
+                    .next()
+                    .ok_or_else(|| format!("{} resolves to no address", endpoint.host))?;
+                Ok(Target {
+                    name: name.clone(),
+                    port: endpoint.port,
+                    addr: Some(addr),
+                })
+            }
+            _ => Ok(Target {
+                name: endpoint.host.clone(),
+                port: endpoint.port,
+                addr: endpoint
+                    .host
+                    .parse()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, endpoint.port)),
+            }),
+        }
+    }
+
+    /// Connects and starts the dispatcher; `closed` resolves when the connection ends.
+    async fn connect(
+        self: &Rc<Self>,
+        metrics: &Rc<Metrics>,
+    ) -> Result<(Up, oneshot::Receiver<String>), String> {
+        let target = self.target().await?;
+        let settings = &self.settings;
+        let keepalive = u16::try_from(settings.keepalive.as_secs()).unwrap_or(u16::MAX);
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let downlink = Rc::new(Downlink {
+            rules: self
+                .downlinks
+                .iter()
+                .map(|d| CompiledDownlink {
+                    remote: d.remote.clone(),
+                    template: d.template.clone(),
+                    qos: d.qos,
+                })
+                .collect(),
+            local: self.local.clone(),
+            metrics: metrics.clone(),
+            uplink: settings.name.clone(),
+        });
+        let up = match settings.protocol {
+            Protocol::V5 => {
+                let mut connect = v5::client::Connect::new(target)
+                    .client_id(ByteString::from(settings.client_id.as_str()))
+                    .keep_alive(Seconds(keepalive))
+                    .max_receive(u16::MAX);
+                if settings.clean_start {
+                    connect = connect.clean_start();
+                } else {
+                    connect =
+                        connect.packet(|p| p.session_expiry_interval_secs = SESSION_EXPIRY_SECS);
+                }
+                if let Some(user) = &settings.username {
+                    connect = connect.username(ByteString::from(user.as_str()));
+                }
+                if let Some(password) = &settings.password {
+                    connect = connect.password(Bytes::copy_from_slice(password.as_bytes()));
+                }
+                let client = match &self.tls {
+                    Some(tls) => Pipeline::new(
+                        SharedCfg::default(),
+                        v5::client::MqttConnector::new().connector(TlsConnector::from(tls)),
+                    )
+                    .call(connect)
+                    .await
+                    .map_err(|e| describe_v5_error(&e.to_string()))?,
+                    None => Pipeline::new(SharedCfg::default(), v5::client::MqttConnector::new())
+                        .call(connect)
+                        .await
+                        .map_err(|e| describe_v5_error(&e.to_string()))?,
+                };
+                let ack = client.packet();
+                let up = Up::V5 {
+                    sink: client.sink(),
+                    max_packet: ack.max_packet_size,
+                    max_qos: ack.max_qos as u8,
+                };
+                let handler = downlink.clone();
+                ntex::rt::spawn(async move {
+                    let result = client
+                        .start(fn_service(move |message| {
+                            let handler = handler.clone();
+                            async move { Ok::<_, ()>(on_v5(&handler, message).await) }
+                        }))
+                        .await;
+                    let _ = closed_tx.send(match result {
+                        Ok(()) => "connection closed".to_string(),
+                        Err(e) => format!("{e:?}"),
+                    });
+                });
+                up
+            }
+            Protocol::V311 => {
+                let mut connect = v3::client::Connect::new(target)
+                    .client_id(ByteString::from(settings.client_id.as_str()))
+                    .keep_alive(Seconds(keepalive));
+                if settings.clean_start {
+                    connect = connect.clean_session();
+                }
+                if let Some(user) = &settings.username {
+                    connect = connect.username(ByteString::from(user.as_str()));
+                }
+                if let Some(password) = &settings.password {
+                    connect = connect.password(Bytes::copy_from_slice(password.as_bytes()));
+                }
+                let client = match &self.tls {
+                    Some(tls) => Pipeline::new(
+                        SharedCfg::default(),
+                        v3::client::MqttConnector::new().connector(TlsConnector::from(tls)),
+                    )
+                    .call(connect)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                    None => Pipeline::new(SharedCfg::default(), v3::client::MqttConnector::new())
+                        .call(connect)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                };
+                let up = Up::V3(client.sink());
+                let handler = downlink.clone();
+                ntex::rt::spawn(async move {
+                    let result = client
+                        .start(fn_service(move |message| {
+                            let handler = handler.clone();
+                            async move { Ok::<_, ()>(on_v3(&handler, message).await) }
+                        }))
+                        .await;
+                    let _ = closed_tx.send(match result {
+                        Ok(()) => "connection closed".to_string(),
+                        Err(e) => format!("{e:?}"),
+                    });
+                });
+                up
+            }
+        };
+        Ok((up, closed_rx))
+    }
+
+    /// One connected session: restore the downlink subscriptions, then forward the outbox
+    /// until the connection ends. Returns why it ended.
+    async fn session(
+        &self,
+        up: Up,
+        mut closed: oneshot::Receiver<String>,
+        metrics: &Rc<Metrics>,
+    ) -> String {
+        let name = &self.settings.name;
+        if !self.downlinks.is_empty() {
+            let subscribed = self.subscribe(&up);
+            tokio::select! {
+                result = subscribed => if let Err(error) = result {
+                    return format!("subscribing failed: {error}");
+                },
+                reason = &mut closed => return reason.unwrap_or_default(),
+                () = self.cancel.cancelled() => return "stopping".into(),
+            }
+        }
+        let window = usize::from(self.settings.inflight.max(1));
+        let (done_tx, mut done_rx) = mpsc::channel::<(u64, Instant, Result<(), Failure>)>(window);
+        let mut committed = self.outbox.committed();
+        let in_flight = Rc::new(Cell::new(0usize));
+        // Everything in the outbox is unacknowledged: start from its oldest entry.
+        let mut after = 0u64;
+        loop {
+            if in_flight.get() < window {
+                committed.borrow_and_update();
+                let batch = match self.outbox.fetch(after, window - in_flight.get()).await {
+                    Ok(batch) => batch,
+                    Err(error) => return format!("reading the outbox failed: {error}"),
+                };
+                if !batch.is_empty() {
+                    for entry in batch {
+                        after = entry.seq;
+                        in_flight.set(in_flight.get() + 1);
+                        let up = up.clone();
+                        let done = done_tx.clone();
+                        let seq = entry.seq;
+                        ntex::rt::spawn(async move {
+                            let sent = Instant::now();
+                            let result = up.publish(entry).await;
+                            let _ = done.send((seq, sent, result)).await;
+                        });
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                Some((seq, sent, result)) = done_rx.recv() => {
+                    in_flight.set(in_flight.get() - 1);
+                    match result {
+                        Ok(()) => {
+                            self.outbox.ack(seq);
+                            metrics.forwarded.increment(1);
+                            metrics.rtt.record(sent.elapsed().as_secs_f64());
+                        }
+                        Err(Failure::Rejected(reason, detail)) => {
+                            self.outbox.ack(seq);
+                            metrics.too_large.increment(u64::from(reason == "too_large"));
+                            if reason != "too_large" {
+                                metrics::counter!(names::UPLINK_DROPPED, "uplink" => name.clone(), "reason" => "refused").increment(1);
+                            }
+                            tracing::warn!(uplink = %name, seq, %detail, "The cloud broker cannot take this message; dropped.");
+                        }
+                        Err(Failure::Disconnected(error)) => {
+                            return format!("sending failed: {error}");
+                        }
+                    }
+                }
+                changed = committed.changed(), if in_flight.get() < window => {
+                    if changed.is_err() {
+                        return "the outbox closed".into();
+                    }
+                }
+                reason = &mut closed => return reason.unwrap_or_else(|_| "connection closed".into()),
+                () = self.cancel.cancelled() => return "stopping".into(),
+            }
+        }
+    }
+
+    async fn subscribe(&self, up: &Up) -> Result<(), String> {
+        let name = &self.settings.name;
+        match up {
+            Up::V5 { sink, .. } => {
+                let mut builder = sink.subscribe(None);
+                for rule in &self.downlinks {
+                    builder = builder.topic_filter(
+                        ByteString::from(rule.remote.as_str()),
+                        v5::codec::SubscriptionOptions {
+                            qos: v5_qos(rule.qos),
+                            no_local: false,
+                            retain_as_published: false,
+                            retain_handling: v5::codec::RetainHandling::AtSubscribe,
+                        },
+                    );
+                }
+                let ack = builder.send().await.map_err(|e| e.to_string())?;
+                for (rule, status) in self.downlinks.iter().zip(&ack.status) {
+                    if (*status as u8) >= 0x80 {
+                        tracing::error!(uplink = %name, filter = %rule.remote, status = ?status, "The cloud broker refused a downlink subscription.");
+                    }
+                }
+            }
+            Up::V3(sink) => {
+                let mut builder = sink.subscribe();
+                for rule in &self.downlinks {
+                    builder = builder
+                        .topic_filter(ByteString::from(rule.remote.as_str()), v3_qos(rule.qos));
+                }
+                let codes = builder.send().await.map_err(|e| e.to_string())?;
+                for (rule, code) in self.downlinks.iter().zip(&codes) {
+                    if matches!(code, v3::codec::SubscribeReturnCode::Failure) {
+                        tracing::error!(uplink = %name, filter = %rule.remote, "The cloud broker refused a downlink subscription.");
+                    }
+                }
+            }
+        }
+        tracing::debug!(uplink = %name, count = self.downlinks.len(), "Downlink subscriptions restored.");
+        Ok(())
+    }
+}
+
+fn describe_v5_error(error: &str) -> String {
+    error.to_string()
+}
+
+fn v5_qos(qos: u8) -> v5::codec::QoS {
+    match qos {
+        0 => v5::codec::QoS::AtMostOnce,
+        1 => v5::codec::QoS::AtLeastOnce,
+        _ => v5::codec::QoS::ExactlyOnce,
+    }
+}
+
+fn v3_qos(qos: u8) -> v3::codec::QoS {
+    match qos {
+        0 => v3::codec::QoS::AtMostOnce,
+        1 => v3::codec::QoS::AtLeastOnce,
+        _ => v3::codec::QoS::ExactlyOnce,
+    }
+}
+
+async fn on_v5(
+    downlink: &Downlink,
+    message: v5::client::ProtocolMessage,
+) -> v5::client::ProtocolMessageAck {
+    use v5::client::ProtocolMessage as M;
+    match message {
+        M::Publish(publish) => {
+            let packet = publish.packet();
+            let (topic, qos, retain) = (packet.topic.clone(), packet.qos as u8, packet.retain);
+            let payload = match publish.read_all().await {
+                Ok(payload) => payload,
+                Err(error) => {
+                    tracing::warn!(uplink = %downlink.uplink, %error, "Downlink payload unreadable.");
+                    return publish.ack(v5::codec::PublishAckReason::UnspecifiedError);
+                }
+            };
+            match downlink.deliver(&topic, payload, qos, retain).await {
+                Ok(()) if qos == 0 => publish.ack_qos0(),
+                Ok(()) => publish.ack(v5::codec::PublishAckReason::Success),
+                Err(()) => publish.ack(v5::codec::PublishAckReason::UnspecifiedError),
+            }
+        }
+        other => other.ack(),
+    }
+}
+
+async fn on_v3(
+    downlink: &Downlink,
+    message: v3::client::ProtocolMessage,
+) -> v3::client::ProtocolMessageAck {
+    use v3::client::ProtocolMessage as M;
+    match message {
+        M::Publish(publish) => {
+            let packet = publish.packet();
+            let (topic, qos, retain) = (packet.topic.clone(), packet.qos as u8, packet.retain);
+            let payload = publish.read_all().await.unwrap_or_default();
+            // MQTT 3.1.1 has no negative acknowledgement: a message that cannot be stored
+            // is still acknowledged (and logged by `deliver`).
+            let _ = downlink.deliver(&topic, payload, qos, retain).await;
+            publish.ack()
+        }
+        other => other.ack(),
+    }
+}

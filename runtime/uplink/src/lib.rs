@@ -1,0 +1,370 @@
+//! Uplinks: store-and-forward bridges to cloud MQTT brokers.
+//!
+//! Each uplink is a [`Sink`] on the router: a message that matches one of its `forward`
+//! rules is appended to the uplink's [`Outbox`] (its own SQLite file) before the router
+//! returns, and the outbox ticket joins the message's durability, so a QoS 1/2 publisher is
+//! acknowledged only once the message is on disk. A connection task on the uplink's own
+//! thread (ntex-mqtt's client over rustls) forwards committed entries in order with a
+//! bounded in-flight window and deletes each when the cloud broker acknowledges it;
+//! `subscribe` rules bring remote messages back into the router.
+
+mod client;
+mod tls;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use edgegw_broker::{
+    Message, Offer, Origin, QoS, Router, Sink, SinkId,
+    topic::{Filter, TopicTemplate, matches},
+};
+use edgegw_store::{Appended, Outbox, OutboxOptions, StoreError};
+use tokio_util::sync::CancellationToken;
+
+pub use edgegw_store::{Fsync, OnFull};
+pub use tls::TlsSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("uplink `{uplink}`: {message}")]
+    Settings { uplink: String, message: String },
+    #[error("uplink TLS file {path}: {message}")]
+    Tls { path: PathBuf, message: String },
+    #[error("uplink outbox: {0}")]
+    Outbox(#[from] StoreError),
+    #[error("cannot start the uplink thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// MQTT version spoken upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    V311,
+    V5,
+}
+
+/// One forward rule: local filter → remote topic template.
+#[derive(Clone, Debug)]
+pub struct ForwardRule {
+    pub from: String,
+    pub to: String,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// One downlink rule: remote filter → local topic template.
+#[derive(Clone, Debug)]
+pub struct DownlinkRule {
+    pub remote: String,
+    pub local: String,
+    pub qos: u8,
+}
+
+/// Everything an uplink needs, in plain types (the gateway maps the config onto it).
+#[derive(Clone, Debug)]
+pub struct UplinkSettings {
+    pub name: String,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub protocol: Protocol,
+    pub keepalive: Duration,
+    pub clean_start: bool,
+    pub tls: TlsSettings,
+    pub forward: Vec<ForwardRule>,
+    pub subscribe: Vec<DownlinkRule>,
+    pub outbox: OutboxOptions,
+    pub inflight: u16,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// The parsed url.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(format!("url `{url}` must start with mqtts:// or mqtt://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("url `{url}`: unclosed `[`"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("url `{url}`: bad port"))?,
+                None => default_port,
+            };
+            (host.to_string(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (
+                    host.to_string(),
+                    port.parse().map_err(|_| format!("url `{url}`: bad port"))?,
+                ),
+                None => (rest.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("url `{url}` has no host"));
+        }
+        Ok(Self { tls, host, port })
+    }
+}
+
+struct CompiledForward {
+    filter: String,
+    template: TopicTemplate,
+    qos: u8,
+    retain: bool,
+}
+
+/// The router side: appends matching messages to the outbox.
+struct ForwardSink {
+    rules: Vec<CompiledForward>,
+    outbox: Outbox,
+    /// Messages published by this uplink's downlink are never sent back up.
+    downlink_session: u64,
+    unmapped: metrics::Counter,
+}
+
+impl Sink for ForwardSink {
+    fn offer(&self, message: &Arc<Message>) -> Option<Offer> {
+        if message.origin == Origin::Session(self.downlink_session) {
+            return None;
+        }
+        let mut result: Option<Offer> = None;
+        let mut sent_to: Vec<String> = Vec::new();
+        for rule in &self.rules {
+            if !matches(&rule.filter, &message.topic) {
+                continue;
+            }
+            let Some(remote) = rule.template.render(&message.topic) else {
+                self.unmapped.increment(1);
+                tracing::debug!(topic = %message.topic, "Uplink forward template names a level the topic lacks; not forwarded.");
+                continue;
+            };
+            if sent_to.contains(&remote) {
+                continue;
+            }
+            let appended = self.outbox.append(
+                &remote,
+                &message.payload,
+                rule.qos,
+                rule.retain && message.retain,
+                Vec::new(),
+            );
+            sent_to.push(remote);
+            result = Some(match (result.take(), appended) {
+                (None | Some(Offer::Dropped), Appended::Queued(ticket)) => {
+                    Offer::Accepted(Some(ticket))
+                }
+                (Some(Offer::Accepted(Some(a))), Appended::Queued(b)) => {
+                    Offer::Accepted(Some(a.max(b)))
+                }
+                (Some(Offer::Accepted(a)), Appended::Queued(b)) => Offer::Accepted(Some(match a {
+                    Some(a) => a.max(b),
+                    None => b,
+                })),
+                (Some(accepted @ Offer::Accepted(_)), Appended::Dropped(_)) => accepted,
+                (None | Some(Offer::Dropped), Appended::Dropped(_)) => Offer::Dropped,
+            });
+        }
+        result
+    }
+}
+
+/// A running uplink. [`Uplink::stop`] ends it.
+pub struct Uplink {
+    name: String,
+    router: Router,
+    sink: SinkId,
+    outbox: Outbox,
+    cancel: CancellationToken,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Where a pipeline output bound for an uplink goes (see [`Uplink::handle`]).
+#[derive(Clone)]
+pub struct UplinkHandle {
+    outbox: Outbox,
+}
+
+impl UplinkHandle {
+    /// Appends a message for the cloud broker as is (topic unchanged, its own QoS);
+    /// `Appended::Queued`'s ticket resolves once it is durable.
+    pub fn enqueue(&self, message: &Message) -> Appended {
+        self.outbox.append(
+            &message.topic,
+            &message.payload,
+            message.qos.as_u8(),
+            message.retain,
+            Vec::new(),
+        )
+    }
+}
+
+impl Uplink {
+    /// Opens the outbox in `data_dir`, adds the forward rules to the router and starts the
+    /// connection thread. Fails before anything runs on bad settings or files.
+    pub fn start(
+        settings: UplinkSettings,
+        router: Router,
+        data_dir: &Path,
+    ) -> Result<Uplink, UplinkError> {
+        let settings_error = |message: String| UplinkError::Settings {
+            uplink: settings.name.clone(),
+            message,
+        };
+        let endpoint = Endpoint::parse(&settings.url).map_err(settings_error)?;
+        let tls = if endpoint.tls {
+            Some(Arc::new(tls::client_config(&settings.tls)?))
+        } else {
+            None
+        };
+        let mut rules = Vec::new();
+        for rule in &settings.forward {
+            Filter::parse(&rule.from)
+                .map_err(|e| settings_error(format!("forward filter `{}`: {e}", rule.from)))?;
+            rules.push(CompiledForward {
+                filter: rule.from.clone(),
+                template: TopicTemplate::parse(&rule.to).map_err(settings_error)?,
+                qos: rule.qos.min(2),
+                retain: rule.retain,
+            });
+        }
+        let mut downlinks = Vec::new();
+        for rule in &settings.subscribe {
+            Filter::parse(&rule.remote)
+                .map_err(|e| settings_error(format!("subscribe filter `{}`: {e}", rule.remote)))?;
+            downlinks.push(client::CompiledDownlink {
+                remote: rule.remote.clone(),
+                template: TopicTemplate::parse(&rule.local).map_err(settings_error)?,
+                qos: rule.qos.min(2),
+            });
+        }
+        let outbox_path = data_dir.join(format!("outbox-{}.db", settings.name));
+        let outbox = Outbox::open(&outbox_path, settings.outbox.clone())?;
+        let stats = outbox.stats();
+        tracing::info!(
+            uplink = %settings.name,
+            url = %settings.url,
+            outbox = %outbox_path.display(),
+            queued = stats.messages,
+            "Uplink starting."
+        );
+        let local = router.local_client(&format!("$edgegw/uplink/{}", settings.name));
+        let sink = router.add_sink(Arc::new(ForwardSink {
+            rules,
+            outbox: outbox.clone(),
+            downlink_session: local.session_id(),
+            unmapped: metrics::counter!(
+                edgegw_telemetry::names::UPLINK_DROPPED,
+                "uplink" => settings.name.clone(),
+                "reason" => "unmapped"
+            ),
+        }));
+        let cancel = CancellationToken::new();
+        let task = client::Task {
+            settings: settings.clone(),
+            endpoint,
+            tls,
+            downlinks,
+            outbox: outbox.clone(),
+            local: Arc::new(local),
+            cancel: cancel.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("edgegw-uplink-{}", settings.name))
+            .spawn(move || task.run())
+            .map_err(|e| {
+                router.remove_sink(sink);
+                UplinkError::Thread(e)
+            })?;
+        Ok(Uplink {
+            name: settings.name,
+            router,
+            sink,
+            outbox,
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// For pipelines' `uplink:<name>` outputs.
+    pub fn handle(&self) -> UplinkHandle {
+        UplinkHandle {
+            outbox: self.outbox.clone(),
+        }
+    }
+
+    /// Stops forwarding, disconnects, and commits the outbox. Blocks: call it off the async
+    /// workers (e.g. `spawn_blocking`).
+    pub fn stop(mut self) {
+        self.router.remove_sink(self.sink);
+        self.cancel.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.outbox.close();
+        tracing::info!(uplink = %self.name, "Uplink stopped.");
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.router.remove_sink(self.sink);
+            self.cancel.cancel();
+        }
+    }
+}
+
+/// The QoS of a stored entry.
+pub(crate) fn qos_of(value: u8) -> QoS {
+    match value {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        let e = Endpoint::parse("mqtts://example.com").unwrap();
+        assert!(e.tls);
+        assert_eq!((e.host.as_str(), e.port), ("example.com", 8883));
+        let e = Endpoint::parse("mqtt://127.0.0.1:1999").unwrap();
+        assert!(!e.tls);
+        assert_eq!((e.host.as_str(), e.port), ("127.0.0.1", 1999));
+        let e = Endpoint::parse("mqtts://[::1]:443").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 443));
+        assert!(Endpoint::parse("http://x").is_err());
+        assert!(Endpoint::parse("mqtt://x:port").is_err());
+    }
+}
