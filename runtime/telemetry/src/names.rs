@@ -45,6 +45,10 @@ pub const UPLINK_OUTBOX_BYTES: &str = "edgegw_uplink_outbox_bytes";
 pub const UPLINK_OUTBOX_OLDEST_AGE: &str = "edgegw_uplink_outbox_oldest_age_seconds";
 pub const UPLINK_OUTBOX_COMMITS: &str = "edgegw_uplink_outbox_commits_total";
 pub const UPLINK_OUTBOX_WRITE_ERRORS: &str = "edgegw_uplink_outbox_write_errors_total";
+pub const RULES_INVOCATIONS: &str = "edgegw_rules_invocations_total";
+pub const RULES_CALL_DURATION: &str = "edgegw_rules_call_duration_seconds";
+pub const RULES_INSTANCE_RESTARTS: &str = "edgegw_rules_instance_restarts_total";
+pub const RULES_PLUGIN_LOADS: &str = "edgegw_rules_plugin_loads_total";
 
 /// Label values of [`BROKER_DROPPED`]'s `reason`.
 pub const DROP_REASONS: &[&str] = &[
@@ -57,6 +61,9 @@ pub const DROP_REASONS: &[&str] = &[
 
 /// Label values of [`UPLINK_DROPPED`]'s `reason`.
 pub const UPLINK_DROP_REASONS: &[&str] = &["full", "too_large", "expired", "write_error", "closed"];
+
+/// Label values of [`RULES_INVOCATIONS`]'s `result`.
+pub const RULE_RESULTS: &[&str] = &["ok", "error", "trap", "timeout", "limit"];
 
 /// Registers help texts and units. Call once after installing the recorder.
 pub fn describe() {
@@ -210,5 +217,22 @@ pub fn describe() {
     describe_counter!(
         UPLINK_OUTBOX_WRITE_ERRORS,
         "Failed outbox commits (e.g. disk full); the messages stay in memory and are retried; by uplink."
+    );
+    describe_counter!(
+        RULES_INVOCATIONS,
+        "Rule plugin calls, by pipeline, plugin and result: ok, error (the plugin returned an error or could not be (re)initialised), trap (panic or other fault), timeout (past limits.time), limit (past limits.memory or limits.max_outputs)."
+    );
+    describe_histogram!(
+        RULES_CALL_DURATION,
+        Unit::Seconds,
+        "Duration of one rule plugin call (including re-creating a faulted instance); by plugin."
+    );
+    describe_counter!(
+        RULES_INSTANCE_RESTARTS,
+        "Rule plugin instances thrown away after a trap, timeout or memory limit (a fresh one serves the next message); by pipeline and plugin."
+    );
+    describe_counter!(
+        RULES_PLUGIN_LOADS,
+        "Rule plugins loaded, by source: compiled (Cranelift) or cache (compiled code from the on-disk cache)."
     );
 }

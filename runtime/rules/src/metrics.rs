@@ -1,0 +1,58 @@
+//! The metrics of one stage, registered once so that a call only bumps handles.
+
+use edgegw_telemetry::names::{RULES_CALL_DURATION, RULES_INSTANCE_RESTARTS, RULES_INVOCATIONS};
+use metrics::{Counter, Histogram, counter, histogram};
+use std::time::Duration;
+
+pub(crate) struct StageMetrics {
+    ok: Counter,
+    error: Counter,
+    trap: Counter,
+    timeout: Counter,
+    limit: Counter,
+    restarts: Counter,
+    duration: Histogram,
+}
+
+impl StageMetrics {
+    pub(crate) fn new(pipeline: &str, plugin: &str) -> Self {
+        let invocations = |result: &'static str| {
+            counter!(
+                RULES_INVOCATIONS,
+                "pipeline" => pipeline.to_owned(),
+                "plugin" => plugin.to_owned(),
+                "result" => result
+            )
+        };
+        Self {
+            ok: invocations("ok"),
+            error: invocations("error"),
+            trap: invocations("trap"),
+            timeout: invocations("timeout"),
+            limit: invocations("limit"),
+            restarts: counter!(
+                RULES_INSTANCE_RESTARTS,
+                "pipeline" => pipeline.to_owned(),
+                "plugin" => plugin.to_owned()
+            ),
+            duration: histogram!(RULES_CALL_DURATION, "plugin" => plugin.to_owned()),
+        }
+    }
+
+    /// One call with its `result` label (see `RuleError::result`).
+    pub(crate) fn call(&self, result: &str, elapsed: Duration) {
+        match result {
+            "ok" => &self.ok,
+            "trap" => &self.trap,
+            "timeout" => &self.timeout,
+            "limit" => &self.limit,
+            _ => &self.error,
+        }
+        .increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn restart(&self) {
+        self.restarts.increment(1);
+    }
+}

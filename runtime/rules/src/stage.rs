@@ -1,0 +1,490 @@
+use crate::bindings::Rule;
+use crate::bindings::edgegw::rule::{host, types};
+use crate::engine::EPOCH_TICK;
+use crate::metrics::StageMetrics;
+use crate::stdio::GuestOutput;
+use crate::{Output, Plugin, RuleError, RuleMessage};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Most keys in a stage's kv store (`host.kv-*` in the WIT).
+pub const KV_MAX_KEYS: usize = 4096;
+/// Most bytes (keys plus values) in a stage's kv store.
+pub const KV_MAX_BYTES: usize = 1 << 20;
+/// Longest log line a plugin can write through `host.log`; longer ones are cut.
+const MAX_LOG_TEXT: usize = 1024;
+
+/// One plugin instance serving one pipeline stage: created with the stage's config (the
+/// plugin's `init`), then [`call`](Stage::call)ed for every message, reusing the instance and
+/// its memory. After a trap, timeout or memory limit the instance is dropped and the next call
+/// creates a fresh one (with `init` again); the stage's kv store is kept.
+///
+/// `Send`, not `Sync`: one worker thread calls it at a time.
+pub struct Stage {
+    plugin: Plugin,
+    pipeline: Arc<str>,
+    config: String,
+    /// `None` after a fault, until the next call re-creates it.
+    instance: Option<Instance>,
+    /// The kv store while there is no instance (else it is in the instance's store).
+    kv: Kv,
+    metrics: StageMetrics,
+}
+
+struct Instance {
+    store: Store<StageState>,
+    rule: Rule,
+}
+
+impl Stage {
+    /// Creates the instance and calls the plugin's `init` with `config_json` (the stage's
+    /// `config:` as JSON; `"null"` when there is none). `pipeline` labels logs and metrics.
+    pub fn new(plugin: &Plugin, pipeline: &str, config_json: &str) -> Result<Self, RuleError> {
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(config_json) {
+            return Err(RuleError::Init {
+                plugin: plugin.name().to_owned(),
+                reason: format!("config is not JSON: {e}"),
+            });
+        }
+        let mut stage = Self {
+            plugin: plugin.clone(),
+            pipeline: pipeline.into(),
+            config: config_json.to_owned(),
+            instance: None,
+            kv: Kv::default(),
+            metrics: StageMetrics::new(pipeline, plugin.name()),
+        };
+        stage.instance = Some(stage.instantiate()?);
+        Ok(stage)
+    }
+
+    /// The plugin this stage runs.
+    pub fn plugin(&self) -> &Plugin {
+        &self.plugin
+    }
+
+    /// Runs one message through the plugin: the outputs, in order (empty: drop the message),
+    /// or why not. Blocks for at most about the plugin's time limit (plus the re-creation of a
+    /// faulted instance, bounded by [`Limits::init_time`](crate::Limits::init_time)).
+    pub fn call(&mut self, msg: &RuleMessage<'_>) -> Result<Vec<Output>, RuleError> {
+        let started = Instant::now();
+        let result = self.call_inner(msg, started);
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.result(),
+        };
+        self.metrics.call(label, started.elapsed());
+        if let Err(error) = &result {
+            self.report(error, msg.topic);
+        }
+        result
+    }
+
+    fn call_inner(
+        &mut self,
+        msg: &RuleMessage<'_>,
+        started: Instant,
+    ) -> Result<Vec<Output>, RuleError> {
+        if self.instance.is_none() {
+            let fresh = self.instantiate()?;
+            self.instance = Some(fresh);
+        }
+        let Some(instance) = &mut self.instance else {
+            unreachable!("an instance was just created");
+        };
+        let limits = self.plugin.limits();
+        let store = &mut instance.store;
+        let state = store.data_mut();
+        state.limiter.denied = false;
+        state.clock.start(limits.time, started);
+        store.set_epoch_deadline(ticks(limits.time));
+        let result = instance.rule.call_on_message(&mut *store, msg.clone());
+        match result {
+            Ok(Ok(outputs)) if outputs.len() > limits.max_outputs => {
+                Err(RuleError::TooManyOutputs {
+                    plugin: self.plugin.name().to_owned(),
+                    topic: msg.topic.to_owned(),
+                    count: outputs.len(),
+                    limit: limits.max_outputs,
+                })
+            }
+            Ok(Ok(outputs)) => Ok(outputs),
+            Ok(Err(message)) => Err(RuleError::Error {
+                plugin: self.plugin.name().to_owned(),
+                topic: msg.topic.to_owned(),
+                message,
+            }),
+            Err(error) => {
+                let fault = self.fault(&error, msg.topic, limits.time);
+                self.discard_instance();
+                Err(fault)
+            }
+        }
+    }
+
+    /// Classifies a failed call: memory limit, timeout or trap.
+    fn fault(&self, error: &wasmtime::Error, topic: &str, time: Duration) -> RuleError {
+        let plugin = self.plugin.name().to_owned();
+        let topic = topic.to_owned();
+        let Some(instance) = &self.instance else {
+            return RuleError::Trap {
+                plugin,
+                topic,
+                detail: describe(error),
+            };
+        };
+        let state = instance.store.data();
+        let stderr = state.stderr.take_tail();
+        if state.limiter.denied {
+            return RuleError::MemoryLimit {
+                plugin,
+                topic,
+                limit: self.plugin.limits().memory,
+            };
+        }
+        if state.clock.timed_out {
+            return RuleError::Timeout {
+                plugin,
+                topic,
+                limit: time,
+            };
+        }
+        let mut detail = describe(error);
+        if !stderr.is_empty() {
+            detail.push_str("; stderr: ");
+            detail.push_str(&stderr);
+        }
+        RuleError::Trap {
+            plugin,
+            topic,
+            detail,
+        }
+    }
+
+    /// Drops a faulted instance, keeping its kv store for the next one.
+    fn discard_instance(&mut self) {
+        if let Some(mut instance) = self.instance.take() {
+            self.kv = std::mem::take(&mut instance.store.data_mut().kv);
+        }
+        self.metrics.restart();
+    }
+
+    /// A fresh store and instance, `init`ed with the stage's config.
+    fn instantiate(&mut self) -> Result<Instance, RuleError> {
+        let inner = &self.plugin.inner;
+        let limits = inner.limits;
+        let init_error = |reason: String| RuleError::Init {
+            plugin: inner.name.clone(),
+            reason,
+        };
+        let plugin_name: Arc<str> = inner.name.as_str().into();
+        let stdout = GuestOutput::new(plugin_name.clone(), self.pipeline.clone(), "stdout");
+        let stderr = GuestOutput::new(plugin_name.clone(), self.pipeline.clone(), "stderr");
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout)
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = StageState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                limits: StoreLimitsBuilder::new()
+                    .memory_size(limits.memory)
+                    .trap_on_grow_failure(false)
+                    .build(),
+                denied: false,
+            },
+            kv: std::mem::take(&mut self.kv),
+            clock: CallClock::default(),
+            plugin: plugin_name,
+            pipeline: self.pipeline.clone(),
+            stderr,
+        };
+        let mut store = Store::new(inner.engine.wasmtime(), state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(|mut store| Ok(store.data_mut().clock.on_deadline()));
+        store
+            .data_mut()
+            .clock
+            .start(limits.init_time(), Instant::now());
+        store.set_epoch_deadline(ticks(limits.init_time()));
+
+        let outcome = inner
+            .pre
+            .instantiate(&mut store)
+            .and_then(|rule| Ok((rule.call_init(&mut store, &self.config)?, rule)));
+        match outcome {
+            Ok((Ok(()), rule)) => Ok(Instance { store, rule }),
+            Ok((Err(message), _)) => {
+                self.kv = std::mem::take(&mut store.data_mut().kv);
+                Err(init_error(message))
+            }
+            Err(error) => {
+                let state = store.data_mut();
+                self.kv = std::mem::take(&mut state.kv);
+                let mut reason = if state.limiter.denied {
+                    format!("memory limit ({} bytes)", limits.memory)
+                } else if state.clock.timed_out {
+                    format!("time limit ({:?})", limits.init_time())
+                } else {
+                    describe(&error)
+                };
+                let stderr = state.stderr.take_tail();
+                if !stderr.is_empty() {
+                    reason.push_str("; stderr: ");
+                    reason.push_str(&stderr);
+                }
+                Err(init_error(reason))
+            }
+        }
+    }
+
+    /// One log line per failed call; faults at warn (the operator should look), plugin errors
+    /// at debug (bad input is the plugin's verdict, counted in the metrics).
+    fn report(&self, error: &RuleError, topic: &str) {
+        let plugin = self.plugin.name();
+        let pipeline = &*self.pipeline;
+        let result = error.result();
+        if error.restarts_instance() || matches!(error, RuleError::TooManyOutputs { .. }) {
+            tracing::warn!(
+                pipeline,
+                plugin,
+                topic,
+                result,
+                restarted = error.restarts_instance(),
+                %error,
+                "Rule plugin call failed."
+            );
+        } else {
+            tracing::debug!(pipeline, plugin, topic, result, %error, "Rule plugin call failed.");
+        }
+    }
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("plugin", &self.plugin.name())
+            .field("pipeline", &self.pipeline)
+            .field("live", &self.instance.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A trap by its kind, another error (a host function's, a failed instantiation) with its
+/// causes.
+fn describe(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{error:#}"),
+    }
+}
+
+/// Deadline in epoch ticks for `limit`: at least `limit` (one tick more, since the first may
+/// be partly gone).
+fn ticks(limit: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    u64::try_from(limit.as_nanos().div_ceil(tick) + 1).unwrap_or(u64::MAX)
+}
+
+/// What a plugin's store holds: its WASI context and the host side of its imports.
+pub(crate) struct StageState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    kv: Kv,
+    clock: CallClock,
+    plugin: Arc<str>,
+    pipeline: Arc<str>,
+    stderr: GuestOutput,
+}
+
+impl WasiView for StageState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The time limit of the running call. wasmtime calls [`CallClock::on_deadline`] each time the
+/// call has run another `limit` of wall time (epoch ticks). Wall time alone would also count
+/// the time the thread waited for a CPU, and a loaded machine would then see timeouts in
+/// short calls; so the first deadline opens a window of another `limit`, and the call is
+/// interrupted when it kept its thread busy for most of a window (CPU time from
+/// `/proc/thread-self/schedstat`). A busy loop thus stops after about 2 × `limit`; a call
+/// whose thread waits for a CPU goes on, up to [`CallClock::wall_cap`]. Where the thread's
+/// CPU time cannot be read, the first deadline interrupts.
+#[derive(Default)]
+struct CallClock {
+    limit: Duration,
+    started: Option<Instant>,
+    /// Thread CPU time at the start of the current window.
+    window_cpu: Option<Duration>,
+    /// Set when the call was interrupted for time.
+    timed_out: bool,
+}
+
+impl CallClock {
+    fn start(&mut self, limit: Duration, now: Instant) {
+        self.limit = limit;
+        self.started = Some(now);
+        self.window_cpu = None;
+        self.timed_out = false;
+    }
+
+    /// Longest wall time of a call that is mostly waiting for a CPU.
+    fn wall_cap(&self) -> Duration {
+        (self.limit * 20).max(Duration::from_millis(100))
+    }
+
+    fn on_deadline(&mut self) -> UpdateDeadline {
+        let wall = self.started.map_or(Duration::MAX, |s| s.elapsed());
+        let cpu = thread_cpu_time();
+        let busy = match (cpu, self.window_cpu) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            // Most of a window of `limit` spent on the CPU.
+            (Some(now), Some(then)) => now.saturating_sub(then) >= self.limit * 4 / 5,
+        };
+        if busy || wall >= self.wall_cap() {
+            self.timed_out = true;
+            return UpdateDeadline::Interrupt;
+        }
+        self.window_cpu = cpu;
+        UpdateDeadline::Continue(ticks(self.limit))
+    }
+}
+
+/// CPU time of the calling thread (Linux: `/proc/thread-self/schedstat`, nanoseconds).
+fn thread_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
+/// [`StoreLimits`] that remembers a refused memory growth, so that the trap that follows (an
+/// allocation failure aborts a Rust plugin) is reported as the memory limit.
+struct Limiter {
+    limits: StoreLimits,
+    denied: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        self.denied |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+/// A stage's key-value store (bounded, see [`KV_MAX_KEYS`] and [`KV_MAX_BYTES`]).
+#[derive(Default)]
+pub(crate) struct Kv {
+    map: HashMap<String, Vec<u8>>,
+    /// Keys plus values.
+    bytes: usize,
+}
+
+impl Kv {
+    pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.map.get(key).cloned()
+    }
+
+    /// Refused (nothing changes) when the bounds would be exceeded.
+    pub(crate) fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        let old = self.map.get(&key).map(|v| key.len() + v.len());
+        if old.is_none() && self.map.len() >= KV_MAX_KEYS {
+            return Err(format!("kv store full: {KV_MAX_KEYS} keys"));
+        }
+        let bytes = self.bytes - old.unwrap_or(0) + key.len() + value.len();
+        if bytes > KV_MAX_BYTES {
+            return Err(format!("kv store full: {KV_MAX_BYTES} bytes"));
+        }
+        self.bytes = bytes;
+        self.map.insert(key, value);
+        Ok(())
+    }
+
+    pub(crate) fn delete(&mut self, key: &str) {
+        if let Some(value) = self.map.remove(key) {
+            self.bytes -= key.len() + value.len();
+        }
+    }
+}
+
+impl types::Host for StageState {}
+
+impl host::Host for StageState {
+    fn log(&mut self, level: host::Level, mut text: String) {
+        if text.len() > MAX_LOG_TEXT {
+            let mut cut = MAX_LOG_TEXT;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        let plugin = &*self.plugin;
+        let pipeline = &*self.pipeline;
+        match level {
+            host::Level::Trace => tracing::trace!(plugin, pipeline, "{text}"),
+            host::Level::Debug => tracing::debug!(plugin, pipeline, "{text}"),
+            host::Level::Info => tracing::info!(plugin, pipeline, "{text}"),
+            host::Level::Warn => tracing::warn!(plugin, pipeline, "{text}"),
+            host::Level::Error => tracing::error!(plugin, pipeline, "{text}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.kv.get(&key)
+    }
+
+    fn kv_set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.kv.set(key, value)
+    }
+
+    fn kv_delete(&mut self, key: String) {
+        self.kv.delete(&key);
+    }
+}
