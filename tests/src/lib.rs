@@ -1,6 +1,9 @@
 //! Test harness: starts the real `edgegw` binary on free loopback ports and offers a raw
 //! MQTT byte-level client for what ordinary client libraries will not send.
 
+pub mod mosquitto;
+pub mod pki;
+pub mod proxy;
 pub mod raw;
 
 use std::{

@@ -169,6 +169,8 @@ struct State {
     /// Admitted blocked messages: resolved when batch `.0` commits.
     signals: Vec<(u64, Waiter)>,
     batch: u64,
+    /// Id of the acknowledgement batch now accumulating (see `acks_committed`).
+    ack_batch: u64,
     next_seq: u64,
     /// Messages and bytes accepted and not yet deleted (committed or pending).
     messages: u64,
@@ -184,6 +186,10 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     committed: watch::Sender<Committed>,
+    /// Deletions of acknowledged entries commit on their own, right away and without an
+    /// fsync (losing one to a power cut only means a duplicate upstream), so they keep
+    /// their own batch numbers.
+    acks_committed: watch::Sender<Committed>,
     /// The highest committed sequence number, for the forwarder to wait on.
     seq: watch::Sender<u64>,
     options: OutboxOptions,
@@ -293,6 +299,7 @@ impl Outbox {
                 blocked: VecDeque::new(),
                 signals: Vec::new(),
                 batch: 1,
+                ack_batch: 1,
                 next_seq: last_seq + 1,
                 messages: messages as u64,
                 bytes: bytes as u64,
@@ -303,6 +310,7 @@ impl Outbox {
             }),
             wake: Condvar::new(),
             committed,
+            acks_committed: watch::channel(Committed::default()).0,
             seq,
             options,
             path: path.to_path_buf(),
@@ -399,10 +407,16 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    /// The cloud broker acknowledged entry `seq`: delete it (in the next commit).
-    pub fn ack(&self, seq: u64) {
-        lock(&self.shared.state).acks.push(seq);
+    /// The cloud broker acknowledged entry `seq`: delete it. The ticket resolves once the
+    /// deletion is committed (after which a crash cannot bring the entry back).
+    pub fn ack(&self, seq: u64) -> Ticket {
+        let batch = {
+            let mut state = lock(&self.shared.state);
+            state.acks.push(seq);
+            state.ack_batch
+        };
         self.shared.wake.notify_one();
+        Ticket::batch_of(batch, self.shared.acks_committed.subscribe())
     }
 
     /// Watches the highest committed sequence number (the forwarder sleeps on it).
@@ -493,7 +507,8 @@ impl Writer {
             let (reads, closing) = {
                 let mut state = lock(&self.shared.state);
                 loop {
-                    let has_writes = !state.appends.is_empty() || !state.acks.is_empty();
+                    let has_writes = !state.appends.is_empty();
+                    let acks_due = !state.acks.is_empty() && self.retry_at.is_none();
                     let due = self.commit_due();
                     let expiry_due = self.shared.options.max_age.is_some()
                         && self.last_expiry.elapsed() >= EXPIRY_INTERVAL
@@ -501,11 +516,12 @@ impl Writer {
                     if !state.reads.is_empty()
                         || state.closing
                         || expiry_due
+                        || acks_due
                         || (has_writes && due.is_none())
                     {
                         break;
                     }
-                    let wait = match (has_writes, due) {
+                    let wait = match (has_writes || !state.acks.is_empty(), due) {
                         (true, Some(wait)) => wait,
                         _ if self.shared.options.max_age.is_some() && state.messages > 0 => {
                             EXPIRY_INTERVAL
@@ -529,8 +545,14 @@ impl Writer {
             }
             let expiry_due = self.shared.options.max_age.is_some()
                 && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
-            if closing || expiry_due || self.commit_due().is_none() {
-                self.commit();
+            let (has_appends, has_acks) = {
+                let state = lock(&self.shared.state);
+                (!state.appends.is_empty(), !state.acks.is_empty())
+            };
+            if closing || expiry_due || (has_appends && self.commit_due().is_none()) {
+                self.commit(false);
+            } else if has_acks && self.retry_at.is_none_or(|at| at <= Instant::now()) {
+                self.commit(true);
             }
             if closing {
                 let pending = {
@@ -554,6 +576,7 @@ impl Writer {
         }
         drop(state);
         self.shared.committed.send_modify(|c| c.closed = true);
+        self.shared.acks_committed.send_modify(|c| c.closed = true);
     }
 
     /// `None` when a commit may happen now, else how long until it may.
@@ -588,16 +611,25 @@ impl Writer {
             .collect()
     }
 
-    fn commit(&mut self) {
-        let expire =
-            self.shared.options.max_age.is_some() && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
-        let (appends, acks, batch, over) = {
+    /// Commits what is pending; `acks_only`: only the deletions of acknowledged entries,
+    /// without an fsync.
+    fn commit(&mut self, acks_only: bool) {
+        let expire = !acks_only
+            && self.shared.options.max_age.is_some()
+            && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
+        let (appends, acks, batch, ack_batch, over) = {
             let mut state = lock(&self.shared.state);
-            if state.appends.is_empty() && state.acks.is_empty() && !expire {
+            if (acks_only || state.appends.is_empty()) && state.acks.is_empty() && !expire {
                 return;
             }
-            let batch = state.batch;
-            state.batch += 1;
+            let ack_batch = state.ack_batch;
+            state.ack_batch += 1;
+            let batch = if acks_only {
+                None
+            } else {
+                state.batch += 1;
+                Some(state.batch - 1)
+            };
             let options = &self.shared.options;
             // Messages above the bounds, after this batch lands (drop_oldest trims them).
             let over = if options.on_full == OnFull::DropOldest {
@@ -608,10 +640,17 @@ impl Writer {
             } else {
                 (0, 0)
             };
+            let appends = if acks_only {
+                Vec::new()
+            } else {
+                std::mem::take(&mut state.appends)
+            };
+            let over = if acks_only { (0, 0) } else { over };
             (
-                std::mem::take(&mut state.appends),
+                appends,
                 std::mem::take(&mut state.acks),
                 batch,
+                ack_batch,
                 over,
             )
         };
@@ -624,8 +663,22 @@ impl Writer {
             .max_age
             .filter(|_| expire)
             .map(|age| now_ms().saturating_sub(age.as_millis() as u64));
+        let synchronous = match self.shared.options.fsync {
+            Fsync::Off => "OFF",
+            Fsync::Always | Fsync::Batch => "FULL",
+        };
+        if acks_only && synchronous != "OFF" {
+            let _ = self.connection.pragma_update(None, "synchronous", "OFF");
+        }
         let result = self.apply(&appends, &acks, over, cutoff);
-        self.last_commit = Instant::now();
+        if acks_only && synchronous != "OFF" {
+            let _ = self
+                .connection
+                .pragma_update(None, "synchronous", synchronous);
+        }
+        if !acks_only {
+            self.last_commit = Instant::now();
+        }
         match result {
             Ok((delta, oldest)) => {
                 self.retry_at = None;
@@ -665,8 +718,9 @@ impl Writer {
                     let next = state.batch;
                     state.signals.push((next, waiter));
                 }
+                let done = batch.unwrap_or(0);
                 let (ready, waiting): (Vec<_>, Vec<_>) =
-                    state.signals.drain(..).partition(|(b, _)| *b <= batch);
+                    state.signals.drain(..).partition(|(b, _)| *b <= done);
                 state.signals = waiting;
                 let metrics = &self.shared.metrics;
                 metrics.messages.set(state.messages as f64);
@@ -688,7 +742,12 @@ impl Writer {
                 if delta.expired.0 > 0 {
                     tracing::warn!(uplink = %self.shared.options.uplink, dropped = delta.expired.0, "Outbox messages older than outbox.max_age dropped.");
                 }
-                self.shared.committed.send_modify(|c| c.done = batch);
+                if let Some(batch) = batch {
+                    self.shared.committed.send_modify(|c| c.done = batch);
+                }
+                self.shared
+                    .acks_committed
+                    .send_modify(|c| c.done = ack_batch);
                 if let Some(seq) = last_seq {
                     self.shared.seq.send_replace(seq);
                 }

@@ -164,6 +164,15 @@ impl Up {
         }
     }
 
+    /// Publishes the connection can send now without waiting for acknowledgements (the
+    /// broker's receive maximum for MQTT 5, ntex's send window for 3.1.1).
+    fn credit(&self) -> usize {
+        match self {
+            Up::V3(sink) => sink.credit(),
+            Up::V5 { sink, .. } => sink.credit(),
+        }
+    }
+
     fn close(&self) {
         match self {
             Up::V3(sink) => sink.close(),
@@ -257,7 +266,7 @@ impl Task {
                     connected_before = true;
                     backoff = task.settings.reconnect_min;
                     metrics.connected.set(1.0);
-                    tracing::info!(uplink = %task.settings.name, url = %task.settings.url, "Uplink connected.");
+                    tracing::info!(uplink = %task.settings.name, remote = %task.settings.url, "Uplink connected.");
                     let reason = task.session(up.clone(), closed, &metrics).await;
                     metrics.connected.set(0.0);
                     up.close();
@@ -270,7 +279,7 @@ impl Task {
                     metrics.connect_failures.increment(1);
                     tracing::warn!(
                         uplink = %task.settings.name,
-                        url = %task.settings.url,
+                        remote = %task.settings.url,
                         %error,
                         retry_in = ?backoff,
                         "Uplink cannot connect; retrying."
@@ -362,11 +371,11 @@ impl Task {
                     )
                     .call(connect)
                     .await
-                    .map_err(|e| describe_v5_error(&e.to_string()))?,
+                    .map_err(|e| describe(&e))?,
                     None => Pipeline::new(SharedCfg::default(), v5::client::MqttConnector::new())
                         .call(connect)
                         .await
-                        .map_err(|e| describe_v5_error(&e.to_string()))?,
+                        .map_err(|e| describe(&e))?,
                 };
                 let ack = client.packet();
                 let up = Up::V5 {
@@ -409,11 +418,11 @@ impl Task {
                     )
                     .call(connect)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| describe(&e))?,
                     None => Pipeline::new(SharedCfg::default(), v3::client::MqttConnector::new())
                         .call(connect)
                         .await
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| describe(&e))?,
                 };
                 let up = Up::V3(client.sink());
                 let handler = downlink.clone();
@@ -454,8 +463,10 @@ impl Task {
                 () = self.cancel.cancelled() => return "stopping".into(),
             }
         }
-        let window = usize::from(self.settings.inflight.max(1));
-        let (done_tx, mut done_rx) = mpsc::channel::<(u64, Instant, Result<(), Failure>)>(window);
+        // Never more than the connection can send at once: a publish that had to wait for
+        // credit could overtake an earlier one and break the order.
+        let window = usize::from(self.settings.inflight.max(1)).min(up.credit().max(1));
+        let (done_tx, mut done_rx) = mpsc::channel::<(u64, Duration, Result<(), Failure>)>(window);
         let mut committed = self.outbox.committed();
         let in_flight = Rc::new(Cell::new(0usize));
         // Everything in the outbox is unacknowledged: start from its oldest entry.
@@ -473,27 +484,41 @@ impl Task {
                         in_flight.set(in_flight.get() + 1);
                         let up = up.clone();
                         let done = done_tx.clone();
+                        let outbox = self.outbox.clone();
                         let seq = entry.seq;
                         ntex::rt::spawn(async move {
                             let sent = Instant::now();
                             let result = up.publish(entry).await;
-                            let _ = done.send((seq, sent, result)).await;
+                            let rtt = sent.elapsed();
+                            // The slot stays taken until the deletion is committed, so a
+                            // crash can re-send at most the in-flight window.
+                            let result = match result {
+                                Ok(()) => outbox
+                                    .ack(seq)
+                                    .wait()
+                                    .await
+                                    .map_err(|e| Failure::Disconnected(format!("outbox: {e}"))),
+                                Err(Failure::Rejected(reason, detail)) => {
+                                    let _ = outbox.ack(seq).wait().await;
+                                    Err(Failure::Rejected(reason, detail))
+                                }
+                                Err(gone) => Err(gone),
+                            };
+                            let _ = done.send((seq, rtt, result)).await;
                         });
                     }
                     continue;
                 }
             }
             tokio::select! {
-                Some((seq, sent, result)) = done_rx.recv() => {
+                Some((seq, rtt, result)) = done_rx.recv() => {
                     in_flight.set(in_flight.get() - 1);
                     match result {
                         Ok(()) => {
-                            self.outbox.ack(seq);
                             metrics.forwarded.increment(1);
-                            metrics.rtt.record(sent.elapsed().as_secs_f64());
+                            metrics.rtt.record(rtt.as_secs_f64());
                         }
                         Err(Failure::Rejected(reason, detail)) => {
-                            self.outbox.ack(seq);
                             metrics.too_large.increment(u64::from(reason == "too_large"));
                             if reason != "too_large" {
                                 metrics::counter!(names::UPLINK_DROPPED, "uplink" => name.clone(), "reason" => "refused").increment(1);
@@ -558,8 +583,26 @@ impl Task {
     }
 }
 
-fn describe_v5_error(error: &str) -> String {
-    error.to_string()
+/// A connection error in words: the I/O cause (e.g. rustls' "invalid peer certificate:
+/// UnknownIssuer", "connection refused") rather than ntex's generic "Tcp connect".
+fn describe<T: std::fmt::Debug>(error: &ntex_mqtt::error::MqttClientError<T>) -> String {
+    use ntex::connect::ConnectError;
+    use ntex_mqtt::error::MqttClientError as E;
+    match error {
+        E::Connect(ConnectError::Io(io)) => {
+            let text = io.to_string();
+            if text.contains("certificate") {
+                format!("TLS: {text} (check tls.ca, tls.server_name, and the broker's certificate)")
+            } else {
+                format!("cannot connect: {text}")
+            }
+        }
+        E::Connect(other) => format!("cannot connect: {other}"),
+        E::Ack(ack) => format!("the broker refused the connection: {ack:?}"),
+        E::Disconnected(Some(io)) => format!("the broker closed the connection: {io}"),
+        E::Disconnected(None) => "the broker closed the connection during the handshake (wrong credentials or client certificate?)".into(),
+        other => other.to_string(),
+    }
 }
 
 fn v5_qos(qos: u8) -> v5::codec::QoS {

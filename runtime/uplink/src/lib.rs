@@ -265,7 +265,7 @@ impl Uplink {
         let stats = outbox.stats();
         tracing::info!(
             uplink = %settings.name,
-            url = %settings.url,
+            remote = %settings.url,
             outbox = %outbox_path.display(),
             queued = stats.messages,
             "Uplink starting."

@@ -1,0 +1,423 @@
+//! Uplinks end to end: the real gateway forwarding to a real Mosquitto (Debian) standing in
+//! for the cloud broker, over mutual TLS, through a fault-injecting proxy, across kill -9.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use edgegw_tests::{
+    Gateway, message,
+    mosquitto::{Mosquitto, free_port},
+    pki::Pki,
+    proxy::Proxy,
+    raw::{self, Raw},
+};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Starts a gateway whose config has `uplink` (a YAML list item, indented 2 spaces) under
+/// `uplinks:`.
+fn gateway_with(uplink: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "gateway:\n  id: test\n  data_dir: {data}\n  commit_interval: 5ms\nbroker:\n  listeners:\n    - bind: 127.0.0.1:0\nuplinks:\n{uplink}metrics:\n  bind: 127.0.0.1:0\nlog:\n  level: debug\n  format: json\n",
+        data = dir.path().join("data").display()
+    );
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, config).unwrap();
+    Gateway::start_file(&path, dir)
+}
+
+/// A subscriber at the cloud broker, collecting `(topic, payload)` in arrival order.
+struct Observer {
+    client: Client,
+    received: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Observer {
+    fn start(broker: SocketAddr, filter: &str) -> Self {
+        let mut options = MqttOptions::new(
+            format!("observer-{}", free_port()),
+            broker.ip().to_string(),
+            broker.port(),
+        );
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_inflight(100);
+        let (client, mut connection) = Client::new(options, 1000);
+        client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push((
+                        p.topic.clone(),
+                        String::from_utf8_lossy(&p.payload).into_owned(),
+                    )),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        subscribed.recv_timeout(WAIT).expect("observer SUBACK");
+        Self { client, received }
+    }
+
+    fn wait_for(&self, count: usize, timeout: Duration) -> Vec<(String, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received.lock().unwrap().clone();
+            if got.len() >= count || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn publish(&self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .unwrap();
+    }
+}
+
+/// Publishes `seqs` at QoS 1 (payload: the number), up to 20 unacknowledged at a time.
+/// Returns the numbers the gateway acknowledged (it stops at the first failure).
+fn publish_seq(gw: SocketAddr, topic: &str, seqs: std::ops::Range<u32>) -> Vec<u32> {
+    let mut c = Raw::connect(gw);
+    c.send(&raw::connect_v3(&format!("pub-{}", free_port()), true, 60));
+    assert_eq!(c.read(WAIT).expect("CONNACK").kind(), 2);
+    let mut acked = Vec::new();
+    let mut pending: HashMap<u16, u32> = HashMap::new();
+    let all: Vec<u32> = seqs.collect();
+    for chunk in all.chunks(20) {
+        for &seq in chunk {
+            let pid = (seq % 60_000 + 1) as u16;
+            if !c.try_send(&raw::publish_v3(
+                topic,
+                1,
+                pid,
+                false,
+                seq.to_string().as_bytes(),
+            )) {
+                return acked;
+            }
+            pending.insert(pid, seq);
+        }
+        while !pending.is_empty() {
+            match c.read(WAIT) {
+                Some(p) if p.kind() == 4 => {
+                    let pid = u16::from_be_bytes([p.body[0], p.body[1]]);
+                    if let Some(seq) = pending.remove(&pid) {
+                        acked.push(seq);
+                    }
+                }
+                Some(_) => {}
+                None => return acked,
+            }
+        }
+    }
+    acked
+}
+
+fn payloads(received: &[(String, String)]) -> Vec<u32> {
+    received.iter().map(|(_, p)| p.parse().unwrap()).collect()
+}
+
+fn outbox_messages(gw: &Gateway) -> f64 {
+    gw.metric("edgegw_uplink_outbox_messages{uplink=\"cloud\"}")
+}
+
+#[test]
+fn forwards_over_mutual_tls_and_delivers_downlinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let cloud = Mosquitto::start(Some(&pki));
+    let tls = cloud.tls.unwrap();
+    for protocol in ["5", "3.1.1"] {
+        let observer = Observer::start(cloud.plain, "site1/#");
+        let gw = gateway_with(&format!(
+            "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    client_id: gw-{proto}\n    protocol: {protocol}\n    \
+             tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
+             forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n    \
+             subscribe: [ {{ remote: \"site1/control/#\", local: \"control/{{3..}}\", qos: 1 }} ]\n",
+            port = tls.port(),
+            proto = protocol.replace('.', ""),
+            ca = pki.ca.display(),
+            cert = pki.client_cert.display(),
+            key = pki.client_key.display(),
+        ));
+        gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
+            v == 1.0
+        });
+
+        let acked = publish_seq(gw.mqtt, "sensors/kitchen/temp", 0..200);
+        assert_eq!(acked.len(), 200, "protocol {protocol}");
+        let got = observer.wait_for(200, WAIT);
+        assert_eq!(
+            payloads(&got),
+            (0..200).collect::<Vec<_>>(),
+            "protocol {protocol}: once each, in order"
+        );
+        assert!(got.iter().all(|(t, _)| t == "site1/sensors/kitchen/temp"));
+        gw.wait_metric(
+            "edgegw_uplink_forwarded_messages_total{uplink=\"cloud\"}",
+            WAIT,
+            |v| v == 200.0,
+        );
+        gw.wait_metric(
+            "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+            WAIT,
+            |v| v == 0.0,
+        );
+
+        // Downlink: the cloud's control message reaches a local subscriber, mapped.
+        let mut local = Raw::connect(gw.mqtt);
+        local.send(&raw::connect_v3("local-sub", true, 60));
+        assert_eq!(local.read(WAIT).expect("CONNACK").kind(), 2);
+        local.send(&raw::subscribe_v3(1, "control/#", 1));
+        assert_eq!(local.read(WAIT).expect("SUBACK").kind(), 9);
+        observer.publish("site1/control/kitchen/led", "on");
+        let (publish, _) = local.read_kind(3, WAIT);
+        let publish = raw::Publish::parse(&publish.expect("downlink PUBLISH"), false);
+        assert_eq!(publish.topic, "control/kitchen/led");
+        assert_eq!(publish.payload, b"on");
+        // A downlink message is never forwarded back up, though `control/#` is not
+        // forwarded anyway: the observer saw only the readings and its own message.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(observer.wait_for(0, Duration::ZERO).len(), 201);
+    }
+}
+
+#[test]
+fn a_wrong_ca_is_reported_and_retried_while_messages_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let cloud = Mosquitto::start(Some(&pki));
+    let gw = gateway_with(&format!(
+        "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    reconnect: {{ min: 100ms, max: 200ms }}\n    \
+         tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
+         forward: [ {{ from: \"sensors/#\", qos: 1 }} ]\n",
+        port = cloud.tls.unwrap().port(),
+        ca = pki.other_ca.display(),
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display(),
+    ));
+    let failed = gw.wait_log(WAIT, |line| {
+        message(line) == Some("Uplink cannot connect; retrying.")
+            && line["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.to_lowercase().contains("certificate"))
+    });
+    assert!(failed, "no certificate error in {:#?}", gw.logs());
+    gw.wait_metric(
+        "edgegw_uplink_connect_failures_total{uplink=\"cloud\"}",
+        WAIT,
+        |v| v >= 3.0,
+    );
+    assert_eq!(gw.metric("edgegw_uplink_connected{uplink=\"cloud\"}"), 0.0);
+    // Publishers are served meanwhile; their messages wait in the outbox.
+    assert_eq!(publish_seq(gw.mqtt, "sensors/a", 0..10).len(), 10);
+    gw.wait_metric(
+        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 10.0,
+    );
+}
+
+#[test]
+fn outages_and_stalls_lose_nothing_and_keep_order() {
+    let cloud = Mosquitto::start(None);
+    let proxy = Proxy::start(cloud.plain);
+    let observer = Observer::start(cloud.plain, "up/#");
+    let gw = gateway_with(&format!(
+        "  - name: cloud\n    url: mqtt://{addr}\n    keepalive: 30s\n    reconnect: {{ min: 100ms, max: 400ms }}\n    \
+         forward: [ {{ from: \"sensors/#\", to: \"up/{{topic}}\", qos: 1 }} ]\n",
+        addr = proxy.addr,
+    ));
+    gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
+        v == 1.0
+    });
+    assert_eq!(publish_seq(gw.mqtt, "sensors/t", 0..100).len(), 100);
+    assert_eq!(observer.wait_for(100, WAIT).len(), 100);
+    gw.wait_metric(
+        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 0.0,
+    );
+
+    // Outage: the link is cut and new connections refused. Publishers are still
+    // acknowledged; messages accumulate in the outbox.
+    proxy.cut();
+    gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
+        v == 0.0
+    });
+    assert_eq!(publish_seq(gw.mqtt, "sensors/t", 100..400).len(), 300);
+    gw.wait_metric(
+        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 300.0,
+    );
+    assert!(gw.metric("edgegw_uplink_outbox_oldest_age_seconds{uplink=\"cloud\"}") >= 0.0);
+    assert_eq!(observer.wait_for(0, Duration::ZERO).len(), 100);
+    proxy.pass();
+    gw.wait_metric(
+        "edgegw_uplink_reconnects_total{uplink=\"cloud\"}",
+        WAIT,
+        |v| v >= 1.0,
+    );
+    let got = observer.wait_for(400, WAIT);
+    assert_eq!(payloads(&got), (0..400).collect::<Vec<_>>());
+
+    // Stall: bytes are held mid-stream (no acks come back), then flow again.
+    proxy.stall();
+    assert_eq!(publish_seq(gw.mqtt, "sensors/t", 400..500).len(), 100);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        outbox_messages(&gw) > 0.0,
+        "nothing can be acknowledged while stalled"
+    );
+    proxy.pass();
+    let got = observer.wait_for(500, WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let got_after = observer.wait_for(0, Duration::ZERO);
+    assert_eq!(got.len(), got_after.len(), "no duplicates after the stall");
+    assert_eq!(payloads(&got_after), (0..500).collect::<Vec<_>>());
+    gw.wait_metric(
+        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 0.0,
+    );
+}
+
+#[test]
+fn kill_9_while_forwarding_loses_no_acknowledged_message() {
+    let cloud = Mosquitto::start(None);
+    let observer = Observer::start(cloud.plain, "up/#");
+    let inflight = 16;
+    let uplink = format!(
+        "  - name: cloud\n    url: mqtt://{addr}\n    inflight: {inflight}\n    \
+         forward: [ {{ from: \"sensors/#\", to: \"up/{{topic}}\", qos: 1 }} ]\n",
+        addr = cloud.plain,
+    );
+    let gw = gateway_with(&uplink);
+    gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
+        v == 1.0
+    });
+    // Publish from another thread while the gateway is killed under it.
+    let addr = gw.mqtt;
+    let publisher = std::thread::spawn(move || publish_seq(addr, "sensors/k", 0..20_000));
+    let deadline = Instant::now() + WAIT;
+    while observer.wait_for(0, Duration::ZERO).len() < 500 {
+        assert!(Instant::now() < deadline, "forwarding never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let gw = gw.kill_and_restart();
+    let acked = publisher.join().unwrap();
+    assert!(
+        acked.len() >= 500 && acked.len() < 20_000,
+        "the kill should land mid-stream ({} acked)",
+        acked.len()
+    );
+    gw.wait_metric(
+        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 0.0,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let got = payloads(&observer.wait_for(0, Duration::ZERO));
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    for seq in &got {
+        *seen.entry(*seq).or_default() += 1;
+    }
+    let missing: Vec<u32> = acked
+        .iter()
+        .filter(|s| !seen.contains_key(s))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but never forwarded: {missing:?}"
+    );
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    assert!(
+        duplicates <= inflight,
+        "{duplicates} duplicates; at most the in-flight window ({inflight}) may be sent twice"
+    );
+    // Order: apart from the re-sent window, each message arrives after its predecessor.
+    let mut first_seen: Vec<u32> = Vec::new();
+    let mut present = std::collections::HashSet::new();
+    for seq in got {
+        if present.insert(seq) {
+            first_seen.push(seq);
+        }
+    }
+    assert!(first_seen.windows(2).all(|w| w[0] < w[1]), "out of order");
+}
+
+#[test]
+fn outbox_policies_apply_while_the_cloud_is_unreachable() {
+    let cloud = Mosquitto::start(None);
+    for policy in ["drop_oldest", "drop_new", "block"] {
+        let proxy = Proxy::start(cloud.plain);
+        proxy.cut();
+        let observer = Observer::start(cloud.plain, "up/#");
+        let gw = gateway_with(&format!(
+            "  - name: cloud\n    url: mqtt://{addr}\n    reconnect: {{ min: 100ms, max: 200ms }}\n    \
+             forward: [ {{ from: \"sensors/#\", to: \"up/{{topic}}\", qos: 1 }} ]\n    \
+             outbox: {{ max_messages: 5, on_full: {policy} }}\n",
+            addr = proxy.addr,
+        ));
+        let expected: Vec<u32> = match policy {
+            "drop_oldest" => {
+                assert_eq!(publish_seq(gw.mqtt, "sensors/p", 0..8).len(), 8);
+                gw.wait_metric(
+                    "edgegw_uplink_dropped_messages_total{uplink=\"cloud\",reason=\"full\"}",
+                    WAIT,
+                    |v| v == 3.0,
+                );
+                (3..8).collect()
+            }
+            "drop_new" => {
+                assert_eq!(publish_seq(gw.mqtt, "sensors/p", 0..8).len(), 8);
+                assert_eq!(
+                    gw.metric(
+                        "edgegw_uplink_dropped_messages_total{uplink=\"cloud\",reason=\"full\"}"
+                    ),
+                    3.0
+                );
+                (0..5).collect()
+            }
+            _ => {
+                // The sixth publish is not acknowledged while the outbox is full.
+                assert_eq!(publish_seq(gw.mqtt, "sensors/p", 0..5).len(), 5);
+                let addr = gw.mqtt;
+                let blocked = std::thread::spawn(move || publish_seq(addr, "sensors/p", 5..6));
+                std::thread::sleep(Duration::from_secs(1));
+                assert!(
+                    !blocked.is_finished(),
+                    "acknowledged although the outbox is full"
+                );
+                proxy.pass();
+                assert_eq!(blocked.join().unwrap(), [5]);
+                (0..6).collect()
+            }
+        };
+        proxy.pass();
+        let got = observer.wait_for(expected.len(), WAIT);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            payloads(&observer.wait_for(0, Duration::ZERO)),
+            expected,
+            "policy {policy}: {got:?}"
+        );
+    }
+}
