@@ -21,6 +21,7 @@ mod load;
 mod mqtt;
 mod procfs;
 mod report;
+mod uplink;
 
 use std::{
     path::{Path, PathBuf},
@@ -64,6 +65,9 @@ struct Args {
     /// Do not run `cargo build --release -p edgegw`; use the existing binary.
     #[arg(long)]
     no_build: bool,
+    /// Suites to run, comma-separated: broker, uplink (default: all).
+    #[arg(long)]
+    suite: Option<String>,
     /// Where to write the Markdown results (default: target/bench-results.md).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -358,6 +362,36 @@ async fn run_all(
 
 fn run(args: Args) -> Result<()> {
     let root = workspace_root();
+    let suites: Vec<String> = args
+        .suite
+        .as_deref()
+        .unwrap_or("broker,uplink")
+        .split(',')
+        .map(|s| s.trim().to_lowercase())
+        .collect();
+    if let Some(unknown) = suites
+        .iter()
+        .find(|s| !["broker", "uplink"].contains(&s.as_str()))
+    {
+        bail!("unknown suite `{unknown}` (broker, uplink)");
+    }
+    let mut extra = String::new();
+    // Before any pinning: the outbox writer, the uplink thread and Mosquitto use both cores
+    // as they would on a gateway.
+    if suites.iter().any(|s| s == "uplink") {
+        let table = uplink::run(&root, &uplink::Sizes::new(args.quick))?;
+        extra.push_str("\n## Uplink\n\n");
+        extra.push_str(&table);
+    }
+    if !suites.iter().any(|s| s == "broker") {
+        let output = args
+            .output
+            .unwrap_or_else(|| root.join("target").join("bench-results.md"));
+        if let Err(e) = std::fs::write(&output, &extra) {
+            eprintln!("could not write {}: {e}", output.display());
+        }
+        return Ok(());
+    }
     // Build before pinning: cargo would inherit the one-core affinity.
     let bins = find_brokers(&args, &root)?;
     let (warmup, duration) = if args.quick { (0.5, 2.0) } else { (1.0, 5.0) };
@@ -458,7 +492,8 @@ fn run(args: Args) -> Result<()> {
     println!("\n(run took {:.0} s)\n", started.elapsed().as_secs_f64());
 
     let kinds: Vec<Kind> = bins.iter().map(|b| b.kind).collect();
-    let markdown = report::markdown(&entries, &kinds, timing, idle, &bins);
+    let mut markdown = report::markdown(&entries, &kinds, timing, idle, &bins);
+    markdown.push_str(&extra);
     println!("{markdown}");
     let output = args
         .output

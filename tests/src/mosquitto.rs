@@ -19,6 +19,12 @@ pub struct Mosquitto {
     _dir: tempfile::TempDir,
 }
 
+impl Mosquitto {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -153,6 +153,10 @@ pub struct OutboxStats {
     pub oldest_ms: Option<u64>,
     /// The highest committed sequence number.
     pub committed_seq: u64,
+    /// Commits since the outbox opened, and how many of them were synced to disk (an fsync
+    /// of the WAL each; SQLite's checkpoints add a few more).
+    pub commits: u64,
+    pub synced_commits: u64,
 }
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
@@ -177,6 +181,8 @@ struct State {
     bytes: u64,
     oldest_ms: Option<u64>,
     committed_seq: u64,
+    commits: u64,
+    synced_commits: u64,
     /// The last commit failed; appends are held in memory.
     failing: bool,
     closing: bool,
@@ -305,6 +311,8 @@ impl Outbox {
                 bytes: bytes as u64,
                 oldest_ms,
                 committed_seq: last_seq,
+                commits: 0,
+                synced_commits: 0,
                 failing: false,
                 closing: false,
             }),
@@ -431,6 +439,8 @@ impl Outbox {
             bytes: state.bytes,
             oldest_ms: state.oldest_ms,
             committed_seq: state.committed_seq,
+            commits: state.commits,
+            synced_commits: state.synced_commits,
         }
     }
 
@@ -685,6 +695,8 @@ impl Writer {
                 self.shared.metrics.commits.increment(1);
                 let last_seq = appends.last().map(|e| e.seq);
                 let mut state = lock(&self.shared.state);
+                state.commits += 1;
+                state.synced_commits += u64::from(!acks_only && synchronous != "OFF");
                 if state.failing {
                     state.failing = false;
                     tracing::info!(uplink = %self.shared.options.uplink, path = %self.shared.path.display(), "Outbox writes succeed again.");
@@ -798,17 +810,34 @@ impl Writer {
                  RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
             )?;
             // Acknowledged entries are committed ones (the forwarder reads nothing else);
-            // one still pending is deleted after the inserts.
-            let mut later = Vec::new();
-            for seq in acks {
-                let mut rows = delete.query(params![*seq as i64])?;
-                match rows.next()? {
-                    Some(row) => {
-                        delta.acked.0 += 1;
-                        delta.acked.1 += row.get::<_, i64>(0)? as u64;
-                    }
-                    None => later.push(*seq),
+            // one still pending is deleted after the inserts. Acks come mostly in order:
+            // contiguous runs are deleted with one statement each.
+            let first_pending = appends.first().map_or(u64::MAX, |e| e.seq);
+            let mut sorted: Vec<u64> = acks.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            let later: Vec<u64> = sorted
+                .iter()
+                .copied()
+                .filter(|s| *s >= first_pending)
+                .collect();
+            sorted.retain(|s| *s < first_pending);
+            let mut range = tx.prepare_cached(
+                "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2
+                 RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
+            )?;
+            let mut i = 0;
+            while i < sorted.len() {
+                let mut j = i;
+                while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+                    j += 1;
                 }
+                let mut rows = range.query(params![sorted[i] as i64, sorted[j] as i64])?;
+                while let Some(row) = rows.next()? {
+                    delta.acked.0 += 1;
+                    delta.acked.1 += row.get::<_, i64>(0)? as u64;
+                }
+                i = j + 1;
             }
             let mut insert = tx.prepare_cached(
                 "INSERT INTO outbox(seq, topic, payload, qos, retain, properties, enqueued_ms)

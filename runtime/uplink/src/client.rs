@@ -4,6 +4,7 @@
 
 use std::{
     cell::Cell,
+    collections::VecDeque,
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
@@ -26,6 +27,8 @@ use crate::{Endpoint, Protocol, UplinkSettings, qos_of};
 
 /// How long a connection attempt (TCP, TLS, CONNECT/CONNACK) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Entries read from the outbox at once.
+const READ_AHEAD: usize = 256;
 /// Session expiry asked for when `clean_start` is false (MQTT 5).
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 
@@ -471,16 +474,28 @@ impl Task {
         let in_flight = Rc::new(Cell::new(0usize));
         // Everything in the outbox is unacknowledged: start from its oldest entry.
         let mut after = 0u64;
+        // Committed entries read ahead of the window, so the outbox's thread serves one read
+        // per READ_AHEAD messages rather than one per freed slot.
+        let mut ahead: VecDeque<OutboxEntry> = VecDeque::with_capacity(READ_AHEAD);
         loop {
             if in_flight.get() < window {
-                committed.borrow_and_update();
-                let batch = match self.outbox.fetch(after, window - in_flight.get()).await {
-                    Ok(batch) => batch,
-                    Err(error) => return format!("reading the outbox failed: {error}"),
-                };
-                if !batch.is_empty() {
-                    for entry in batch {
-                        after = entry.seq;
+                if ahead.is_empty() {
+                    committed.borrow_and_update();
+                    match self.outbox.fetch(after, READ_AHEAD).await {
+                        Ok(batch) => {
+                            if let Some(last) = batch.last() {
+                                after = last.seq;
+                            }
+                            ahead.extend(batch);
+                        }
+                        Err(error) => return format!("reading the outbox failed: {error}"),
+                    }
+                }
+                if !ahead.is_empty() {
+                    while in_flight.get() < window {
+                        let Some(entry) = ahead.pop_front() else {
+                            break;
+                        };
                         in_flight.set(in_flight.get() + 1);
                         let up = up.clone();
                         let done = done_tx.clone();
@@ -664,4 +679,69 @@ async fn on_v3(
         }
         other => other.ack(),
     }
+}
+
+/// For the benchmark: connects the way an uplink does and publishes `count` messages held
+/// in memory with the uplink's in-flight window, the baseline the outbox drain is compared
+/// with. Returns the time from the first publish to the last acknowledgement.
+pub(crate) fn publish_direct(
+    task: Task,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    count: usize,
+) -> Result<Duration, String> {
+    let topic = topic.to_string();
+    let payload = payload.to_vec();
+    let (outcome_tx, outcome_rx) = std::sync::mpsc::channel();
+    let result = ntex::rt::System::new("edgegw-uplink-direct", ntex::rt::DefaultRuntime).block_on(
+        async move {
+            let outcome = async {
+                let metrics = Rc::new(Metrics::new(&task.settings.name));
+                let task = Rc::new(task);
+                let (up, _closed) = task.connect(&metrics).await?;
+                let window = usize::from(task.settings.inflight.max(1)).min(up.credit().max(1));
+                let (done_tx, mut done_rx) = mpsc::channel::<Result<(), String>>(window);
+                let started = Instant::now();
+                let (mut sent, mut acked) = (0usize, 0usize);
+                while acked < count {
+                    while sent < count && sent - acked < window {
+                        let entry = OutboxEntry {
+                            seq: sent as u64 + 1,
+                            topic: topic.clone(),
+                            payload: payload.clone(),
+                            qos,
+                            retain: false,
+                            properties: Vec::new(),
+                            enqueued_ms: 0,
+                        };
+                        let up = up.clone();
+                        let done = done_tx.clone();
+                        ntex::rt::spawn(async move {
+                            let result = up.publish(entry).await.map_err(|f| match f {
+                                Failure::Disconnected(e) | Failure::Rejected(_, e) => e,
+                            });
+                            let _ = done.send(result).await;
+                        });
+                        sent += 1;
+                    }
+                    match done_rx.recv().await {
+                        Some(Ok(())) => acked += 1,
+                        Some(Err(error)) => return Err(error),
+                        None => return Err("publisher tasks ended".into()),
+                    }
+                }
+                let elapsed = started.elapsed();
+                up.close();
+                Ok(elapsed)
+            }
+            .await;
+            let _ = outcome_tx.send(outcome);
+            Ok::<(), std::io::Error>(())
+        },
+    );
+    result.map_err(|e| e.to_string())?;
+    outcome_rx
+        .recv()
+        .unwrap_or_else(|_| Err("did not run".into()))
 }

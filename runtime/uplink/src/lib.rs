@@ -22,7 +22,7 @@ use edgegw_broker::{
     Message, Offer, Origin, QoS, Router, Sink, SinkId,
     topic::{Filter, TopicTemplate, matches},
 };
-use edgegw_store::{Appended, Outbox, OutboxOptions, StoreError};
+use edgegw_store::{Appended, Outbox, OutboxOptions, OutboxStats, StoreError};
 use tokio_util::sync::CancellationToken;
 
 pub use edgegw_store::{Fsync, OnFull};
@@ -210,6 +210,11 @@ pub struct UplinkHandle {
 impl UplinkHandle {
     /// Appends a message for the cloud broker as is (topic unchanged, its own QoS);
     /// `Appended::Queued`'s ticket resolves once it is durable.
+    /// What the outbox holds now.
+    pub fn stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
     pub fn enqueue(&self, message: &Message) -> Appended {
         self.outbox.append(
             &message.topic,
@@ -367,4 +372,49 @@ mod tests {
         assert!(Endpoint::parse("http://x").is_err());
         assert!(Endpoint::parse("mqtt://x:port").is_err());
     }
+}
+
+/// For the benchmark: publishes `count` copies of `payload` from memory through a connection
+/// made exactly as the uplink `settings` describe (same client, TLS and in-flight window),
+/// without an outbox. Returns the time from the first publish to the last acknowledgement.
+/// Blocks the calling thread.
+#[doc(hidden)]
+pub fn publish_direct(
+    settings: UplinkSettings,
+    router: Router,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    count: usize,
+) -> Result<Duration, String> {
+    let endpoint = Endpoint::parse(&settings.url)?;
+    let tls = if endpoint.tls {
+        Some(Arc::new(
+            tls::client_config(&settings.tls).map_err(|e| e.to_string())?,
+        ))
+    } else {
+        None
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "edgegw-direct-{}-{}",
+        std::process::id(),
+        settings.name
+    ));
+    // The connection task owns an outbox; this one stays empty.
+    let outbox =
+        Outbox::open(&dir.join("unused.db"), settings.outbox.clone()).map_err(|e| e.to_string())?;
+    let local = router.local_client(&format!("$edgegw/uplink-direct/{}", settings.name));
+    let task = client::Task {
+        settings,
+        endpoint,
+        tls,
+        downlinks: Vec::new(),
+        outbox: outbox.clone(),
+        local: Arc::new(local),
+        cancel: CancellationToken::new(),
+    };
+    let result = client::publish_direct(task, topic, payload, qos, count);
+    outbox.close();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
