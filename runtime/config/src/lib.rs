@@ -12,6 +12,7 @@
 //! so step 4 finds a key's position with a probe: a tiny deserializer walk that stops with
 //! an error exactly at the value named by the path, and reads the location off that error.
 
+mod json;
 mod locate;
 mod model;
 mod units;
@@ -75,7 +76,7 @@ impl Config {
     }
 
     /// Parses and validates config text; `file` names it in errors and relative paths in it
-    /// (TLS files) are resolved against `base_dir`.
+    /// (TLS, password and plugin files) are resolved against `base_dir`.
     pub fn from_yaml(file: &str, text: &str, base_dir: &Path) -> Result<Self, ConfigErrors> {
         let error_at = |line, column, message| ConfigError {
             file: file.to_string(),
@@ -97,8 +98,10 @@ impl Config {
                 return Err(ConfigErrors(vec![error_at(
                     1,
                     1,
-                    "the config must be a mapping of sections (gateway:, broker:, nodes:, uplinks:, metrics:, log:)"
-                        .into(),
+                    format!(
+                        "the config must be a mapping of sections ({}:)",
+                        SECTIONS.join(":, ")
+                    ),
                 )]));
             }
         };
@@ -133,6 +136,8 @@ impl Config {
         section(file, &text, "broker", &mut config.broker, &mut errors);
         section(file, &text, "nodes", &mut config.nodes, &mut errors);
         section(file, &text, "uplinks", &mut config.uplinks, &mut errors);
+        section(file, &text, "plugins", &mut config.plugins, &mut errors);
+        section(file, &text, "pipelines", &mut config.pipelines, &mut errors);
         section(file, &text, "metrics", &mut config.metrics, &mut errors);
         section(file, &text, "log", &mut config.log, &mut errors);
 
@@ -186,6 +191,9 @@ impl Config {
                 join(path);
             }
         }
+        for plugin in &mut self.plugins {
+            join(&mut plugin.path);
+        }
     }
 
     /// A one-paragraph summary for `edgegw check` and the start-up log.
@@ -232,8 +240,35 @@ impl Config {
                 .collect();
             format!("; uplinks: {}", list.join(", "))
         };
+        let plugins = if self.plugins.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<&str> = self.plugins.iter().map(|p| p.name.as_str()).collect();
+            format!("; plugins: {}", list.join(", "))
+        };
+        let pipelines = if self.pipelines.is_empty() {
+            String::new()
+        } else {
+            // `temps (sensors/+/temp -> c2f -> local:processed/{topic}, uplink:cloud)`
+            let list: Vec<String> = self
+                .pipelines
+                .iter()
+                .map(|p| {
+                    let mut steps = vec![p.from.join(", ")];
+                    steps.extend(p.rules.iter().map(|r| r.plugin.clone()));
+                    steps.push(if p.to.is_empty() {
+                        "drop".into()
+                    } else {
+                        let to: Vec<String> = p.to.iter().map(ToString::to_string).collect();
+                        to.join(", ")
+                    });
+                    format!("{} ({})", p.name, steps.join(" -> "))
+                })
+                .collect();
+            format!("; pipelines: {}", list.join(", "))
+        };
         format!(
-            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}{passwords}{acl}{uplinks}; metrics on http://{}/metrics",
+            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}{passwords}{acl}{uplinks}{plugins}{pipelines}; metrics on http://{}/metrics",
             self.gateway.id,
             self.gateway.data_dir.display(),
             listeners.join(", "),

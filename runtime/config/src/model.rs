@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::Deserialize;
 
-use crate::units::{ByteSize, Duration};
+use crate::{
+    json::JsonText,
+    units::{ByteSize, Duration},
+};
 
 /// The whole gateway configuration (`gateway.yaml`).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -15,12 +18,23 @@ pub struct Config {
     pub broker: Broker,
     pub nodes: Nodes,
     pub uplinks: Vec<Uplink>,
+    pub plugins: Vec<PluginConfig>,
+    pub pipelines: Vec<Pipeline>,
     pub metrics: Metrics,
     pub log: Log,
 }
 
 /// Top-level section names, in file order of the documented example.
-pub const SECTIONS: &[&str] = &["gateway", "broker", "nodes", "uplinks", "metrics", "log"];
+pub const SECTIONS: &[&str] = &[
+    "gateway",
+    "broker",
+    "nodes",
+    "uplinks",
+    "plugins",
+    "pipelines",
+    "metrics",
+    "log",
+];
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -550,6 +564,178 @@ impl Default for Reconnect {
         Self {
             min: Duration::from_millis(500),
             max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A WebAssembly rule plugin (a component of the `plugins/wit` world); pipeline stages name
+/// it in `rules: - plugin: <name>`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Names the plugin in stages, logs and metrics.
+    pub name: String,
+    /// The component file (`.wasm`); relative paths are relative to the config file's
+    /// directory.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub limits: PluginLimits,
+}
+
+/// What one call of a plugin may use.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginLimits {
+    /// Time one call may take; 0 < time <= 10s.
+    pub time: Duration,
+    /// Cap on the plugin's linear memory, in bytes (written as a size, `16MiB`); 1MiB to 4GiB.
+    #[serde(deserialize_with = "size_in_bytes")]
+    pub memory: u64,
+    /// Messages one call may return; 1 to 10000.
+    pub max_outputs: u32,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            time: Duration::from_millis(5),
+            memory: ByteSize::mib(16).bytes(),
+            max_outputs: 100,
+        }
+    }
+}
+
+fn size_in_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    ByteSize::deserialize(deserializer).map(ByteSize::bytes)
+}
+
+/// Local messages matching `from` go through the `rules` stages in order; what the last stage
+/// returns is published to every `to` output.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// Names the pipeline in logs, metrics and the default dead-letter topic.
+    pub name: String,
+    /// Local topic filters (`+`, `#`) whose messages enter the pipeline; at least one.
+    pub from: Vec<String>,
+    /// Plugin stages applied in order; empty: messages pass through unchanged.
+    #[serde(default)]
+    pub rules: Vec<RuleStage>,
+    /// Where the messages leaving the last stage go; empty: they are dropped.
+    #[serde(default)]
+    pub to: Vec<PipelineOutput>,
+    #[serde(default)]
+    pub queue: PipelineQueue,
+    /// Topic for messages a stage fails on; default `$edgegw/deadletter/<name>`.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+}
+
+impl Pipeline {
+    /// The configured dead-letter topic, or `$edgegw/deadletter/<name>`.
+    pub fn dead_letter_topic(&self) -> String {
+        match &self.dead_letter {
+            Some(topic) => topic.clone(),
+            None => format!("$edgegw/deadletter/{}", self.name),
+        }
+    }
+}
+
+/// One stage of a pipeline: a plugin and the configuration its `init` receives.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(from = "RuleStageFields")]
+pub struct RuleStage {
+    /// A `plugins:` entry's name.
+    pub plugin: String,
+    /// The stage's `config:` value as JSON text; `null` when absent.
+    pub config_json: String,
+}
+
+/// `RuleStage` as written in the file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleStageFields {
+    plugin: String,
+    #[serde(default)]
+    config: Option<JsonText>,
+}
+
+impl From<RuleStageFields> for RuleStage {
+    fn from(fields: RuleStageFields) -> Self {
+        Self {
+            plugin: fields.plugin,
+            config_json: fields.config.map_or_else(|| "null".into(), |json| json.0),
+        }
+    }
+}
+
+/// Where a pipeline publishes, written `local:<topic template>` or `uplink:<name>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PipelineOutput {
+    /// Published to the local broker on the topic the template makes of the message's topic
+    /// (`{topic}`, `{1}`, `{2..}` as in uplink `forward.to`).
+    Local(String),
+    /// Forwarded through the named uplink's outbox.
+    Uplink(String),
+}
+
+impl std::fmt::Display for PipelineOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(template) => write!(f, "local:{template}"),
+            Self::Uplink(name) => write!(f, "uplink:{name}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PipelineOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{self, Visitor};
+
+        const FORMS: &str = "`local:<topic template>` (publish to the local broker, e.g. `local:processed/{topic}`) or `uplink:<name>` (forward through an uplink, e.g. `uplink:cloud`)";
+
+        struct OutputVisitor;
+
+        impl Visitor<'_> for OutputVisitor {
+            type Value = PipelineOutput;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a quoted string: {FORMS}")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<PipelineOutput, E> {
+                let text = text.trim();
+                if let Some(template) = text.strip_prefix("local:") {
+                    Ok(PipelineOutput::Local(template.trim().into()))
+                } else if let Some(name) = text.strip_prefix("uplink:") {
+                    Ok(PipelineOutput::Uplink(name.trim().into()))
+                } else {
+                    Err(E::custom(format!(
+                        "output `{text}` is neither form: write {FORMS}"
+                    )))
+                }
+            }
+        }
+
+        deserializer.deserialize_str(OutputVisitor)
+    }
+}
+
+/// The bounded queue in front of a pipeline's first stage.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineQueue {
+    /// Messages waiting for the pipeline; 1 to 1000000.
+    pub capacity: usize,
+    /// `block` (the publisher waits: backpressure), `drop_oldest` or `drop_new` (counted).
+    pub on_full: OnFull,
+}
+
+impl Default for PipelineQueue {
+    fn default() -> Self {
+        Self {
+            capacity: 1000,
+            on_full: OnFull::Block,
         }
     }
 }

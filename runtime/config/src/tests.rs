@@ -400,12 +400,12 @@ fn nodes_errors_point_at_the_value() {
     assert!(unknown[0].starts_with("site.yaml:3:"), "{unknown:?}");
 }
 
-/// The commented uplink example in the shipped config, uncommented.
-fn shipped_uplink_example() -> String {
+/// The commented example below `<section>: []` in the shipped config, uncommented.
+fn shipped_example(section: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/gateway.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let start = text.find("uplinks: []").unwrap();
-    let mut out = String::from("uplinks:\n");
+    let start = text.find(&format!("\n{section}: []")).unwrap() + 1;
+    let mut out = format!("{section}:\n");
     for line in text[start..].lines().skip(1) {
         let Some(rest) = line.strip_prefix('#') else {
             break;
@@ -416,6 +416,12 @@ fn shipped_uplink_example() -> String {
         out.push_str(rest);
         out.push('\n');
     }
+    out
+}
+
+/// The commented uplink example in the shipped config, uncommented.
+fn shipped_uplink_example() -> String {
+    let out = shipped_example("uplinks");
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     out.replace("${CLOUD_PASSWORD}", "secret")
         .replace(
@@ -510,4 +516,483 @@ fn uplink_errors_point_at_the_value() {
             "no error at line {line} saying `{text}` in:\n{joined}"
         );
     }
+}
+
+/// A directory holding `plugins/c2f.wasm` and `plugins/scale.wasm` (empty: only their
+/// existence is checked at load), removed on drop.
+struct PluginDir(std::path::PathBuf);
+
+impl PluginDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "edgegw-config-plugins-{tag}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(dir.join("plugins")).unwrap();
+        for name in ["c2f", "scale"] {
+            std::fs::write(dir.join(format!("plugins/{name}.wasm")), b"").unwrap();
+        }
+        Self(dir)
+    }
+
+    fn load(&self, text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml("site.yaml", text, &self.0)
+    }
+
+    fn errors(&self, text: &str) -> Vec<String> {
+        self.load(text)
+            .expect_err("config should be rejected")
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+}
+
+impl Drop for PluginDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Two plugins and an uplink for pipelines to name.
+const PLUGINS_AND_UPLINK: &str = "\
+uplinks:
+  - { name: cloud, url: \"mqtt://127.0.0.1:1884\", forward: [ { from: \"alerts/#\" } ] }
+plugins:
+  - { name: c2f, path: plugins/c2f.wasm }
+  - { name: scale, path: plugins/scale.wasm }
+";
+
+#[test]
+fn shipped_pipeline_example_is_valid() {
+    let dir = PluginDir::new("shipped");
+    let text = format!(
+        "{}{}{}",
+        shipped_uplink_example(),
+        shipped_example("plugins"),
+        shipped_example("pipelines")
+    );
+    let config = dir.load(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let plugin = &config.plugins[0];
+    assert_eq!(plugin.name, "c2f");
+    assert_eq!(plugin.path, dir.0.join("plugins/c2f.wasm"));
+    assert_eq!(plugin.limits.time.as_std().as_millis(), 5);
+    assert_eq!(plugin.limits.memory, 16 << 20);
+    assert_eq!(plugin.limits.max_outputs, 100);
+    let pipeline = &config.pipelines[0];
+    assert_eq!(pipeline.name, "temps");
+    assert_eq!(pipeline.from, ["sensors/+/temp"]);
+    assert_eq!(pipeline.rules.len(), 1);
+    assert_eq!(pipeline.rules[0].plugin, "c2f");
+    assert_eq!(pipeline.rules[0].config_json, r#"{"field":"temp"}"#);
+    assert_eq!(
+        pipeline.to,
+        [
+            PipelineOutput::Local("processed/{topic}".into()),
+            PipelineOutput::Uplink("cloud".into()),
+        ]
+    );
+    assert_eq!(pipeline.queue.capacity, 1000);
+    assert_eq!(pipeline.queue.on_full, OnFull::Block);
+    assert_eq!(pipeline.dead_letter_topic(), "$edgegw/deadletter/temps");
+}
+
+#[test]
+fn pipelines_parse() {
+    let dir = PluginDir::new("parse");
+    let text = format!(
+        "{PLUGINS_AND_UPLINK}  - name: tuned
+    path: plugins/c2f.wasm
+    limits: {{ time: 20ms, memory: 64MiB, max_outputs: 5 }}
+pipelines:
+  - name: temps
+    from: [ \"sensors/+/temp\", \"legacy/#\" ]
+    rules:
+      - plugin: c2f
+      - plugin: scale
+        config:
+          factor: 2.5
+          z: [ 1, -2, true, null, \"a \\\"b\\\"\" ]
+          a: {{ 1: one, true: yes, 2.5: half }}
+      - plugin: c2f
+        config: hello
+    to:
+      - \"local:processed/{{2..}}\"
+      - \"uplink:cloud\"
+      - \" local: out/{{1}}/{{topic}} \"
+    queue: {{ capacity: 10, on_full: drop_oldest }}
+    dead_letter: \"broken/temps\"
+  - name: raw
+    from: [ \"raw/#\" ]
+"
+    );
+    let config = dir.load(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(config.plugins.len(), 3);
+    let tuned = &config.plugins[2].limits;
+    assert_eq!(tuned.time.as_std().as_millis(), 20);
+    assert_eq!(tuned.memory, 64 << 20);
+    assert_eq!(tuned.max_outputs, 5);
+
+    let temps = &config.pipelines[0];
+    assert_eq!(temps.from, ["sensors/+/temp", "legacy/#"]);
+    let configs: Vec<&str> = temps.rules.iter().map(|r| r.config_json.as_str()).collect();
+    assert_eq!(
+        configs,
+        [
+            "null",
+            // Keys keep their order; scalar keys become strings.
+            r#"{"factor":2.5,"z":[1,-2,true,null,"a \"b\""],"a":{"1":"one","true":"yes","2.5":"half"}}"#,
+            r#""hello""#,
+        ]
+    );
+    assert_eq!(
+        temps.to,
+        [
+            PipelineOutput::Local("processed/{2..}".into()),
+            PipelineOutput::Uplink("cloud".into()),
+            PipelineOutput::Local("out/{1}/{topic}".into()),
+        ]
+    );
+    assert_eq!(temps.to[0].to_string(), "local:processed/{2..}");
+    assert_eq!(temps.queue.capacity, 10);
+    assert_eq!(temps.queue.on_full, OnFull::DropOldest);
+    assert_eq!(temps.dead_letter_topic(), "broken/temps");
+
+    // Everything optional left out: pass through, drop, default queue and dead letter.
+    let raw = &config.pipelines[1];
+    assert!(raw.rules.is_empty() && raw.to.is_empty());
+    assert_eq!(raw.queue.capacity, 1000);
+    assert_eq!(raw.queue.on_full, OnFull::Block);
+    assert_eq!(raw.dead_letter, None);
+    assert_eq!(raw.dead_letter_topic(), "$edgegw/deadletter/raw");
+
+    let summary = config.summary();
+    assert!(
+        summary.contains("; plugins: c2f, scale, tuned;"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(
+            "; pipelines: temps (sensors/+/temp, legacy/# -> c2f -> scale -> c2f -> local:processed/{2..}, uplink:cloud, local:out/{1}/{topic}), raw (raw/# -> drop);"
+        ),
+        "{summary}"
+    );
+
+    let defaults = load("").unwrap();
+    assert!(defaults.plugins.is_empty() && defaults.pipelines.is_empty());
+    assert!(!defaults.summary().contains("pipelines"));
+}
+
+#[test]
+fn unknown_plugin_is_located() {
+    let dir = PluginDir::new("unknown-plugin");
+    let errs = dir.errors(&format!(
+        "{PLUGINS_AND_UPLINK}\
+pipelines:
+  - name: temps
+    from: [ \"sensors/+/temp\" ]
+    rules:
+      - plugin: c2f
+      - plugin: c2F
+        config: {{ field: temp }}
+      - {{ plugin: nope }}
+"
+    ));
+    assert_eq!(
+        errs,
+        [
+            "site.yaml:11:17: unknown plugin `c2F` (plugins: c2f, scale); did you mean `c2f`?",
+            "site.yaml:13:19: unknown plugin `nope` (plugins: c2f, scale)",
+        ]
+    );
+
+    // Without any plugins the message says where to declare one.
+    let errs = errors("pipelines:\n  - name: t\n    from: [a]\n    rules:\n      - plugin: c2f\n");
+    assert_eq!(
+        errs,
+        [
+            "site.yaml:5:17: unknown plugin `c2f` (no plugins are configured; add one under `plugins:`)"
+        ]
+    );
+}
+
+#[test]
+fn pipeline_outputs_are_checked() {
+    let dir = PluginDir::new("outputs");
+    let errs = dir.errors(&format!(
+        "{PLUGINS_AND_UPLINK}\
+pipelines:
+  - name: temps
+    from: [ \"sensors/+/temp\" ]
+    to:
+      - \"uplink:cloud\"
+      - \"uplink:clod\"
+      - \"local:processed/+/x\"
+      - \"local:out/{{what}}\"
+      - \"local:\"
+"
+    ));
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert_eq!(
+        errs[0],
+        "site.yaml:11:9: unknown uplink `clod` (uplinks: cloud); did you mean `cloud`?"
+    );
+    assert!(
+        errs[1].starts_with(
+            "site.yaml:12:9: pipeline `temps`: to `local:processed/+/x`: the topic must produce a topic name: no `+` or `#`"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].starts_with(
+            "site.yaml:13:9: pipeline `temps`: to `local:out/{what}`: the topic has `{what}`"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("site.yaml:14:9: pipeline `temps`: to `local:`: the topic is empty"),
+        "{errs:#?}"
+    );
+
+    // Neither form: a type error at the value, naming both forms.
+    for (output, line, column) in [
+        ("\"mqtt:cloud\"", 5, 9),
+        ("cloud", 5, 9),
+        ("uplink: cloud", 5, 9),
+    ] {
+        let errs = errors(&format!(
+            "pipelines:\n  - name: t\n    from: [a]\n    to:\n      - {output}\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("site.yaml:{line}:{column}: pipelines[0].to[0]: ")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[0].contains("`local:<topic template>`") && errs[0].contains("`uplink:<name>`"),
+            "{errs:#?}"
+        );
+    }
+}
+
+#[test]
+fn pipeline_errors_point_at_the_value() {
+    let dir = PluginDir::new("pipeline-errors");
+    let errs = dir.errors(&format!(
+        "{PLUGINS_AND_UPLINK}\
+pipelines:
+  - name: temps
+    from: [ \"sensors/+/temp\", \"a/#/b\", \"x+\" ]
+  - name: temps
+    from: []
+    queue: {{ capacity: 0 }}
+    dead_letter: \"dead/+\"
+  - name: \"bad name\"
+    from: [ \"#\" ]
+    queue:
+      capacity: 1000001
+    dead_letter: \"\"
+"
+    ));
+    let joined = errs.join("\n");
+    for (line, text) in [
+        (8, "pipeline `temps`: from `a/#/b` is not a valid filter"),
+        (8, "pipeline `temps`: from `x+` is not a valid filter"),
+        (9, "pipeline name `temps` is already used by pipeline 0"),
+        (10, "pipeline `temps`: from is empty"),
+        (
+            11,
+            "queue.capacity 0 is out of range: it must be between 1 and 1000000",
+        ),
+        (
+            12,
+            "dead_letter `dead/+` must be a topic name without wildcards",
+        ),
+        (
+            13,
+            "pipeline name `bad name` must be non-empty and use only letters",
+        ),
+        (16, "queue.capacity 1000001 is out of range"),
+        (17, "dead_letter `` must be a topic name"),
+    ] {
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&format!("site.yaml:{line}:")) && e.contains(text)),
+            "no error at line {line} saying `{text}` in:\n{joined}"
+        );
+    }
+    assert_eq!(errs.len(), 9, "{joined}");
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("site.yaml:9:11: pipeline name `temps`")),
+        "the duplicate's own name value: {joined}"
+    );
+
+    // Required keys and unknown keys are type errors at the entry.
+    let errs = errors("pipelines:\n  - name: t\n    to: []\n");
+    assert!(errs[0].contains("missing field `from`"), "{errs:#?}");
+    let errs = errors(
+        "pipelines:\n  - name: t\n    from: [a]\n    rules:\n      - { plugin: x, confg: 1 }\n",
+    );
+    assert!(
+        errs[0].starts_with("site.yaml:5:") && errs[0].contains("did you mean `config`?"),
+        "{errs:#?}"
+    );
+    let errs = errors("pipelines:\n  - name: t\n    from: [a]\n    queue: { on_full: spill }\n");
+    assert!(
+        errs[0].starts_with("site.yaml:4:23: ") && errs[0].contains("unknown variant `spill`"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn stage_config_must_be_json() {
+    let stage = |config: &str| {
+        format!(
+            "pipelines:\n  - name: t\n    from: [a]\n    rules:\n      - plugin: x\n        config:\n{config}"
+        )
+    };
+    let errs = errors(&stage("          a: 1\n          [1, 2]: x\n"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("site.yaml:8:11: "), "{errs:#?}");
+    assert!(
+        errs[0].contains("JSON object keys are strings"),
+        "{errs:#?}"
+    );
+
+    let errs = errors(&stage("          a:\n            b: .nan\n"));
+    assert!(errs[0].starts_with("site.yaml:8:16: "), "{errs:#?}");
+    assert!(errs[0].contains("no JSON form"), "{errs:#?}");
+
+    let errs = errors(&stage("          a: !celsius 20\n"));
+    assert!(errs[0].starts_with("site.yaml:7:14: "), "{errs:#?}");
+    assert!(
+        errs[0].contains("the tag `!celsius` has no JSON form"),
+        "{errs:#?}"
+    );
+
+    // `1` and "1" are one JSON key.
+    let errs = errors(&stage("          1: a\n          \"1\": b\n"));
+    assert!(errs[0].starts_with("site.yaml:8:11: "), "{errs:#?}");
+    assert!(errs[0].contains("key `1` appears twice"), "{errs:#?}");
+}
+
+#[test]
+fn plugin_errors_point_at_the_value() {
+    let dir = PluginDir::new("plugin-errors");
+    let errs = dir.errors(
+        "plugins:
+  - name: c2f
+    path: plugins/missing.wasm
+    limits: { time: 0ms, memory: 512KiB, max_outputs: 0 }
+  - name: c2f
+    path: plugins
+    limits:
+      time: 11s
+      memory: 5GiB
+      max_outputs: 10001
+  - { name: \"c2f.v2\", path: plugins/scale.wasm, limits: { time: 10s, memory: 4GiB, max_outputs: 10000 } }
+",
+    );
+    let missing = dir.0.join("plugins/missing.wasm");
+    let joined = errs.join("\n");
+    for (line, text) in [
+        (
+            3,
+            format!("plugin `c2f`: cannot read {}", missing.display()),
+        ),
+        (
+            4,
+            "limits.time 0s is out of range: it must be above 0 and at most 10s".into(),
+        ),
+        (
+            4,
+            "limits.memory 512KiB is out of range: it must be between 1MiB and 4GiB".into(),
+        ),
+        (
+            4,
+            "limits.max_outputs 0 is out of range: it must be between 1 and 10000".into(),
+        ),
+        (5, "plugin name `c2f` is already used by plugin 0".into()),
+        (
+            6,
+            format!("{} is a directory", dir.0.join("plugins").display()),
+        ),
+        (8, "limits.time 11s is out of range".into()),
+        (9, "limits.memory 5GiB is out of range".into()),
+        (10, "limits.max_outputs 10001 is out of range".into()),
+        (
+            11,
+            "plugin name `c2f.v2` must be non-empty and use only letters".into(),
+        ),
+    ] {
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&format!("site.yaml:{line}:")) && e.contains(&text)),
+            "no error at line {line} saying `{text}` in:\n{joined}"
+        );
+    }
+    // The upper bounds themselves are fine.
+    assert_eq!(errs.len(), 10, "{joined}");
+    assert!(
+        errs[0].starts_with(&format!(
+            "site.yaml:3:11: plugin `c2f`: cannot read {}",
+            missing.display()
+        )),
+        "{joined}"
+    );
+
+    // Relative paths are relative to the config file's directory, not the working one.
+    let errs = errors("plugins:\n  - { name: c2f, path: plugins/c2f.wasm }\n");
+    assert!(
+        errs[0].starts_with("site.yaml:2:24: plugin `c2f`: cannot read plugins/c2f.wasm"),
+        "{errs:#?}"
+    );
+    let errs = errors("plugins:\n  - { name: c2f, path: x.wasm, limits: { memory: 12XB } }\n");
+    assert!(errs[0].contains("unknown unit `XB`"), "{errs:#?}");
+}
+
+#[test]
+fn uplink_fed_by_a_pipeline_needs_no_forward_rules() {
+    let uplink = "uplinks:\n  - { name: cloud, url: \"mqtt://127.0.0.1:1884\" }\n";
+    let errs = errors(uplink);
+    assert!(errs[0].contains("would do nothing"), "{errs:#?}");
+    let config = load(&format!(
+        "{uplink}pipelines:\n  - {{ name: t, from: [a], to: [ \"uplink:cloud\" ] }}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.pipelines[0].to,
+        [PipelineOutput::Uplink("cloud".into())]
+    );
+}
+
+#[test]
+fn errors_across_new_sections_are_formatted_like_the_others() {
+    // Type errors in each section, all reported, each `FILE:LINE:COL: message`, one a line,
+    // as `edgegw check` prints them.
+    let errors = load(
+        "plugins:\n  - { name: a, path: a.wasm, limits: { time: 5 } }\npipelines:\n  - { name: t, from: [a], queue: { size: 1 } }\nlog: { level: verbose }\n",
+    )
+    .unwrap_err();
+    let text = errors.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("site.yaml:2:"), "{text}");
+    assert!(lines[0].contains("duration `5` has no unit"), "{text}");
+    assert!(lines[1].starts_with("site.yaml:4:"), "{text}");
+    assert!(lines[1].contains("unknown key `size`"), "{text}");
+
+    // Semantic errors in the new sections come with the other sections' ones.
+    let errors = load("pipelines:\n  - { name: t, from: [\"a/#/b\"] }\nlog: { level: verbose }\n")
+        .unwrap_err();
+    assert_eq!(
+        errors
+            .to_string()
+            .lines()
+            .map(|l| l.split(": ").next().unwrap())
+            .collect::<Vec<_>>(),
+        ["site.yaml:2:23", "site.yaml:3:15"]
+    );
 }

@@ -1,9 +1,9 @@
 //! Semantic checks on the typed config: each states the constraint with the values involved
 //! and names the key path so the loader can point at the line.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::{Config, locate::PathSeg};
+use crate::{ByteSize, Config, locate::PathSeg};
 
 pub struct Issue {
     pub path: Vec<PathSeg>,
@@ -187,7 +187,19 @@ pub fn validate(config: &Config) -> Vec<Issue> {
     };
 
     nodes_issues(&config.nodes, &mut issue);
-    uplink_issues(&config.uplinks, &mut issue);
+    // An uplink that only pipelines send to has work without forward rules.
+    let pipeline_targets: HashSet<&str> = config
+        .pipelines
+        .iter()
+        .flat_map(|p| &p.to)
+        .filter_map(|output| match output {
+            crate::PipelineOutput::Uplink(name) => Some(name.as_str()),
+            crate::PipelineOutput::Local(_) => None,
+        })
+        .collect();
+    uplink_issues(&config.uplinks, &pipeline_targets, &mut issue);
+    plugin_issues(&config.plugins, &mut issue);
+    pipeline_issues(config, &mut issue);
 
     let id = &config.gateway.id;
     if id.is_empty()
@@ -387,7 +399,11 @@ pub fn template_problem(template: &str) -> Option<String> {
 }
 
 /// `uplinks`.
-fn uplink_issues(uplinks: &[crate::Uplink], issue: &mut impl FnMut(&[&str], String)) {
+fn uplink_issues(
+    uplinks: &[crate::Uplink],
+    pipeline_targets: &HashSet<&str>,
+    issue: &mut impl FnMut(&[&str], String),
+) {
     let mut names = HashMap::new();
     for (i, uplink) in uplinks.iter().enumerate() {
         let index = i.to_string();
@@ -506,11 +522,14 @@ fn uplink_issues(uplinks: &[crate::Uplink], issue: &mut impl FnMut(&[&str], Stri
                 ),
             );
         }
-        if uplink.forward.is_empty() && uplink.subscribe.is_empty() {
+        if uplink.forward.is_empty()
+            && uplink.subscribe.is_empty()
+            && !pipeline_targets.contains(name.as_str())
+        {
             report(
                 at("name"),
                 format!(
-                    "uplink `{name}` has neither forward nor subscribe rules: it would do nothing"
+                    "uplink `{name}` has neither forward nor subscribe rules and no pipeline sends to it: it would do nothing"
                 ),
             );
         }
@@ -602,6 +621,187 @@ fn uplink_issues(uplinks: &[crate::Uplink], issue: &mut impl FnMut(&[&str], Stri
                     "max_bytes".into(),
                 ],
                 format!("uplink `{name}`: outbox.max_bytes must be at least 1KiB"),
+            );
+        }
+    }
+}
+
+/// A name other keys refer to (`plugin: c2f`, `uplink:cloud`): `[A-Za-z0-9_-]+`.
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
+/// `unknown plugin `x` (plugins: a, b)`, with a suggestion when one is close.
+fn unknown_reference(kind: &str, name: &str, known: &[&str]) -> String {
+    if known.is_empty() {
+        return format!(
+            "unknown {kind} `{name}` (no {kind}s are configured; add one under `{kind}s:`)"
+        );
+    }
+    let mut message = format!("unknown {kind} `{name}` ({kind}s: {})", known.join(", "));
+    if let Some(best) = crate::nearest(name, known) {
+        message.push_str(&format!("; did you mean `{best}`?"));
+    }
+    message
+}
+
+/// The largest linear memory a 32-bit WebAssembly module can have.
+const WASM_MAX_MEMORY: u64 = 4 << 30;
+
+/// `plugins`.
+fn plugin_issues(plugins: &[crate::PluginConfig], issue: &mut impl FnMut(&[&str], String)) {
+    let mut names = HashMap::new();
+    for (i, plugin) in plugins.iter().enumerate() {
+        let index = i.to_string();
+        let name = &plugin.name;
+        if !is_valid_name(name) {
+            issue(
+                &["plugins", &index, "name"],
+                format!(
+                    "plugin name `{name}` must be non-empty and use only letters, digits, `-` and `_`"
+                ),
+            );
+        } else if let Some(first) = names.insert(name.as_str(), i) {
+            issue(
+                &["plugins", &index, "name"],
+                format!("plugin name `{name}` is already used by plugin {first}"),
+            );
+        }
+        let path = &plugin.path;
+        match std::fs::metadata(path) {
+            Err(error) => issue(
+                &["plugins", &index, "path"],
+                format!(
+                    "plugin `{name}`: cannot read {}: {error}; give the path of a WebAssembly component (.wasm), relative to this file's directory",
+                    path.display()
+                ),
+            ),
+            Ok(meta) if meta.is_dir() => issue(
+                &["plugins", &index, "path"],
+                format!(
+                    "plugin `{name}`: {} is a directory; give the path of the component file (.wasm)",
+                    path.display()
+                ),
+            ),
+            Ok(_) => {}
+        }
+        let limits = &plugin.limits;
+        let time = limits.time.as_std();
+        if time.is_zero() || time > std::time::Duration::from_secs(10) {
+            issue(
+                &["plugins", &index, "limits", "time"],
+                format!(
+                    "plugin `{name}`: limits.time {} is out of range: it must be above 0 and at most 10s (default 5ms)",
+                    limits.time
+                ),
+            );
+        }
+        if !(ByteSize::mib(1).bytes()..=WASM_MAX_MEMORY).contains(&limits.memory) {
+            issue(
+                &["plugins", &index, "limits", "memory"],
+                format!(
+                    "plugin `{name}`: limits.memory {} is out of range: it must be between 1MiB and 4GiB (default 16MiB)",
+                    ByteSize(limits.memory)
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&limits.max_outputs) {
+            issue(
+                &["plugins", &index, "limits", "max_outputs"],
+                format!(
+                    "plugin `{name}`: limits.max_outputs {} is out of range: it must be between 1 and 10000 (default 100)",
+                    limits.max_outputs
+                ),
+            );
+        }
+    }
+}
+
+/// `pipelines`, checked against the `plugins` and `uplinks` they name.
+fn pipeline_issues(config: &Config, issue: &mut impl FnMut(&[&str], String)) {
+    let plugins: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
+    let uplinks: Vec<&str> = config.uplinks.iter().map(|u| u.name.as_str()).collect();
+    let mut names = HashMap::new();
+    for (i, pipeline) in config.pipelines.iter().enumerate() {
+        let index = i.to_string();
+        let name = &pipeline.name;
+        if !is_valid_name(name) {
+            issue(
+                &["pipelines", &index, "name"],
+                format!(
+                    "pipeline name `{name}` must be non-empty and use only letters, digits, `-` and `_`"
+                ),
+            );
+        } else if let Some(first) = names.insert(name.as_str(), i) {
+            issue(
+                &["pipelines", &index, "name"],
+                format!("pipeline name `{name}` is already used by pipeline {first}"),
+            );
+        }
+        if pipeline.from.is_empty() {
+            issue(
+                &["pipelines", &index, "from"],
+                format!(
+                    "pipeline `{name}`: from is empty; list at least one topic filter, e.g. `from: [ \"sensors/+/temp\" ]`"
+                ),
+            );
+        }
+        for (j, filter) in pipeline.from.iter().enumerate() {
+            if let Some(problem) = filter_problem(filter) {
+                issue(
+                    &["pipelines", &index, "from", &j.to_string()],
+                    format!("pipeline `{name}`: from `{filter}` {problem}"),
+                );
+            }
+        }
+        for (j, stage) in pipeline.rules.iter().enumerate() {
+            if !plugins.contains(&stage.plugin.as_str()) {
+                issue(
+                    &["pipelines", &index, "rules", &j.to_string(), "plugin"],
+                    unknown_reference("plugin", &stage.plugin, &plugins),
+                );
+            }
+        }
+        for (j, output) in pipeline.to.iter().enumerate() {
+            let place = ["pipelines", &index, "to", &j.to_string()];
+            match output {
+                crate::PipelineOutput::Local(template) => {
+                    if let Some(problem) = template_problem(template) {
+                        issue(
+                            &place,
+                            format!(
+                                "pipeline `{name}`: to `local:{template}`: the topic {problem}"
+                            ),
+                        );
+                    }
+                }
+                crate::PipelineOutput::Uplink(uplink) => {
+                    if !uplinks.contains(&uplink.as_str()) {
+                        issue(&place, unknown_reference("uplink", uplink, &uplinks));
+                    }
+                }
+            }
+        }
+        let capacity = pipeline.queue.capacity;
+        if !(1..=1_000_000).contains(&capacity) {
+            issue(
+                &["pipelines", &index, "queue", "capacity"],
+                format!(
+                    "pipeline `{name}`: queue.capacity {capacity} is out of range: it must be between 1 and 1000000 (default 1000)"
+                ),
+            );
+        }
+        if let Some(topic) = &pipeline.dead_letter
+            && (topic.is_empty() || topic.contains(['+', '#', '\0']))
+        {
+            issue(
+                &["pipelines", &index, "dead_letter"],
+                format!(
+                    "pipeline `{name}`: dead_letter `{topic}` must be a topic name without wildcards (+, #); leave it out for `$edgegw/deadletter/{name}`"
+                ),
             );
         }
     }
