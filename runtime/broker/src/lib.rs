@@ -15,6 +15,8 @@ pub mod session;
 pub mod topic;
 pub mod tree;
 
+/// What a [`Sink`] hands back for a message it will make durable (or admit) later.
+pub use edgegw_store::{StoreError, Ticket};
 pub use message::{ByteString, Bytes, Message, Origin, Properties, QoS};
 pub use router::{
     AttachOptions, Attached, LocalClient, Offer, Routed, Router, RouterLimits, Sink, SinkId, Will,

@@ -88,6 +88,9 @@ pub struct Message {
     pub origin: Origin,
     /// When the router accepted it; message expiry counts from here.
     pub received: Instant,
+    /// How many in-process stages (pipelines) produced it from an earlier message; pipelines
+    /// stop at a limit, so two pipelines feeding each other cannot loop forever.
+    pub hops: u8,
 }
 
 impl Message {
@@ -100,6 +103,7 @@ impl Message {
             properties: Arc::new(Properties::default()),
             origin: Origin::Broker,
             received: Instant::now(),
+            hops: 0,
         }
     }
 

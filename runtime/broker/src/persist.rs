@@ -190,6 +190,7 @@ fn read_message(r: &mut Reader<'_>) -> Option<Message> {
         }),
         origin: Origin::Broker,
         received: now.checked_sub(age).unwrap_or(now),
+        hops: 0,
     })
 }
 

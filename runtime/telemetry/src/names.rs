@@ -45,6 +45,12 @@ pub const UPLINK_OUTBOX_BYTES: &str = "edgegw_uplink_outbox_bytes";
 pub const UPLINK_OUTBOX_OLDEST_AGE: &str = "edgegw_uplink_outbox_oldest_age_seconds";
 pub const UPLINK_OUTBOX_COMMITS: &str = "edgegw_uplink_outbox_commits_total";
 pub const UPLINK_OUTBOX_WRITE_ERRORS: &str = "edgegw_uplink_outbox_write_errors_total";
+pub const PIPELINE_MESSAGES: &str = "edgegw_pipeline_messages_total";
+pub const PIPELINE_OUTPUTS: &str = "edgegw_pipeline_outputs_total";
+pub const PIPELINE_DROPPED: &str = "edgegw_pipeline_dropped_total";
+pub const PIPELINE_DEADLETTER: &str = "edgegw_pipeline_deadletter_total";
+pub const PIPELINE_QUEUE_DEPTH: &str = "edgegw_pipeline_queue_depth";
+pub const PIPELINE_RELOADS: &str = "edgegw_pipeline_reloads_total";
 pub const RULES_INVOCATIONS: &str = "edgegw_rules_invocations_total";
 pub const RULES_CALL_DURATION: &str = "edgegw_rules_call_duration_seconds";
 pub const RULES_INSTANCE_RESTARTS: &str = "edgegw_rules_instance_restarts_total";
@@ -61,6 +67,9 @@ pub const DROP_REASONS: &[&str] = &[
 
 /// Label values of [`UPLINK_DROPPED`]'s `reason`.
 pub const UPLINK_DROP_REASONS: &[&str] = &["full", "too_large", "expired", "write_error", "closed"];
+
+/// Label values of [`PIPELINE_DROPPED`]'s `reason`.
+pub const PIPELINE_DROP_REASONS: &[&str] = &["full", "loop", "unmapped", "uplink"];
 
 /// Label values of [`RULES_INVOCATIONS`]'s `result`.
 pub const RULE_RESULTS: &[&str] = &["ok", "error", "trap", "timeout", "limit"];
@@ -217,6 +226,30 @@ pub fn describe() {
     describe_counter!(
         UPLINK_OUTBOX_WRITE_ERRORS,
         "Failed outbox commits (e.g. disk full); the messages stay in memory and are retried; by uplink."
+    );
+    describe_counter!(
+        PIPELINE_MESSAGES,
+        "Messages taken into a pipeline's queue; by pipeline."
+    );
+    describe_counter!(
+        PIPELINE_OUTPUTS,
+        "Messages a pipeline emitted to its outputs (local topics and uplinks); by pipeline."
+    );
+    describe_counter!(
+        PIPELINE_DROPPED,
+        "Messages a pipeline dropped, by pipeline and reason: full (queue full, per queue.on_full), loop (too many pipeline hops), unmapped (a local: template names a level the topic lacks), uplink (the uplink refused it)."
+    );
+    describe_counter!(
+        PIPELINE_DEADLETTER,
+        "Messages sent to the pipeline's dead-letter topic because a rule failed on them; by pipeline."
+    );
+    describe_gauge!(
+        PIPELINE_QUEUE_DEPTH,
+        "Messages waiting in a pipeline's queue; by pipeline."
+    );
+    describe_counter!(
+        PIPELINE_RELOADS,
+        "Pipeline reloads (SIGHUP), by result: ok or failed (the running pipelines were kept)."
     );
     describe_counter!(
         RULES_INVOCATIONS,

@@ -1,0 +1,624 @@
+//! Pipelines: topic filters → a chain of WASM rule stages → outputs.
+//!
+//! All pipelines share one [`Sink`] on the router. A message that matches a pipeline's `from`
+//! filters is put in that pipeline's bounded queue (never blocking the network thread that
+//! published it); one worker thread per pipeline takes messages in order (so per-topic order
+//! holds), runs them through the pipeline's [`Stage`]s and sends what comes out to its
+//! outputs: `local:` topic templates (published back into the router as the pipeline's own
+//! in-process client, so other clients and pipelines see them) and uplinks (through
+//! [`UplinkOutput`], which the gateway wires to the uplinks' outboxes).
+//!
+//! Loop guards: a pipeline never takes its own outputs, and a message that has already gone
+//! through [`MAX_HOPS`] pipelines is dropped (counted as `loop`).
+//!
+//! When a rule fails on a message (error, trap, timeout, limit) the message goes to the
+//! pipeline's dead-letter topic with user properties saying why; the stage re-creates its
+//! instance for the next message.
+//!
+//! [`Pipelines::reload`] builds the new set first (loading plugins and calling every stage's
+//! `init`); only when all succeed does it swap the set atomically. Old pipelines stop taking
+//! messages, finish their queues, and a new pipeline of the same name starts only after its
+//! predecessor finished, so order holds across a reload and nothing queued is lost.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Condvar, Mutex, MutexGuard, RwLock},
+    thread::JoinHandle,
+};
+
+use edgegw_broker::{
+    Bytes, LocalClient, Message, Offer, Origin, Properties, Router, Sink, SinkId, StoreError,
+    Ticket,
+    topic::{Filter, TopicTemplate, matches},
+};
+use edgegw_rules::{Plugin, RuleError, RuleMessage, Stage};
+use edgegw_telemetry::names;
+use metrics::{Counter, Gauge, counter, gauge};
+use tokio::sync::oneshot;
+
+/// Pipelines a message may pass through, one after another, before it is dropped as a loop.
+pub const MAX_HOPS: u8 = 8;
+
+/// What a full queue does with a new message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFull {
+    /// Hold the message (and a QoS 1/2 publisher's acknowledgement) until there is room; at
+    /// most `capacity` more messages wait, beyond that new ones are dropped.
+    Block,
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+    /// Drop the new message.
+    DropNew,
+}
+
+/// Where a pipeline's results go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// A topic template (`{topic}`, `{1}`, `{2..}`) rendered against the output's topic.
+    Local(String),
+    /// An uplink, by name.
+    Uplink(String),
+}
+
+/// One stage: a loaded plugin and its `config:` as JSON.
+#[derive(Clone)]
+pub struct StageSpec {
+    pub plugin: Plugin,
+    pub config_json: String,
+}
+
+/// One pipeline as configured.
+#[derive(Clone)]
+pub struct PipelineSpec {
+    pub name: String,
+    pub from: Vec<String>,
+    pub stages: Vec<StageSpec>,
+    pub to: Vec<OutputTarget>,
+    pub capacity: usize,
+    pub on_full: OnFull,
+    pub dead_letter: String,
+}
+
+/// The gateway's bridge to an uplink's outbox.
+pub trait UplinkOutput: Send + Sync + 'static {
+    /// Queues `message` for the uplink as is; `Err(reason)` when it was refused.
+    fn send(&self, message: &Message) -> Result<(), &'static str>;
+}
+
+/// Uplinks by name.
+pub type Uplinks = HashMap<String, Arc<dyn UplinkOutput>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("pipeline `{pipeline}`: {source}")]
+    Rule {
+        pipeline: String,
+        #[source]
+        source: RuleError,
+    },
+    #[error("pipeline `{pipeline}`: {message}")]
+    Settings { pipeline: String, message: String },
+    #[error("pipeline `{pipeline}`: cannot start its worker thread: {source}")]
+    Thread {
+        pipeline: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Metrics {
+    messages: Counter,
+    outputs: Counter,
+    full: Counter,
+    loops: Counter,
+    unmapped: Counter,
+    uplink: Counter,
+    deadletter: Counter,
+    depth: Gauge,
+}
+
+impl Metrics {
+    fn new(pipeline: &str) -> Self {
+        let p = pipeline.to_string();
+        let dropped = |reason: &'static str| counter!(names::PIPELINE_DROPPED, "pipeline" => p.clone(), "reason" => reason);
+        Self {
+            messages: counter!(names::PIPELINE_MESSAGES, "pipeline" => p.clone()),
+            outputs: counter!(names::PIPELINE_OUTPUTS, "pipeline" => p.clone()),
+            full: dropped("full"),
+            loops: dropped("loop"),
+            unmapped: dropped("unmapped"),
+            uplink: dropped("uplink"),
+            deadletter: counter!(names::PIPELINE_DEADLETTER, "pipeline" => p.clone()),
+            depth: gauge!(names::PIPELINE_QUEUE_DEPTH, "pipeline" => p),
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Arc<Message>>,
+    /// [`OnFull::Block`]: messages waiting for room, with their publishers' tickets.
+    blocked: VecDeque<(Arc<Message>, Waiter)>,
+    closed: bool,
+}
+
+/// A pipeline's bounded queue: filled by network threads, emptied by its worker.
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+    capacity: usize,
+    on_full: OnFull,
+    metrics: Arc<Metrics>,
+}
+
+impl Queue {
+    fn push(&self, message: Arc<Message>) -> Offer {
+        let mut state = lock(&self.state);
+        if state.closed {
+            // Only between a reload's swap and this read of the old set: the new set takes
+            // the next messages; this one is refused rather than lost silently.
+            self.metrics.full.increment(1);
+            return Offer::Dropped;
+        }
+        if state.items.len() < self.capacity && state.blocked.is_empty() {
+            state.items.push_back(message);
+        } else {
+            match self.on_full {
+                OnFull::DropNew => {
+                    self.metrics.full.increment(1);
+                    return Offer::Dropped;
+                }
+                OnFull::DropOldest => {
+                    state.items.pop_front();
+                    state.items.push_back(message);
+                    self.metrics.full.increment(1);
+                }
+                OnFull::Block => {
+                    if state.blocked.len() >= self.capacity {
+                        self.metrics.full.increment(1);
+                        return Offer::Dropped;
+                    }
+                    let (waiter, ticket) = Ticket::signal();
+                    state.blocked.push_back((message, waiter));
+                    self.metrics.messages.increment(1);
+                    drop(state);
+                    return Offer::Accepted(Some(ticket));
+                }
+            }
+        }
+        self.metrics.messages.increment(1);
+        self.metrics.depth.set(state.items.len() as f64);
+        drop(state);
+        self.wake.notify_one();
+        Offer::Accepted(None)
+    }
+
+    /// The next message; `None` once closed and empty.
+    fn pop(&self) -> Option<Arc<Message>> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(message) = state.items.pop_front() {
+                if let Some((blocked, waiter)) = state.blocked.pop_front() {
+                    state.items.push_back(blocked);
+                    let _ = waiter.send(Ok(()));
+                }
+                self.metrics.depth.set(state.items.len() as f64);
+                return Some(message);
+            }
+            if let Some((blocked, waiter)) = state.blocked.pop_front() {
+                let _ = waiter.send(Ok(()));
+                return Some(blocked);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.wake.notify_all();
+    }
+
+    fn len(&self) -> usize {
+        let state = lock(&self.state);
+        state.items.len() + state.blocked.len()
+    }
+}
+
+/// A running pipeline: what the sink needs to route to it.
+struct Running {
+    name: String,
+    filters: Vec<String>,
+    client: Arc<LocalClient>,
+    queue: Arc<Queue>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+enum Output {
+    Local(TopicTemplate),
+    Uplink(String, Arc<dyn UplinkOutput>),
+}
+
+/// What the worker thread owns.
+struct Worker {
+    name: String,
+    stages: Vec<Stage>,
+    outputs: Vec<Output>,
+    dead_letter: String,
+    client: Arc<LocalClient>,
+    queue: Arc<Queue>,
+    metrics: Arc<Metrics>,
+}
+
+/// One message inside the chain.
+struct Item {
+    topic: String,
+    payload: Bytes,
+}
+
+impl Worker {
+    fn run(mut self, previous: Option<JoinHandle<()>>) {
+        if let Some(previous) = previous {
+            // The predecessor of the same name finishes its queue first: order holds.
+            let _ = previous.join();
+        }
+        while let Some(message) = self.queue.pop() {
+            self.process(&message);
+        }
+        tracing::debug!(pipeline = %self.name, "Pipeline worker finished its queue.");
+    }
+
+    fn process(&mut self, message: &Message) {
+        let mut items = vec![Item {
+            topic: message.topic.to_string(),
+            payload: message.payload.clone(),
+        }];
+        let properties = &message.properties;
+        let user: Vec<(&str, &str)> = properties
+            .user_properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        for stage in &mut self.stages {
+            let mut next = Vec::new();
+            for item in &items {
+                let input = RuleMessage {
+                    topic: &item.topic,
+                    payload: &item.payload,
+                    qos: message.qos.as_u8(),
+                    retain: message.retain,
+                    content_type: properties.content_type.as_deref(),
+                    user_properties: &user,
+                };
+                match stage.call(&input) {
+                    Ok(outputs) => next.extend(outputs.into_iter().map(|o| Item {
+                        topic: o.topic.unwrap_or_else(|| item.topic.clone()),
+                        payload: Bytes::from(o.payload),
+                    })),
+                    Err(error) => {
+                        let plugin = stage.plugin().name().to_string();
+                        self.dead_letter(message, &plugin, &error);
+                        return;
+                    }
+                }
+            }
+            items = next;
+            if items.is_empty() {
+                return;
+            }
+        }
+        for item in items {
+            for output in &self.outputs {
+                match output {
+                    Output::Local(template) => {
+                        let Some(topic) = template.render(&item.topic) else {
+                            self.metrics.unmapped.increment(1);
+                            continue;
+                        };
+                        if Filter::parse(&topic).is_err() || topic.contains(['+', '#']) {
+                            self.metrics.unmapped.increment(1);
+                            continue;
+                        }
+                        let mut out = Message::new(topic, item.payload.clone(), message.qos)
+                            .with_retain(message.retain);
+                        out.properties = message.properties.clone();
+                        out.hops = message.hops.saturating_add(1);
+                        self.client.publish(out);
+                        self.metrics.outputs.increment(1);
+                    }
+                    Output::Uplink(name, uplink) => {
+                        let mut out =
+                            Message::new(item.topic.clone(), item.payload.clone(), message.qos)
+                                .with_retain(message.retain);
+                        out.properties = message.properties.clone();
+                        match uplink.send(&out) {
+                            Ok(()) => self.metrics.outputs.increment(1),
+                            Err(reason) => {
+                                self.metrics.uplink.increment(1);
+                                tracing::debug!(pipeline = %self.name, uplink = %name, reason, "Uplink refused a pipeline output.");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn dead_letter(&self, message: &Message, plugin: &str, error: &RuleError) {
+        self.metrics.deadletter.increment(1);
+        let mut properties: Properties = (*message.properties).clone();
+        let put = |properties: &mut Properties, key: &str, value: &str| {
+            properties
+                .user_properties
+                .push((key.to_string().into(), value.to_string().into()));
+        };
+        put(&mut properties, "edgegw-pipeline", &self.name);
+        put(&mut properties, "edgegw-plugin", plugin);
+        put(&mut properties, "edgegw-topic", &message.topic);
+        put(&mut properties, "edgegw-result", error.result());
+        put(&mut properties, "edgegw-error", &error.to_string());
+        let mut out = Message::new(
+            self.dead_letter.clone(),
+            message.payload.clone(),
+            message.qos,
+        )
+        .with_properties(properties);
+        out.hops = message.hops.saturating_add(1);
+        self.client.publish(out);
+    }
+}
+
+/// The router side of every pipeline.
+struct PipelineSink {
+    current: RwLock<Arc<Vec<Arc<Running>>>>,
+}
+
+impl PipelineSink {
+    fn snapshot(&self) -> Arc<Vec<Arc<Running>>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Sink for PipelineSink {
+    fn offer(&self, message: &Arc<Message>) -> Option<Offer> {
+        // Held while queueing: a reload's swap waits for offers in progress, so no message
+        // reaches an old pipeline after its queue closed.
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let mut result: Option<Offer> = None;
+        for pipeline in current.iter() {
+            if message.origin == Origin::Session(pipeline.client.session_id())
+                || !pipeline.filters.iter().any(|f| matches(f, &message.topic))
+            {
+                continue;
+            }
+            let offer = if message.hops >= MAX_HOPS {
+                pipeline.queue.metrics.loops.increment(1);
+                tracing::debug!(pipeline = %pipeline.name, hops = message.hops, "Message dropped: it went through too many pipelines (a loop?).");
+                Offer::Dropped
+            } else {
+                pipeline.queue.push(message.clone())
+            };
+            result = Some(match (result.take(), offer) {
+                (None | Some(Offer::Dropped), offer) => offer,
+                (Some(accepted), Offer::Dropped) => accepted,
+                (Some(Offer::Accepted(a)), Offer::Accepted(b)) => Offer::Accepted(match (a, b) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }),
+            });
+        }
+        result
+    }
+}
+
+/// Every pipeline of the gateway. [`Pipelines::stop`] ends them.
+pub struct Pipelines {
+    router: Router,
+    sink_id: SinkId,
+    sink: Arc<PipelineSink>,
+    uplinks: Uplinks,
+    /// Serializes reloads.
+    reloading: Mutex<()>,
+}
+
+impl Pipelines {
+    /// Builds and starts `specs`; fails (with nothing running) if any stage cannot start.
+    pub fn start(
+        router: Router,
+        specs: Vec<PipelineSpec>,
+        uplinks: Uplinks,
+    ) -> Result<Pipelines, PipelineError> {
+        let sink = Arc::new(PipelineSink {
+            current: RwLock::new(Arc::new(Vec::new())),
+        });
+        let pipelines = Pipelines {
+            sink_id: router.add_sink(sink.clone()),
+            router,
+            sink,
+            uplinks,
+            reloading: Mutex::new(()),
+        };
+        pipelines.reload(specs)?;
+        Ok(pipelines)
+    }
+
+    /// Swaps in a new set of pipelines. Everything is built first; on any failure the running
+    /// set is left as it was and the error says which pipeline and why.
+    pub fn reload(&self, specs: Vec<PipelineSpec>) -> Result<(), PipelineError> {
+        let _guard = lock(&self.reloading);
+        let old = self.sink.snapshot();
+        let mut built = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let previous = old.iter().find(|r| r.name == spec.name);
+            built.push(self.build(spec, previous.map(|p| p.client.clone()))?);
+        }
+        let mut running = Vec::with_capacity(built.len());
+        let mut workers = Vec::with_capacity(built.len());
+        for (run, worker) in built {
+            running.push(Arc::new(run));
+            workers.push(worker);
+        }
+        // The swap: from here on, new messages go to the new set (offers in progress with
+        // the old set finish first: they hold the read lock).
+        *self.sink.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(running.clone());
+        for pipeline in old.iter() {
+            pipeline.queue.close();
+        }
+        for (run, worker) in running.iter().zip(workers) {
+            let previous = old
+                .iter()
+                .find(|r| r.name == run.name)
+                .and_then(|r| lock(&r.worker).take());
+            let name = run.name.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("edgegw-pipe-{name}"))
+                .spawn(move || worker.run(previous))
+                .map_err(|source| PipelineError::Thread {
+                    pipeline: name,
+                    source,
+                })?;
+            *lock(&run.worker) = Some(handle);
+        }
+        // Pipelines that are gone finish their queues on their own threads.
+        for pipeline in old.iter() {
+            if !running.iter().any(|r| r.name == pipeline.name)
+                && let Some(handle) = lock(&pipeline.worker).take()
+            {
+                std::thread::spawn(move || {
+                    let _ = handle.join();
+                });
+            }
+        }
+        tracing::info!(
+            pipelines = running.len(),
+            names = %running.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
+            "Pipelines running."
+        );
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        spec: PipelineSpec,
+        client: Option<Arc<LocalClient>>,
+    ) -> Result<(Running, Worker), PipelineError> {
+        let settings = |message: String| PipelineError::Settings {
+            pipeline: spec.name.clone(),
+            message,
+        };
+        for filter in &spec.from {
+            Filter::parse(filter).map_err(|e| settings(format!("from `{filter}`: {e}")))?;
+        }
+        let mut outputs = Vec::new();
+        for target in &spec.to {
+            outputs.push(match target {
+                OutputTarget::Local(template) => {
+                    Output::Local(TopicTemplate::parse(template).map_err(settings)?)
+                }
+                OutputTarget::Uplink(name) => match self.uplinks.get(name) {
+                    Some(uplink) => Output::Uplink(name.clone(), uplink.clone()),
+                    None => return Err(settings(format!("unknown uplink `{name}`"))),
+                },
+            });
+        }
+        let mut stages = Vec::new();
+        for stage in &spec.stages {
+            stages.push(
+                Stage::new(&stage.plugin, &spec.name, &stage.config_json).map_err(|source| {
+                    PipelineError::Rule {
+                        pipeline: spec.name.clone(),
+                        source,
+                    }
+                })?,
+            );
+        }
+        let metrics = Arc::new(Metrics::new(&spec.name));
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            wake: Condvar::new(),
+            capacity: spec.capacity.max(1),
+            on_full: spec.on_full,
+            metrics: metrics.clone(),
+        });
+        let client = client.unwrap_or_else(|| {
+            Arc::new(
+                self.router
+                    .local_client(&format!("$edgegw/pipeline/{}", spec.name)),
+            )
+        });
+        Ok((
+            Running {
+                name: spec.name.clone(),
+                filters: spec.from.clone(),
+                client: client.clone(),
+                queue: queue.clone(),
+                worker: Mutex::new(None),
+            },
+            Worker {
+                name: spec.name,
+                stages,
+                outputs,
+                dead_letter: spec.dead_letter,
+                client,
+                queue,
+                metrics,
+            },
+        ))
+    }
+
+    /// Names of the running pipelines.
+    pub fn names(&self) -> Vec<String> {
+        self.sink
+            .snapshot()
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// Messages waiting in pipeline `name`'s queue.
+    pub fn queued(&self, name: &str) -> Option<usize> {
+        self.sink
+            .snapshot()
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.queue.len())
+    }
+
+    /// Stops taking messages, lets every pipeline finish its queue, and waits for it.
+    /// Blocks: call it off the async workers.
+    pub fn stop(self) {
+        self.router.remove_sink(self.sink_id);
+        let current = self.sink.snapshot();
+        for pipeline in current.iter() {
+            pipeline.queue.close();
+        }
+        for pipeline in current.iter() {
+            if let Some(handle) = lock(&pipeline.worker).take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Drop for Pipelines {
+    fn drop(&mut self) {
+        self.router.remove_sink(self.sink_id);
+        for pipeline in self.sink.snapshot().iter() {
+            pipeline.queue.close();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
