@@ -2,6 +2,7 @@
 //! tracing, starts the parts and waits for a signal. Everything else lives in libraries.
 
 mod auth;
+mod pipelines;
 mod run;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -67,6 +68,43 @@ enum Command {
         #[arg(value_name = "USER")]
         user: String,
     },
+    /// Rule plugins: try one on a message, or start a new one.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run one message through a plugin and print each output as `TOPIC PAYLOAD`, one per
+    /// line, or the error. Exit code 0 when the plugin accepted the message, 1 when not.
+    Test {
+        /// The plugin: a WebAssembly component (`.wasm`) of the edgegw:rule world.
+        #[arg(value_name = "PLUGIN.wasm")]
+        plugin: PathBuf,
+        /// The stage's config as JSON (what `config:` in a pipeline stage becomes).
+        #[arg(long, value_name = "JSON", default_value = "null")]
+        config: String,
+        /// Topic of the test message.
+        #[arg(long)]
+        topic: String,
+        /// Payload of the test message (text).
+        #[arg(long)]
+        payload: String,
+    },
+    /// Create a plugin crate NAME (in the current directory, or --dir) from the SDK: it
+    /// builds with `cargo build --release --target wasm32-wasip2` and passes `cargo test`.
+    New {
+        /// Crate name: lowercase letters, digits and `-`.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Where to create it.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// The SDK to depend on (plugins/sdk of an edgegw checkout); default: the checkout
+        /// this binary was built from.
+        #[arg(long, value_name = "DIR")]
+        sdk: Option<PathBuf>,
+    },
 }
 
 /// Loads the password file of a valid config; prints its problems when it is bad.
@@ -95,6 +133,41 @@ fn load_auth(config: &edgegw_config::Config) -> Option<edgegw_broker::AuthSettin
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Plugin(PluginCommand::Test {
+            plugin,
+            config,
+            topic,
+            payload,
+        }) => match pipelines::plugin_test(&plugin, &config, &topic, &payload) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("edgegw: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Plugin(PluginCommand::New { name, dir, sdk }) => {
+            let created = match &sdk {
+                Some(sdk) => edgegw_rules::scaffold_with_sdk(&name, &dir, sdk),
+                None => edgegw_rules::scaffold(&name, &dir),
+            };
+            match created {
+                Ok(root) => {
+                    let wasm = name.replace('-', "_");
+                    println!("created {}", root.display());
+                    println!("next:");
+                    println!("  cd {} && cargo test", root.display());
+                    println!("  cargo build --release --target wasm32-wasip2");
+                    println!(
+                        "  edgegw plugin test target/wasm32-wasip2/release/{wasm}.wasm --topic sensors/a/temp --payload '{{\"temp\": 21.5}}'"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("edgegw: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Passwd { file, user } => match auth::passwd(&file, &user) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -138,7 +211,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_BAD_CONFIG);
             };
             run::init_tracing(&loaded.log);
-            match run::run(loaded, auth, config.is_none()) {
+            match run::run(loaded, auth, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// ntex logs connection-level details at info; keep them at warn unless asked.
-const QUIET_DEPENDENCIES: &str = "ntex=warn,ntex_io=warn,ntex_mqtt=warn,ntex_server=warn,ntex_rt=warn,ntex_net=warn,ntex_tls=warn";
+/// Cranelift and wasmtime log every compiled function at debug: keep them at warn too.
+const QUIET_DEPENDENCIES: &str = "ntex=warn,ntex_io=warn,ntex_mqtt=warn,ntex_server=warn,ntex_rt=warn,ntex_net=warn,ntex_tls=warn,cranelift_codegen=warn,cranelift_frontend=warn,cranelift_wasm=warn,regalloc2=warn,wasmtime=warn,wasmtime_cranelift=warn,wasmtime_environ=warn,wasmtime_internal_cranelift=warn,wasmtime_internal_environ=warn,wasmtime_internal_jit_icache_coherence=warn,wasmtime_wasi=warn,wasmparser=warn,wit_parser=warn";
 
 pub fn init_tracing(log: &edgegw_config::Log) {
     let filter = match std::env::var("RUST_LOG") {
@@ -27,17 +28,26 @@ pub fn init_tracing(log: &edgegw_config::Log) {
     }
 }
 
-pub fn run(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Result<()> {
+pub fn run(
+    config: Config,
+    auth: AuthSettings,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("edgegw")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, auth, embedded))
+    runtime.block_on(serve(config, auth, config_path))
 }
 
-async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    auth: AuthSettings,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let embedded = config_path.is_none();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = if embedded { "embedded default" } else { "file" },
@@ -116,6 +126,26 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
                 .with_context(|| format!("cannot start uplink `{}`", uplink.name))?,
         );
     }
+    // Pipelines too: their filters must see the first publish.
+    let engine = if config.plugins.is_empty() {
+        None
+    } else {
+        Some(edgegw_rules::Engine::new().context("cannot start the WASM engine for plugins")?)
+    };
+    let pipelines = {
+        let engine = engine.clone();
+        let config = config.clone();
+        let router = router.clone();
+        let outputs = crate::pipelines::uplink_outputs(&uplinks);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<edgegw_pipeline::Pipelines> {
+            let specs = crate::pipelines::specs(engine.as_ref(), &config)?;
+            Ok(edgegw_pipeline::Pipelines::start(router, specs, outputs)?)
+        })
+        .await
+        .context("pipeline start-up panicked")?
+        .context("cannot start the pipelines")?
+    };
+    let pipelines = std::sync::Arc::new(pipelines);
     let broker = Broker::start(settings, router.clone()).context("cannot start the MQTT broker")?;
     for listener in broker.listeners() {
         tracing::info!(url = %listener.url(), "MQTT listening (3.1.1 and 5.0).");
@@ -140,12 +170,19 @@ async fn serve(config: Config, auth: AuthSettings, embedded: bool) -> anyhow::Re
     telemetry.set_ready(true);
     tracing::info!("Ready.");
 
-    wait_for_signal().await;
+    let mut engine = engine;
+    while let Signal::Reload = wait_for_signal().await {
+        reload(config_path.as_deref(), &mut engine, &pipelines).await;
+    }
     tracing::info!("Shutting down.");
     telemetry.set_ready(false);
     // Nodes first: their sessions end before the broker and the state file close.
     nodes.stop().await;
     broker.stop().await;
+    // Pipelines finish their queues (their outputs may still reach uplinks).
+    if let Some(pipelines) = std::sync::Arc::into_inner(pipelines) {
+        let _ = tokio::task::spawn_blocking(move || pipelines.stop()).await;
+    }
     // Uplinks commit their outboxes; what is not forwarded yet goes on after a restart.
     let _ = tokio::task::spawn_blocking(move || {
         for uplink in uplinks {
@@ -266,18 +303,95 @@ fn raise_file_limit(max_connections: u32) {
     }
 }
 
-async fn wait_for_signal() {
+enum Signal {
+    Stop,
+    Reload,
+}
+
+async fn wait_for_signal() -> Signal {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, "Cannot watch SIGTERM; only Ctrl-C stops the gateway.");
             let _ = tokio::signal::ctrl_c().await;
-            return;
+            return Signal::Stop;
+        }
+    };
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let reload = async {
+        match hangup.as_mut() {
+            Some(h) => {
+                h.recv().await;
+            }
+            None => std::future::pending::<()>().await,
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => Signal::Stop,
+        _ = terminate.recv() => Signal::Stop,
+        () = reload => Signal::Reload,
+    }
+}
+
+/// SIGHUP: re-reads the config file and swaps pipelines and plugins. A config with errors,
+/// or a plugin that fails to load or initialise, leaves the running pipelines as they are.
+async fn reload(
+    path: Option<&std::path::Path>,
+    engine: &mut Option<edgegw_rules::Engine>,
+    pipelines: &std::sync::Arc<edgegw_pipeline::Pipelines>,
+) {
+    let reloads = |result: &'static str| {
+        metrics::counter!(edgegw_telemetry::names::PIPELINE_RELOADS, "result" => result)
+            .increment(1);
+    };
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: running on the embedded default config; nothing to reload.");
+        return;
+    };
+    tracing::info!(config = %path.display(), "SIGHUP: reloading pipelines and plugins.");
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            reloads("failed");
+            tracing::error!(config = %path.display(), problems = errors.0.len(), "Reload refused; the running pipelines are kept:\n{errors}");
+            return;
+        }
+    };
+    if engine.is_none() && !config.plugins.is_empty() {
+        match edgegw_rules::Engine::new() {
+            Ok(new) => *engine = Some(new),
+            Err(error) => {
+                reloads("failed");
+                tracing::error!(%error, "Reload refused: cannot start the WASM engine; the running pipelines are kept.");
+                return;
+            }
+        }
+    }
+    let engine = engine.clone();
+    let pipelines = pipelines.clone();
+    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let specs = crate::pipelines::specs(engine.as_ref(), &config)?;
+        let count = specs.len();
+        pipelines.reload(specs)?;
+        Ok(count)
+    })
+    .await;
+    match result {
+        Ok(Ok(count)) => {
+            reloads("ok");
+            tracing::info!(
+                pipelines = count,
+                "Reloaded pipelines and plugins; other changes take effect after a restart."
+            );
+        }
+        Ok(Err(error)) => {
+            reloads("failed");
+            tracing::error!("Reload failed; the running pipelines are kept: {error:#}");
+        }
+        Err(error) => {
+            reloads("failed");
+            tracing::error!(%error, "Reload panicked; the running pipelines are kept.");
+        }
     }
 }
