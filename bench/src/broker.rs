@@ -55,7 +55,13 @@ pub enum Profile {
     Defaults,
     /// Defaults, with room for this many connections.
     Connections(usize),
+    /// Throughput limits plus pipeline `p` from `bench/pipe/#` to `local:out/{2..}`, with the
+    /// identity plugin as its one rule or with no rule (edgegw only).
+    Pipeline { rule: bool },
 }
+
+/// The identity plugin's component, for [`Profile::Pipeline`].
+pub static IDENTITY_WASM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// The limits each broker gets per profile, for the printout.
 pub fn describe_settings() -> Vec<String> {
@@ -112,7 +118,7 @@ impl Broker {
         let (config, args): (String, Vec<String>) = match bin.kind {
             Kind::Edgegw => {
                 let limits = match profile {
-                    Profile::Throughput => format!(
+                    Profile::Throughput | Profile::Pipeline { .. } => format!(
                         "  limits:\n    max_inflight: {MAX_INFLIGHT}\n    receive_maximum: {MAX_INFLIGHT}\n    max_queued: {MAX_QUEUED}\n"
                     ),
                     Profile::Defaults => String::new(),
@@ -120,8 +126,21 @@ impl Broker {
                         format!("  limits:\n    max_connections: {max_conn}\n")
                     }
                 };
+                let pipeline = match profile {
+                    Profile::Pipeline { rule } => {
+                        let wasm = IDENTITY_WASM
+                            .get()
+                            .context("the identity plugin was not built")?;
+                        format!(
+                            "plugins:\n  - {{ name: identity, path: \"{}\" }}\npipelines:\n  - {{ name: p, from: [ \"bench/pipe/#\" ], rules: [ {} ], to: [ \"local:out/{{2..}}\" ], queue: {{ capacity: 10000 }} }}\n",
+                            wasm.display(),
+                            if rule { "{ plugin: identity }" } else { "" }
+                        )
+                    }
+                    _ => String::new(),
+                };
                 let yaml = format!(
-                    "gateway:\n  id: bench\n  data_dir: \"{data}\"\nbroker:\n  listeners:\n    - bind: \"127.0.0.1:{port}\"\n{limits}metrics:\n  bind: \"127.0.0.1:0\"\nlog:\n  level: warn\n",
+                    "gateway:\n  id: bench\n  data_dir: \"{data}\"\nbroker:\n  listeners:\n    - bind: \"127.0.0.1:{port}\"\n{limits}{pipeline}metrics:\n  bind: \"127.0.0.1:0\"\nlog:\n  level: warn\n",
                     data = dir.path().join("data").display()
                 );
                 let path = dir.path().join("gateway.yaml");

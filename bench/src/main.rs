@@ -175,6 +175,42 @@ fn steps() -> Vec<Step> {
         latency: true,
         unit: "msg/s",
     }));
+    // Pipelines (edgegw only): the same 8 pairs, routed directly, through a pipeline with no
+    // rule, and through one with the identity plugin as its rule.
+    for (key, title, sub) in [
+        (
+            "pipe-plain",
+            "pipelines: 8 pairs routed directly, QoS 0",
+            "bench/pipe",
+        ),
+        (
+            "pipe-none",
+            "pipelines: 8 pairs through a pipeline with no rule, QoS 0",
+            "out/pipe",
+        ),
+        (
+            "pipe-rule",
+            "pipelines: 8 pairs through a pipeline with one identity rule, QoS 0",
+            "out/pipe",
+        ),
+    ] {
+        steps.push(Step::Flow(Scenario {
+            key,
+            title: title.into(),
+            qos: 0,
+            publishers: topics("bench/pipe", 8),
+            subscribers: (0..8)
+                .map(|i| SubSpec {
+                    filter: format!("{sub}/{i}"),
+                    clean: true,
+                    from: vec![i],
+                })
+                .collect(),
+            rate: None,
+            latency: false,
+            unit: "msg/s",
+        }));
+    }
     steps.push(Step::Flood);
     steps.push(Step::Idle);
     steps
@@ -300,6 +336,8 @@ fn secs(s: f64) -> Duration {
 
 async fn run_step(bin: &BrokerBin, step: &Step, timing: Timing, idle: usize) -> Measured {
     let profile = match step {
+        Step::Flow(s) if s.key == "pipe-none" => Profile::Pipeline { rule: false },
+        Step::Flow(s) if s.key == "pipe-rule" => Profile::Pipeline { rule: true },
         Step::Flow(_) => Profile::Throughput,
         Step::Flood => Profile::Defaults,
         Step::Idle => Profile::Connections(idle),
@@ -339,6 +377,9 @@ async fn run_all(
 ) {
     for step in steps {
         for bin in bins {
+            if step.key().starts_with("pipe") && bin.kind != Kind::Edgegw {
+                continue;
+            }
             let measured = run_step(bin, step, timing, idle).await;
             let entry = Entry {
                 key: step.key().to_string(),
@@ -394,6 +435,11 @@ fn run(args: Args) -> Result<()> {
     }
     // Build before pinning: cargo would inherit the one-core affinity.
     let bins = find_brokers(&args, &root)?;
+    if args.only.as_deref().is_none_or(|o| o.contains("pipe")) {
+        eprintln!("Building the plugins (identity for the pipeline scenarios)");
+        let built = edgegw_rules::testing::build_plugins();
+        let _ = broker::IDENTITY_WASM.set(built.path("fixture-identity"));
+    }
     let (warmup, duration) = if args.quick { (0.5, 2.0) } else { (1.0, 5.0) };
     let timing = Timing {
         warmup: secs(args.warmup.unwrap_or(warmup)),
@@ -493,6 +539,7 @@ fn run(args: Args) -> Result<()> {
 
     let kinds: Vec<Kind> = bins.iter().map(|b| b.kind).collect();
     let mut markdown = report::markdown(&entries, &kinds, timing, idle, &bins);
+    markdown.push_str(&pipeline_summary(&entries));
     markdown.push_str(&extra);
     println!("{markdown}");
     let output = args
@@ -503,6 +550,53 @@ fn run(args: Args) -> Result<()> {
         Err(e) => eprintln!("could not write {}: {e}", output.display()),
     }
     Ok(())
+}
+
+/// Pipeline figures from the three `pipe-*` scenarios (edgegw's rates) and the in-process
+/// cost of one identity call.
+fn pipeline_summary(entries: &[Entry]) -> String {
+    let rate = |key: &str| {
+        entries.iter().find_map(|e| match (&e.measured, e.kind) {
+            (Measured::Flow(o), Kind::Edgegw) if e.key == key => Some(o.rate),
+            _ => None,
+        })
+    };
+    let mut out = String::new();
+    if let (Some(plain), Some(none), Some(rule)) =
+        (rate("pipe-plain"), rate("pipe-none"), rate("pipe-rule"))
+    {
+        out.push_str("\n## Pipelines\n\n| figure | value | target |\n|---|---:|---|\n");
+        out.push_str(&format!(
+            "| throughput through a pipeline with one identity rule / routed directly | {:.0}% ({:.0} / {:.0} msg/s) | ≥ 70% |\n",
+            100.0 * rule / plain,
+            rule,
+            plain
+        ));
+        out.push_str(&format!(
+            "| broker core time per message added by the rule stage (1/rate with rule − 1/rate without) | {:.2} µs | ≤ 1 µs |\n",
+            1e6 / rule - 1e6 / none
+        ));
+        out.push_str(&format!(
+            "| … and by the pipeline itself (no rule) over direct routing | {:.2} µs | |\n",
+            1e6 / none - 1e6 / plain
+        ));
+    }
+    if let Some(wasm) = broker::IDENTITY_WASM.get() {
+        match edgegw_rules::bench::per_call(wasm, 100, 200_000) {
+            Ok(per) => out.push_str(&format!(
+                "| one identity call in process (100-byte payload, {} calls) | {:.2} µs | |\n",
+                per.calls,
+                per.mean().as_secs_f64() * 1e6
+            )),
+            Err(e) => out.push_str(&format!(
+                "| one identity call in process | failed: {e} | |\n"
+            )),
+        }
+    }
+    if !out.is_empty() {
+        println!("{out}");
+    }
+    out
 }
 
 fn main() -> ExitCode {

@@ -241,6 +241,12 @@ fn rows(entries: &[Entry], kinds: &[Kind]) -> Vec<Row> {
                 Better::Lower,
                 Target::AtMost(2.0),
             ),
+            // edgegw only; summarised under the table.
+            _ if key.starts_with("pipe") => (
+                format!("{} ({})", first.title, first.unit),
+                Better::Higher,
+                Target::None,
+            ),
             // Only edgegw makes this durable (fsync before the ack); no target.
             _ if key.starts_with("persistent") => (
                 format!("{} ({}; durable on edgegw only)", first.title, first.unit),

@@ -36,6 +36,9 @@ use edgegw_telemetry::names;
 use metrics::{Counter, Gauge, counter, gauge};
 use tokio::sync::oneshot;
 
+/// Messages a worker takes from its queue at once.
+const BATCH: usize = 256;
+
 /// Pipelines a message may pass through, one after another, before it is dropped as a loop.
 pub const MAX_HOPS: u8 = 8;
 
@@ -146,6 +149,9 @@ struct QueueState {
     /// [`OnFull::Block`]: messages waiting for room, with their publishers' tickets.
     blocked: VecDeque<(Arc<Message>, Waiter)>,
     closed: bool,
+    /// The worker sleeps on the condvar: only then does a push wake it (a wake is a
+    /// syscall, and a context switch on a gateway pinned to one core).
+    idle: bool,
 }
 
 /// A pipeline's bounded queue: filled by network threads, emptied by its worker.
@@ -194,31 +200,42 @@ impl Queue {
         }
         self.metrics.messages.increment(1);
         self.metrics.depth.set(state.items.len() as f64);
+        let idle = state.idle;
         drop(state);
-        self.wake.notify_one();
+        if idle {
+            self.wake.notify_one();
+        }
         Offer::Accepted(None)
     }
 
-    /// The next message; `None` once closed and empty.
-    fn pop(&self) -> Option<Arc<Message>> {
+    /// Moves up to `max` messages into `batch`, waiting for one if there is none; `false`
+    /// once closed and empty.
+    fn pop_batch(&self, batch: &mut Vec<Arc<Message>>, max: usize) -> bool {
         let mut state = lock(&self.state);
         loop {
-            if let Some(message) = state.items.pop_front() {
-                if let Some((blocked, waiter)) = state.blocked.pop_front() {
-                    state.items.push_back(blocked);
+            if !state.items.is_empty() || !state.blocked.is_empty() {
+                let take = state.items.len().min(max);
+                batch.extend(state.items.drain(..take));
+                // Blocked messages move up into the room just made, in order.
+                while state.items.len() < self.capacity
+                    && let Some((blocked, waiter)) = state.blocked.pop_front()
+                {
                     let _ = waiter.send(Ok(()));
+                    if batch.len() < max && state.items.is_empty() {
+                        batch.push(blocked);
+                    } else {
+                        state.items.push_back(blocked);
+                    }
                 }
                 self.metrics.depth.set(state.items.len() as f64);
-                return Some(message);
-            }
-            if let Some((blocked, waiter)) = state.blocked.pop_front() {
-                let _ = waiter.send(Ok(()));
-                return Some(blocked);
+                return true;
             }
             if state.closed {
-                return None;
+                return false;
             }
+            state.idle = true;
             state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.idle = false;
         }
     }
 
@@ -270,13 +287,20 @@ impl Worker {
             // The predecessor of the same name finishes its queue first: order holds.
             let _ = previous.join();
         }
-        while let Some(message) = self.queue.pop() {
-            self.process(&message);
+        let mut batch = Vec::with_capacity(BATCH);
+        while self.queue.pop_batch(&mut batch, BATCH) {
+            for message in batch.drain(..) {
+                self.process(&message);
+            }
         }
         tracing::debug!(pipeline = %self.name, "Pipeline worker finished its queue.");
     }
 
     fn process(&mut self, message: &Message) {
+        if self.stages.is_empty() {
+            self.emit(message, &message.topic, &message.payload);
+            return;
+        }
         let mut items = vec![Item {
             topic: message.topic.to_string(),
             payload: message.payload.clone(),
@@ -316,18 +340,22 @@ impl Worker {
             }
         }
         for item in items {
+            self.emit(message, &item.topic, &item.payload);
+        }
+    }
+
+    /// Sends one result (`topic`, `payload`; the rest from `message`) to every output.
+    fn emit(&self, message: &Message, topic: &str, payload: &Bytes) {
+        {
             for output in &self.outputs {
                 match output {
                     Output::Local(template) => {
-                        let Some(topic) = template.render(&item.topic) else {
+                        // A valid template (no wildcards) over a topic name gives a topic name.
+                        let Some(topic) = template.render(topic) else {
                             self.metrics.unmapped.increment(1);
                             continue;
                         };
-                        if Filter::parse(&topic).is_err() || topic.contains(['+', '#']) {
-                            self.metrics.unmapped.increment(1);
-                            continue;
-                        }
-                        let mut out = Message::new(topic, item.payload.clone(), message.qos)
+                        let mut out = Message::new(topic, payload.clone(), message.qos)
                             .with_retain(message.retain);
                         out.properties = message.properties.clone();
                         out.hops = message.hops.saturating_add(1);
@@ -335,9 +363,8 @@ impl Worker {
                         self.metrics.outputs.increment(1);
                     }
                     Output::Uplink(name, uplink) => {
-                        let mut out =
-                            Message::new(item.topic.clone(), item.payload.clone(), message.qos)
-                                .with_retain(message.retain);
+                        let mut out = Message::new(topic.to_string(), payload.clone(), message.qos)
+                            .with_retain(message.retain);
                         out.properties = message.properties.clone();
                         match uplink.send(&out) {
                             Ok(()) => self.metrics.outputs.increment(1),
