@@ -183,6 +183,10 @@ struct State {
     committed_seq: u64,
     commits: u64,
     synced_commits: u64,
+    /// Every entry up to this seq is acknowledged upstream ([`Outbox::ack_through`]).
+    through: u64,
+    /// Id of the marker write now accumulating (see `through_durable`).
+    through_batch: u64,
     /// The last commit failed; appends are held in memory.
     failing: bool,
     closing: bool,
@@ -196,6 +200,8 @@ struct Shared {
     /// fsync (losing one to a power cut only means a duplicate upstream), so they keep
     /// their own batch numbers.
     acks_committed: watch::Sender<Committed>,
+    /// Writes of the acknowledgement marker (see [`Outbox::ack_through`]).
+    through_durable: watch::Sender<Committed>,
     /// The highest committed sequence number, for the forwarder to wait on.
     seq: watch::Sender<u64>,
     options: OutboxOptions,
@@ -290,7 +296,46 @@ impl Outbox {
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .map_err(corrupt)?;
+        let marker_path = marker_path(path);
+        let marker = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&marker_path)
+            .map_err(|e| open_error(format!("cannot open {}: {e}", marker_path.display())))?;
+        let through = read_marker(&marker);
+        let (messages, bytes) = if through > 0 {
+            // Acknowledged before the restart, not deleted yet: delete now.
+            let tx = connection.transaction().map_err(corrupt)?;
+            let (n, b): (i64, i64) = tx
+                .query_row(
+                    "SELECT count(*), coalesce(sum(length(CAST(topic AS BLOB)) + length(payload) + length(properties)), 0)
+                     FROM outbox WHERE seq <= ?1",
+                    params![through as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(corrupt)?;
+            if n > 0 {
+                tx.execute(
+                    "DELETE FROM outbox WHERE seq <= ?1",
+                    params![through as i64],
+                )
+                .map_err(corrupt)?;
+                tx.execute(
+                    "UPDATE outbox_totals SET messages = messages - ?1, bytes = bytes - ?2 WHERE id = 0",
+                    params![n, b],
+                )
+                .map_err(corrupt)?;
+            }
+            tx.commit().map_err(corrupt)?;
+            ((messages - n).max(0), (bytes - b).max(0))
+        } else {
+            (messages, bytes)
+        };
         let (last_seq, oldest_ms) = head_and_tail(&connection).map_err(corrupt)?;
+        // Sequence numbers never go back below an acknowledged one.
+        let last_seq = last_seq.max(through);
 
         let metrics = Metrics::new(&options.uplink);
         metrics.messages.set(messages as f64);
@@ -313,12 +358,15 @@ impl Outbox {
                 committed_seq: last_seq,
                 commits: 0,
                 synced_commits: 0,
+                through,
+                through_batch: 1,
                 failing: false,
                 closing: false,
             }),
             wake: Condvar::new(),
             committed,
             acks_committed: watch::channel(Committed::default()).0,
+            through_durable: watch::channel(Committed::default()).0,
             seq,
             options,
             path: path.to_path_buf(),
@@ -327,7 +375,7 @@ impl Outbox {
         let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("edgegw-outbox".into())
-            .spawn(move || Writer::new(connection, writer_shared).run())
+            .spawn(move || Writer::new(connection, writer_shared, marker, through).run())
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
         Ok(Outbox {
             shared,
@@ -427,6 +475,21 @@ impl Outbox {
         Ticket::batch_of(batch, self.shared.acks_committed.subscribe())
     }
 
+    /// Every entry up to `seq` is acknowledged upstream (the forwarder calls this with the
+    /// end of the acknowledged prefix of what it sent). The ticket resolves once that is
+    /// recorded in a small marker file beside the outbox, written with one `pwrite` (no
+    /// fsync: a power cut can only cause duplicates), so after a crash forwarding resumes
+    /// after `seq`. The rows themselves are deleted later, in batches.
+    pub fn ack_through(&self, seq: u64) -> Ticket {
+        let batch = {
+            let mut state = lock(&self.shared.state);
+            state.through = state.through.max(seq);
+            state.through_batch
+        };
+        self.shared.wake.notify_one();
+        Ticket::batch_of(batch, self.shared.through_durable.subscribe())
+    }
+
     /// Watches the highest committed sequence number (the forwarder sleeps on it).
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.shared.seq.subscribe()
@@ -479,6 +542,46 @@ struct Writer {
     last_expiry: Instant,
     /// When a failed commit may be retried.
     retry_at: Option<Instant>,
+    /// The acknowledgement marker file and the value last written to it.
+    marker: std::fs::File,
+    marker_written: u64,
+    /// Rows up to this seq are deleted (committed).
+    deleted_through: u64,
+    last_delete: Instant,
+}
+
+/// Acknowledged rows are deleted at most this often (or once this many are waiting).
+const DELETE_INTERVAL: Duration = Duration::from_millis(5);
+const DELETE_BATCH: u64 = 1024;
+
+/// The acknowledgement marker beside the outbox file.
+fn marker_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-acked");
+    PathBuf::from(name)
+}
+
+/// The marker: the seq, then its complement, so a torn or foreign file reads as 0 (which
+/// only means: resend from the oldest entry).
+fn read_marker(file: &std::fs::File) -> u64 {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = [0u8; 16];
+    match file.read_exact_at(&mut buf, 0) {
+        Ok(()) => {
+            let seq = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+            let check = u64::from_le_bytes(buf[8..].try_into().expect("8 bytes"));
+            if check == !seq { seq } else { 0 }
+        }
+        Err(_) => 0,
+    }
+}
+
+fn write_marker(file: &std::fs::File, seq: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = [0u8; 16];
+    buf[..8].copy_from_slice(&seq.to_le_bytes());
+    buf[8..].copy_from_slice(&(!seq).to_le_bytes());
+    file.write_all_at(&buf, 0)
 }
 
 /// What one commit changed.
@@ -494,10 +597,19 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Writer {
-    fn new(connection: Connection, shared: Arc<Shared>) -> Self {
+    fn new(
+        connection: Connection,
+        shared: Arc<Shared>,
+        marker: std::fs::File,
+        through: u64,
+    ) -> Self {
         Self {
             connection,
             shared,
+            marker,
+            marker_written: through,
+            deleted_through: through,
+            last_delete: Instant::now(),
             last_commit: Instant::now() - Duration::from_secs(3600),
             last_expiry: Instant::now(),
             retry_at: None,
@@ -519,6 +631,10 @@ impl Writer {
                 loop {
                     let has_writes = !state.appends.is_empty();
                     let acks_due = !state.acks.is_empty() && self.retry_at.is_none();
+                    let marker_due = state.through > self.marker_written;
+                    let deletes_waiting =
+                        state.through > self.deleted_through && self.retry_at.is_none();
+                    let delete_due = deletes_waiting && self.delete_due(&state);
                     let due = self.commit_due();
                     let expiry_due = self.shared.options.max_age.is_some()
                         && self.last_expiry.elapsed() >= EXPIRY_INTERVAL
@@ -527,6 +643,8 @@ impl Writer {
                         || state.closing
                         || expiry_due
                         || acks_due
+                        || marker_due
+                        || delete_due
                         || (has_writes && due.is_none())
                     {
                         break;
@@ -538,6 +656,11 @@ impl Writer {
                         }
                         _ => Duration::from_secs(3600),
                     };
+                    let wait = if deletes_waiting {
+                        wait.min(DELETE_INTERVAL.saturating_sub(self.last_delete.elapsed()))
+                    } else {
+                        wait
+                    };
                     state = self
                         .shared
                         .wake
@@ -547,6 +670,7 @@ impl Writer {
                 }
                 (std::mem::take(&mut state.reads), state.closing)
             };
+            self.write_marker();
             for (after, limit, reply) in reads {
                 let result = self.read(after, limit).map_err(|e| {
                     StoreError::Write(format!("reading {}: {e}", self.shared.path.display()))
@@ -561,7 +685,9 @@ impl Writer {
             };
             if closing || expiry_due || (has_appends && self.commit_due().is_none()) {
                 self.commit(false);
-            } else if has_acks && self.retry_at.is_none_or(|at| at <= Instant::now()) {
+            } else if (has_acks || self.delete_due(&lock(&self.shared.state)))
+                && self.retry_at.is_none_or(|at| at <= Instant::now())
+            {
                 self.commit(true);
             }
             if closing {
@@ -587,6 +713,32 @@ impl Writer {
         drop(state);
         self.shared.committed.send_modify(|c| c.closed = true);
         self.shared.acks_committed.send_modify(|c| c.closed = true);
+    }
+
+    /// Acknowledged rows wait for deletion long enough, or are many enough.
+    fn delete_due(&self, state: &State) -> bool {
+        state.through > self.deleted_through
+            && (self.last_delete.elapsed() >= DELETE_INTERVAL
+                || state.through - self.deleted_through >= DELETE_BATCH)
+    }
+
+    /// Records [`Outbox::ack_through`]'s latest value in the marker file and resolves the
+    /// tickets waiting for it.
+    fn write_marker(&mut self) {
+        let (seq, batch) = {
+            let mut state = lock(&self.shared.state);
+            if state.through <= self.marker_written {
+                return;
+            }
+            state.through_batch += 1;
+            (state.through, state.through_batch - 1)
+        };
+        if let Err(error) = write_marker(&self.marker, seq) {
+            // Only more duplicates after a crash: the rows are still deleted in order.
+            tracing::warn!(uplink = %self.shared.options.uplink, %error, "Cannot write the outbox acknowledgement marker.");
+        }
+        self.marker_written = seq;
+        self.shared.through_durable.send_modify(|c| c.done = batch);
     }
 
     /// `None` when a commit may happen now, else how long until it may.
@@ -627,9 +779,14 @@ impl Writer {
         let expire = !acks_only
             && self.shared.options.max_age.is_some()
             && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
-        let (appends, acks, batch, ack_batch, over) = {
+        let (appends, acks, batch, ack_batch, over, through) = {
             let mut state = lock(&self.shared.state);
-            if (acks_only || state.appends.is_empty()) && state.acks.is_empty() && !expire {
+            let through = (state.through > self.deleted_through).then_some(state.through);
+            if (acks_only || state.appends.is_empty())
+                && state.acks.is_empty()
+                && !expire
+                && through.is_none()
+            {
                 return;
             }
             let ack_batch = state.ack_batch;
@@ -662,6 +819,7 @@ impl Writer {
                 batch,
                 ack_batch,
                 over,
+                through,
             )
         };
         if expire {
@@ -680,7 +838,7 @@ impl Writer {
         if acks_only && synchronous != "OFF" {
             let _ = self.connection.pragma_update(None, "synchronous", "OFF");
         }
-        let result = self.apply(&appends, &acks, over, cutoff);
+        let result = self.apply(&appends, &acks, through, over, cutoff);
         if acks_only && synchronous != "OFF" {
             let _ = self
                 .connection
@@ -692,6 +850,10 @@ impl Writer {
         match result {
             Ok((delta, oldest)) => {
                 self.retry_at = None;
+                if let Some(through) = through {
+                    self.deleted_through = through;
+                    self.last_delete = Instant::now();
+                }
                 self.shared.metrics.commits.increment(1);
                 let last_seq = appends.last().map(|e| e.seq);
                 let mut state = lock(&self.shared.state);
@@ -798,6 +960,7 @@ impl Writer {
         &mut self,
         appends: &[OutboxEntry],
         acks: &[u64],
+        through: Option<u64>,
         over: (u64, u64),
         cutoff: Option<u64>,
     ) -> rusqlite::Result<(Delta, Option<u64>)> {
@@ -805,6 +968,17 @@ impl Writer {
         let tx = self.connection.transaction()?;
         {
             // Deletes first: on a full disk they free the pages the inserts need.
+            if let Some(through) = through {
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE seq <= ?1
+                     RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
+                )?;
+                let mut rows = delete.query(params![through as i64])?;
+                while let Some(row) = rows.next()? {
+                    delta.acked.0 += 1;
+                    delta.acked.1 += row.get::<_, i64>(0)? as u64;
+                }
+            }
             let mut delete = tx.prepare_cached(
                 "DELETE FROM outbox WHERE seq = ?1
                  RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",

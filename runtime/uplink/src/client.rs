@@ -470,6 +470,10 @@ impl Task {
         // credit could overtake an earlier one and break the order.
         let window = usize::from(self.settings.inflight.max(1)).min(up.credit().max(1));
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, Duration, Result<(), Failure>)>(window);
+        // Slots freed by recorded acknowledgements.
+        let (durable_tx, mut durable_rx) = mpsc::channel::<usize>(window);
+        // What was sent, in order, and whether it was acknowledged.
+        let mut sent: VecDeque<(u64, bool)> = VecDeque::with_capacity(window);
         let mut committed = self.outbox.committed();
         let in_flight = Rc::new(Cell::new(0usize));
         // Everything in the outbox is unacknowledged: start from its oldest entry.
@@ -497,37 +501,49 @@ impl Task {
                             break;
                         };
                         in_flight.set(in_flight.get() + 1);
+                        sent.push_back((entry.seq, false));
                         let up = up.clone();
                         let done = done_tx.clone();
-                        let outbox = self.outbox.clone();
                         let seq = entry.seq;
                         ntex::rt::spawn(async move {
-                            let sent = Instant::now();
+                            let started = Instant::now();
                             let result = up.publish(entry).await;
-                            let rtt = sent.elapsed();
-                            // The slot stays taken until the deletion is committed, so a
-                            // crash can re-send at most the in-flight window.
-                            let result = match result {
-                                Ok(()) => outbox
-                                    .ack(seq)
-                                    .wait()
-                                    .await
-                                    .map_err(|e| Failure::Disconnected(format!("outbox: {e}"))),
-                                Err(Failure::Rejected(reason, detail)) => {
-                                    let _ = outbox.ack(seq).wait().await;
-                                    Err(Failure::Rejected(reason, detail))
-                                }
-                                Err(gone) => Err(gone),
-                            };
-                            let _ = done.send((seq, rtt, result)).await;
+                            let _ = done.send((seq, started.elapsed(), result)).await;
                         });
                     }
                     continue;
                 }
             }
             tokio::select! {
+                Some(n) = durable_rx.recv() => {
+                    in_flight.set(in_flight.get() - n);
+                }
                 Some((seq, rtt, result)) = done_rx.recv() => {
-                    in_flight.set(in_flight.get() - 1);
+                    if !matches!(result, Err(Failure::Disconnected(_))) {
+                        // Acknowledged (or refused for good): once the acknowledged prefix
+                        // of what was sent is recorded, its slots free. A crash before that
+                        // re-sends at most the window.
+                        if let Some(slot) = sent.iter_mut().find(|(s, _)| *s == seq) {
+                            slot.1 = true;
+                        }
+                        let mut through = None;
+                        let mut n = 0;
+                        while let Some(&(s, true)) = sent.front() {
+                            sent.pop_front();
+                            through = Some(s);
+                            n += 1;
+                        }
+                        if let Some(through) = through {
+                            let ticket = self.outbox.ack_through(through);
+                            let durable = durable_tx.clone();
+                            ntex::rt::spawn(async move {
+                                if let Err(error) = ticket.wait().await {
+                                    tracing::debug!(%error, "Outbox acknowledgement not recorded.");
+                                }
+                                let _ = durable.send(n).await;
+                            });
+                        }
+                    }
                     match result {
                         Ok(()) => {
                             metrics.forwarded.increment(1);

@@ -277,3 +277,48 @@ async fn a_full_disk_acknowledges_nothing_and_recovers() {
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+#[tokio::test]
+async fn ack_through_is_recorded_at_once_and_rows_follow_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let outbox = Outbox::open(&path, options()).unwrap();
+    let mut last = None;
+    for i in 0..10 {
+        last = Some(queued(append(&outbox, i)));
+    }
+    last.unwrap().wait().await.unwrap();
+    outbox.ack_through(4).wait().await.unwrap();
+    // The rows go within a few milliseconds, with the counts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while outbox.stats().messages != 6 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", outbox.stats());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(all(&outbox).await[0].seq, 5);
+    // Recorded but maybe not deleted when the process dies: the marker decides.
+    outbox.ack_through(7).wait().await.unwrap();
+    drop(outbox);
+    std::fs::write(
+        marker_path(&path),
+        [7u64.to_le_bytes(), (!7u64).to_le_bytes()].concat(),
+    )
+    .unwrap();
+    let outbox = Outbox::open(&path, options()).unwrap();
+    let left: Vec<u64> = all(&outbox).await.iter().map(|e| e.seq).collect();
+    assert_eq!(left, [8, 9, 10]);
+    assert_eq!(outbox.stats().messages, 3);
+    // Everything acknowledged: new entries still number after the last one.
+    outbox.ack_through(10).wait().await.unwrap();
+    outbox.close();
+    let outbox = Outbox::open(&path, options()).unwrap();
+    assert_eq!(outbox.stats().messages, 0);
+    queued(append(&outbox, 99)).wait().await.unwrap();
+    assert_eq!(all(&outbox).await[0].seq, 11, "a seq is never reused");
+    outbox.close();
+    // A torn or foreign marker means: resend from the oldest entry, never skip.
+    std::fs::write(marker_path(&path), b"garbage").unwrap();
+    let outbox = Outbox::open(&path, options()).unwrap();
+    assert_eq!(all(&outbox).await.len(), 1);
+    outbox.close();
+}
