@@ -185,8 +185,8 @@ struct State {
     synced_commits: u64,
     /// Every entry up to this seq is acknowledged upstream ([`Outbox::ack_through`]).
     through: u64,
-    /// Id of the marker write now accumulating (see `through_durable`).
-    through_batch: u64,
+    /// Rows up to this seq are deleted (the writer's `deleted_through`).
+    committed_through: u64,
     /// The last commit failed; appends are held in memory.
     failing: bool,
     closing: bool,
@@ -200,8 +200,9 @@ struct Shared {
     /// fsync (losing one to a power cut only means a duplicate upstream), so they keep
     /// their own batch numbers.
     acks_committed: watch::Sender<Committed>,
-    /// Writes of the acknowledgement marker (see [`Outbox::ack_through`]).
-    through_durable: watch::Sender<Committed>,
+    /// The acknowledgement marker file and the seq last written to it (see
+    /// [`Outbox::ack_through`]).
+    marker: Mutex<(std::fs::File, u64)>,
     /// The highest committed sequence number, for the forwarder to wait on.
     seq: watch::Sender<u64>,
     options: OutboxOptions,
@@ -359,14 +360,14 @@ impl Outbox {
                 commits: 0,
                 synced_commits: 0,
                 through,
-                through_batch: 1,
+                committed_through: through,
                 failing: false,
                 closing: false,
             }),
             wake: Condvar::new(),
             committed,
             acks_committed: watch::channel(Committed::default()).0,
-            through_durable: watch::channel(Committed::default()).0,
+            marker: Mutex::new((marker, through)),
             seq,
             options,
             path: path.to_path_buf(),
@@ -375,7 +376,7 @@ impl Outbox {
         let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("edgegw-outbox".into())
-            .spawn(move || Writer::new(connection, writer_shared, marker, through).run())
+            .spawn(move || Writer::new(connection, writer_shared, through).run())
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
         Ok(Outbox {
             shared,
@@ -476,18 +477,36 @@ impl Outbox {
     }
 
     /// Every entry up to `seq` is acknowledged upstream (the forwarder calls this with the
-    /// end of the acknowledged prefix of what it sent). The ticket resolves once that is
-    /// recorded in a small marker file beside the outbox, written with one `pwrite` (no
-    /// fsync: a power cut can only cause duplicates), so after a crash forwarding resumes
-    /// after `seq`. The rows themselves are deleted later, in batches.
-    pub fn ack_through(&self, seq: u64) -> Ticket {
-        let batch = {
-            let mut state = lock(&self.shared.state);
-            state.through = state.through.max(seq);
-            state.through_batch
+    /// end of the acknowledged prefix of what it sent). Records it before returning in a
+    /// 16-byte marker file beside the outbox, with one `pwrite` to the page cache (no fsync:
+    /// a power cut can only cause duplicates), so after a crash forwarding resumes after
+    /// `seq`; the rows are deleted later, in batches, by the writer thread. The write is a
+    /// few microseconds: call this from the uplink's own thread, not from shared async
+    /// workers.
+    pub fn ack_through(&self, seq: u64) -> std::io::Result<()> {
+        let result = {
+            let mut marker = lock(&self.shared.marker);
+            if seq > marker.1 {
+                let result = write_marker(&marker.0, seq);
+                if result.is_ok() {
+                    marker.1 = seq;
+                }
+                result
+            } else {
+                Ok(())
+            }
         };
-        self.shared.wake.notify_one();
-        Ticket::batch_of(batch, self.shared.through_durable.subscribe())
+        let notify = {
+            let mut state = lock(&self.shared.state);
+            let was = state.through;
+            state.through = state.through.max(seq);
+            was == state.committed_through
+        };
+        if notify {
+            // The writer schedules the deletion.
+            self.shared.wake.notify_one();
+        }
+        result
     }
 
     /// Watches the highest committed sequence number (the forwarder sleeps on it).
@@ -542,9 +561,6 @@ struct Writer {
     last_expiry: Instant,
     /// When a failed commit may be retried.
     retry_at: Option<Instant>,
-    /// The acknowledgement marker file and the value last written to it.
-    marker: std::fs::File,
-    marker_written: u64,
     /// Rows up to this seq are deleted (committed).
     deleted_through: u64,
     last_delete: Instant,
@@ -597,17 +613,10 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Writer {
-    fn new(
-        connection: Connection,
-        shared: Arc<Shared>,
-        marker: std::fs::File,
-        through: u64,
-    ) -> Self {
+    fn new(connection: Connection, shared: Arc<Shared>, through: u64) -> Self {
         Self {
             connection,
             shared,
-            marker,
-            marker_written: through,
             deleted_through: through,
             last_delete: Instant::now(),
             last_commit: Instant::now() - Duration::from_secs(3600),
@@ -631,7 +640,6 @@ impl Writer {
                 loop {
                     let has_writes = !state.appends.is_empty();
                     let acks_due = !state.acks.is_empty() && self.retry_at.is_none();
-                    let marker_due = state.through > self.marker_written;
                     let deletes_waiting =
                         state.through > self.deleted_through && self.retry_at.is_none();
                     let delete_due = deletes_waiting && self.delete_due(&state);
@@ -643,7 +651,6 @@ impl Writer {
                         || state.closing
                         || expiry_due
                         || acks_due
-                        || marker_due
                         || delete_due
                         || (has_writes && due.is_none())
                     {
@@ -670,7 +677,6 @@ impl Writer {
                 }
                 (std::mem::take(&mut state.reads), state.closing)
             };
-            self.write_marker();
             for (after, limit, reply) in reads {
                 let result = self.read(after, limit).map_err(|e| {
                     StoreError::Write(format!("reading {}: {e}", self.shared.path.display()))
@@ -720,25 +726,6 @@ impl Writer {
         state.through > self.deleted_through
             && (self.last_delete.elapsed() >= DELETE_INTERVAL
                 || state.through - self.deleted_through >= DELETE_BATCH)
-    }
-
-    /// Records [`Outbox::ack_through`]'s latest value in the marker file and resolves the
-    /// tickets waiting for it.
-    fn write_marker(&mut self) {
-        let (seq, batch) = {
-            let mut state = lock(&self.shared.state);
-            if state.through <= self.marker_written {
-                return;
-            }
-            state.through_batch += 1;
-            (state.through, state.through_batch - 1)
-        };
-        if let Err(error) = write_marker(&self.marker, seq) {
-            // Only more duplicates after a crash: the rows are still deleted in order.
-            tracing::warn!(uplink = %self.shared.options.uplink, %error, "Cannot write the outbox acknowledgement marker.");
-        }
-        self.marker_written = seq;
-        self.shared.through_durable.send_modify(|c| c.done = batch);
     }
 
     /// `None` when a commit may happen now, else how long until it may.
@@ -853,6 +840,7 @@ impl Writer {
                 if let Some(through) = through {
                     self.deleted_through = through;
                     self.last_delete = Instant::now();
+                    lock(&self.shared.state).committed_through = through;
                 }
                 self.shared.metrics.commits.increment(1);
                 let last_seq = appends.last().map(|e| e.seq);

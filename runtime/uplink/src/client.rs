@@ -28,7 +28,7 @@ use crate::{Endpoint, Protocol, UplinkSettings, qos_of};
 /// How long a connection attempt (TCP, TLS, CONNECT/CONNACK) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Entries read from the outbox at once.
-const READ_AHEAD: usize = 256;
+const READ_AHEAD: usize = 1024;
 /// Session expiry asked for when `clean_start` is false (MQTT 5).
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 
@@ -470,8 +470,6 @@ impl Task {
         // credit could overtake an earlier one and break the order.
         let window = usize::from(self.settings.inflight.max(1)).min(up.credit().max(1));
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, Duration, Result<(), Failure>)>(window);
-        // Slots freed by recorded acknowledgements.
-        let (durable_tx, mut durable_rx) = mpsc::channel::<usize>(window);
         // What was sent, in order, and whether it was acknowledged.
         let mut sent: VecDeque<(u64, bool)> = VecDeque::with_capacity(window);
         let mut committed = self.outbox.committed();
@@ -515,9 +513,6 @@ impl Task {
                 }
             }
             tokio::select! {
-                Some(n) = durable_rx.recv() => {
-                    in_flight.set(in_flight.get() - n);
-                }
                 Some((seq, rtt, result)) = done_rx.recv() => {
                     if !matches!(result, Err(Failure::Disconnected(_))) {
                         // Acknowledged (or refused for good): once the acknowledged prefix
@@ -534,14 +529,12 @@ impl Task {
                             n += 1;
                         }
                         if let Some(through) = through {
-                            let ticket = self.outbox.ack_through(through);
-                            let durable = durable_tx.clone();
-                            ntex::rt::spawn(async move {
-                                if let Err(error) = ticket.wait().await {
-                                    tracing::debug!(%error, "Outbox acknowledgement not recorded.");
-                                }
-                                let _ = durable.send(n).await;
-                            });
+                            // This thread is the uplink's own: the marker write (a few
+                            // microseconds) stalls nothing else.
+                            if let Err(error) = self.outbox.ack_through(through) {
+                                return format!("recording acknowledgements in the outbox failed: {error}");
+                            }
+                            in_flight.set(in_flight.get() - n);
                         }
                     }
                     match result {

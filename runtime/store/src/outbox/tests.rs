@@ -288,7 +288,7 @@ async fn ack_through_is_recorded_at_once_and_rows_follow_in_batches() {
         last = Some(queued(append(&outbox, i)));
     }
     last.unwrap().wait().await.unwrap();
-    outbox.ack_through(4).wait().await.unwrap();
+    outbox.ack_through(4).unwrap();
     // The rows go within a few milliseconds, with the counts.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while outbox.stats().messages != 6 {
@@ -297,7 +297,7 @@ async fn ack_through_is_recorded_at_once_and_rows_follow_in_batches() {
     }
     assert_eq!(all(&outbox).await[0].seq, 5);
     // Recorded but maybe not deleted when the process dies: the marker decides.
-    outbox.ack_through(7).wait().await.unwrap();
+    outbox.ack_through(7).unwrap();
     drop(outbox);
     std::fs::write(
         marker_path(&path),
@@ -309,7 +309,7 @@ async fn ack_through_is_recorded_at_once_and_rows_follow_in_batches() {
     assert_eq!(left, [8, 9, 10]);
     assert_eq!(outbox.stats().messages, 3);
     // Everything acknowledged: new entries still number after the last one.
-    outbox.ack_through(10).wait().await.unwrap();
+    outbox.ack_through(10).unwrap();
     outbox.close();
     let outbox = Outbox::open(&path, options()).unwrap();
     assert_eq!(outbox.stats().messages, 0);
