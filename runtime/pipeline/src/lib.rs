@@ -211,6 +211,7 @@ impl Queue {
     /// Moves up to `max` messages into `batch`, waiting for one if there is none; `false`
     /// once closed and empty.
     fn pop_batch(&self, batch: &mut Vec<Arc<Message>>, max: usize) -> bool {
+        let mut yielded = false;
         let mut state = lock(&self.state);
         loop {
             if !state.items.is_empty() || !state.blocked.is_empty() {
@@ -232,6 +233,16 @@ impl Queue {
             }
             if state.closed {
                 return false;
+            }
+            if !yielded {
+                // Let the network threads run first (they may be about to queue more): on a
+                // gateway whose broker shares one core, waking for every message would mean a
+                // context switch per message.
+                yielded = true;
+                drop(state);
+                std::thread::yield_now();
+                state = lock(&self.state);
+                continue;
             }
             state.idle = true;
             state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
