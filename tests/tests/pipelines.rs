@@ -68,7 +68,7 @@ fn example_rules_transform_and_hostile_plugins_are_contained() {
          \x20 - {{ name: loop, path: {looping}, limits: {{ time: 20ms }} }}\n\
          \x20 - {{ name: alloc, path: {alloc}, limits: {{ memory: 4MiB }} }}\n\
          \x20 - {{ name: panic, path: {panic} }}\n\
-         \x20 - {{ name: flood, path: {flood}, limits: {{ max_outputs: 100 }} }}\n",
+         \x20 - {{ name: flood, path: {flood}, limits: {{ max_outputs: 100, time: 2s }} }}\n",
         c2f = wasm("celsius-to-fahrenheit"),
         alert = wasm("threshold-alert"),
         deadband = wasm("deadband"),
