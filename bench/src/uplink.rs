@@ -48,6 +48,13 @@ fn write_bytes() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Bytes written since `before` (a [`write_bytes`] reading).
+fn written_since(before: Option<u64>) -> Option<u64> {
+    write_bytes()
+        .zip(before)
+        .map(|(after, before)| after.saturating_sub(before))
+}
+
 fn options(fsync: Fsync) -> OutboxOptions {
     let mut options = OutboxOptions::new("bench");
     options.fsync = fsync;
@@ -93,9 +100,7 @@ fn enqueue_rows(rt: &tokio::runtime::Runtime, dir: &Path, count: usize) -> Resul
         let elapsed = started.elapsed().as_secs_f64();
         let stats = outbox.stats();
         outbox.close();
-        let written = write_bytes()
-            .zip(before)
-            .map(|(after, before)| after.saturating_sub(before));
+        let written = written_since(before);
         let row = format!(
             "| enqueue, `fsync: {}` | {:.0} msg/s | {} commits ({:.0}/s), {} synced ({:.0}/s) | {} |",
             fsync_name(fsync),
@@ -301,9 +306,7 @@ fn paced_row(dir: &Path, rate: usize, secs: u64) -> Result<String> {
     let elapsed = started.elapsed().as_secs_f64();
     let stats = outbox.stats();
     outbox.close();
-    let written = write_bytes()
-        .zip(before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let written = written_since(before);
     let _ = std::fs::remove_file(&path);
     let row = format!(
         "| steady {rate} msg/s for {secs} s, `fsync: batch` | {:.0} msg/s | {:.0} commits/s, {:.0} fsyncs/s | {} |",

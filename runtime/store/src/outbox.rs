@@ -5,8 +5,10 @@
 //! [`Outbox::append`] without blocking and get a [`Ticket`] that resolves once the message is
 //! durable (the uplink acknowledges the local publisher only then). The forwarder reads
 //! committed entries in sequence order with [`Outbox::fetch`] (served by the same thread, off
-//! the async workers) and deletes each with [`Outbox::ack`] once the cloud broker has
-//! acknowledged it; after a restart forwarding resumes from the oldest entry left.
+//! the async workers) and reports the acknowledged prefix with [`Outbox::ack_through`]: that
+//! is recorded at once in a 16-byte marker file beside the outbox (`<file>-acked`), and the
+//! rows are deleted later, in batches, by the writer. After a restart the rows up to the
+//! marker are deleted and forwarding resumes from the oldest entry left.
 //!
 //! Bounds (`max_messages`, `max_bytes`, `max_age`) are enforced here, with the policy
 //! [`OnFull`]; every drop is counted with its reason. Counts and bytes live in a one-row
@@ -163,7 +165,6 @@ type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
 struct State {
     appends: Vec<OutboxEntry>,
-    acks: Vec<u64>,
     reads: Vec<(
         u64,
         usize,
@@ -173,8 +174,6 @@ struct State {
     /// Admitted blocked messages: resolved when batch `.0` commits.
     signals: Vec<(u64, Waiter)>,
     batch: u64,
-    /// Id of the acknowledgement batch now accumulating (see `acks_committed`).
-    ack_batch: u64,
     next_seq: u64,
     /// Messages and bytes accepted and not yet deleted (committed or pending).
     messages: u64,
@@ -199,7 +198,6 @@ struct Shared {
     /// Deletions of acknowledged entries commit on their own, right away and without an
     /// fsync (losing one to a power cut only means a duplicate upstream), so they keep
     /// their own batch numbers.
-    acks_committed: watch::Sender<Committed>,
     /// The acknowledgement marker file and the seq last written to it (see
     /// [`Outbox::ack_through`]).
     marker: Mutex<(std::fs::File, u64)>,
@@ -346,12 +344,10 @@ impl Outbox {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 appends: Vec::new(),
-                acks: Vec::new(),
                 reads: Vec::new(),
                 blocked: VecDeque::new(),
                 signals: Vec::new(),
                 batch: 1,
-                ack_batch: 1,
                 next_seq: last_seq + 1,
                 messages: messages as u64,
                 bytes: bytes as u64,
@@ -366,7 +362,6 @@ impl Outbox {
             }),
             wake: Condvar::new(),
             committed,
-            acks_committed: watch::channel(Committed::default()).0,
             marker: Mutex::new((marker, through)),
             seq,
             options,
@@ -462,18 +457,6 @@ impl Outbox {
         }
         self.shared.wake.notify_one();
         rx.await.unwrap_or(Err(StoreError::Closed))
-    }
-
-    /// The cloud broker acknowledged entry `seq`: delete it. The ticket resolves once the
-    /// deletion is committed (after which a crash cannot bring the entry back).
-    pub fn ack(&self, seq: u64) -> Ticket {
-        let batch = {
-            let mut state = lock(&self.shared.state);
-            state.acks.push(seq);
-            state.ack_batch
-        };
-        self.shared.wake.notify_one();
-        Ticket::batch_of(batch, self.shared.acks_committed.subscribe())
     }
 
     /// Every entry up to `seq` is acknowledged upstream (the forwarder calls this with the
@@ -639,9 +622,8 @@ impl Writer {
                 let mut state = lock(&self.shared.state);
                 loop {
                     let has_writes = !state.appends.is_empty();
-                    let acks_due = !state.acks.is_empty() && self.retry_at.is_none();
                     let deletes_waiting =
-                        state.through > self.deleted_through && self.retry_at.is_none();
+                        self.deletable(&state).is_some() && self.retry_at.is_none();
                     let delete_due = deletes_waiting && self.delete_due(&state);
                     let due = self.commit_due();
                     let expiry_due = self.shared.options.max_age.is_some()
@@ -650,13 +632,12 @@ impl Writer {
                     if !state.reads.is_empty()
                         || state.closing
                         || expiry_due
-                        || acks_due
                         || delete_due
                         || (has_writes && due.is_none())
                     {
                         break;
                     }
-                    let wait = match (has_writes || !state.acks.is_empty(), due) {
+                    let wait = match (has_writes, due) {
                         (true, Some(wait)) => wait,
                         _ if self.shared.options.max_age.is_some() && state.messages > 0 => {
                             EXPIRY_INTERVAL
@@ -685,13 +666,10 @@ impl Writer {
             }
             let expiry_due = self.shared.options.max_age.is_some()
                 && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
-            let (has_appends, has_acks) = {
-                let state = lock(&self.shared.state);
-                (!state.appends.is_empty(), !state.acks.is_empty())
-            };
+            let has_appends = !lock(&self.shared.state).appends.is_empty();
             if closing || expiry_due || (has_appends && self.commit_due().is_none()) {
                 self.commit(false);
-            } else if (has_acks || self.delete_due(&lock(&self.shared.state)))
+            } else if self.delete_due(&lock(&self.shared.state))
                 && self.retry_at.is_none_or(|at| at <= Instant::now())
             {
                 self.commit(true);
@@ -699,7 +677,7 @@ impl Writer {
             if closing {
                 let pending = {
                     let state = lock(&self.shared.state);
-                    state.appends.len() + state.acks.len()
+                    state.appends.len()
                 };
                 if pending == 0 || self.retry_at.is_some() {
                     break;
@@ -718,14 +696,21 @@ impl Writer {
         }
         drop(state);
         self.shared.committed.send_modify(|c| c.closed = true);
-        self.shared.acks_committed.send_modify(|c| c.closed = true);
     }
 
     /// Acknowledged rows wait for deletion long enough, or are many enough.
     fn delete_due(&self, state: &State) -> bool {
-        state.through > self.deleted_through
-            && (self.last_delete.elapsed() >= DELETE_INTERVAL
-                || state.through - self.deleted_through >= DELETE_BATCH)
+        self.deletable(state).is_some_and(|through| {
+            self.last_delete.elapsed() >= DELETE_INTERVAL
+                || through - self.deleted_through >= DELETE_BATCH
+        })
+    }
+
+    /// Acknowledged rows not deleted yet: up to this seq. Only committed rows: an entry is
+    /// acknowledged only after it was read, but a caller could name one still pending.
+    fn deletable(&self, state: &State) -> Option<u64> {
+        let through = state.through.min(state.committed_seq);
+        (through > self.deleted_through).then_some(through)
     }
 
     /// `None` when a commit may happen now, else how long until it may.
@@ -766,18 +751,12 @@ impl Writer {
         let expire = !acks_only
             && self.shared.options.max_age.is_some()
             && self.last_expiry.elapsed() >= EXPIRY_INTERVAL;
-        let (appends, acks, batch, ack_batch, over, through) = {
+        let (appends, batch, over, through) = {
             let mut state = lock(&self.shared.state);
-            let through = (state.through > self.deleted_through).then_some(state.through);
-            if (acks_only || state.appends.is_empty())
-                && state.acks.is_empty()
-                && !expire
-                && through.is_none()
-            {
+            let through = self.deletable(&state);
+            if (acks_only || state.appends.is_empty()) && !expire && through.is_none() {
                 return;
             }
-            let ack_batch = state.ack_batch;
-            state.ack_batch += 1;
             let batch = if acks_only {
                 None
             } else {
@@ -800,14 +779,7 @@ impl Writer {
                 std::mem::take(&mut state.appends)
             };
             let over = if acks_only { (0, 0) } else { over };
-            (
-                appends,
-                std::mem::take(&mut state.acks),
-                batch,
-                ack_batch,
-                over,
-                through,
-            )
+            (appends, batch, over, through)
         };
         if expire {
             self.last_expiry = Instant::now();
@@ -825,7 +797,7 @@ impl Writer {
         if acks_only && synchronous != "OFF" {
             let _ = self.connection.pragma_update(None, "synchronous", "OFF");
         }
-        let result = self.apply(&appends, &acks, through, over, cutoff);
+        let result = self.apply(&appends, through, over, cutoff);
         if acks_only && synchronous != "OFF" {
             let _ = self
                 .connection
@@ -907,9 +879,6 @@ impl Writer {
                 if let Some(batch) = batch {
                     self.shared.committed.send_modify(|c| c.done = batch);
                 }
-                self.shared
-                    .acks_committed
-                    .send_modify(|c| c.done = ack_batch);
                 if let Some(seq) = last_seq {
                     self.shared.seq.send_replace(seq);
                 }
@@ -933,9 +902,6 @@ impl Writer {
                 let mut back = appends;
                 back.append(&mut state.appends);
                 state.appends = back;
-                let mut back_acks = acks;
-                back_acks.append(&mut state.acks);
-                state.acks = back_acks;
                 // `done` stays below the failed batch; the retry commits these entries under
                 // a later batch number, which resolves the failed batch's tickets too.
             }
@@ -947,7 +913,6 @@ impl Writer {
     fn apply(
         &mut self,
         appends: &[OutboxEntry],
-        acks: &[u64],
         through: Option<u64>,
         over: (u64, u64),
         cutoff: Option<u64>,
@@ -967,40 +932,6 @@ impl Writer {
                     delta.acked.1 += row.get::<_, i64>(0)? as u64;
                 }
             }
-            let mut delete = tx.prepare_cached(
-                "DELETE FROM outbox WHERE seq = ?1
-                 RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
-            )?;
-            // Acknowledged entries are committed ones (the forwarder reads nothing else);
-            // one still pending is deleted after the inserts. Acks come mostly in order:
-            // contiguous runs are deleted with one statement each.
-            let first_pending = appends.first().map_or(u64::MAX, |e| e.seq);
-            let mut sorted: Vec<u64> = acks.to_vec();
-            sorted.sort_unstable();
-            sorted.dedup();
-            let later: Vec<u64> = sorted
-                .iter()
-                .copied()
-                .filter(|s| *s >= first_pending)
-                .collect();
-            sorted.retain(|s| *s < first_pending);
-            let mut range = tx.prepare_cached(
-                "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2
-                 RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
-            )?;
-            let mut i = 0;
-            while i < sorted.len() {
-                let mut j = i;
-                while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
-                    j += 1;
-                }
-                let mut rows = range.query(params![sorted[i] as i64, sorted[j] as i64])?;
-                while let Some(row) = rows.next()? {
-                    delta.acked.0 += 1;
-                    delta.acked.1 += row.get::<_, i64>(0)? as u64;
-                }
-                i = j + 1;
-            }
             let mut insert = tx.prepare_cached(
                 "INSERT INTO outbox(seq, topic, payload, qos, retain, properties, enqueued_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1015,13 +946,6 @@ impl Writer {
                     e.properties,
                     e.enqueued_ms as i64
                 ])?;
-            }
-            for seq in later {
-                let mut rows = delete.query(params![seq as i64])?;
-                if let Some(row) = rows.next()? {
-                    delta.acked.0 += 1;
-                    delta.acked.1 += row.get::<_, i64>(0)? as u64;
-                }
             }
             // drop_oldest: trim from the head until within bounds.
             let (mut over_messages, mut over_bytes) = over;

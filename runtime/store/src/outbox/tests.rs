@@ -53,7 +53,7 @@ async fn entries_come_back_in_order_and_survive_reopening() {
         [11, 12, 13, 14, 15]
     );
     for seq in 1..=40 {
-        outbox.ack(seq);
+        outbox.ack_through(seq).unwrap();
     }
     // The acknowledgements commit with the next append.
     queued(append(&outbox, 100)).wait().await.unwrap();
@@ -92,7 +92,7 @@ async fn drop_new_refuses_at_the_bounds() {
         queued(append(&outbox, i));
     }
     assert!(matches!(append(&outbox, 5), Appended::Dropped("full")));
-    outbox.ack(1);
+    outbox.ack_through(1).unwrap();
     // Space returns once the acknowledgement is committed.
     tokio::time::sleep(Duration::from_millis(50)).await;
     queued(append(&outbox, 6)).wait().await.unwrap();
@@ -187,7 +187,7 @@ async fn block_holds_the_ticket_until_space_frees() {
             .is_err(),
         "a blocked message must not be durable before there is room"
     );
-    outbox.ack(1);
+    outbox.ack_through(1).unwrap();
     // The ack alone commits; the blocked message is admitted right after.
     tokio::time::timeout(Duration::from_secs(5), blocked)
         .await
@@ -196,7 +196,7 @@ async fn block_holds_the_ticket_until_space_frees() {
     let seqs: Vec<u64> = all(&outbox).await.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [2, 3, 4]);
     assert_eq!(all(&outbox).await[2].topic, "t/3");
-    outbox.ack(2);
+    outbox.ack_through(2).unwrap();
     tokio::time::timeout(Duration::from_secs(5), second.wait())
         .await
         .expect("second admitted")
@@ -256,7 +256,7 @@ async fn a_full_disk_acknowledges_nothing_and_recovers() {
     // message is written.
     let held = queued(outbox.append("t", b"after", 1, false, Vec::new()));
     for e in &entries {
-        outbox.ack(e.seq);
+        outbox.ack_through(e.seq).unwrap();
     }
     tokio::time::timeout(Duration::from_secs(10), held.wait())
         .await
