@@ -133,6 +133,13 @@ impl Gateway {
                 } else if let Some(addr) = url.strip_prefix("http://") {
                     gateway.metrics = addr.trim_end_matches("/metrics").parse().unwrap();
                 }
+                // "Status page and metrics listening." names the address as `metrics`.
+                if let Some(addr) = line["fields"]["metrics"]
+                    .as_str()
+                    .and_then(|m| m.strip_prefix("http://"))
+                {
+                    gateway.metrics = addr.trim_end_matches("/metrics").parse().unwrap();
+                }
             }
             if gateway.mqtt.port() != 0 && gateway.metrics.port() != 0 {
                 break;
@@ -315,6 +322,25 @@ pub fn require_mosquitto_clients() {
         found,
         "mosquitto_pub/mosquitto_sub are not installed: run the README's test command, \
          which installs Debian's mosquitto-clients, or `apt-get install mosquitto-clients`"
+    );
+}
+
+/// The headless browser of the status page tests: Debian's `chromium`.
+pub const CHROMIUM: &str = "chromium";
+
+/// Panics with what to do when Debian's chromium is missing (the README's test command
+/// installs it).
+pub fn require_chromium() {
+    let found = Command::new(CHROMIUM)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "chromium is not installed: run the README's test command, which installs Debian's \
+         chromium, or `apt-get install chromium`"
     );
 }
 

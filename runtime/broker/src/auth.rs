@@ -187,13 +187,22 @@ impl<'a> LoginRequest<'a> {
 
 /// Checks CONNECTs and resolves ACLs; shared by all connections.
 pub(crate) struct Authenticator {
-    allow_anonymous: bool,
-    passwords: Option<Arc<PasswordFile>>,
-    acl: AclSettings,
+    /// Swapped whole by a reload; connections re-resolve their ACL when `generation` moves.
+    policy: std::sync::RwLock<Arc<Policy>>,
+    generation: std::sync::atomic::AtomicU64,
     failures: Mutex<limiter::FailureTracker>,
     verify_slots: Arc<Semaphore>,
     cache: Mutex<VerifiedCache>,
     metrics: AuthMetrics,
+}
+
+/// What a reload can change: who may connect and what they may do.
+struct Policy {
+    allow_anonymous: bool,
+    passwords: Option<Arc<PasswordFile>>,
+    acl: AclSettings,
+    max_failures: u32,
+    failure_window: Duration,
 }
 
 struct AuthMetrics {
@@ -205,9 +214,14 @@ impl Authenticator {
     pub fn new(settings: AuthSettings) -> Self {
         let parallel = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         Self {
-            allow_anonymous: settings.allow_anonymous,
-            passwords: settings.passwords,
-            acl: settings.acl,
+            policy: std::sync::RwLock::new(Arc::new(Policy {
+                allow_anonymous: settings.allow_anonymous,
+                passwords: settings.passwords,
+                acl: settings.acl,
+                max_failures: settings.max_failures,
+                failure_window: settings.failure_window,
+            })),
+            generation: std::sync::atomic::AtomicU64::new(0),
             failures: Mutex::new(limiter::FailureTracker::new(
                 settings.max_failures,
                 settings.failure_window,
@@ -228,8 +242,49 @@ impl Authenticator {
         }
     }
 
+    /// Replaces who may connect and the ACL (a config reload). New CONNECTs use the new
+    /// policy at once; open connections re-resolve their ACL at their next PUBLISH or
+    /// SUBSCRIBE. Remembered password verifications are forgotten.
+    pub fn reload(&self, settings: AuthSettings) {
+        let policy = Policy {
+            allow_anonymous: settings.allow_anonymous,
+            passwords: settings.passwords,
+            acl: settings.acl,
+            max_failures: settings.max_failures,
+            failure_window: settings.failure_window,
+        };
+        let limits_changed = {
+            let old = self.policy();
+            old.max_failures != policy.max_failures || old.failure_window != policy.failure_window
+        };
+        if limits_changed {
+            *self.failures_lock() = limiter::FailureTracker::new(
+                policy.max_failures,
+                policy.failure_window,
+                limiter::DEFAULT_CAPACITY,
+            );
+        }
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *self.cache_lock() = VerifiedCache::new(CACHE_CAPACITY, CACHE_TTL, rand::random());
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Moves on every [`Authenticator::reload`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The user name a CONNECT authenticates as (`None`: anonymous), or why it is refused.
     pub async fn login(&self, request: LoginRequest<'_>) -> Result<Option<String>, Refusal> {
+        let policy = self.policy();
         if self.is_refused(request.peer) {
             return Err(self.fail(&request, FailureReason::Banned, Refusal::Banned));
         }
@@ -246,13 +301,13 @@ impl Authenticator {
             }
         }
         let Some(username) = request.username else {
-            if self.allow_anonymous {
+            if policy.allow_anonymous {
                 return Ok(None);
             }
             return Err(self.fail(&request, FailureReason::Anonymous, Refusal::NotAuthorized));
         };
-        let Some(passwords) = &self.passwords else {
-            if self.allow_anonymous {
+        let Some(passwords) = &policy.passwords else {
+            if policy.allow_anonymous {
                 tracing::debug!(
                     client_id = request.client_id,
                     user = username,
@@ -315,7 +370,7 @@ impl Authenticator {
 
     /// The ACL of one client.
     pub fn acl_for(&self, user: Option<&str>, client_id: &str) -> ClientAcl {
-        self.acl.for_client(user, client_id)
+        self.policy().acl.for_client(user, client_id)
     }
 
     /// May the client's will be published under its ACL? A will the client could not
@@ -397,9 +452,23 @@ impl Authenticator {
 
 /// ACL checks on a connection; denials are logged and counted.
 impl Conn {
+    /// The client's ACL, resolved again when a reload changed the rules since the last look.
+    fn current_acl(&self) -> std::cell::Ref<'_, ClientAcl> {
+        let generation = self.shared.auth.generation();
+        if self.acl_generation.get() != generation {
+            let fresh = self
+                .shared
+                .auth
+                .acl_for(self.user.as_deref(), self.client_id());
+            *self.acl.borrow_mut() = fresh;
+            self.acl_generation.set(generation);
+        }
+        self.acl.borrow()
+    }
+
     /// May this client publish to `topic`?
     pub fn may_publish(&self, topic: &str) -> bool {
-        let allowed = self.acl.may_publish(topic);
+        let allowed = self.current_acl().may_publish(topic);
         if !allowed {
             self.shared.auth.acl_denied(Operation::Publish);
             // Per message, so debug: a client retrying in a loop must not flood the log.
@@ -415,13 +484,14 @@ impl Conn {
     /// May this client subscribe to `filter` (as sent, possibly `$share/group/...`)? An
     /// invalid filter is allowed here; subscribing reports it.
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        if self.acl.allows_everything() {
+        let acl = self.current_acl();
+        if acl.allows_everything() {
             return true;
         }
         let Ok(parsed) = crate::topic::Filter::parse(filter) else {
             return true;
         };
-        let allowed = self.acl.may_subscribe(&parsed.filter);
+        let allowed = acl.may_subscribe(&parsed.filter);
         if !allowed {
             self.shared.auth.acl_denied(Operation::Subscribe);
             tracing::info!(

@@ -127,8 +127,12 @@ pub(crate) struct Conn {
     /// Packet ids of PUBRELs the writer re-sent after a reconnect (ntex does not know
     /// them); [`ReleaseGuard`] takes their PUBCOMP before ntex would reject it.
     pub resent_releases: Rc<RefCell<HashSet<u16>>>,
-    /// What this client may publish and subscribe to (resolved at CONNECT).
-    pub acl: crate::acl::ClientAcl,
+    /// What this client may publish and subscribe to: resolved at CONNECT, and again after a
+    /// reload moved the authenticator's generation past `acl_generation`.
+    pub acl: RefCell<crate::acl::ClientAcl>,
+    pub acl_generation: Cell<u64>,
+    /// The authenticated user name (`None`: anonymous), for resolving the ACL again.
+    pub user: Option<Arc<str>>,
     finished: Cell<bool>,
     _slot: Slot,
 }
@@ -140,7 +144,9 @@ impl Conn {
         generation: u64,
         protocol: Protocol,
         will: Option<Will>,
+        user: Option<Arc<str>>,
         acl: crate::acl::ClientAcl,
+        acl_generation: u64,
         slot: Slot,
     ) -> Self {
         shared.router.metrics().connection_opened(protocol);
@@ -158,7 +164,9 @@ impl Conn {
             closed: Rc::new(Notify::new()),
             rate,
             resent_releases: Rc::new(RefCell::new(HashSet::new())),
-            acl,
+            acl: RefCell::new(acl),
+            acl_generation: Cell::new(acl_generation),
+            user,
             finished: Cell::new(false),
             _slot: slot,
         }

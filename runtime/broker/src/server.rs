@@ -92,6 +92,7 @@ pub struct Broker {
     server: ntex::server::Server,
     thread: Option<JoinHandle<std::io::Result<()>>>,
     listeners: Vec<BoundListener>,
+    shared: Arc<Shared>,
 }
 
 impl Broker {
@@ -141,6 +142,7 @@ impl Broker {
             next_client_number: std::sync::atomic::AtomicU64::new(1),
         });
         let limits = settings.limits;
+        let kept = shared.clone();
 
         let (started, server) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -216,11 +218,22 @@ impl Broker {
             server,
             thread: Some(thread),
             listeners,
+            shared: kept,
         })
     }
 
     pub fn listeners(&self) -> &[BoundListener] {
         &self.listeners
+    }
+
+    /// Applies new authentication settings and ACLs without dropping connections (a config
+    /// reload): new CONNECTs are checked against them at once, and every open connection
+    /// resolves its ACL again at its next PUBLISH or SUBSCRIBE. Subscriptions made before are
+    /// kept. An invalid ACL is refused and nothing changes.
+    pub fn reload_auth(&self, auth: AuthSettings) -> Result<(), BrokerError> {
+        auth.acl.validate()?;
+        self.shared.auth.reload(auth);
+        Ok(())
     }
 
     /// Stops accepting, closes connections (each ends its session as a disconnect would),

@@ -76,6 +76,7 @@ pub(crate) async fn connect(
     } else {
         packet.client_id.to_string()
     };
+    let acl_generation = shared.auth.generation();
     let acl = shared.auth.acl_for(user.as_deref(), &client_id);
     if !shared.auth.will_allowed(&acl, &client_id, will.as_ref()) {
         return Ok(connect.not_authorized());
@@ -92,7 +93,9 @@ pub(crate) async fn connect(
         attached.generation,
         Protocol::V311,
         will,
+        user.as_deref().map(Arc::from),
         acl,
+        acl_generation,
         slot,
     );
     tracing::info!(

@@ -93,6 +93,7 @@ pub(crate) async fn connect(
     } else {
         (packet.client_id.to_string(), None)
     };
+    let acl_generation = shared.auth.generation();
     let acl = shared.auth.acl_for(user.as_deref(), &client_id);
     if !shared.auth.will_allowed(&acl, &client_id, will.as_ref()) {
         return Ok(connect.failed(ConnectAckReason::NotAuthorized));
@@ -114,7 +115,9 @@ pub(crate) async fn connect(
         attached.generation,
         Protocol::V5,
         will,
+        user.as_deref().map(Arc::from),
         acl,
+        acl_generation,
         slot,
     );
     tracing::info!(

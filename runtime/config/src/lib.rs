@@ -15,15 +15,36 @@
 mod json;
 mod locate;
 mod model;
+mod schema;
 mod units;
 mod validate;
 
 use std::{fmt, path::Path};
 
 pub use model::*;
+pub use schema::json_schema;
 pub use units::{ByteSize, Duration};
 
 use locate::{PathSeg, locate};
+
+/// A plugin `path` starting with this names a plugin built into the gateway.
+pub const BUILTIN_PREFIX: &str = "builtin:";
+
+/// The plugins built into the gateway (the SDK's example rules), for `path: builtin:NAME`.
+pub const BUILTIN_PLUGINS: &[&str] = &[
+    "celsius-to-fahrenheit",
+    "threshold-alert",
+    "deadband",
+    "enrich",
+];
+
+/// Whether a plugin path is `builtin:NAME` (whatever the name).
+pub fn is_builtin(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| p.starts_with(BUILTIN_PREFIX))
+}
+
+/// The embedded default config (`configs/demo.yaml`): what `edgegw run` without `-c` runs.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../configs/demo.yaml");
 
 /// One problem in a config file, with its position when it is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +81,16 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl Config {
+    /// The embedded default config ([`EMBEDDED_DEFAULT`]), parsed; relative paths are
+    /// relative to the working directory.
+    pub fn embedded_default() -> Result<Self, ConfigErrors> {
+        Self::from_yaml(
+            "embedded default config (configs/demo.yaml)",
+            EMBEDDED_DEFAULT,
+            Path::new(""),
+        )
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let file = path.display().to_string();
@@ -192,7 +223,9 @@ impl Config {
             }
         }
         for plugin in &mut self.plugins {
-            join(&mut plugin.path);
+            if !is_builtin(&plugin.path) {
+                join(&mut plugin.path);
+            }
         }
     }
 
@@ -267,8 +300,22 @@ impl Config {
                 .collect();
             format!("; pipelines: {}", list.join(", "))
         };
+        let mut nodes = Vec::new();
+        if !self.nodes.serial.is_empty() {
+            let ports: Vec<&str> = self.nodes.serial.iter().map(|s| s.port.as_str()).collect();
+            nodes.push(format!("serial {}", ports.join(", ")));
+        }
+        if !self.nodes.simulated.is_empty() {
+            let names: Vec<&str> = self.nodes.simulated.iter().map(|s| s.id.as_str()).collect();
+            nodes.push(format!("simulated {}", names.join(", ")));
+        }
+        let nodes = if nodes.is_empty() {
+            String::new()
+        } else {
+            format!("; nodes: {}", nodes.join("; "))
+        };
         format!(
-            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}{passwords}{acl}{uplinks}{plugins}{pipelines}; metrics on http://{}/metrics",
+            "gateway `{}`, data in {}; broker listeners: {}; anonymous clients {}{passwords}{acl}{nodes}{uplinks}{plugins}{pipelines}; metrics on http://{}/metrics",
             self.gateway.id,
             self.gateway.data_dir.display(),
             listeners.join(", "),

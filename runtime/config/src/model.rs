@@ -3,22 +3,27 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     json::JsonText,
+    schema::socket_addr,
     units::{ByteSize, Duration},
 };
 
 /// The whole gateway configuration (`gateway.yaml`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub gateway: Gateway,
     pub broker: Broker,
     pub nodes: Nodes,
+    /// Cloud brokers that local messages are forwarded to, store-and-forward.
     pub uplinks: Vec<Uplink>,
+    /// WebAssembly rule plugins, run by pipelines.
     pub plugins: Vec<PluginConfig>,
+    /// Local messages through plugin stages to local topics and uplinks.
     pub pipelines: Vec<Pipeline>,
     pub metrics: Metrics,
     pub log: Log,
@@ -36,15 +41,16 @@ pub const SECTIONS: &[&str] = &[
     "log",
 ];
 
-#[derive(Clone, Debug, Deserialize)]
+/// This gateway's name and state.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gateway {
     /// Names this gateway in logs, metrics and (later) uplink client ids.
     pub id: String,
-    /// Where the state file lives.
+    /// Directory for the gateway's state (`state.db`, uplink outboxes).
     pub data_dir: PathBuf,
     /// Minimum time between two commits of the state file: bounds fsyncs per second.
-    /// QoS 1/2 publishes that must be durable wait up to this long for their ack.
+    /// QoS 1/2 publishes that must be durable wait up to this long for their ack. 0s to 1s.
     pub commit_interval: Duration,
 }
 
@@ -58,9 +64,13 @@ impl Default for Gateway {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// The MQTT 3.1.1 / 5.0 broker.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Broker {
+    /// Where clients connect: MQTT over TCP, TLS, WebSocket or WebSocket inside TLS.
+    /// Default: one plain listener on `127.0.0.1:1883`.
+    #[schemars(length(min = 1))]
     pub listeners: Vec<Listener>,
     pub auth: Auth,
     pub acl: Acl,
@@ -82,16 +92,19 @@ impl Default for Broker {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// One port serving MQTT 3.1.1 and 5.0.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// Address and port, e.g. `0.0.0.0:1883`; port 0 picks a free port.
+    #[schemars(schema_with = "socket_addr")]
     pub bind: SocketAddr,
     /// When present the listener speaks MQTT over TLS.
     #[serde(default)]
     pub tls: Option<Tls>,
     /// When present the listener speaks MQTT over WebSocket (inside TLS when `tls` is set).
     #[serde(default, deserialize_with = "websocket_option")]
+    #[schemars(with = "WebSocket")]
     pub websocket: Option<WebSocket>,
 }
 
@@ -103,11 +116,31 @@ pub struct WebSocket {
     pub path: Option<String>,
 }
 
+/// `true`, `false`, null or the mapping.
+impl JsonSchema for WebSocket {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "WebSocket".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "`true`: WebSocket on any request path; `false` or absent: plain MQTT; `{ path: /mqtt }`: only that path.",
+            "oneOf": [
+                { "type": ["boolean", "null"] },
+                generator.subschema_for::<WebSocketOptions>(),
+            ],
+        })
+    }
+}
+
 /// The mapping form of `websocket:`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WebSocketOptions {
+    /// The one request path served (exact match as sent, query string ignored; other paths
+    /// get 404); default: any path.
     #[serde(default)]
+    #[schemars(pattern(r"^/[!-\x22$->@-~]*$"))]
     path: Option<String>,
 }
 
@@ -155,7 +188,8 @@ fn websocket_option<'de, D: serde::Deserializer<'de>>(
     deserializer.deserialize_any(WebSocketVisitor)
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// TLS (rustls) on a listener.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// PEM certificate chain, leaf first.
@@ -171,7 +205,8 @@ pub struct Tls {
     pub use_identity_as_username: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// Who may connect.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// Accept clients that send no user name.
@@ -181,6 +216,7 @@ pub struct Auth {
     /// Failed logins from one address within `failure_window` before further CONNECTs
     /// from it are refused for `failure_window`; 0 turns this off.
     pub max_failures: u32,
+    /// How long failed logins are counted, and how long an address is then refused.
     pub failure_window: Duration,
 }
 
@@ -196,10 +232,12 @@ impl Default for Auth {
 }
 
 /// Access control: the first rule that applies decides, else `default`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Acl {
+    /// What happens when no rule applies.
     pub default: AclPermission,
+    /// Checked in order; the first rule that applies decides.
     pub rules: Vec<AclRule>,
 }
 
@@ -212,10 +250,14 @@ impl Default for Acl {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// One ACL rule: it applies when `user`, `client_id` and `action` fit and one of `topics`
+/// does.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
+    /// `allow` or `deny` what the rule applies to.
     pub permission: AclPermission,
+    /// `publish`, `subscribe` or `all`.
     pub action: AclAction,
     /// An exact user name, or `*` for every authenticated user; absent: every client,
     /// anonymous ones included.
@@ -225,17 +267,18 @@ pub struct AclRule {
     #[serde(default)]
     pub client_id: Option<String>,
     /// Topic filters; `%u` is the user name, `%c` the client id.
+    #[schemars(length(min = 1))]
     pub topics: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AclPermission {
     Allow,
     Deny,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AclAction {
     Publish,
@@ -243,20 +286,26 @@ pub enum AclAction {
     All,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// Broker-wide and per-client limits.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Concurrent client connections; further connections are refused.
+    #[schemars(range(min = 1))]
     pub max_connections: u32,
-    /// Largest MQTT packet accepted from a client (announced in v5 CONNACK).
+    /// Largest MQTT packet accepted from a client (announced in v5 CONNACK); 64B to 256MiB.
     pub max_packet_size: ByteSize,
-    /// Upper bound on the keepalive a client may ask for (v5: Server Keep Alive).
+    /// Upper bound on the keepalive a client may ask for (v5: Server Keep Alive); whole
+    /// seconds, 1s to 65535s.
     pub max_keepalive: Duration,
     /// QoS 1/2 publishes a client may have unacknowledged towards the broker (v5 CONNACK).
+    #[schemars(range(min = 1))]
     pub receive_maximum: u16,
     /// QoS 1/2 publishes the broker keeps unacknowledged towards one client.
+    #[schemars(range(min = 1))]
     pub max_inflight: u16,
     /// Messages queued per session (offline, or behind the in-flight window).
+    #[schemars(range(min = 1))]
     pub max_queued: u32,
     /// Topic aliases accepted from a v5 client (announced in CONNACK).
     pub topic_alias_maximum: u16,
@@ -283,22 +332,60 @@ impl Default for Limits {
 }
 
 /// The node link: sensor nodes speaking MQTT-SN 1.2 over serial ports.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Nodes {
     /// Serial ports (USB serial adapters, PTYs); each is reopened with backoff when it
     /// disappears or cannot be opened.
     pub serial: Vec<SerialPort>,
-    /// Topic ids nodes may use without REGISTER; `{node}` is replaced by the node's client id.
+    /// Topic ids (1 to 65534) nodes may use without REGISTER; `{node}` is replaced by the
+    /// node's client id.
+    #[schemars(extend("propertyNames" = { "pattern": "^[1-9][0-9]{0,4}$" }))]
     pub predefined_topics: BTreeMap<u16, String>,
+    /// Simulated sensor nodes for demos and trying pipelines without hardware: each entry
+    /// runs on a pseudo-terminal that the node link opens like a serial port.
+    pub simulated: Vec<SimulatedNodes>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// Simulated nodes on one pseudo-terminal (what `node-sim` does, inside the gateway): each
+/// publishes `{"temp": ..}` to `sensors/<id>/temp` every interval and logs what it receives
+/// on `control/<id>/led`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedNodes {
+    /// Node name: its client id and topic level (with `nodes` > 1: `<id>-1` … `<id>-N`
+    /// behind a simulated forwarder).
+    pub id: String,
+    /// How many nodes; 1 to 100.
+    #[serde(default = "default_simulated_nodes")]
+    #[schemars(range(min = 1, max = 100))]
+    pub nodes: u16,
+    /// Time between two readings of each node; at least 10ms.
+    #[serde(default = "default_simulated_interval")]
+    pub interval: Duration,
+    /// QoS of the readings: 0 or 1.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
+    pub qos: u8,
+}
+
+fn default_simulated_nodes() -> u16 {
+    1
+}
+
+fn default_simulated_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// A serial port with MQTT-SN nodes behind it.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SerialPort {
     /// Device path, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/...`.
     pub port: String,
+    /// Bits per second.
     #[serde(default = "default_baud")]
+    #[schemars(range(min = 1))]
     pub baud: u32,
 }
 
@@ -306,10 +393,12 @@ fn default_baud() -> u32 {
     115_200
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// Prometheus metrics and health over HTTP.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Address of the HTTP listener for `/metrics` and `/healthz`.
+    #[schemars(schema_with = "socket_addr")]
     pub bind: SocketAddr,
 }
 
@@ -321,7 +410,8 @@ impl Default for Metrics {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// Logging.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
     /// A tracing filter: `info`, `debug`, or per module, e.g. `info,edgegw_broker=debug`.
@@ -340,7 +430,7 @@ impl Default for Log {
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Text,
@@ -349,16 +439,18 @@ pub enum LogFormat {
 
 /// A cloud broker the gateway forwards to (store-and-forward through an outbox) and takes
 /// downlink messages from.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Uplink {
     /// Names the uplink in logs, metrics, the outbox file and `uplink:<name>` outputs.
     pub name: String,
     /// `mqtts://host:port` (TLS, port 8883 by default) or `mqtt://host:port` (1883).
+    #[schemars(pattern(r"^mqtts?://"))]
     pub url: String,
     /// Client id at the cloud broker; default: `gateway.id`.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// User name at the cloud broker.
     #[serde(default)]
     pub username: Option<String>,
     /// The password, typically `${ENV_VAR}`; or use `password_file`.
@@ -370,6 +462,7 @@ pub struct Uplink {
     /// MQTT version spoken to the cloud broker: `5` or `3.1.1`.
     #[serde(default)]
     pub protocol: UplinkProtocol,
+    /// MQTT keepalive towards the cloud broker; at most 65535s.
     #[serde(default = "default_uplink_keepalive")]
     pub keepalive: Duration,
     /// Start a new session at the cloud broker on every connect. `false` keeps the
@@ -385,10 +478,12 @@ pub struct Uplink {
     /// Remote topic filter → local topic, QoS.
     #[serde(default)]
     pub subscribe: Vec<Downlink>,
+    /// The on-disk queue of messages bound for the cloud broker.
     #[serde(default)]
     pub outbox: OutboxConfig,
     /// Messages sent and not yet acknowledged (capped by the broker's receive maximum).
     #[serde(default = "default_uplink_inflight")]
+    #[schemars(range(min = 1))]
     pub inflight: u16,
     #[serde(default)]
     pub reconnect: Reconnect,
@@ -408,6 +503,38 @@ pub enum UplinkProtocol {
     V311,
     #[default]
     V5,
+}
+
+/// `5` as a number, `3.1.1` as a string (the schema's default shows it).
+impl Serialize for UplinkProtocol {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::V5 => serializer.serialize_u8(5),
+            Self::V311 => serializer.serialize_str("3.1.1"),
+        }
+    }
+}
+
+/// What the deserializer below accepts: 5 and 311 as numbers (5.0 too), the text forms as
+/// strings.
+impl JsonSchema for UplinkProtocol {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "UplinkProtocol".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "MQTT version: `5` or `3.1.1`.",
+            "oneOf": [
+                { "type": "number", "enum": [5, 311] },
+                {
+                    "type": "string",
+                    "pattern": r"^\s*(?:5|5\.0|v5|3\.1\.1|311|v3\.1\.1|v311)\s*$",
+                    "examples": ["3.1.1"],
+                },
+            ],
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for UplinkProtocol {
@@ -456,7 +583,8 @@ impl<'de> Deserialize<'de> for UplinkProtocol {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+/// TLS towards the cloud broker.
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct UplinkTls {
     /// CA certificates (PEM) that sign the cloud broker's certificate; default: the
@@ -473,7 +601,8 @@ pub struct UplinkTls {
     pub alpn: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// A forward rule: local messages to the cloud broker.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Forward {
     /// Local topic filter (`+`, `#`).
@@ -482,14 +611,17 @@ pub struct Forward {
     /// `{2..}` the levels from the 2nd on. Default: `{topic}`.
     #[serde(default = "default_template")]
     pub to: String,
+    /// QoS towards the cloud broker: 0, 1 or 2.
     #[serde(default = "default_uplink_qos")]
+    #[schemars(range(max = 2))]
     pub qos: u8,
     /// Keep the retain flag of local messages upstream.
     #[serde(default)]
     pub retain: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// A downlink: messages from the cloud broker to the local broker.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Downlink {
     /// Remote topic filter subscribed at the cloud broker.
@@ -497,7 +629,9 @@ pub struct Downlink {
     /// Local topic template, as in `forward.to`, applied to the remote topic.
     #[serde(default = "default_template")]
     pub local: String,
+    /// QoS of the subscription at the cloud broker: 0, 1 or 2.
     #[serde(default = "default_uplink_qos")]
+    #[schemars(range(max = 2))]
     pub qos: u8,
 }
 
@@ -509,13 +643,19 @@ fn default_uplink_qos() -> u8 {
     1
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// An uplink's outbox: bounds and durability.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
+    /// Most bytes (topics and payloads) kept; at least 1KiB.
     pub max_bytes: ByteSize,
+    /// Most messages kept.
+    #[schemars(range(min = 1))]
     pub max_messages: u64,
     /// Drop messages older than this; absent: keep until forwarded or pushed out.
     pub max_age: Option<Duration>,
+    /// When a bound is reached: `drop_oldest`, `drop_new`, or `block` (publishers' acks wait
+    /// for room).
     pub on_full: OnFull,
     /// `always` (fsync per commit, commits as soon as anything waits), `batch` (at most one
     /// commit per `gateway.commit_interval`), `off` (no fsync: survives a crash of the
@@ -535,7 +675,7 @@ impl Default for OutboxConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFull {
     DropOldest,
@@ -543,7 +683,7 @@ pub enum OnFull {
     Block,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum FsyncPolicy {
     Always,
@@ -552,10 +692,12 @@ pub enum FsyncPolicy {
 }
 
 /// Reconnect backoff: doubles from `min` to `max`, with up to 50% random jitter.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reconnect {
+    /// First delay; above 0 and at most `max`.
     pub min: Duration,
+    /// Longest delay.
     pub max: Duration,
 }
 
@@ -570,28 +712,31 @@ impl Default for Reconnect {
 
 /// A WebAssembly rule plugin (a component of the `plugins/wit` world); pipeline stages name
 /// it in `rules: - plugin: <name>`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Names the plugin in stages, logs and metrics.
     pub name: String,
     /// The component file (`.wasm`); relative paths are relative to the config file's
-    /// directory.
+    /// directory. `builtin:NAME` is one of the example rules built into the gateway:
+    /// `celsius-to-fahrenheit`, `threshold-alert`, `deadband`, `enrich`.
     pub path: PathBuf,
     #[serde(default)]
     pub limits: PluginLimits,
 }
 
 /// What one call of a plugin may use.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginLimits {
     /// Time one call may take; 0 < time <= 10s.
     pub time: Duration,
     /// Cap on the plugin's linear memory, in bytes (written as a size, `16MiB`); 1MiB to 4GiB.
     #[serde(deserialize_with = "size_in_bytes")]
+    #[schemars(with = "ByteSize", extend("default" = "16MiB"))]
     pub memory: u64,
     /// Messages one call may return; 1 to 10000.
+    #[schemars(range(min = 1, max = 10_000))]
     pub max_outputs: u32,
 }
 
@@ -611,12 +756,13 @@ fn size_in_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u6
 
 /// Local messages matching `from` go through the `rules` stages in order; what the last stage
 /// returns is published to every `to` output.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     /// Names the pipeline in logs, metrics and the default dead-letter topic.
     pub name: String,
     /// Local topic filters (`+`, `#`) whose messages enter the pipeline; at least one.
+    #[schemars(length(min = 1))]
     pub from: Vec<String>,
     /// Plugin stages applied in order; empty: messages pass through unchanged.
     #[serde(default)]
@@ -642,7 +788,7 @@ impl Pipeline {
 }
 
 /// One stage of a pipeline: a plugin and the configuration its `init` receives.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(from = "RuleStageFields")]
 pub struct RuleStage {
     /// A `plugins:` entry's name.
@@ -652,10 +798,12 @@ pub struct RuleStage {
 }
 
 /// `RuleStage` as written in the file.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RuleStageFields {
+    /// A `plugins:` entry's name.
     plugin: String,
+    /// Any value, handed to the plugin's init as JSON; absent: null.
     #[serde(default)]
     config: Option<JsonText>,
 }
@@ -685,6 +833,21 @@ impl std::fmt::Display for PipelineOutput {
             Self::Local(template) => write!(f, "local:{template}"),
             Self::Uplink(name) => write!(f, "uplink:{name}"),
         }
+    }
+}
+
+impl JsonSchema for PipelineOutput {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PipelineOutput".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "`local:<topic template>` publishes to the local broker (`{topic}`, `{1}`, `{2..}` as in uplink `forward.to`); `uplink:<name>` forwards through that uplink's outbox.",
+            "type": "string",
+            "pattern": r"^\s*(?:local|uplink):",
+            "examples": ["local:processed/{topic}", "uplink:cloud"],
+        })
     }
 }
 
@@ -722,10 +885,11 @@ impl<'de> Deserialize<'de> for PipelineOutput {
 }
 
 /// The bounded queue in front of a pipeline's first stage.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineQueue {
     /// Messages waiting for the pipeline; 1 to 1000000.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub capacity: usize,
     /// `block` (the publisher waits: backpressure), `drop_oldest` or `drop_new` (counted).
     pub on_full: OnFull,

@@ -401,7 +401,7 @@ fn nodes_errors_point_at_the_value() {
 }
 
 /// The commented example below `<section>: []` in the shipped config, uncommented.
-fn shipped_example(section: &str) -> String {
+pub(crate) fn shipped_example(section: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/gateway.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
     let start = text.find(&format!("\n{section}: []")).unwrap() + 1;
@@ -420,7 +420,7 @@ fn shipped_example(section: &str) -> String {
 }
 
 /// The commented uplink example in the shipped config, uncommented.
-fn shipped_uplink_example() -> String {
+pub(crate) fn shipped_uplink_example() -> String {
     let out = shipped_example("uplinks");
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     out.replace("${CLOUD_PASSWORD}", "secret")
@@ -520,10 +520,10 @@ fn uplink_errors_point_at_the_value() {
 
 /// A directory holding `plugins/c2f.wasm` and `plugins/scale.wasm` (empty: only their
 /// existence is checked at load), removed on drop.
-struct PluginDir(std::path::PathBuf);
+pub(crate) struct PluginDir(pub(crate) std::path::PathBuf);
 
 impl PluginDir {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "edgegw-config-plugins-{tag}-{}",
             std::process::id()
@@ -535,7 +535,7 @@ impl PluginDir {
         Self(dir)
     }
 
-    fn load(&self, text: &str) -> Result<Config, ConfigErrors> {
+    pub(crate) fn load(&self, text: &str) -> Result<Config, ConfigErrors> {
         Config::from_yaml("site.yaml", text, &self.0)
     }
 

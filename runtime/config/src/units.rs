@@ -1,9 +1,10 @@
 //! Human-readable durations (`30s`, `1m30s`, `250ms`) and sizes (`64MiB`, `1KB`, `512`),
 //! parsed once at load time into typed values.
 
-use std::{fmt, time::Duration as StdDuration};
+use std::{borrow::Cow, fmt, time::Duration as StdDuration};
 
-use serde::{Deserialize, Deserializer, de};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// A duration written with units, e.g. `30s`, `1m30s`, `250ms`, `2h`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -110,6 +111,46 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// The shortest form, `7d` rather than `604800s` (the schema's defaults show it).
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            return serializer.serialize_str("0s");
+        }
+        let units: [(&str, u128); 5] = [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+            ("ms", 1),
+        ];
+        let (unit, size) = units
+            .into_iter()
+            .find(|(_, size)| ms.is_multiple_of(*size))
+            .unwrap_or(("ms", 1));
+        serializer.collect_str(&format_args!("{}{unit}", ms / size))
+    }
+}
+
+/// What [`Duration::from_str`](std::str::FromStr) accepts: after trimming, one or more
+/// `<digits><unit>` parts.
+pub(crate) const DURATION_PATTERN: &str = r"^\s*(?:[0-9]+(?:ms|s|m|h|d))+\s*$";
+
+impl JsonSchema for Duration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A duration: whole numbers with units ms, s, m, h, d, e.g. `250ms`, `30s`, `1m30s`, `7d`.",
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+        })
+    }
+}
+
 /// A size in bytes written with units, e.g. `512`, `64KiB`, `1MiB`, `1GB`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct ByteSize(pub u64);
@@ -193,6 +234,31 @@ impl<'de> Deserialize<'de> for ByteSize {
             }
         }
         deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// What [`ByteSize::from_str`](std::str::FromStr) accepts as text.
+pub(crate) const SIZE_PATTERN: &str = r"^\s*[0-9]+\s*(?:B|KiB|MiB|GiB|TiB|KB|kB|MB|GB|TB)?\s*$";
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A size in bytes: a number, or a number with a unit B, KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. `64KiB`.",
+            "oneOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "pattern": SIZE_PATTERN },
+            ],
+        })
     }
 }
 

@@ -39,6 +39,57 @@ fn nodes_issues(nodes: &crate::Nodes, issue: &mut impl FnMut(&[&str], String)) {
             );
         }
     }
+    let mut names = HashMap::new();
+    for (i, sim) in nodes.simulated.iter().enumerate() {
+        let index = i.to_string();
+        let valid = !sim.id.is_empty()
+            && sim.id.len() <= 60
+            && sim
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            issue(
+                &["nodes", "simulated", &index, "id"],
+                format!(
+                    "nodes.simulated {i}: id `{}` must be 1 to 60 letters, digits, `-` or `_` (it is a client id and a topic level), e.g. demo-node",
+                    sim.id
+                ),
+            );
+        } else if let Some(first) = names.insert(sim.id.as_str(), i) {
+            issue(
+                &["nodes", "simulated", &index, "id"],
+                format!(
+                    "nodes.simulated {i}: id `{}` is already used by entry {first}",
+                    sim.id
+                ),
+            );
+        }
+        if !(1..=100).contains(&sim.nodes) {
+            issue(
+                &["nodes", "simulated", &index, "nodes"],
+                format!(
+                    "nodes.simulated {i}: nodes {} is out of range: 1 to 100",
+                    sim.nodes
+                ),
+            );
+        }
+        if sim.interval.as_std() < std::time::Duration::from_millis(10) {
+            issue(
+                &["nodes", "simulated", &index, "interval"],
+                format!(
+                    "nodes.simulated {i}: interval {} is too short: at least 10ms",
+                    sim.interval
+                ),
+            );
+        }
+        if sim.qos > 1 {
+            issue(
+                &["nodes", "simulated", &index, "qos"],
+                format!("nodes.simulated {i}: qos {} must be 0 or 1", sim.qos),
+            );
+        }
+    }
     for (id, topic) in &nodes.predefined_topics {
         // The map key is a number, which the locator would read as a list index: point at
         // the mapping instead and name the id in the message.
@@ -671,22 +722,41 @@ fn plugin_issues(plugins: &[crate::PluginConfig], issue: &mut impl FnMut(&[&str]
             );
         }
         let path = &plugin.path;
-        match std::fs::metadata(path) {
-            Err(error) => issue(
-                &["plugins", &index, "path"],
-                format!(
-                    "plugin `{name}`: cannot read {}: {error}; give the path of a WebAssembly component (.wasm), relative to this file's directory",
-                    path.display()
+        if let Some(builtin) = path
+            .to_str()
+            .and_then(|p| p.strip_prefix(crate::BUILTIN_PREFIX))
+        {
+            if !crate::BUILTIN_PLUGINS.contains(&builtin) {
+                issue(
+                    &["plugins", &index, "path"],
+                    format!(
+                        "plugin `{name}`: there is no built-in plugin `{builtin}`; built in are {}",
+                        crate::BUILTIN_PLUGINS
+                            .iter()
+                            .map(|b| format!("builtin:{b}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+        } else {
+            match std::fs::metadata(path) {
+                Err(error) => issue(
+                    &["plugins", &index, "path"],
+                    format!(
+                        "plugin `{name}`: cannot read {}: {error}; give the path of a WebAssembly component (.wasm), relative to this file's directory",
+                        path.display()
+                    ),
                 ),
-            ),
-            Ok(meta) if meta.is_dir() => issue(
-                &["plugins", &index, "path"],
-                format!(
-                    "plugin `{name}`: {} is a directory; give the path of the component file (.wasm)",
-                    path.display()
+                Ok(meta) if meta.is_dir() => issue(
+                    &["plugins", &index, "path"],
+                    format!(
+                        "plugin `{name}`: {} is a directory; give the path of the component file (.wasm)",
+                        path.display()
+                    ),
                 ),
-            ),
-            Ok(_) => {}
+                Ok(_) => {}
+            }
         }
         let limits = &plugin.limits;
         let time = limits.time.as_std();

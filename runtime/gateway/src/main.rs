@@ -4,6 +4,8 @@
 mod auth;
 mod pipelines;
 mod run;
+mod simulated;
+mod systemd;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -71,6 +73,11 @@ enum Command {
     /// Rule plugins: try one on a message, or start a new one.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print the JSON Schema of the config file (also shipped as
+    /// configs/gateway.schema.json), for editors that validate and complete YAML.
+    Schema,
+    /// Print the embedded default config (the demo `edgegw run` runs without -c).
+    DefaultConfig,
 }
 
 #[derive(Subcommand)]
@@ -168,6 +175,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Schema => {
+            print!("{}", edgegw_config::json_schema());
+            ExitCode::SUCCESS
+        }
+        Command::DefaultConfig => {
+            print!("{}", edgegw_config::EMBEDDED_DEFAULT);
+            ExitCode::SUCCESS
+        }
         Command::Passwd { file, user } => match auth::passwd(&file, &user) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -196,7 +211,13 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             let loaded = match &config {
-                None => edgegw_config::Config::default(),
+                None => match edgegw_config::Config::embedded_default() {
+                    Ok(loaded) => loaded,
+                    Err(errors) => {
+                        eprintln!("{errors}");
+                        return ExitCode::FAILURE;
+                    }
+                },
                 Some(path) => match edgegw_config::Config::load(path) {
                     Ok(loaded) => loaded,
                     Err(errors) => {
@@ -210,8 +231,8 @@ fn main() -> ExitCode {
                 eprintln!("edgegw: not started; fix the password file and try again");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             };
-            run::init_tracing(&loaded.log);
-            match run::run(loaded, auth, config) {
+            let log = run::init_tracing(&loaded.log);
+            match run::run(loaded, auth, config, log) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");

@@ -33,6 +33,20 @@ pub fn uplink_outputs(uplinks: &[edgegw_uplink::Uplink]) -> Uplinks {
         .collect()
 }
 
+mod built_in {
+    include!(concat!(env!("OUT_DIR"), "/builtin_plugins.rs"));
+}
+
+/// The component of a built-in plugin (`path: builtin:NAME`: the SDK's examples, built into
+/// this binary), or `None` for a plugin file.
+pub fn builtin(path: &std::path::Path) -> Option<&'static [u8]> {
+    let name = path.to_str()?.strip_prefix(edgegw_config::BUILTIN_PREFIX)?;
+    built_in::BUILTIN
+        .iter()
+        .find(|(builtin, _)| *builtin == name)
+        .map(|(_, wasm)| *wasm)
+}
+
 /// The compiled-plugin cache: under the data directory, so a restart loads in milliseconds.
 pub fn cache_dir(config: &Config) -> std::path::PathBuf {
     config.gateway.data_dir.join("plugin-cache")
@@ -57,8 +71,18 @@ pub fn specs(engine: Option<&Engine>, config: &Config) -> anyhow::Result<Vec<Pip
             memory: usize::try_from(plugin.limits.memory).unwrap_or(usize::MAX),
             max_outputs: plugin.limits.max_outputs as usize,
         };
-        let compiled = Plugin::load(engine, &plugin.name, &plugin.path, limits, Some(&cache))
-            .with_context(|| format!("plugin `{}`", plugin.name))?;
+        let compiled = match builtin(&plugin.path) {
+            Some(wasm) => Plugin::load_bytes(
+                engine,
+                &plugin.name,
+                &plugin.path,
+                wasm,
+                limits,
+                Some(&cache),
+            ),
+            None => Plugin::load(engine, &plugin.name, &plugin.path, limits, Some(&cache)),
+        }
+        .with_context(|| format!("plugin `{}`", plugin.name))?;
         loaded.insert(&plugin.name, compiled);
     }
     config
@@ -108,7 +132,12 @@ pub fn specs(engine: Option<&Engine>, config: &Config) -> anyhow::Result<Vec<Pip
 
 /// `edgegw plugin test`: one message through a plugin; prints `TOPIC PAYLOAD` per output.
 pub fn plugin_test(path: &Path, config: &str, topic: &str, payload: &str) -> anyhow::Result<()> {
-    let outputs = edgegw_rules::plugin_test(path, config, topic, payload.as_bytes())?;
+    let outputs = match builtin(path) {
+        Some(wasm) => {
+            edgegw_rules::plugin_test_bytes(path, wasm, config, topic, payload.as_bytes())?
+        }
+        None => edgegw_rules::plugin_test(path, config, topic, payload.as_bytes())?,
+    };
     if outputs.is_empty() {
         eprintln!("(no outputs: the rule dropped the message)");
     }
@@ -120,4 +149,24 @@ pub fn plugin_test(path: &Path, config: &str, topic: &str, payload: &str) -> any
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_plugins_are_the_ones_the_config_accepts() {
+        let names: Vec<&str> = built_in::BUILTIN.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, edgegw_config::BUILTIN_PLUGINS);
+        for (name, wasm) in built_in::BUILTIN {
+            assert!(wasm.starts_with(b"\0asm"), "{name} is not WebAssembly");
+            assert_eq!(
+                builtin(std::path::Path::new(&format!("builtin:{name}"))),
+                Some(*wasm)
+            );
+        }
+        assert_eq!(builtin(std::path::Path::new("builtin:nope")), None);
+        assert_eq!(builtin(std::path::Path::new("plugins/c2f.wasm")), None);
+    }
 }

@@ -14,17 +14,68 @@ use tracing_subscriber::EnvFilter;
 /// Cranelift and wasmtime log every compiled function at debug: keep them at warn too.
 const QUIET_DEPENDENCIES: &str = "ntex=warn,ntex_io=warn,ntex_mqtt=warn,ntex_server=warn,ntex_rt=warn,ntex_net=warn,ntex_tls=warn,cranelift_codegen=warn,cranelift_frontend=warn,cranelift_wasm=warn,regalloc2=warn,wasmtime=warn,wasmtime_cranelift=warn,wasmtime_environ=warn,wasmtime_internal_cranelift=warn,wasmtime_internal_environ=warn,wasmtime_internal_jit_icache_coherence=warn,wasmtime_wasi=warn,wasmparser=warn,wit_parser=warn";
 
-pub fn init_tracing(log: &edgegw_config::Log) {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(from_env) if !from_env.is_empty() => EnvFilter::new(from_env),
-        _ => EnvFilter::new(format!("{QUIET_DEPENDENCIES},{}", log.level)),
+/// Changes the log level while running (SIGHUP applies `log.level` from the new config).
+pub struct LogControl {
+    filter: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    /// `RUST_LOG` was set: it wins over the config, at start and on reload.
+    from_env: bool,
+    level: std::sync::Mutex<String>,
+}
+
+impl LogControl {
+    /// Applies `level` (a `log.level` value) unless `RUST_LOG` rules; says whether it changed.
+    pub fn set_level(&self, level: &str) -> anyhow::Result<bool> {
+        if self.from_env {
+            return Ok(false);
+        }
+        let mut current = self.level.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        if *current == level {
+            return Ok(false);
+        }
+        let filter = EnvFilter::try_new(format!("{QUIET_DEPENDENCIES},{level}"))
+            .with_context(|| format!("log.level {level:?} is not a valid filter"))?;
+        self.filter
+            .reload(filter)
+            .context("cannot change the log filter")?;
+        *current = level.to_string();
+        Ok(true)
+    }
+}
+
+/// Sets up logging: the configured format and level (or `RUST_LOG`), plus the ring of recent
+/// warnings and errors of the gateway's own modules (and dependencies' errors) that the
+/// status page shows.
+pub fn init_tracing(log: &edgegw_config::Log) -> LogControl {
+    use tracing_subscriber::{Layer as _, filter::LevelFilter, prelude::*};
+    let (filter, from_env) = match std::env::var("RUST_LOG") {
+        Ok(from_env) if !from_env.is_empty() => (EnvFilter::new(from_env), true),
+        _ => (
+            EnvFilter::new(format!("{QUIET_DEPENDENCIES},{}", log.level)),
+            false,
+        ),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt = match log.format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(
+            edgegw_telemetry::recent_errors_layer()
+                .with_filter(LevelFilter::WARN)
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    // Dependencies' warnings are noise on the status page unless they are errors.
+                    meta.target().starts_with("edgegw") || *meta.level() == tracing::Level::ERROR
+                })),
+        )
+        .init();
+    LogControl {
+        filter: handle,
+        from_env,
+        level: std::sync::Mutex::new(log.level.clone()),
     }
 }
 
@@ -32,6 +83,7 @@ pub fn run(
     config: Config,
     auth: AuthSettings,
     config_path: Option<std::path::PathBuf>,
+    log: LogControl,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -39,14 +91,16 @@ pub fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, auth, config_path))
+    runtime.block_on(serve(config, auth, config_path, log))
 }
 
 async fn serve(
     config: Config,
     auth: AuthSettings,
     config_path: Option<std::path::PathBuf>,
+    log: LogControl,
 ) -> anyhow::Result<()> {
+    let systemd = crate::systemd::Notifier::from_env();
     let embedded = config_path.is_none();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -67,7 +121,11 @@ async fn serve(
     let metrics_addr = telemetry
         .serve(config.metrics.bind, shutdown.child_token())
         .await?;
-    tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "Metrics listening.");
+    tracing::info!(
+        status = %format!("http://{metrics_addr}/"),
+        metrics = %format!("http://{metrics_addr}/metrics"),
+        "Status page and metrics listening."
+    );
 
     let limits = &config.broker.limits;
     let state_path = config.gateway.data_dir.join("state.db");
@@ -150,6 +208,7 @@ async fn serve(
     for listener in broker.listeners() {
         tracing::info!(url = %listener.url(), "MQTT listening (3.1.1 and 5.0).");
     }
+    let (simulated_ports, simulated) = crate::simulated::start(&config.nodes.simulated, &shutdown)?;
     let nodes = edgegw_nodes::NodeLink::start(
         edgegw_nodes::NodesSettings {
             serial: config
@@ -160,6 +219,7 @@ async fn serve(
                     port: s.port.clone(),
                     baud: s.baud,
                 })
+                .chain(simulated_ports)
                 .collect(),
             predefined_topics: config.nodes.predefined_topics.clone(),
             ..edgegw_nodes::NodesSettings::default()
@@ -167,17 +227,55 @@ async fn serve(
         router.clone(),
         shutdown.child_token(),
     );
+    telemetry.set_identity(edgegw_telemetry::Identity {
+        gateway_id: config.gateway.id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        listeners: broker.listeners().iter().map(|l| l.url()).collect(),
+        pipelines: config.pipelines.iter().map(|p| p.name.clone()).collect(),
+        uplinks: config.uplinks.iter().map(|u| u.name.clone()).collect(),
+    });
     telemetry.set_ready(true);
-    tracing::info!("Ready.");
+    systemd.notify("READY=1\nSTATUS=Ready.");
+    if let Some(period) = systemd.watchdog() {
+        // Pinged from the async runtime: a stalled runtime misses the deadline and systemd
+        // restarts the gateway.
+        let shutdown = shutdown.child_token();
+        let systemd = crate::systemd::Notifier::from_env();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => systemd.notify("WATCHDOG=1"),
+                }
+            }
+        });
+        tracing::info!(period = ?period, "systemd watchdog enabled.");
+    }
+    tracing::info!(status = %format!("http://{metrics_addr}/"), "Ready.");
 
     let mut engine = engine;
+    let mut running = config;
     while let Signal::Reload = wait_for_signal().await {
-        reload(config_path.as_deref(), &mut engine, &pipelines).await;
+        systemd.notify("RELOADING=1\nSTATUS=Reloading the config.");
+        reload(
+            config_path.as_deref(),
+            &mut running,
+            &mut engine,
+            &pipelines,
+            &broker,
+            &log,
+        )
+        .await;
+        systemd.notify("READY=1\nSTATUS=Ready.");
     }
+    systemd.notify("STOPPING=1\nSTATUS=Shutting down.");
     tracing::info!("Shutting down.");
     telemetry.set_ready(false);
     // Nodes first: their sessions end before the broker and the state file close.
+    simulated.stop();
     nodes.stop().await;
+    drop(simulated);
     broker.stop().await;
     // Pipelines finish their queues (their outputs may still reach uplinks).
     if let Some(pipelines) = std::sync::Arc::into_inner(pipelines) {
@@ -334,12 +432,18 @@ async fn wait_for_signal() -> Signal {
     }
 }
 
-/// SIGHUP: re-reads the config file and swaps pipelines and plugins. A config with errors,
-/// or a plugin that fails to load or initialise, leaves the running pipelines as they are.
+/// SIGHUP: re-reads the config file and applies what can change live: pipelines and
+/// plugins (swapped atomically), broker users, anonymous access and ACLs, the log level. A
+/// config with errors, a password file that cannot be read, or a plugin that fails to load or
+/// initialise leaves everything running as it is. Changes that need a restart (listeners,
+/// limits, state directory …) are named in the log.
 async fn reload(
     path: Option<&std::path::Path>,
+    running: &mut Config,
     engine: &mut Option<edgegw_rules::Engine>,
     pipelines: &std::sync::Arc<edgegw_pipeline::Pipelines>,
+    broker: &Broker,
+    log: &LogControl,
 ) {
     let reloads = |result: &'static str| {
         metrics::counter!(edgegw_telemetry::names::PIPELINE_RELOADS, "result" => result)
@@ -349,12 +453,20 @@ async fn reload(
         tracing::warn!("SIGHUP: running on the embedded default config; nothing to reload.");
         return;
     };
-    tracing::info!(config = %path.display(), "SIGHUP: reloading pipelines and plugins.");
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the config.");
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(errors) => {
             reloads("failed");
-            tracing::error!(config = %path.display(), problems = errors.0.len(), "Reload refused; the running pipelines are kept:\n{errors}");
+            tracing::error!(config = %path.display(), problems = errors.0.len(), "Reload refused; everything keeps running as it was:\n{errors}");
+            return;
+        }
+    };
+    let auth = match crate::auth::broker_auth(&config) {
+        Ok(auth) => auth,
+        Err(error) => {
+            reloads("failed");
+            tracing::error!("Reload refused; everything keeps running as it was: {error}");
             return;
         }
     };
@@ -363,35 +475,84 @@ async fn reload(
             Ok(new) => *engine = Some(new),
             Err(error) => {
                 reloads("failed");
-                tracing::error!(%error, "Reload refused: cannot start the WASM engine; the running pipelines are kept.");
+                tracing::error!(%error, "Reload refused: cannot start the WASM engine; everything keeps running as it was.");
                 return;
             }
         }
     }
-    let engine = engine.clone();
-    let pipelines = pipelines.clone();
-    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-        let specs = crate::pipelines::specs(engine.as_ref(), &config)?;
-        let count = specs.len();
-        pipelines.reload(specs)?;
-        Ok(count)
-    })
-    .await;
-    match result {
-        Ok(Ok(count)) => {
-            reloads("ok");
-            tracing::info!(
-                pipelines = count,
-                "Reloaded pipelines and plugins; other changes take effect after a restart."
-            );
-        }
+    let result = {
+        let engine = engine.clone();
+        let pipelines = pipelines.clone();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+            let specs = crate::pipelines::specs(engine.as_ref(), &config)?;
+            let count = specs.len();
+            pipelines.reload(specs)?;
+            Ok(count)
+        })
+        .await
+    };
+    let count = match result {
+        Ok(Ok(count)) => count,
         Ok(Err(error)) => {
             reloads("failed");
-            tracing::error!("Reload failed; the running pipelines are kept: {error:#}");
+            tracing::error!("Reload failed; everything keeps running as it was: {error:#}");
+            return;
         }
         Err(error) => {
             reloads("failed");
-            tracing::error!(%error, "Reload panicked; the running pipelines are kept.");
+            tracing::error!(%error, "Reload panicked; everything keeps running as it was.");
+            return;
+        }
+    };
+    match broker.reload_auth(auth) {
+        Ok(()) => tracing::info!(
+            "Broker auth (password file re-read, anonymous access) and ACLs reloaded."
+        ),
+        Err(error) => {
+            tracing::error!(%error, "Broker auth and ACLs not reloaded; the old ones stay.")
         }
     }
+    match log.set_level(&config.log.level) {
+        Ok(true) => tracing::info!(level = %config.log.level, "Log level changed."),
+        Ok(false) => {}
+        Err(error) => tracing::warn!("log.level not changed: {error:#}"),
+    }
+    let needs_restart = restart_only_changes(running, &config);
+    reloads("ok");
+    if needs_restart.is_empty() {
+        tracing::info!(pipelines = count, "Reloaded.");
+    } else {
+        tracing::warn!(
+            pipelines = count,
+            sections = %needs_restart.join(", "),
+            "Reloaded pipelines, plugins, broker auth and ACLs, and the log level; these other changes take effect only after a restart."
+        );
+    }
+    *running = config;
+}
+
+/// The changed parts of the config that a reload does not apply, by key.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key: &'static str, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    let debug = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    check(
+        "broker.listeners",
+        debug(&old.broker.listeners) != debug(&new.broker.listeners),
+    );
+    check(
+        "broker.limits",
+        debug(&old.broker.limits) != debug(&new.broker.limits),
+    );
+    check("gateway", debug(&old.gateway) != debug(&new.gateway));
+    check("nodes", debug(&old.nodes) != debug(&new.nodes));
+    check("uplinks", debug(&old.uplinks) != debug(&new.uplinks));
+    check("metrics", debug(&old.metrics) != debug(&new.metrics));
+    check("log.format", old.log.format != new.log.format);
+    changed
 }

@@ -76,13 +76,34 @@ pub fn plugin_test(
     topic: &str,
     payload: &[u8],
 ) -> Result<Vec<Output>, RuleError> {
+    let wasm = std::fs::read(path).map_err(|e| RuleError::Load {
+        plugin: plugin_name(path),
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    plugin_test_bytes(path, &wasm, config_json, topic, payload)
+}
+
+/// As [`plugin_test`] for a component in memory; `path` names it.
+pub fn plugin_test_bytes(
+    path: &std::path::Path,
+    wasm: &[u8],
+    config_json: &str,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Vec<Output>, RuleError> {
     let engine = Engine::new()?;
-    let name = path
-        .file_stem()
-        .map_or_else(|| "plugin".to_owned(), |s| s.to_string_lossy().into_owned());
-    let plugin = Plugin::load(&engine, &name, path, Limits::default(), None)?;
+    let name = plugin_name(path);
+    let plugin = Plugin::load_bytes(&engine, &name, path, wasm, Limits::default(), None)?;
     let mut stage = Stage::new(&plugin, "plugin-test", config_json)?;
     stage.call(&RuleMessage::new(topic, payload))
+}
+
+fn plugin_name(path: &std::path::Path) -> String {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "plugin".to_owned(), |s| s.to_string_lossy().into_owned());
+    stem.rsplit(':').next().unwrap_or("plugin").to_owned()
 }
 
 #[cfg(test)]

@@ -68,14 +68,31 @@ impl Plugin {
         limits: Limits,
         cache_dir: Option<&Path>,
     ) -> Result<Self, RuleError> {
+        let wasm = std::fs::read(path).map_err(|e| RuleError::Load {
+            plugin: name.to_owned(),
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Self::load_bytes(engine, name, path, &wasm, limits, cache_dir)
+    }
+
+    /// As [`Plugin::load`], for a component already in memory (e.g. one built into the
+    /// gateway); `path` only names it in logs and errors.
+    pub fn load_bytes(
+        engine: &Engine,
+        name: &str,
+        path: &Path,
+        wasm: &[u8],
+        limits: Limits,
+        cache_dir: Option<&Path>,
+    ) -> Result<Self, RuleError> {
         let started = Instant::now();
         let load_error = |reason: String| RuleError::Load {
             plugin: name.to_owned(),
             path: path.to_owned(),
             reason,
         };
-        let wasm = std::fs::read(path).map_err(|e| load_error(e.to_string()))?;
-        let entry = cache_dir.map(|dir| cache::entry_path(dir, name, engine.wasmtime(), &wasm));
+        let entry = cache_dir.map(|dir| cache::entry_path(dir, name, engine.wasmtime(), wasm));
 
         let mut component = None;
         if let Some(entry) = &entry {
@@ -90,7 +107,7 @@ impl Plugin {
         let component = match component {
             Some(component) => component,
             None => {
-                let component = Component::from_binary(engine.wasmtime(), &wasm)
+                let component = Component::from_binary(engine.wasmtime(), wasm)
                     .map_err(|e| load_error(format!("{e:#}")))?;
                 if let Some(entry) = &entry
                     && let Err(reason) = cache::store(entry, name, &component)

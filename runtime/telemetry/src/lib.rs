@@ -1,18 +1,23 @@
 //! Metrics and health: the metric names (one module, [`names`]), the Prometheus recorder,
-//! and a small HTTP listener for `GET /metrics`, `GET /healthz` and `GET /readyz`.
+//! the last warnings and errors ([`recent`]), and a small HTTP listener for `GET /metrics`,
+//! `GET /healthz`, `GET /readyz`, the status page `GET /` and its `GET /status.json`.
 //!
 //! The HTTP side is deliberately minimal (GET only, one request per connection, bounded
-//! request head, short timeouts): it serves scrapers and probes, not browsers at large.
+//! request head, short timeouts): it serves scrapers, probes and the one self-contained
+//! status page, not browsers at large.
 
 pub mod names;
+pub mod recent;
+
+pub use recent::{RecentEvent, recent_errors_layer, recent_events};
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -39,11 +44,31 @@ pub enum TelemetryError {
     },
 }
 
+/// The status page: one self-contained HTML file (no CDN), which reads `/metrics` and
+/// `/status.json` every few seconds.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 /// The installed recorder and the readiness flag shared with the rest of the gateway.
 #[derive(Clone)]
 pub struct Telemetry {
     handle: PrometheusHandle,
     ready: Arc<AtomicBool>,
+    identity: Arc<OnceLock<Identity>>,
+    started: Instant,
+}
+
+/// What `/status.json` says about the gateway itself.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// `gateway.id`.
+    pub gateway_id: String,
+    /// The program version.
+    pub version: String,
+    /// The MQTT listeners, as URLs (`mqtt://127.0.0.1:1883`).
+    pub listeners: Vec<String>,
+    /// The pipelines' names, and the uplinks' names, in config order.
+    pub pipelines: Vec<String>,
+    pub uplinks: Vec<String>,
 }
 
 impl Telemetry {
@@ -58,7 +83,41 @@ impl Telemetry {
         Ok(Self {
             handle,
             ready: Arc::new(AtomicBool::new(false)),
+            identity: Arc::new(OnceLock::new()),
+            started: Instant::now(),
         })
+    }
+
+    /// Sets what `/status.json` reports about the gateway (once; later calls are ignored).
+    pub fn set_identity(&self, identity: Identity) {
+        let _ = self.identity.set(identity);
+    }
+
+    /// The body of `GET /status.json`.
+    pub fn status_json(&self) -> String {
+        let identity = self.identity.get();
+        let errors: Vec<serde_json::Value> = recent_events()
+            .into_iter()
+            .map(|e| {
+                serde_json::json!({
+                    "time_ms": e.time_ms,
+                    "level": e.level,
+                    "target": e.target,
+                    "message": e.message,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "gateway_id": identity.map(|i| i.gateway_id.as_str()),
+            "version": identity.map(|i| i.version.as_str()),
+            "listeners": identity.map(|i| i.listeners.clone()).unwrap_or_default(),
+            "pipelines": identity.map(|i| i.pipelines.clone()).unwrap_or_default(),
+            "uplinks": identity.map(|i| i.uplinks.clone()).unwrap_or_default(),
+            "ready": self.ready.load(Ordering::Relaxed),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "errors": errors,
+        })
+        .to_string()
     }
 
     /// `/readyz` answers 200 once this is set (listeners up, state loaded).
@@ -122,7 +181,14 @@ impl Telemetry {
         let mut buf = [0u8; 1024];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
             if head.len() > 8192 {
-                return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
+                return respond(
+                    &mut stream,
+                    false,
+                    431,
+                    "text/plain",
+                    "request head too large\n",
+                )
+                .await;
             }
             let n = stream.read(&mut buf).await?;
             if n == 0 {
@@ -135,28 +201,58 @@ impl Telemetry {
         let mut parts = line.split(' ');
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let path = target.split('?').next().unwrap_or("");
-        if method != "GET" && method != "HEAD" {
-            return respond(&mut stream, 405, "text/plain", "only GET is served\n").await;
+        let head_only = method == "HEAD";
+        if method != "GET" && !head_only {
+            return respond(
+                &mut stream,
+                false,
+                405,
+                "text/plain",
+                "only GET is served\n",
+            )
+            .await;
         }
         match path {
+            "/" | "/index.html" => {
+                respond(
+                    &mut stream,
+                    head_only,
+                    200,
+                    "text/html; charset=utf-8",
+                    STATUS_PAGE,
+                )
+                .await
+            }
+            "/status.json" => {
+                let body = self.status_json();
+                respond(&mut stream, head_only, 200, "application/json", &body).await
+            }
             "/metrics" => {
                 let body = self.render();
-                respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
+                respond(
+                    &mut stream,
+                    head_only,
+                    200,
+                    "text/plain; version=0.0.4",
+                    &body,
+                )
+                .await
             }
-            "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
+            "/healthz" => respond(&mut stream, head_only, 200, "text/plain", "ok\n").await,
             "/readyz" => {
                 if self.ready.load(Ordering::Relaxed) {
-                    respond(&mut stream, 200, "text/plain", "ready\n").await
+                    respond(&mut stream, head_only, 200, "text/plain", "ready\n").await
                 } else {
-                    respond(&mut stream, 503, "text/plain", "starting\n").await
+                    respond(&mut stream, head_only, 503, "text/plain", "starting\n").await
                 }
             }
             _ => {
                 respond(
                     &mut stream,
+                    head_only,
                     404,
                     "text/plain",
-                    "not found: try /metrics, /healthz, /readyz\n",
+                    "not found: try /, /metrics, /healthz, /readyz, /status.json\n",
                 )
                 .await
             }
@@ -166,6 +262,7 @@ impl Telemetry {
 
 async fn respond(
     stream: &mut TcpStream,
+    head_only: bool,
     status: u16,
     content_type: &str,
     body: &str,
@@ -179,10 +276,12 @@ async fn respond(
         _ => "Error",
     };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    if !head_only {
+        stream.write_all(body.as_bytes()).await?;
+    }
     stream.shutdown().await
 }

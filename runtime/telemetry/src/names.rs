@@ -66,13 +66,137 @@ pub const DROP_REASONS: &[&str] = &[
 ];
 
 /// Label values of [`UPLINK_DROPPED`]'s `reason`.
-pub const UPLINK_DROP_REASONS: &[&str] = &["full", "too_large", "expired", "write_error", "closed"];
+pub const UPLINK_DROP_REASONS: &[&str] = &[
+    "full",
+    "too_large",
+    "expired",
+    "write_error",
+    "closed",
+    "unmapped",
+    "refused",
+];
 
 /// Label values of [`PIPELINE_DROPPED`]'s `reason`.
 pub const PIPELINE_DROP_REASONS: &[&str] = &["full", "loop", "unmapped", "uplink"];
 
 /// Label values of [`RULES_INVOCATIONS`]'s `result`.
 pub const RULE_RESULTS: &[&str] = &["ok", "error", "trap", "timeout", "limit"];
+
+/// What a metric is; a histogram is exported as `<name>_bucket` (label `le`), `<name>_sum`
+/// and `<name>_count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One exported metric: its name, kind and the label names the code records it with
+/// (besides the `instance` and `job` labels Prometheus adds when it scrapes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+}
+
+impl Metric {
+    const fn counter(name: &'static str, labels: &'static [&'static str]) -> Self {
+        Self {
+            name,
+            kind: Kind::Counter,
+            labels,
+        }
+    }
+
+    const fn gauge(name: &'static str, labels: &'static [&'static str]) -> Self {
+        Self {
+            name,
+            kind: Kind::Gauge,
+            labels,
+        }
+    }
+
+    const fn histogram(name: &'static str, labels: &'static [&'static str]) -> Self {
+        Self {
+            name,
+            kind: Kind::Histogram,
+            labels,
+        }
+    }
+}
+
+/// Every metric above, exactly once, with its kind and labels. A test keeps this, the
+/// name constants and [`describe`] in step.
+pub const ALL: &[Metric] = &[
+    Metric::gauge(BROKER_CONNECTIONS, &["protocol"]),
+    Metric::counter(BROKER_CONNECTIONS_ACCEPTED, &["protocol"]),
+    Metric::counter(BROKER_CONNECTIONS_REFUSED, &["reason"]),
+    Metric::counter(BROKER_MESSAGES_RECEIVED, &["qos"]),
+    Metric::counter(BROKER_MESSAGES_SENT, &["qos"]),
+    Metric::counter(BROKER_RECEIVED_BYTES, &["qos"]),
+    Metric::counter(BROKER_SENT_BYTES, &["qos"]),
+    Metric::counter(BROKER_DROPPED, &["reason"]),
+    Metric::gauge(BROKER_SUBSCRIPTIONS, &[]),
+    Metric::gauge(BROKER_RETAINED, &[]),
+    Metric::gauge(BROKER_SESSIONS, &[]),
+    Metric::gauge(BROKER_QUEUED, &[]),
+    Metric::counter(BROKER_PROTOCOL_ERRORS, &["kind"]),
+    Metric::counter(BROKER_WILLS, &[]),
+    Metric::counter(BROKER_THROTTLED, &[]),
+    Metric::counter(BROKER_AUTH_FAILURES, &["reason"]),
+    Metric::counter(BROKER_ACL_DENIALS, &["action"]),
+    Metric::counter(STORE_COMMITS, &[]),
+    Metric::counter(STORE_OPS, &[]),
+    Metric::counter(STORE_COMMIT_ERRORS, &[]),
+    Metric::gauge(STORE_PENDING_OPS, &[]),
+    Metric::gauge(NODES_LINKS_UP, &[]),
+    Metric::counter(NODES_LINK_RECONNECTS, &[]),
+    Metric::gauge(NODES_CONNECTED, &[]),
+    Metric::counter(NODES_FRAMES_RECEIVED, &[]),
+    Metric::counter(NODES_FRAMES_SENT, &[]),
+    Metric::counter(NODES_FRAME_ERRORS, &["kind"]),
+    Metric::counter(NODES_REJECTED, &["reason"]),
+    Metric::counter(NODES_KEEPALIVE_TIMEOUTS, &[]),
+    Metric::gauge(UPLINK_CONNECTED, &["uplink"]),
+    Metric::counter(UPLINK_RECONNECTS, &["uplink"]),
+    Metric::counter(UPLINK_CONNECT_FAILURES, &["uplink"]),
+    Metric::counter(UPLINK_FORWARDED, &["uplink"]),
+    Metric::counter(UPLINK_DROPPED, &["uplink", "reason"]),
+    Metric::counter(UPLINK_DOWNLINK, &["uplink"]),
+    Metric::histogram(UPLINK_ACK_RTT, &["uplink"]),
+    Metric::gauge(UPLINK_OUTBOX_MESSAGES, &["uplink"]),
+    Metric::gauge(UPLINK_OUTBOX_BYTES, &["uplink"]),
+    Metric::gauge(UPLINK_OUTBOX_OLDEST_AGE, &["uplink"]),
+    Metric::counter(UPLINK_OUTBOX_COMMITS, &["uplink"]),
+    Metric::counter(UPLINK_OUTBOX_WRITE_ERRORS, &["uplink"]),
+    Metric::counter(PIPELINE_MESSAGES, &["pipeline"]),
+    Metric::counter(PIPELINE_OUTPUTS, &["pipeline"]),
+    Metric::counter(PIPELINE_DROPPED, &["pipeline", "reason"]),
+    Metric::counter(PIPELINE_DEADLETTER, &["pipeline"]),
+    Metric::gauge(PIPELINE_QUEUE_DEPTH, &["pipeline"]),
+    Metric::counter(PIPELINE_RELOADS, &["result"]),
+    Metric::counter(RULES_INVOCATIONS, &["pipeline", "plugin", "result"]),
+    Metric::histogram(RULES_CALL_DURATION, &["plugin"]),
+    Metric::counter(RULES_INSTANCE_RESTARTS, &["pipeline", "plugin"]),
+    Metric::counter(RULES_PLUGIN_LOADS, &["source"]),
+];
+
+/// The entry of [`ALL`] named `name`.
+pub fn metric(name: &str) -> Option<&'static Metric> {
+    ALL.iter().find(|m| m.name == name)
+}
+
+/// The closed set of values of `label` on `metric`, where names.rs lists one.
+pub fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
+    match (metric, label) {
+        (BROKER_DROPPED, "reason") => Some(DROP_REASONS),
+        (UPLINK_DROPPED, "reason") => Some(UPLINK_DROP_REASONS),
+        (PIPELINE_DROPPED, "reason") => Some(PIPELINE_DROP_REASONS),
+        (RULES_INVOCATIONS, "result") => Some(RULE_RESULTS),
+        _ => None,
+    }
+}
 
 /// Registers help texts and units. Call once after installing the recorder.
 pub fn describe() {
@@ -194,7 +318,7 @@ pub fn describe() {
     );
     describe_counter!(
         UPLINK_DROPPED,
-        "Messages bound for an uplink that were dropped, by uplink and reason: full (outbox bounds, on_full policy), too_large (above outbox.max_bytes or the remote maximum packet size), expired (older than outbox.max_age), write_error (the outbox cannot be written), closed (gateway stopping)."
+        "Messages bound for an uplink that were dropped, by uplink and reason: full (outbox bounds, on_full policy), too_large (above outbox.max_bytes or the remote maximum packet size), expired (older than outbox.max_age), write_error (the outbox cannot be written), closed (gateway stopping), unmapped (a forward template names a level the topic lacks), refused (the cloud broker refused it with a reason code)."
     );
     describe_counter!(
         UPLINK_DOWNLINK,
@@ -268,4 +392,182 @@ pub fn describe() {
         RULES_PLUGIN_LOADS,
         "Rule plugins loaded, by source: compiled (Cranelift) or cache (compiled code from the on-disk cache)."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics::{
+        Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        sync::Mutex,
+    };
+
+    /// `(constant, metric name)` of every `pub const X: &str = "edgegw_...";` in this file.
+    fn name_constants() -> Vec<(String, String)> {
+        let source = include_str!("names.rs");
+        let mut found = Vec::new();
+        for line in source.lines() {
+            let Some(rest) = line.trim().strip_prefix("pub const ") else {
+                continue;
+            };
+            let Some((ident, value)) = rest.split_once(": &str = \"") else {
+                continue;
+            };
+            let value = value
+                .strip_suffix("\";")
+                .unwrap_or_else(|| panic!("one-line string constant expected: {line}"));
+            if value.starts_with("edgegw_") {
+                found.push((ident.to_owned(), value.to_owned()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn all_lists_every_name_constant_exactly_once() {
+        let constants = name_constants();
+        assert!(constants.len() > 40, "parsing names.rs found {constants:?}");
+        let mut values = BTreeSet::new();
+        for (ident, value) in &constants {
+            assert!(
+                values.insert(value.as_str()),
+                "{ident}: {value} is named twice"
+            );
+        }
+        let mut listed = BTreeSet::new();
+        for m in ALL {
+            assert!(listed.insert(m.name), "{} is twice in ALL", m.name);
+        }
+        let missing: Vec<_> = values.difference(&listed).collect();
+        assert!(
+            missing.is_empty(),
+            "constants missing from ALL: {missing:?}"
+        );
+        let extra: Vec<_> = listed.difference(&values).collect();
+        assert!(extra.is_empty(), "ALL names without a constant: {extra:?}");
+    }
+
+    /// One `describe_*` call: name, kind, unit, help.
+    type Description = (String, Kind, Option<Unit>, String);
+
+    /// Collects `describe_*` calls.
+    #[derive(Default)]
+    struct Descriptions(Mutex<Vec<Description>>);
+
+    impl Descriptions {
+        fn push(&self, kind: Kind, key: KeyName, unit: Option<Unit>, help: SharedString) {
+            let entry = (key.as_str().to_owned(), kind, unit, help.to_string());
+            self.0.lock().unwrap().push(entry);
+        }
+    }
+
+    impl Recorder for Descriptions {
+        fn describe_counter(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+            self.push(Kind::Counter, key, unit, help);
+        }
+        fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+            self.push(Kind::Gauge, key, unit, help);
+        }
+        fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, help: SharedString) {
+            self.push(Kind::Histogram, key, unit, help);
+        }
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn describe_covers_all_with_the_same_kinds() {
+        let recorder = Descriptions::default();
+        metrics::with_local_recorder(&recorder, describe);
+        let described = recorder.0.into_inner().unwrap();
+        let mut by_name = BTreeMap::new();
+        for (name, kind, unit, help) in described {
+            assert!(!help.trim().is_empty(), "{name} has no help text");
+            if name.ends_with("_bytes") || name.ends_with("_bytes_total") {
+                assert_eq!(unit, Some(Unit::Bytes), "{name}");
+            }
+            if name.ends_with("_seconds") {
+                assert_eq!(unit, Some(Unit::Seconds), "{name}");
+            }
+            assert!(
+                by_name.insert(name.clone(), kind).is_none(),
+                "{name} is described twice"
+            );
+        }
+        let mut problems = Vec::new();
+        for m in ALL {
+            match by_name.remove(m.name) {
+                None => problems.push(format!("{} is in ALL but not described", m.name)),
+                Some(kind) if kind != m.kind => problems.push(format!(
+                    "{} is a {:?} in ALL but described as a {kind:?}",
+                    m.name, m.kind
+                )),
+                Some(_) => {}
+            }
+        }
+        for name in by_name.keys() {
+            problems.push(format!("{name} is described but not in ALL"));
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn names_and_labels_follow_the_conventions() {
+        let snake = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        for m in ALL {
+            assert!(m.name.starts_with("edgegw_") && snake(m.name), "{}", m.name);
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+            for suffix in ["_bucket", "_sum", "_count"] {
+                assert!(!m.name.ends_with(suffix), "{}: reserved suffix", m.name);
+            }
+            let mut seen = BTreeSet::new();
+            for label in m.labels {
+                assert!(snake(label), "{}: label {label:?}", m.name);
+                assert!(seen.insert(label), "{}: label {label} twice", m.name);
+                assert!(
+                    !["le", "quantile", "instance", "job"].contains(label),
+                    "{}: label {label} is reserved",
+                    m.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn label_value_lists_belong_to_declared_labels() {
+        for m in ALL {
+            for label in ["reason", "result"] {
+                if let Some(values) = label_values(m.name, label) {
+                    assert!(m.labels.contains(&label), "{}: {label}", m.name);
+                    assert!(!values.is_empty());
+                }
+            }
+        }
+        assert_eq!(label_values(BROKER_DROPPED, "reason"), Some(DROP_REASONS));
+        assert_eq!(label_values(BROKER_SESSIONS, "reason"), None);
+        assert_eq!(
+            metric(UPLINK_ACK_RTT).map(|m| m.kind),
+            Some(Kind::Histogram)
+        );
+        assert!(metric("edgegw_nope").is_none());
+    }
 }
