@@ -324,3 +324,164 @@ fn outbox_policies_apply_while_the_cloud_is_unreachable() {
         );
     }
 }
+
+fn reload_config(path: &std::path::Path, data: &std::path::Path, uplinks: &str, pipelines: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "gateway:\n  id: test\n  data_dir: {data}\n  commit_interval: 5ms\nbroker:\n  listeners:\n    - bind: 127.0.0.1:0\nuplinks:\n{uplinks}pipelines:\n{pipelines}metrics:\n  bind: 127.0.0.1:0\nlog:\n  level: debug\n  format: json\n",
+            data = data.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// SIGHUP while messages flow: the forward rules and the connection settings of an uplink
+/// change, a new uplink (used by a pipeline) starts and later goes away; nothing a publisher
+/// had acknowledged is lost and the MQTT connections stay up.
+#[test]
+fn reload_changes_uplinks_live_without_losing_messages() {
+    let cloud = Mosquitto::start(None);
+    let observer = Observer::start(cloud.plain, "#");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let data = dir.path().join("data");
+    let first = format!(
+        "  - name: cloud\n    url: mqtt://{addr}\n    client_id: gw-a\n    forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n",
+        addr = cloud.plain
+    );
+    reload_config(&path, &data, &first, "  []\n");
+    let gw = Gateway::start_file(&path, dir);
+    gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
+        v == 1.0
+    });
+
+    // A publisher keeps going while the config changes under it.
+    let mqtt = gw.mqtt;
+    let publisher = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for chunk in 0..20u32 {
+            acked.extend(publish_seq(
+                mqtt,
+                "sensors/a",
+                chunk * 100..(chunk + 1) * 100,
+            ));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let second = format!(
+        "{first_changed}  - name: second\n    url: mqtt://{addr}\n    client_id: gw-second\n    forward: [ {{ from: \"alerts/#\", to: \"second/{{topic}}\", qos: 1 }} ]\n",
+        first_changed = first
+            .replace("client_id: gw-a", "client_id: gw-b")
+            .replace("site1/", "site2/"),
+        addr = cloud.plain
+    );
+    reload_config(
+        &path,
+        &gw.dir.path().join("data"),
+        &second,
+        "  - { name: toup, from: [ \"metrics/#\" ], to: [ \"uplink:second\" ] }\n",
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        gw.wait_log(WAIT, |l| message(l) == Some("Uplink reconfigured.")
+            && l["fields"]["forward_rules"] == true
+            && l["fields"]["reconnected"] == true),
+        "{:#?}",
+        gw.logs()
+    );
+    gw.wait_metric("edgegw_uplink_connected{uplink=\"second\"}", WAIT, |v| {
+        v == 1.0
+    });
+
+    let acked = publisher.join().unwrap();
+    assert_eq!(acked.len(), 2000, "every publish acknowledged");
+    // Each acknowledged message reaches the cloud, under the old or the new rule.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut site1, mut site2);
+    loop {
+        let got = observer.wait_for(0, Duration::ZERO);
+        site1 = got.iter().filter(|(t, _)| t == "site1/sensors/a").count();
+        site2 = got.iter().filter(|(t, _)| t == "site2/sensors/a").count();
+        let mut seen: Vec<u32> = got
+            .iter()
+            .filter(|(t, _)| t.ends_with("sensors/a"))
+            .map(|(_, p)| p.parse().unwrap())
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() == 2000 || Instant::now() > deadline {
+            assert_eq!(
+                seen,
+                (0..2000).collect::<Vec<_>>(),
+                "nothing lost across the reload"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        site1 > 0 && site2 > 0,
+        "both rules were in force: {site1} / {site2}"
+    );
+    assert!(
+        site1 + site2 <= 2000 + 100,
+        "duplicates stay within the window: {}",
+        site1 + site2 - 2000
+    );
+
+    // The new uplink forwards by its own rule and as a pipeline output.
+    observer.publish("alerts/door", "open");
+    let mut local = Raw::connect(gw.mqtt);
+    local.send(&raw::connect_v3("metrics-pub", true, 60));
+    assert_eq!(local.read(WAIT).expect("CONNACK").kind(), 2);
+    local.send(&raw::publish_v3("alerts/window", 0, 0, false, b"closed"));
+    local.send(&raw::publish_v3("metrics/cpu", 0, 0, false, b"42"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = observer.wait_for(0, Duration::ZERO);
+        let has = |topic: &str, payload: &str| got.iter().any(|(t, p)| t == topic && p == payload);
+        if has("second/alerts/window", "closed") && has("metrics/cpu", "42") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "second uplink: {got:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Removing it again stops it; the local connection stays up.
+    let third = first
+        .replace("client_id: gw-a", "client_id: gw-b")
+        .replace("site1/", "site2/");
+    reload_config(&path, &gw.dir.path().join("data"), &third, "  []\n");
+    std::process::Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        gw.wait_log(WAIT, |l| message(l)
+            == Some(
+                "Uplink removed from the config; stopping it (its outbox file stays)."
+            )
+            && l["fields"]["uplink"] == "second"),
+        "{:#?}",
+        gw.logs()
+    );
+    local.send(&raw::publish_v3("sensors/a", 1, 7, false, b"after"));
+    let (ack, _) = local.read_kind(4, WAIT);
+    assert!(ack.is_some(), "the local connection survived both reloads");
+    let deadline = Instant::now() + WAIT;
+    while !observer
+        .wait_for(0, Duration::ZERO)
+        .iter()
+        .any(|(t, p)| t == "site2/sensors/a" && p == "after")
+    {
+        assert!(Instant::now() < deadline, "the kept uplink still forwards");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -21,9 +21,9 @@ impl UplinkOutput for UplinkBridge {
     }
 }
 
-pub fn uplink_outputs(uplinks: &[edgegw_uplink::Uplink]) -> Uplinks {
+pub fn uplink_outputs<'a>(uplinks: impl IntoIterator<Item = &'a edgegw_uplink::Uplink>) -> Uplinks {
     uplinks
-        .iter()
+        .into_iter()
         .map(|u| {
             (
                 u.name().to_string(),

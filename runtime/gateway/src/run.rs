@@ -176,7 +176,7 @@ async fn serve(
         workers: 0,
     };
     // Uplinks before the listeners: their forward rules must see the first publish.
-    let mut uplinks = Vec::new();
+    let mut uplinks: Vec<edgegw_uplink::Uplink> = Vec::new();
     for uplink in &config.uplinks {
         let settings = uplink_settings(&config, uplink)?;
         uplinks.push(
@@ -263,6 +263,8 @@ async fn serve(
             &mut running,
             &mut engine,
             &pipelines,
+            &mut uplinks,
+            &router,
             &broker,
             &log,
         )
@@ -433,15 +435,20 @@ async fn wait_for_signal() -> Signal {
 }
 
 /// SIGHUP: re-reads the config file and applies what can change live: pipelines and
-/// plugins (swapped atomically), broker users, anonymous access and ACLs, the log level. A
-/// config with errors, a password file that cannot be read, or a plugin that fails to load or
-/// initialise leaves everything running as it is. Changes that need a restart (listeners,
-/// limits, state directory …) are named in the log.
+/// plugins (swapped atomically), uplinks (added, removed, forward rules swapped, connection
+/// settings applied by reconnecting; their outboxes are kept), broker users, anonymous access
+/// and ACLs, the log level. A config with errors, a password file that cannot be read, a
+/// plugin that fails to load or initialise, or a new uplink that cannot start leaves
+/// everything running as it is. Changes that need a restart (listeners, limits, state
+/// directory, outbox settings …) are named in the log.
+#[allow(clippy::too_many_arguments)]
 async fn reload(
     path: Option<&std::path::Path>,
     running: &mut Config,
     engine: &mut Option<edgegw_rules::Engine>,
     pipelines: &std::sync::Arc<edgegw_pipeline::Pipelines>,
+    uplinks: &mut Vec<edgegw_uplink::Uplink>,
+    router: &Router,
     broker: &Broker,
     log: &LogControl,
 ) {
@@ -470,6 +477,17 @@ async fn reload(
             return;
         }
     };
+    let mut uplink_settings_list = Vec::new();
+    for uplink in &config.uplinks {
+        match uplink_settings(&config, uplink) {
+            Ok(settings) => uplink_settings_list.push(settings),
+            Err(error) => {
+                reloads("failed");
+                tracing::error!("Reload refused; everything keeps running as it was: {error:#}");
+                return;
+            }
+        }
+    }
     if engine.is_none() && !config.plugins.is_empty() {
         match edgegw_rules::Engine::new() {
             Ok(new) => *engine = Some(new),
@@ -484,24 +502,35 @@ async fn reload(
         let engine = engine.clone();
         let pipelines = pipelines.clone();
         let config = config.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-            let specs = crate::pipelines::specs(engine.as_ref(), &config)?;
-            let count = specs.len();
-            pipelines.reload(specs)?;
-            Ok(count)
+        let router = router.clone();
+        let mut list = std::mem::take(uplinks);
+        tokio::task::spawn_blocking(move || {
+            let result = apply_pipelines_and_uplinks(
+                engine.as_ref(),
+                &config,
+                &pipelines,
+                &router,
+                &mut list,
+                uplink_settings_list,
+            );
+            (list, result)
         })
         .await
     };
-    let count = match result {
-        Ok(Ok(count)) => count,
-        Ok(Err(error)) => {
+    let (count, restart_uplinks) = match result {
+        Ok((list, Ok(done))) => {
+            *uplinks = list;
+            done
+        }
+        Ok((list, Err(error))) => {
+            *uplinks = list;
             reloads("failed");
             tracing::error!("Reload failed; everything keeps running as it was: {error:#}");
             return;
         }
         Err(error) => {
             reloads("failed");
-            tracing::error!(%error, "Reload panicked; everything keeps running as it was.");
+            tracing::error!(%error, "Reload panicked; the pipelines and uplinks may be stopped: restart the gateway.");
             return;
         }
     };
@@ -518,18 +547,110 @@ async fn reload(
         Ok(false) => {}
         Err(error) => tracing::warn!("log.level not changed: {error:#}"),
     }
-    let needs_restart = restart_only_changes(running, &config);
+    let mut needs_restart: Vec<String> = restart_only_changes(running, &config)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    needs_restart.extend(restart_uplinks);
     reloads("ok");
     if needs_restart.is_empty() {
-        tracing::info!(pipelines = count, "Reloaded.");
+        tracing::info!(pipelines = count, uplinks = uplinks.len(), "Reloaded.");
     } else {
         tracing::warn!(
             pipelines = count,
+            uplinks = uplinks.len(),
             sections = %needs_restart.join(", "),
-            "Reloaded pipelines, plugins, broker auth and ACLs, and the log level; these other changes take effect only after a restart."
+            "Reloaded pipelines, plugins, uplinks, broker auth and ACLs, and the log level; these other changes take effect only after a restart."
         );
     }
     *running = config;
+}
+
+/// The blocking part of a reload: loads plugins, starts new uplinks, swaps the pipelines,
+/// reconfigures kept uplinks and stops removed ones. Fails with nothing changed until the
+/// pipelines are swapped. Returns the pipeline count and the uplink settings that need a
+/// restart.
+fn apply_pipelines_and_uplinks(
+    engine: Option<&edgegw_rules::Engine>,
+    config: &Config,
+    pipelines: &edgegw_pipeline::Pipelines,
+    router: &edgegw_broker::Router,
+    uplinks: &mut Vec<edgegw_uplink::Uplink>,
+    settings: Vec<edgegw_uplink::UplinkSettings>,
+) -> anyhow::Result<(usize, Vec<String>)> {
+    let specs = crate::pipelines::specs(engine, config)?;
+    let count = specs.len();
+    // New uplinks first, so pipelines can output to them.
+    let mut started: Vec<edgegw_uplink::Uplink> = Vec::new();
+    let mut kept = Vec::new();
+    for s in settings {
+        if uplinks.iter().any(|u| u.name() == s.name) {
+            kept.push(s);
+            continue;
+        }
+        let name = s.name.clone();
+        match edgegw_uplink::Uplink::start(s, router.clone(), &config.gateway.data_dir) {
+            Ok(uplink) => started.push(uplink),
+            Err(error) => {
+                for uplink in started {
+                    uplink.stop();
+                }
+                return Err(anyhow::anyhow!(error).context(format!("cannot start uplink `{name}`")));
+            }
+        }
+    }
+    let names: Vec<&str> = config.uplinks.iter().map(|u| u.name.as_str()).collect();
+    let outputs = crate::pipelines::uplink_outputs(
+        started
+            .iter()
+            .chain(uplinks.iter().filter(|u| names.contains(&u.name()))),
+    );
+    if let Err(error) = pipelines.reload_with_uplinks(specs, Some(outputs)) {
+        for uplink in started {
+            uplink.stop();
+        }
+        return Err(error.into());
+    }
+    // From here on the new pipelines run: apply the rest, reporting what fails.
+    let mut restart = Vec::new();
+    let (keep, removed): (Vec<_>, Vec<_>) = std::mem::take(uplinks)
+        .into_iter()
+        .partition(|u| names.contains(&u.name()));
+    *uplinks = keep;
+    for uplink in uplinks.iter_mut() {
+        let Some(settings) = kept.iter().find(|s| s.name == uplink.name()).cloned() else {
+            continue;
+        };
+        match uplink.reconfigure(settings) {
+            Ok(done) => {
+                if done.forward || done.reconnected {
+                    tracing::info!(
+                        uplink = uplink.name(),
+                        forward_rules = done.forward,
+                        reconnected = done.reconnected,
+                        "Uplink reconfigured."
+                    );
+                }
+                if done.outbox_needs_restart {
+                    restart.push(format!("uplinks.{}.outbox", uplink.name()));
+                }
+            }
+            Err(error) => tracing::error!(
+                uplink = uplink.name(),
+                %error,
+                "Uplink not reconfigured; it keeps its old settings."
+            ),
+        }
+    }
+    for uplink in removed {
+        tracing::info!(
+            uplink = uplink.name(),
+            "Uplink removed from the config; stopping it (its outbox file stays)."
+        );
+        uplink.stop();
+    }
+    uplinks.extend(started);
+    Ok((count, restart))
 }
 
 /// The changed parts of the config that a reload does not apply, by key.
@@ -551,7 +672,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     );
     check("gateway", debug(&old.gateway) != debug(&new.gateway));
     check("nodes", debug(&old.nodes) != debug(&new.nodes));
-    check("uplinks", debug(&old.uplinks) != debug(&new.uplinks));
     check("metrics", debug(&old.metrics) != debug(&new.metrics));
     check("log.format", old.log.format != new.log.format);
     changed

@@ -465,7 +465,8 @@ pub struct Pipelines {
     router: Router,
     sink_id: SinkId,
     sink: Arc<PipelineSink>,
-    uplinks: Uplinks,
+    /// `uplink:<name>` outputs; replaced by [`Pipelines::reload_with_uplinks`].
+    uplinks: Mutex<Uplinks>,
     /// Serializes reloads.
     reloading: Mutex<()>,
 }
@@ -484,7 +485,7 @@ impl Pipelines {
             sink_id: router.add_sink(sink.clone()),
             router,
             sink,
-            uplinks,
+            uplinks: Mutex::new(uplinks),
             reloading: Mutex::new(()),
         };
         pipelines.reload(specs)?;
@@ -494,13 +495,25 @@ impl Pipelines {
     /// Swaps in a new set of pipelines. Everything is built first; on any failure the running
     /// set is left as it was and the error says which pipeline and why.
     pub fn reload(&self, specs: Vec<PipelineSpec>) -> Result<(), PipelineError> {
+        self.reload_with_uplinks(specs, None)
+    }
+
+    /// As [`Pipelines::reload`], with a new set of uplinks for `uplink:<name>` outputs
+    /// (kept only when the reload succeeds).
+    pub fn reload_with_uplinks(
+        &self,
+        specs: Vec<PipelineSpec>,
+        uplinks: Option<Uplinks>,
+    ) -> Result<(), PipelineError> {
         let _guard = lock(&self.reloading);
+        let uplinks = uplinks.unwrap_or_else(|| lock(&self.uplinks).clone());
         let old = self.sink.snapshot();
         let mut built = Vec::with_capacity(specs.len());
         for spec in specs {
             let previous = old.iter().find(|r| r.name == spec.name);
-            built.push(self.build(spec, previous.map(|p| p.client.clone()))?);
+            built.push(self.build(spec, previous.map(|p| p.client.clone()), &uplinks)?);
         }
+        *lock(&self.uplinks) = uplinks;
         let mut running = Vec::with_capacity(built.len());
         let mut workers = Vec::with_capacity(built.len());
         for (run, worker) in built {
@@ -550,6 +563,7 @@ impl Pipelines {
         &self,
         spec: PipelineSpec,
         client: Option<Arc<LocalClient>>,
+        uplinks: &Uplinks,
     ) -> Result<(Running, Worker), PipelineError> {
         let settings = |message: String| PipelineError::Settings {
             pipeline: spec.name.clone(),
@@ -564,7 +578,7 @@ impl Pipelines {
                 OutputTarget::Local(template) => {
                     Output::Local(TopicTemplate::parse(template).map_err(settings)?)
                 }
-                OutputTarget::Uplink(name) => match self.uplinks.get(name) {
+                OutputTarget::Uplink(name) => match uplinks.get(name) {
                     Some(uplink) => Output::Uplink(name.clone(), uplink.clone()),
                     None => return Err(settings(format!("unknown uplink `{name}`"))),
                 },

@@ -19,7 +19,7 @@ use std::{
 };
 
 use edgegw_broker::{
-    Message, Offer, Origin, QoS, Router, Sink, SinkId,
+    LocalClient, Message, Offer, Origin, QoS, Router, Sink, SinkId,
     topic::{Filter, TopicTemplate, matches},
 };
 use edgegw_store::{Appended, Outbox, OutboxOptions, OutboxStats, StoreError};
@@ -138,7 +138,8 @@ struct CompiledForward {
 
 /// The router side: appends matching messages to the outbox.
 struct ForwardSink {
-    rules: Vec<CompiledForward>,
+    /// Swapped whole by [`Uplink::reconfigure`].
+    rules: std::sync::RwLock<Arc<Vec<CompiledForward>>>,
     outbox: Outbox,
     /// Messages published by this uplink's downlink are never sent back up.
     downlink_session: u64,
@@ -150,9 +151,10 @@ impl Sink for ForwardSink {
         if message.origin == Origin::Session(self.downlink_session) {
             return None;
         }
+        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut result: Option<Offer> = None;
         let mut sent_to: Vec<String> = Vec::new();
-        for rule in &self.rules {
+        for rule in rules.iter() {
             if !matches(&rule.filter, &message.topic) {
                 continue;
             }
@@ -194,11 +196,26 @@ impl Sink for ForwardSink {
 /// A running uplink. [`Uplink::stop`] ends it.
 pub struct Uplink {
     name: String,
+    settings: UplinkSettings,
     router: Router,
     sink: SinkId,
+    forward: Arc<ForwardSink>,
+    local: Arc<LocalClient>,
     outbox: Outbox,
     cancel: CancellationToken,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What [`Uplink::reconfigure`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconfigured {
+    /// The forward rules were replaced.
+    pub forward: bool,
+    /// The connection was restarted with new connection settings (url, credentials, TLS,
+    /// downlinks, window, keepalive, backoff).
+    pub reconnected: bool,
+    /// The outbox settings changed: they apply only after a restart.
+    pub outbox_needs_restart: bool,
 }
 
 /// Where a pipeline output bound for an uplink goes (see [`Uplink::handle`]).
@@ -226,6 +243,101 @@ impl UplinkHandle {
     }
 }
 
+/// Settings checked and compiled, before anything changes.
+struct Compiled {
+    endpoint: Endpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    rules: Vec<CompiledForward>,
+    downlinks: Vec<client::CompiledDownlink>,
+}
+
+fn compile(settings: &UplinkSettings) -> Result<Compiled, UplinkError> {
+    let settings_error = |message: String| UplinkError::Settings {
+        uplink: settings.name.clone(),
+        message,
+    };
+    let endpoint = Endpoint::parse(&settings.url).map_err(settings_error)?;
+    let tls = if endpoint.tls {
+        Some(Arc::new(tls::client_config(&settings.tls)?))
+    } else {
+        None
+    };
+    let mut rules = Vec::new();
+    for rule in &settings.forward {
+        Filter::parse(&rule.from)
+            .map_err(|e| settings_error(format!("forward filter `{}`: {e}", rule.from)))?;
+        rules.push(CompiledForward {
+            filter: rule.from.clone(),
+            template: TopicTemplate::parse(&rule.to).map_err(settings_error)?,
+            qos: rule.qos.min(2),
+            retain: rule.retain,
+        });
+    }
+    let mut downlinks = Vec::new();
+    for rule in &settings.subscribe {
+        Filter::parse(&rule.remote)
+            .map_err(|e| settings_error(format!("subscribe filter `{}`: {e}", rule.remote)))?;
+        downlinks.push(client::CompiledDownlink {
+            remote: rule.remote.clone(),
+            template: TopicTemplate::parse(&rule.local).map_err(settings_error)?,
+            qos: rule.qos.min(2),
+        });
+    }
+    Ok(Compiled {
+        endpoint,
+        tls,
+        rules,
+        downlinks,
+    })
+}
+
+/// Starts the connection thread of an uplink.
+fn spawn_client(
+    settings: &UplinkSettings,
+    compiled: Compiled,
+    outbox: &Outbox,
+    local: &Arc<LocalClient>,
+    cancel: &CancellationToken,
+) -> Result<JoinHandle<()>, UplinkError> {
+    let task = client::Task {
+        settings: settings.clone(),
+        endpoint: compiled.endpoint,
+        tls: compiled.tls,
+        downlinks: compiled.downlinks,
+        outbox: outbox.clone(),
+        local: local.clone(),
+        cancel: cancel.clone(),
+    };
+    std::thread::Builder::new()
+        .name(format!("edgegw-uplink-{}", settings.name))
+        .spawn(move || task.run())
+        .map_err(UplinkError::Thread)
+}
+
+/// The settings the connection thread uses (all but the forward rules and the outbox).
+fn connection_settings(settings: &UplinkSettings) -> String {
+    let UplinkSettings {
+        name,
+        url,
+        client_id,
+        username,
+        password,
+        protocol,
+        keepalive,
+        clean_start,
+        tls,
+        forward: _,
+        subscribe,
+        outbox: _,
+        inflight,
+        reconnect_min,
+        reconnect_max,
+    } = settings;
+    format!(
+        "{name:?}{url:?}{client_id:?}{username:?}{password:?}{protocol:?}{keepalive:?}{clean_start:?}{tls:?}{subscribe:?}{inflight:?}{reconnect_min:?}{reconnect_max:?}"
+    )
+}
+
 impl Uplink {
     /// Opens the outbox in `data_dir`, adds the forward rules to the router and starts the
     /// connection thread. Fails before anything runs on bad settings or files.
@@ -234,37 +346,7 @@ impl Uplink {
         router: Router,
         data_dir: &Path,
     ) -> Result<Uplink, UplinkError> {
-        let settings_error = |message: String| UplinkError::Settings {
-            uplink: settings.name.clone(),
-            message,
-        };
-        let endpoint = Endpoint::parse(&settings.url).map_err(settings_error)?;
-        let tls = if endpoint.tls {
-            Some(Arc::new(tls::client_config(&settings.tls)?))
-        } else {
-            None
-        };
-        let mut rules = Vec::new();
-        for rule in &settings.forward {
-            Filter::parse(&rule.from)
-                .map_err(|e| settings_error(format!("forward filter `{}`: {e}", rule.from)))?;
-            rules.push(CompiledForward {
-                filter: rule.from.clone(),
-                template: TopicTemplate::parse(&rule.to).map_err(settings_error)?,
-                qos: rule.qos.min(2),
-                retain: rule.retain,
-            });
-        }
-        let mut downlinks = Vec::new();
-        for rule in &settings.subscribe {
-            Filter::parse(&rule.remote)
-                .map_err(|e| settings_error(format!("subscribe filter `{}`: {e}", rule.remote)))?;
-            downlinks.push(client::CompiledDownlink {
-                remote: rule.remote.clone(),
-                template: TopicTemplate::parse(&rule.local).map_err(settings_error)?,
-                qos: rule.qos.min(2),
-            });
-        }
+        let mut compiled = compile(&settings)?;
         let outbox_path = data_dir.join(format!("outbox-{}.db", settings.name));
         let outbox = Outbox::open(&outbox_path, settings.outbox.clone())?;
         let stats = outbox.stats();
@@ -275,9 +357,9 @@ impl Uplink {
             queued = stats.messages,
             "Uplink starting."
         );
-        let local = router.local_client(&format!("$edgegw/uplink/{}", settings.name));
-        let sink = router.add_sink(Arc::new(ForwardSink {
-            rules,
+        let local = Arc::new(router.local_client(&format!("$edgegw/uplink/{}", settings.name)));
+        let forward = Arc::new(ForwardSink {
+            rules: std::sync::RwLock::new(Arc::new(std::mem::take(&mut compiled.rules))),
             outbox: outbox.clone(),
             downlink_session: local.session_id(),
             unmapped: metrics::counter!(
@@ -285,28 +367,23 @@ impl Uplink {
                 "uplink" => settings.name.clone(),
                 "reason" => "unmapped"
             ),
-        }));
+        });
+        let sink = router.add_sink(forward.clone());
         let cancel = CancellationToken::new();
-        let task = client::Task {
-            settings: settings.clone(),
-            endpoint,
-            tls,
-            downlinks,
-            outbox: outbox.clone(),
-            local: Arc::new(local),
-            cancel: cancel.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("edgegw-uplink-{}", settings.name))
-            .spawn(move || task.run())
-            .map_err(|e| {
+        let thread = match spawn_client(&settings, compiled, &outbox, &local, &cancel) {
+            Ok(thread) => thread,
+            Err(error) => {
                 router.remove_sink(sink);
-                UplinkError::Thread(e)
-            })?;
+                return Err(error);
+            }
+        };
         Ok(Uplink {
-            name: settings.name,
+            name: settings.name.clone(),
+            settings,
             router,
             sink,
+            forward,
+            local,
             outbox,
             cancel,
             thread: Some(thread),
@@ -315,6 +392,56 @@ impl Uplink {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Applies changed settings (a config reload) without losing anything: forward rules
+    /// are swapped atomically (every message goes by the old rules or the new ones, into the
+    /// same outbox); changed connection settings restart the connection thread, which
+    /// resumes at the oldest unacknowledged entry (as after a reconnect: at most the window
+    /// is sent twice). Outbox settings apply only after a restart. On an error nothing
+    /// changes. Blocks while the old connection thread stops: call it off the async workers.
+    pub fn reconfigure(&mut self, settings: UplinkSettings) -> Result<Reconfigured, UplinkError> {
+        if settings.name != self.name {
+            return Err(UplinkError::Settings {
+                uplink: self.name.clone(),
+                message: format!("cannot become uplink `{}`", settings.name),
+            });
+        }
+        let mut compiled = compile(&settings)?;
+        let mut done = Reconfigured {
+            outbox_needs_restart: format!("{:?}", settings.outbox)
+                != format!("{:?}", self.settings.outbox),
+            ..Reconfigured::default()
+        };
+        if format!("{:?}", settings.forward) != format!("{:?}", self.settings.forward) {
+            let rules = Arc::new(std::mem::take(&mut compiled.rules));
+            *self
+                .forward
+                .rules
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = rules;
+            done.forward = true;
+        }
+        if connection_settings(&settings) != connection_settings(&self.settings) {
+            self.cancel.cancel();
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+            self.cancel = CancellationToken::new();
+            self.thread = Some(spawn_client(
+                &settings,
+                compiled,
+                &self.outbox,
+                &self.local,
+                &self.cancel,
+            )?);
+            done.reconnected = true;
+        }
+        let outbox = self.settings.outbox.clone();
+        self.settings = settings;
+        // What runs is the old outbox configuration until a restart.
+        self.settings.outbox = outbox;
+        Ok(done)
     }
 
     /// For pipelines' `uplink:<name>` outputs.
