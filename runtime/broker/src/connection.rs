@@ -138,6 +138,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    #[allow(clippy::too_many_arguments)] // each is one piece of the connection's state
     pub fn new(
         shared: Arc<Shared>,
         session: Arc<Session>,

@@ -163,13 +163,16 @@ pub struct OutboxStats {
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
+/// A `fetch` waiting for the writer: after which seq, how many, where to answer.
+type Read = (
+    u64,
+    usize,
+    oneshot::Sender<Result<Vec<OutboxEntry>, StoreError>>,
+);
+
 struct State {
     appends: Vec<OutboxEntry>,
-    reads: Vec<(
-        u64,
-        usize,
-        oneshot::Sender<Result<Vec<OutboxEntry>, StoreError>>,
-    )>,
+    reads: Vec<Read>,
     blocked: VecDeque<(OutboxEntry, Waiter)>,
     /// Admitted blocked messages: resolved when batch `.0` commits.
     signals: Vec<(u64, Waiter)>,
@@ -956,7 +959,7 @@ impl Writer {
                  RETURNING length(CAST(topic AS BLOB)) + length(payload) + length(properties)",
             )?;
             while over_messages > 0 || over_bytes > 0 {
-                let chunk = over_messages.max(1).min(4096);
+                let chunk = over_messages.clamp(1, 4096);
                 let mut removed = 0;
                 let mut rows = trim.query(params![chunk as i64])?;
                 while let Some(row) = rows.next()? {

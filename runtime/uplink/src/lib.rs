@@ -482,25 +482,6 @@ pub(crate) fn qos_of(value: u8) -> QoS {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Endpoint;
-
-    #[test]
-    fn urls_parse_with_default_ports() {
-        let e = Endpoint::parse("mqtts://example.com").unwrap();
-        assert!(e.tls);
-        assert_eq!((e.host.as_str(), e.port), ("example.com", 8883));
-        let e = Endpoint::parse("mqtt://127.0.0.1:1999").unwrap();
-        assert!(!e.tls);
-        assert_eq!((e.host.as_str(), e.port), ("127.0.0.1", 1999));
-        let e = Endpoint::parse("mqtts://[::1]:443").unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("::1", 443));
-        assert!(Endpoint::parse("http://x").is_err());
-        assert!(Endpoint::parse("mqtt://x:port").is_err());
-    }
-}
-
 /// For the benchmark: publishes `count` copies of `payload` from memory through a connection
 /// made exactly as the uplink `settings` describe (same client, TLS and in-flight window),
 /// without an outbox. Returns the time from the first publish to the last acknowledgement.
@@ -544,4 +525,23 @@ pub fn publish_direct(
     outbox.close();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        let e = Endpoint::parse("mqtts://example.com").unwrap();
+        assert!(e.tls);
+        assert_eq!((e.host.as_str(), e.port), ("example.com", 8883));
+        let e = Endpoint::parse("mqtt://127.0.0.1:1999").unwrap();
+        assert!(!e.tls);
+        assert_eq!((e.host.as_str(), e.port), ("127.0.0.1", 1999));
+        let e = Endpoint::parse("mqtts://[::1]:443").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 443));
+        assert!(Endpoint::parse("http://x").is_err());
+        assert!(Endpoint::parse("mqtt://x:port").is_err());
+    }
 }
