@@ -53,8 +53,11 @@ fn main() {
         .arg("--target-dir")
         .arg(&target_dir);
     // What cargo set for this build script is not for the plugin build: flags for the
-    // gateway's target, clippy's wrapper, another target directory.
+    // gateway's target, clippy's wrapper, another target directory. The same variables are
+    // removed in edgegw_rules::testing::cargo, so the two builds share target/wasm.
     for var in [
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",

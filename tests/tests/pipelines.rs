@@ -257,7 +257,7 @@ fn sighup_swaps_plugins_while_messages_flow_without_losing_any() {
         reload_config(&path, &data, second);
         sighup(&gw);
         let deadline = Instant::now() + WAIT;
-        while count_logs(&gw, "Reloaded pipelines") < round {
+        while count_logs(&gw, "Reloaded") < round {
             assert!(
                 Instant::now() < deadline,
                 "reload {round} not done: {:#?}",

@@ -265,9 +265,13 @@ impl Authenticator {
             );
         }
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
-        *self.cache_lock() = VerifiedCache::new(CACHE_CAPACITY, CACHE_TTL, rand::random());
+        // Under the cache's lock, so a login that checked the old file cannot add to the new
+        // cache after this (see `login`).
+        let mut cache = self.cache_lock();
+        *cache = VerifiedCache::new(CACHE_CAPACITY, CACHE_TTL, rand::random());
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
+        drop(cache);
     }
 
     /// Moves on every [`Authenticator::reload`].
@@ -284,6 +288,7 @@ impl Authenticator {
 
     /// The user name a CONNECT authenticates as (`None`: anonymous), or why it is refused.
     pub async fn login(&self, request: LoginRequest<'_>) -> Result<Option<String>, Refusal> {
+        let generation = self.generation();
         let policy = self.policy();
         if self.is_refused(request.peer) {
             return Err(self.fail(&request, FailureReason::Banned, Refusal::Banned));
@@ -346,8 +351,13 @@ impl Authenticator {
         .await;
         match verdict {
             Ok(Verdict::Valid) => {
+                // Checked against a password file a reload replaced meanwhile: valid for this
+                // CONNECT, which began before the reload, but not remembered for later ones.
                 if let Some(password) = &request.password {
-                    self.cache_lock().insert(username, password, Instant::now());
+                    let mut cache = self.cache_lock();
+                    if self.generation() == generation {
+                        cache.insert(username, password, Instant::now());
+                    }
                 }
                 Ok(Some(username.to_string()))
             }

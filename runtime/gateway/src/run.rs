@@ -60,9 +60,9 @@ pub fn init_tracing(log: &edgegw_config::Log) -> LogControl {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     };
+    // The level filters what is printed only: the status page's ring sees every warning.
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(
             edgegw_telemetry::recent_errors_layer()
                 .with_filter(LevelFilter::WARN)
@@ -101,6 +101,8 @@ async fn serve(
     log: LogControl,
 ) -> anyhow::Result<()> {
     let systemd = crate::systemd::Notifier::from_env();
+    // From here on a stop or reload signal is kept until the loop below takes it.
+    let mut signals = Signals::new();
     let embedded = config_path.is_none();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -227,13 +229,7 @@ async fn serve(
         router.clone(),
         shutdown.child_token(),
     );
-    telemetry.set_identity(edgegw_telemetry::Identity {
-        gateway_id: config.gateway.id.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        listeners: broker.listeners().iter().map(|l| l.url()).collect(),
-        pipelines: config.pipelines.iter().map(|p| p.name.clone()).collect(),
-        uplinks: config.uplinks.iter().map(|u| u.name.clone()).collect(),
-    });
+    telemetry.set_identity(identity(&config, &broker));
     telemetry.set_ready(true);
     systemd.notify("READY=1\nSTATUS=Ready.");
     if let Some(period) = systemd.watchdog() {
@@ -256,7 +252,7 @@ async fn serve(
 
     let mut engine = engine;
     let mut running = config;
-    while let Signal::Reload = wait_for_signal().await {
+    while let Signal::Reload = signals.next().await {
         systemd.notify("RELOADING=1\nSTATUS=Reloading the config.");
         reload(
             config_path.as_deref(),
@@ -266,6 +262,7 @@ async fn serve(
             &mut uplinks,
             &router,
             &broker,
+            &telemetry,
             &log,
         )
         .await;
@@ -408,29 +405,47 @@ enum Signal {
     Reload,
 }
 
-async fn wait_for_signal() -> Signal {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::warn!(%error, "Cannot watch SIGTERM; only Ctrl-C stops the gateway.");
-            let _ = tokio::signal::ctrl_c().await;
-            return Signal::Stop;
-        }
-    };
-    let mut hangup = signal(SignalKind::hangup()).ok();
-    let reload = async {
-        match hangup.as_mut() {
-            Some(h) => {
-                h.recv().await;
+/// SIGINT, SIGTERM and SIGHUP, listened to for the whole run: a signal that arrives while a
+/// reload is in progress is kept for the next wait, not lost.
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(error) => {
+                tracing::warn!(%error, "Cannot watch {name}.");
+                None
             }
-            None => std::future::pending::<()>().await,
+        };
+        Self {
+            terminate: listen(SignalKind::terminate(), "SIGTERM"),
+            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+            hangup: listen(SignalKind::hangup(), "SIGHUP; reload needs a restart"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => Signal::Stop,
-        _ = terminate.recv() => Signal::Stop,
-        () = reload => Signal::Reload,
+    }
+
+    async fn next(&mut self) -> Signal {
+        async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    if signal.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            () = recv(self.terminate.as_mut()) => Signal::Stop,
+            () = recv(self.interrupt.as_mut()) => Signal::Stop,
+            () = recv(self.hangup.as_mut()) => Signal::Reload,
+        }
     }
 }
 
@@ -450,6 +465,7 @@ async fn reload(
     uplinks: &mut Vec<edgegw_uplink::Uplink>,
     router: &Router,
     broker: &Broker,
+    telemetry: &edgegw_telemetry::Telemetry,
     log: &LogControl,
 ) {
     let reloads = |result: &'static str| {
@@ -505,14 +521,18 @@ async fn reload(
         let router = router.clone();
         let mut list = std::mem::take(uplinks);
         tokio::task::spawn_blocking(move || {
-            let result = apply_pipelines_and_uplinks(
-                engine.as_ref(),
-                &config,
-                &pipelines,
-                &router,
-                &mut list,
-                uplink_settings_list,
-            );
+            // A panic must not take the running uplinks with it: they come back either way.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                apply_pipelines_and_uplinks(
+                    engine.as_ref(),
+                    &config,
+                    &pipelines,
+                    &router,
+                    &mut list,
+                    uplink_settings_list,
+                )
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the reload panicked")));
             (list, result)
         })
         .await
@@ -563,7 +583,22 @@ async fn reload(
             "Reloaded pipelines, plugins, uplinks, broker auth and ACLs, and the log level; these other changes take effect only after a restart."
         );
     }
+    let mut shown = identity(&config, broker);
+    // gateway.id changes only with a restart.
+    shown.gateway_id.clone_from(&running.gateway.id);
+    telemetry.set_identity(shown);
     *running = config;
+}
+
+/// What the status page says about the gateway.
+fn identity(config: &Config, broker: &Broker) -> edgegw_telemetry::Identity {
+    edgegw_telemetry::Identity {
+        gateway_id: config.gateway.id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        listeners: broker.listeners().iter().map(|l| l.url()).collect(),
+        pipelines: config.pipelines.iter().map(|p| p.name.clone()).collect(),
+        uplinks: config.uplinks.iter().map(|u| u.name.clone()).collect(),
+    }
 }
 
 /// The blocking part of a reload: loads plugins, starts new uplinks, swaps the pipelines,
@@ -643,6 +678,14 @@ fn apply_pipelines_and_uplinks(
         }
     }
     for uplink in removed {
+        let queued = uplink.handle().stats().messages;
+        if queued > 0 {
+            tracing::warn!(
+                uplink = uplink.name(),
+                queued,
+                "Uplink removed from the config with messages not yet forwarded; they stay in its outbox file and go out if it is configured again."
+            );
+        }
         tracing::info!(
             uplink = uplink.name(),
             "Uplink removed from the config; stopping it (its outbox file stays)."

@@ -82,8 +82,20 @@ pub fn cargo(args: &[&str]) -> Command {
         .current_dir(repo_root())
         .args(args)
         .arg("--target-dir")
-        .arg(target_dir())
-        .env_remove("CARGO_TARGET_DIR");
+        .arg(target_dir());
+    // As the gateway's build.rs does for the same build: flags and wrappers meant for the
+    // host build stay out of the wasm32 one.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+    ] {
+        command.env_remove(var);
+    }
     command
 }
 

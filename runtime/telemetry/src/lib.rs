@@ -14,7 +14,7 @@ pub use recent::{RecentEvent, recent_errors_layer, recent_events};
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -53,7 +53,7 @@ const STATUS_PAGE: &str = include_str!("status.html");
 pub struct Telemetry {
     handle: PrometheusHandle,
     ready: Arc<AtomicBool>,
-    identity: Arc<OnceLock<Identity>>,
+    identity: Arc<std::sync::RwLock<Option<Arc<Identity>>>>,
     started: Instant,
 }
 
@@ -83,19 +83,24 @@ impl Telemetry {
         Ok(Self {
             handle,
             ready: Arc::new(AtomicBool::new(false)),
-            identity: Arc::new(OnceLock::new()),
+            identity: Arc::new(std::sync::RwLock::new(None)),
             started: Instant::now(),
         })
     }
 
-    /// Sets what `/status.json` reports about the gateway (once; later calls are ignored).
+    /// Sets what `/status.json` reports about the gateway (at start and after a reload).
     pub fn set_identity(&self, identity: Identity) {
-        let _ = self.identity.set(identity);
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(identity));
     }
 
     /// The body of `GET /status.json`.
     pub fn status_json(&self) -> String {
-        let identity = self.identity.get();
+        let identity = self
+            .identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let identity = identity.as_deref();
         let errors: Vec<serde_json::Value> = recent_events()
             .into_iter()
             .map(|e| {

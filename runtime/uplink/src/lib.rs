@@ -204,6 +204,8 @@ pub struct Uplink {
     outbox: Outbox,
     cancel: CancellationToken,
     thread: Option<JoinHandle<()>>,
+    /// [`Uplink::stop`] ran (the sink is removed already).
+    stopped: bool,
 }
 
 /// What [`Uplink::reconfigure`] did.
@@ -387,6 +389,7 @@ impl Uplink {
             outbox,
             cancel,
             thread: Some(thread),
+            stopped: false,
         })
     }
 
@@ -399,7 +402,7 @@ impl Uplink {
     /// same outbox); changed connection settings restart the connection thread, which
     /// resumes at the oldest unacknowledged entry (as after a reconnect: at most the window
     /// is sent twice). Outbox settings apply only after a restart. On an error nothing
-    /// changes. Blocks while the old connection thread stops: call it off the async workers.
+    /// changes (when the new connection thread cannot start, the old settings run again). Blocks while the old connection thread stops: call it off the async workers.
     pub fn reconfigure(&mut self, settings: UplinkSettings) -> Result<Reconfigured, UplinkError> {
         if settings.name != self.name {
             return Err(UplinkError::Settings {
@@ -413,29 +416,41 @@ impl Uplink {
                 != format!("{:?}", self.settings.outbox),
             ..Reconfigured::default()
         };
-        if format!("{:?}", settings.forward) != format!("{:?}", self.settings.forward) {
-            let rules = Arc::new(std::mem::take(&mut compiled.rules));
-            *self
-                .forward
-                .rules
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = rules;
-            done.forward = true;
-        }
+        let rules = std::mem::take(&mut compiled.rules);
         if connection_settings(&settings) != connection_settings(&self.settings) {
             self.cancel.cancel();
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }
             self.cancel = CancellationToken::new();
-            self.thread = Some(spawn_client(
-                &settings,
-                compiled,
-                &self.outbox,
-                &self.local,
-                &self.cancel,
-            )?);
+            match spawn_client(&settings, compiled, &self.outbox, &self.local, &self.cancel) {
+                Ok(thread) => self.thread = Some(thread),
+                Err(error) => {
+                    // Back to the old connection settings (they compiled before), so the
+                    // uplink keeps forwarding; the error says why the new ones did not run.
+                    if let Ok(old) = compile(&self.settings)
+                        && let Ok(thread) = spawn_client(
+                            &self.settings,
+                            old,
+                            &self.outbox,
+                            &self.local,
+                            &self.cancel,
+                        )
+                    {
+                        self.thread = Some(thread);
+                    }
+                    return Err(error);
+                }
+            }
             done.reconnected = true;
+        }
+        if format!("{:?}", settings.forward) != format!("{:?}", self.settings.forward) {
+            *self
+                .forward
+                .rules
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+            done.forward = true;
         }
         let outbox = self.settings.outbox.clone();
         self.settings = settings;
@@ -455,6 +470,7 @@ impl Uplink {
     /// workers (e.g. `spawn_blocking`).
     pub fn stop(mut self) {
         self.router.remove_sink(self.sink);
+        self.stopped = true;
         self.cancel.cancel();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -466,7 +482,7 @@ impl Uplink {
 
 impl Drop for Uplink {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if !self.stopped {
             self.router.remove_sink(self.sink);
             self.cancel.cancel();
         }
