@@ -206,6 +206,8 @@ pub struct Uplink {
     thread: Option<JoinHandle<()>>,
     /// [`Uplink::stop`] ran (the sink is removed already).
     stopped: bool,
+    /// [`connection_settings`] of what the connection thread runs with.
+    connected_with: String,
 }
 
 /// What [`Uplink::reconfigure`] did.
@@ -316,8 +318,11 @@ fn spawn_client(
         .map_err(UplinkError::Thread)
 }
 
-/// The settings the connection thread uses (all but the forward rules and the outbox).
+/// The settings the connection thread uses (all but the forward rules and the outbox), with
+/// a fingerprint of the TLS files' contents: a certificate renewed at the same path is a
+/// change.
 fn connection_settings(settings: &UplinkSettings) -> String {
+    use std::hash::{Hash as _, Hasher as _};
     let UplinkSettings {
         name,
         url,
@@ -335,8 +340,20 @@ fn connection_settings(settings: &UplinkSettings) -> String {
         reconnect_min,
         reconnect_max,
     } = settings;
+    let files: Vec<String> = [&tls.ca, &tls.cert, &tls.key]
+        .into_iter()
+        .flatten()
+        .map(|path| match std::fs::read(path) {
+            Ok(bytes) => {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut hasher);
+                format!("{:016x}", hasher.finish())
+            }
+            Err(error) => format!("unreadable ({error})"),
+        })
+        .collect();
     format!(
-        "{name:?}{url:?}{client_id:?}{username:?}{password:?}{protocol:?}{keepalive:?}{clean_start:?}{tls:?}{subscribe:?}{inflight:?}{reconnect_min:?}{reconnect_max:?}"
+        "{name:?}{url:?}{client_id:?}{username:?}{password:?}{protocol:?}{keepalive:?}{clean_start:?}{tls:?}{files:?}{subscribe:?}{inflight:?}{reconnect_min:?}{reconnect_max:?}"
     )
 }
 
@@ -348,6 +365,7 @@ impl Uplink {
         router: Router,
         data_dir: &Path,
     ) -> Result<Uplink, UplinkError> {
+        let connected_with = connection_settings(&settings);
         let mut compiled = compile(&settings)?;
         let outbox_path = data_dir.join(format!("outbox-{}.db", settings.name));
         let outbox = Outbox::open(&outbox_path, settings.outbox.clone())?;
@@ -390,6 +408,7 @@ impl Uplink {
             cancel,
             thread: Some(thread),
             stopped: false,
+            connected_with,
         })
     }
 
@@ -401,8 +420,10 @@ impl Uplink {
     /// are swapped atomically (every message goes by the old rules or the new ones, into the
     /// same outbox); changed connection settings restart the connection thread, which
     /// resumes at the oldest unacknowledged entry (as after a reconnect: at most the window
-    /// is sent twice). Outbox settings apply only after a restart. On an error nothing
-    /// changes (when the new connection thread cannot start, the old settings run again). Blocks while the old connection thread stops: call it off the async workers.
+    /// is sent twice); a TLS file renewed at the same path counts as changed. Outbox settings
+    /// apply only after a restart. On an error nothing changes (when the new connection
+    /// thread cannot start, the old settings run again). Blocks while the old connection
+    /// thread stops: call it off the async workers.
     pub fn reconfigure(&mut self, settings: UplinkSettings) -> Result<Reconfigured, UplinkError> {
         if settings.name != self.name {
             return Err(UplinkError::Settings {
@@ -417,14 +438,18 @@ impl Uplink {
             ..Reconfigured::default()
         };
         let rules = std::mem::take(&mut compiled.rules);
-        if connection_settings(&settings) != connection_settings(&self.settings) {
+        let connect_with = connection_settings(&settings);
+        if connect_with != self.connected_with {
             self.cancel.cancel();
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }
             self.cancel = CancellationToken::new();
             match spawn_client(&settings, compiled, &self.outbox, &self.local, &self.cancel) {
-                Ok(thread) => self.thread = Some(thread),
+                Ok(thread) => {
+                    self.thread = Some(thread);
+                    self.connected_with = connect_with;
+                }
                 Err(error) => {
                     // Back to the old connection settings (they compiled before), so the
                     // uplink keeps forwarding; the error says why the new ones did not run.
@@ -546,6 +571,52 @@ pub fn publish_direct(
 #[cfg(test)]
 mod tests {
     use super::Endpoint;
+
+    #[test]
+    fn a_renewed_tls_file_at_the_same_path_is_a_connection_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("client.pem");
+        std::fs::write(&cert, "first").unwrap();
+        let settings = super::UplinkSettings {
+            name: "cloud".into(),
+            url: "mqtts://127.0.0.1:8883".into(),
+            client_id: "gw".into(),
+            username: None,
+            password: None,
+            protocol: super::Protocol::V5,
+            keepalive: std::time::Duration::from_secs(30),
+            clean_start: false,
+            tls: super::TlsSettings {
+                ca: None,
+                cert: Some(cert.clone()),
+                key: None,
+                server_name: None,
+                alpn: Vec::new(),
+            },
+            forward: Vec::new(),
+            subscribe: Vec::new(),
+            outbox: edgegw_store::OutboxOptions::new("cloud"),
+            inflight: 32,
+            reconnect_min: std::time::Duration::from_millis(100),
+            reconnect_max: std::time::Duration::from_secs(5),
+        };
+        let before = super::connection_settings(&settings);
+        assert_eq!(before, super::connection_settings(&settings));
+        std::fs::write(&cert, "renewed").unwrap();
+        assert_ne!(before, super::connection_settings(&settings));
+        let mut forward_only = settings.clone();
+        forward_only.forward.push(super::ForwardRule {
+            from: "a/#".into(),
+            to: "{topic}".into(),
+            qos: 1,
+            retain: false,
+        });
+        assert_eq!(
+            super::connection_settings(&settings),
+            super::connection_settings(&forward_only),
+            "forward rules do not restart the connection"
+        );
+    }
 
     #[test]
     fn urls_parse_with_default_ports() {
