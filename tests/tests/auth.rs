@@ -853,3 +853,123 @@ fn a_session_is_resumed_only_by_its_owner() {
     let (_, present) = persistent("alice", "a-pw");
     assert!(!present, "the session was bob's now, not alice's");
 }
+
+// ---------------------------------------------------------------------------------------
+// Reload.
+
+/// A reload (SIGHUP) takes access away from clients already connected: a user removed from
+/// the password file and an anonymous client (once anonymous access is off) are
+/// disconnected (v5: DISCONNECT 0x87) without their wills; subscriptions the new ACL denies
+/// are removed, from offline persistent sessions too; a user still allowed keeps its
+/// connection and its allowed subscriptions.
+#[test]
+fn reload_revokes_access_no_longer_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = password_file(dir.path(), &[("alice", "a-pw"), ("bob", "b-pw")]);
+    let path = dir.path().join("gateway.yaml");
+    let data = dir.path().join("data");
+    let config = |anonymous: bool, subscribe: &str| {
+        format!(
+            "gateway:\n  id: revoke\n  data_dir: {data}\nbroker:\n  listeners:\n    - bind: 127.0.0.1:0\n  auth:\n    allow_anonymous: {anonymous}\n    password_file: {users}\n  acl:\n    default: deny\n    rules:\n      - {{ permission: allow, action: publish, topics: [ \"#\" ] }}\n      - {{ permission: allow, action: subscribe, topics: [ {subscribe} ] }}\nmetrics:\n  bind: 127.0.0.1:0\nlog:\n  level: info\n  format: json\n",
+            data = data.display(),
+            users = users.display(),
+        )
+    };
+    std::fs::write(&path, config(true, "\"sensors/#\", \"alerts/#\"")).unwrap();
+    let gw = Gateway::start_file(&path, dir);
+
+    let mut alice = client(&gw, true, "alice-1", Some("alice"), Some("a-pw"));
+    assert_eq!(alice.subscribe(1, "sensors/#"), 1);
+    assert_eq!(alice.subscribe(2, "alerts/#"), 1);
+    // An offline persistent session of alice's, subscribed to alerts/# too.
+    let mut offline = Raw::connect(gw.mqtt);
+    offline.send(&connect_v3_persistent("alice-2", "alice", "a-pw"));
+    assert_eq!(offline.read(WAIT).expect("CONNACK").body[1], 0);
+    offline.send(&raw::subscribe_v3(1, "alerts/#", 1));
+    assert_eq!(
+        offline.read_kind(raw::SUBACK, WAIT).0.expect("SUBACK").body[2],
+        1
+    );
+    offline.send(&raw::disconnect());
+    let mut bob = client(&gw, true, "bob-1", Some("bob"), Some("b-pw"));
+    let mut anonymous = Raw::connect(gw.mqtt);
+    anonymous.send(&raw::connect_v3_will(
+        "anon-1",
+        true,
+        30,
+        "sensors/anon-will",
+        b"gone",
+        1,
+        false,
+    ));
+    assert_eq!(anonymous.read(WAIT).expect("CONNACK").body[1], 0);
+
+    // bob leaves the password file (alice's line is kept as it is), anonymous access ends,
+    // and only sensors/# may be subscribed to.
+    let text = std::fs::read_to_string(&users).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|line| !line.starts_with("bob:"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&users, kept).unwrap();
+    std::fs::write(&gw.config, config(false, "\"sensors/#\"")).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        gw.wait_log(WAIT, |l| l["fields"]["message"]
+            == "Broker auth (password file re-read, anonymous access) and ACLs reloaded."
+            && l["fields"]["connections_closed"] == 2
+            && l["fields"]["subscriptions_removed"] == 2),
+        "{:#?}",
+        gw.logs()
+    );
+
+    // bob: DISCONNECT Not authorized, then closed; the anonymous client: closed.
+    let mut seen = Vec::new();
+    assert!(
+        bob.raw.closed_within(WAIT, &mut seen),
+        "bob stays connected"
+    );
+    let disconnect = seen
+        .iter()
+        .find(|p| p.kind() == raw::DISCONNECT)
+        .unwrap_or_else(|| panic!("no DISCONNECT for bob: {seen:?}"));
+    assert_eq!(disconnect.body[0], 0x87, "{disconnect:?}");
+    assert!(
+        anonymous.closed_within(WAIT, &mut Vec::new()),
+        "the anonymous client stays connected"
+    );
+    // Neither can log in again.
+    assert_eq!(
+        login(gw.mqtt, true, "bob-1", Some("bob"), Some("b-pw")).0,
+        0x86
+    );
+    assert_eq!(login(gw.mqtt, false, "anon-1", None, None).0, 0x05);
+
+    // alice is still connected: alerts/# is gone, sensors/# stays; no will from the
+    // anonymous client came.
+    alice.publish(1, 10, "alerts/fire");
+    alice.publish(1, 11, "sensors/t");
+    assert_eq!(alice.next_topic(), "sensors/t");
+    assert!(
+        alice.raw.read(Duration::from_millis(500)).is_none(),
+        "nothing else arrives"
+    );
+    // Subscribing to alerts/# again is refused.
+    assert_eq!(alice.subscribe(3, "alerts/#"), 0x87);
+
+    // alice's offline session lost alerts/# as well.
+    let mut resumed = Raw::connect(gw.mqtt);
+    resumed.send(&connect_v3_persistent("alice-2", "alice", "a-pw"));
+    let ack = resumed.read(WAIT).expect("CONNACK");
+    assert_eq!((ack.body[0] & 1, ack.body[1]), (1, 0), "session present");
+    alice.publish(1, 12, "alerts/flood");
+    assert!(
+        resumed.read(Duration::from_millis(500)).is_none(),
+        "alerts/# no longer reaches the resumed session"
+    );
+}

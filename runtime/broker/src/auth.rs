@@ -43,7 +43,8 @@ use crate::{
     acl::{AclSettings, ClientAcl, Operation},
     connection::Conn,
     metrics::BrokerMetrics,
-    router::Will,
+    router::{Router, Will},
+    session::Credential,
 };
 
 pub use password::{PasswordFile, PasswordFileError, Update, Verdict, set_password};
@@ -185,6 +186,24 @@ impl<'a> LoginRequest<'a> {
     }
 }
 
+/// A CONNECT that passed: the user name (`None`: anonymous), how it was proved, and the
+/// settings generation it was checked under.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Login {
+    pub user: Option<String>,
+    pub credential: Credential,
+    pub generation: u64,
+}
+
+/// What [`Authenticator::revoke_lost_access`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// Connections closed.
+    pub connections: usize,
+    /// Subscriptions removed.
+    pub subscriptions: usize,
+}
+
 /// Checks CONNECTs and resolves ACLs; shared by all connections.
 pub(crate) struct Authenticator {
     /// Swapped whole by a reload; connections re-resolve their ACL when `generation` moves.
@@ -286,16 +305,23 @@ impl Authenticator {
             .clone()
     }
 
-    /// The user name a CONNECT authenticates as (`None`: anonymous), or why it is refused.
-    pub async fn login(&self, request: LoginRequest<'_>) -> Result<Option<String>, Refusal> {
+    /// Who a CONNECT authenticates as, or why it is refused.
+    pub async fn login(&self, request: LoginRequest<'_>) -> Result<Login, Refusal> {
         let generation = self.generation();
         let policy = self.policy();
+        let login = |user: Option<&str>, credential| Login {
+            user: user.map(str::to_string),
+            credential,
+            generation,
+        };
         if self.is_refused(request.peer) {
             return Err(self.fail(&request, FailureReason::Banned, Refusal::Banned));
         }
         match &request.certificate {
             CertificateIdentity::NotUsed => {}
-            CertificateIdentity::Name(name) => return Ok(Some(name.clone())),
+            CertificateIdentity::Name(name) => {
+                return Ok(login(Some(name), Credential::Certificate));
+            }
             CertificateIdentity::Unusable(why) => {
                 tracing::info!(client_id = request.client_id, reason = %why, "No user name from the client certificate.");
                 return Err(self.fail(
@@ -307,7 +333,7 @@ impl Authenticator {
         }
         let Some(username) = request.username else {
             if policy.allow_anonymous {
-                return Ok(None);
+                return Ok(login(None, Credential::Anonymous));
             }
             return Err(self.fail(&request, FailureReason::Anonymous, Refusal::NotAuthorized));
         };
@@ -318,7 +344,7 @@ impl Authenticator {
                     user = username,
                     "No password file: the user name is not verified; connected as anonymous."
                 );
-                return Ok(None);
+                return Ok(login(None, Credential::Anonymous));
             }
             return Err(self.fail(
                 &request,
@@ -329,11 +355,18 @@ impl Authenticator {
         let Some(password) = request.password.clone() else {
             return Err(self.fail(&request, FailureReason::NoPassword, Refusal::BadCredentials));
         };
+        // The entry the password is checked against (none: an unknown user, refused below).
+        let verified = login(
+            Some(username),
+            Credential::Password {
+                entry: passwords.fingerprint(username).unwrap_or_default(),
+            },
+        );
         if self
             .cache_lock()
             .contains(username, &password, Instant::now())
         {
-            return Ok(Some(username.to_string()));
+            return Ok(verified);
         }
         let Ok(permit) = self.verify_slots.clone().acquire_owned().await else {
             return Err(Refusal::NotAuthorized);
@@ -359,7 +392,7 @@ impl Authenticator {
                         cache.insert(username, password, Instant::now());
                     }
                 }
-                Ok(Some(username.to_string()))
+                Ok(verified)
             }
             Ok(Verdict::WrongPassword) => Err(self.fail(
                 &request,
@@ -376,6 +409,59 @@ impl Authenticator {
                 Err(Refusal::NotAuthorized)
             }
         }
+    }
+
+    /// Is a login still valid under the current settings? A user removed from the password
+    /// file or whose password changed, and anonymous clients once `allow_anonymous` is off,
+    /// are not. Certificate names stay valid (the CA is not reloaded); in-process clients
+    /// are not subject to auth.
+    pub fn still_valid(&self, user: Option<&str>, credential: Credential) -> bool {
+        let policy = self.policy();
+        match credential {
+            Credential::Internal | Credential::Certificate => true,
+            Credential::Anonymous => policy.allow_anonymous,
+            Credential::Password { entry } => match (&policy.passwords, user) {
+                (Some(passwords), Some(user)) => passwords.fingerprint(user) == Some(entry),
+                _ => false,
+            },
+        }
+    }
+
+    /// After a reload: closes the connections whose login the new settings no longer
+    /// accept (v5 DISCONNECT 0x87 Not authorized, no will), and removes subscriptions the
+    /// new ACL denies, of connected and offline sessions alike. Each is logged.
+    pub fn revoke_lost_access(&self, router: &Router) -> Revoked {
+        let mut revoked = Revoked::default();
+        for session in router.sessions() {
+            if session.credential() == Credential::Internal {
+                continue;
+            }
+            if session.revoke_if(|user, credential| !self.still_valid(user, credential)) {
+                revoked.connections += 1;
+                tracing::info!(
+                    client_id = %session.client_id,
+                    user = session.owner().as_deref(),
+                    "Disconnected: the reloaded auth settings no longer accept this login."
+                );
+            }
+            let owner = session.owner();
+            let acl = self.acl_for(owner.as_deref(), &session.client_id);
+            if acl.allows_everything() {
+                continue;
+            }
+            for filter in session.subscriptions() {
+                if !acl.may_subscribe(&filter.filter) && router.unsubscribe(&session, &filter) {
+                    revoked.subscriptions += 1;
+                    tracing::info!(
+                        client_id = %session.client_id,
+                        user = owner.as_deref(),
+                        filter = %filter,
+                        "Subscription removed: the reloaded ACL denies it."
+                    );
+                }
+            }
+        }
+        revoked
     }
 
     /// The ACL of one client.
@@ -626,12 +712,17 @@ mod tests {
     }
 
     fn cheap_file() -> Arc<PasswordFile> {
+        Arc::new(PasswordFile::parse(&cheap_file_text()).unwrap())
+    }
+
+    /// `alice:` with a fresh (salted) hash of "secret" at a tiny cost.
+    fn cheap_file_text() -> String {
         use argon2::PasswordHasher as _;
         let params = argon2::Params::new(8, 1, 1, None).unwrap();
         let hash = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
             .hash_password(b"secret")
             .unwrap();
-        Arc::new(PasswordFile::parse(&format!("alice:{hash}\n")).unwrap())
+        format!("alice:{hash}\n")
     }
 
     fn block_on<F: std::future::Future>(future: F) -> F::Output {
@@ -652,24 +743,32 @@ mod tests {
         });
         block_on(async {
             assert_eq!(
-                auth.login(request(Some("alice"), Some("secret"))).await,
+                auth.login(request(Some("alice"), Some("secret")))
+                    .await
+                    .map(|l| l.user),
                 Ok(Some("alice".to_string()))
             );
             assert_eq!(
-                auth.login(request(Some("alice"), Some("secret"))).await,
+                auth.login(request(Some("alice"), Some("secret")))
+                    .await
+                    .map(|l| l.user),
                 Ok(Some("alice".to_string())),
                 "from the cache"
             );
             assert_eq!(
-                auth.login(request(None, None)).await,
+                auth.login(request(None, None)).await.map(|l| l.user),
                 Err(Refusal::NotAuthorized)
             );
             assert_eq!(
-                auth.login(request(Some("alice"), Some("wrong"))).await,
+                auth.login(request(Some("alice"), Some("wrong")))
+                    .await
+                    .map(|l| l.user),
                 Err(Refusal::BadCredentials)
             );
             assert_eq!(
-                auth.login(request(Some("mallory"), Some("secret"))).await,
+                auth.login(request(Some("mallory"), Some("secret")))
+                    .await
+                    .map(|l| l.user),
                 Err(Refusal::BadCredentials)
             );
             assert_eq!(
@@ -679,13 +778,89 @@ mod tests {
             // Three credential failures: the address is refused, even with the right
             // password; anonymous refusals did not count.
             assert_eq!(
-                auth.login(request(Some("alice"), Some("secret"))).await,
+                auth.login(request(Some("alice"), Some("secret")))
+                    .await
+                    .map(|l| l.user),
                 Err(Refusal::Banned)
             );
             let mut elsewhere = request(Some("alice"), Some("secret"));
             elsewhere.peer = Some("192.0.2.10".parse().unwrap());
-            assert_eq!(auth.login(elsewhere).await, Ok(Some("alice".into())));
+            assert_eq!(
+                auth.login(elsewhere).await.map(|l| l.user),
+                Ok(Some("alice".into()))
+            );
         });
+    }
+
+    #[test]
+    fn a_reload_revalidates_logins() {
+        let file = cheap_file();
+        let auth = Authenticator::new(AuthSettings {
+            allow_anonymous: true,
+            passwords: Some(file.clone()),
+            ..AuthSettings::default()
+        });
+        let (alice, anonymous) = block_on(async {
+            (
+                auth.login(request(Some("alice"), Some("secret")))
+                    .await
+                    .unwrap(),
+                auth.login(request(None, None)).await.unwrap(),
+            )
+        });
+        assert_eq!(alice.user.as_deref(), Some("alice"));
+        assert!(matches!(alice.credential, Credential::Password { .. }));
+        assert_eq!(anonymous.credential, Credential::Anonymous);
+        let valid = |user: Option<&str>, credential| auth.still_valid(user, credential);
+        assert!(valid(Some("alice"), alice.credential));
+        assert!(valid(None, Credential::Anonymous));
+        assert!(
+            !valid(Some("bob"), alice.credential),
+            "another user's entry"
+        );
+
+        // Same users, anonymous access off: only anonymous logins are lost.
+        auth.reload(AuthSettings {
+            allow_anonymous: false,
+            passwords: Some(file.clone()),
+            ..AuthSettings::default()
+        });
+        assert_ne!(auth.generation(), alice.generation);
+        assert!(valid(Some("alice"), alice.credential));
+        assert!(!valid(None, Credential::Anonymous));
+        assert!(valid(Some("sensor-1"), Credential::Certificate));
+        assert!(valid(None, Credential::Internal));
+
+        // alice's password changed (a new hash, even for the same password): lost.
+        let without_alice = format!("bob:{}", cheap_file_text().trim_start_matches("alice:"));
+        let changed = Arc::new(PasswordFile::parse(&without_alice).unwrap());
+        let renewed = Arc::new(PasswordFile::parse(&cheap_file_text()).unwrap());
+        auth.reload(AuthSettings {
+            allow_anonymous: false,
+            passwords: Some(renewed),
+            ..AuthSettings::default()
+        });
+        assert!(!valid(Some("alice"), alice.credential), "password changed");
+        // alice removed from the file: lost; no password file at all: lost.
+        auth.reload(AuthSettings {
+            allow_anonymous: false,
+            passwords: Some(changed),
+            ..AuthSettings::default()
+        });
+        assert!(!valid(Some("alice"), alice.credential), "user removed");
+        auth.reload(AuthSettings {
+            allow_anonymous: true,
+            passwords: None,
+            ..AuthSettings::default()
+        });
+        assert!(!valid(Some("alice"), alice.credential), "no password file");
+        // The same file again: valid again.
+        auth.reload(AuthSettings {
+            allow_anonymous: true,
+            passwords: Some(file),
+            ..AuthSettings::default()
+        });
+        assert!(valid(Some("alice"), alice.credential));
     }
 
     #[test]
@@ -696,22 +871,36 @@ mod tests {
             ..AuthSettings::default()
         });
         block_on(async {
-            assert_eq!(open.login(request(None, None)).await, Ok(None));
             assert_eq!(
-                open.login(request(Some("alice"), Some("x"))).await,
+                open.login(request(None, None)).await.map(|l| l.user),
+                Ok(None)
+            );
+            assert_eq!(
+                open.login(request(Some("alice"), Some("x")))
+                    .await
+                    .map(|l| l.user),
                 Ok(None),
                 "an unverifiable user name is not trusted"
             );
             assert_eq!(
-                closed.login(request(Some("alice"), Some("x"))).await,
+                closed
+                    .login(request(Some("alice"), Some("x")))
+                    .await
+                    .map(|l| l.user),
                 Err(Refusal::BadCredentials)
             );
             let mut with_cert = request(Some("ignored"), None);
             with_cert.certificate = CertificateIdentity::Name("sensor-1".into());
-            assert_eq!(closed.login(with_cert).await, Ok(Some("sensor-1".into())));
+            assert_eq!(
+                closed.login(with_cert).await.map(|l| l.user),
+                Ok(Some("sensor-1".into()))
+            );
             let mut no_cn = request(None, None);
             no_cn.certificate = CertificateIdentity::Unusable("no CN".into());
-            assert_eq!(open.login(no_cn).await, Err(Refusal::NotAuthorized));
+            assert_eq!(
+                open.login(no_cn).await.map(|l| l.user),
+                Err(Refusal::NotAuthorized)
+            );
         });
     }
 }

@@ -19,9 +19,10 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
+    auth::Login,
     message::{Message, Origin, QoS},
     metrics::{BrokerMetrics, DropReason, Protocol},
-    router::{Routed, Router, Will},
+    router::{AttachOptions, Attached, Routed, Router, Will},
     session::{Outgoing, Session, Superseded},
     topic::{self, Filter, TopicError},
     tree::SubOptions,
@@ -55,6 +56,28 @@ impl Shared {
     pub fn assign_client_id(&self) -> String {
         let n = self.next_client_number.fetch_add(1, Ordering::Relaxed);
         format!("edgegw-{:x}-{n}", std::process::id())
+    }
+
+    /// Attaches a logged-in client to its session. `None` when a reload that ran since the
+    /// login no longer accepts it: the reload's sweep may have missed this session, which
+    /// did not exist yet, so it is checked here (refuse as not authorized).
+    pub fn attach(&self, options: AttachOptions, login: &Login) -> Option<Attached> {
+        let owner = options.owner.clone();
+        let attached = self.router.attach(options);
+        if self.auth.generation() != login.generation
+            && !self.auth.still_valid(owner.as_deref(), login.credential)
+        {
+            self.router
+                .detach(&attached.session, attached.generation, None);
+            BrokerMetrics::refused("not_authorized");
+            tracing::info!(
+                client_id = %attached.session.client_id,
+                user = owner.as_deref(),
+                "Connection refused: the auth settings reloaded during the login no longer accept it."
+            );
+            return None;
+        }
+        Some(attached)
     }
 
     /// Reserves a connection slot; `None` when `max_connections` are open.
@@ -229,7 +252,8 @@ impl Conn {
         if self.finished.replace(true) {
             return;
         }
-        let will = if self.graceful.get() {
+        // A client whose access a reload revoked does not get its will published.
+        let will = if self.graceful.get() || self.session.is_revoked(self.generation) {
             None
         } else {
             self.will.borrow_mut().take()
@@ -261,6 +285,8 @@ pub(crate) trait Outbound {
     fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>);
     /// Closes the connection because another connection took the session over.
     fn close_taken_over(&self);
+    /// Closes the connection because a reload revoked the client's access.
+    fn close_revoked(&self);
 }
 
 pub(crate) enum SendResult {
@@ -312,6 +338,15 @@ pub(crate) async fn complete_qos2<R, Release>(
         }
         // Disconnected: the delivery stays in flight and is re-sent after a reconnect.
         Err(_) => {}
+    }
+}
+
+/// The connection lost its session: to a newer connection, or by a reload's revocation.
+fn close_superseded(out: &impl Outbound, session: &Session, generation: u64) {
+    if session.is_revoked(generation) {
+        out.close_revoked();
+    } else {
+        out.close_taken_over();
     }
 }
 
@@ -380,7 +415,7 @@ pub(crate) async fn run_writer<O: Outbound>(
             }
         }
         Err(Superseded) => {
-            out.close_taken_over();
+            close_superseded(&out, &session, generation);
             return;
         }
     }
@@ -395,7 +430,7 @@ pub(crate) async fn run_writer<O: Outbound>(
             .is_err()
         {
             if out.is_open() {
-                out.close_taken_over();
+                close_superseded(&out, &session, generation);
             }
             return;
         }

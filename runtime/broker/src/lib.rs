@@ -21,7 +21,7 @@ pub use message::{ByteString, Bytes, Message, Origin, Properties, QoS};
 pub use router::{
     AttachOptions, Attached, LocalClient, Offer, Routed, Router, RouterLimits, Sink, SinkId, Will,
 };
-pub use session::{Delivery, Session};
+pub use session::{Credential, Delivery, Session};
 pub use tree::SubOptions;
 
 mod connection;

@@ -20,7 +20,7 @@ use edgegw_store::{Op, Snapshot, Store, Ticket};
 use crate::{
     message::{ByteString, Message, Origin},
     metrics::BrokerMetrics,
-    session::{Delivery, Persistence, Session},
+    session::{Credential, Delivery, Persistence, Session},
     topic::{Filter, TopicError},
     tree::{Entry, SubOptions, SubscriptionTree},
 };
@@ -55,6 +55,8 @@ pub struct AttachOptions {
     /// anyone else gets a fresh one (the old session ends), so a client id never hands one
     /// user's subscriptions and queued messages to another.
     pub owner: Option<Arc<str>>,
+    /// How the client proved `owner`; a reload of the auth settings checks it again.
+    pub credential: Credential,
 }
 
 /// The result of attaching: the session and the generation that identifies this
@@ -320,7 +322,8 @@ impl Router {
                         && !existing.is_ended()
                         && existing.owner() == options.owner =>
                 {
-                    let generation = existing.attach(expiry, options.owner.clone());
+                    let generation =
+                        existing.attach(expiry, options.owner.clone(), options.credential);
                     Attached {
                         session: existing,
                         generation,
@@ -351,7 +354,8 @@ impl Router {
                         self.0.persistence.clone(),
                     ));
                     sessions.insert(options.client_id.clone(), session.clone());
-                    let generation = session.attach(expiry, options.owner.clone());
+                    let generation =
+                        session.attach(expiry, options.owner.clone(), options.credential);
                     Attached {
                         session,
                         generation,
@@ -645,12 +649,18 @@ impl Router {
             clean_start: true,
             session_expiry_secs: 0,
             owner: None,
+            credential: Credential::Internal,
         });
         LocalClient {
             router: self.clone(),
             session: attached.session,
             generation: attached.generation,
         }
+    }
+
+    /// Every session, connected or not (a snapshot).
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        lock(&self.0.sessions).values().cloned().collect()
     }
 
     pub fn session_count(&self) -> usize {

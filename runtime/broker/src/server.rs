@@ -226,14 +226,16 @@ impl Broker {
         &self.listeners
     }
 
-    /// Applies new authentication settings and ACLs without dropping connections (a config
-    /// reload): new CONNECTs are checked against them at once, and every open connection
-    /// resolves its ACL again at its next PUBLISH or SUBSCRIBE. Subscriptions made before are
-    /// kept. An invalid ACL is refused and nothing changes.
-    pub fn reload_auth(&self, auth: AuthSettings) -> Result<(), BrokerError> {
+    /// Applies new authentication settings and ACLs (a config reload): new CONNECTs are
+    /// checked against them at once; open connections stay, each resolving its ACL again at
+    /// its next PUBLISH or SUBSCRIBE, except those whose login the new settings refuse (user
+    /// removed, password changed, anonymous access turned off), which are closed; and
+    /// subscriptions the new ACL denies are removed, from offline sessions too. An invalid
+    /// ACL is refused and nothing changes.
+    pub fn reload_auth(&self, auth: AuthSettings) -> Result<crate::auth::Revoked, BrokerError> {
         auth.acl.validate()?;
         self.shared.auth.reload(auth);
-        Ok(())
+        Ok(self.shared.auth.revoke_lost_access(&self.shared.router))
     }
 
     /// Stops accepting, closes connections (each ends its session as a disconnect would),

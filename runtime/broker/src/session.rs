@@ -66,9 +66,25 @@ struct Inflight {
     state: InflightState,
 }
 
-/// The connection lost ownership of its session (takeover or session end).
+/// The connection lost ownership of its session (takeover, session end, or its access
+/// revoked by a reload: see [`Session::is_revoked`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Superseded;
+
+/// How the connection that owns a session proved who it is, so that a reload of the
+/// password file or of `allow_anonymous` can check it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Credential {
+    /// An in-process client (a pipeline, a node link): not subject to the broker's auth.
+    Internal,
+    /// No verified user name.
+    #[default]
+    Anonymous,
+    /// A password checked against the password-file entry with this fingerprint.
+    Password { entry: u64 },
+    /// The name in a client certificate.
+    Certificate,
+}
 
 #[derive(Default)]
 struct State {
@@ -94,6 +110,10 @@ struct State {
     was_persisted: bool,
     /// The user name that created the session; only that user may resume it.
     owner: Option<Arc<str>>,
+    /// How the current (or last) connection logged in.
+    credential: Credential,
+    /// The generation whose access a reload revoked (0: none); that connection closes.
+    revoked: u64,
 }
 
 /// Where a session writes its durable state.
@@ -242,10 +262,16 @@ impl Session {
 
     /// Marks a new connection as the owner; returns its generation. The previous owner,
     /// if any, sees [`Superseded`] on its next call.
-    pub(crate) fn attach(&self, expiry_secs: u32, owner: Option<Arc<str>>) -> u64 {
+    pub(crate) fn attach(
+        &self,
+        expiry_secs: u32,
+        owner: Option<Arc<str>>,
+        credential: Credential,
+    ) -> u64 {
         let generation = {
             let mut state = self.lock();
             state.generation += 1;
+            state.credential = credential;
             state.expiry_secs = expiry_secs;
             // A new connection to this session cancels a delayed will [MQTT-3.1.3-9].
             state.pending_will = None;
@@ -293,6 +319,47 @@ impl Session {
 
     pub fn generation(&self) -> u64 {
         self.lock().generation
+    }
+
+    /// How the current (or last) connection logged in.
+    pub fn credential(&self) -> Credential {
+        self.lock().credential
+    }
+
+    /// Closes the connected client when `lost(owner, credential)` says its login is no
+    /// longer valid (a reload removed the user, changed the password, or refused anonymous
+    /// access). Decided under the session's lock, so a connection that took the session
+    /// over meanwhile is judged on its own login. Returns whether a connection was closed.
+    pub fn revoke_if(&self, lost: impl FnOnce(Option<&str>, Credential) -> bool) -> bool {
+        {
+            let mut state = self.lock();
+            if !self.is_online()
+                || state.ended
+                || state.revoked == state.generation
+                || !lost(state.owner.as_deref(), state.credential)
+            {
+                return false;
+            }
+            state.revoked = state.generation;
+        }
+        // The owning connection's writer sees `Superseded` and closes it.
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+        true
+    }
+
+    /// A reload revoked the access of connection `generation`: it closes without its will.
+    pub fn is_revoked(&self, generation: u64) -> bool {
+        self.lock().revoked == generation
+    }
+
+    /// The session's subscriptions.
+    pub fn subscriptions(&self) -> Vec<Filter> {
+        self.lock()
+            .subscriptions
+            .values()
+            .map(|(filter, _)| filter.clone())
+            .collect()
     }
 
     pub fn is_current(&self, generation: u64) -> bool {
@@ -376,7 +443,7 @@ impl Session {
     /// Deliveries still in flight from a previous connection, to re-send first (with DUP).
     pub fn take_redelivery(&self, generation: u64) -> Result<Vec<Outgoing>, Superseded> {
         let state = self.lock();
-        if state.generation != generation || state.ended {
+        if state.generation != generation || state.ended || state.revoked == generation {
             return Err(Superseded);
         }
         Ok(state
@@ -405,7 +472,7 @@ impl Session {
         let mut expired = 0u64;
         {
             let mut state = self.lock();
-            if state.generation != generation || state.ended {
+            if state.generation != generation || state.ended || state.revoked == generation {
                 return Err(Superseded);
             }
             while out.len() < max {

@@ -38,11 +38,12 @@ pub(crate) async fn connect(
         packet.username.as_deref(),
         packet.password.as_ref(),
     );
-    let user = match shared.auth.login(login).await {
-        Ok(user) => user,
+    let login = match shared.auth.login(login).await {
+        Ok(login) => login,
         Err(Refusal::BadCredentials) => return Ok(connect.bad_username_or_pwd()),
         Err(Refusal::NotAuthorized | Refusal::Banned) => return Ok(connect.not_authorized()),
     };
+    let user = login.user.clone();
     let keep_alive = packet.keep_alive;
     if keep_alive > limits.max_keepalive_secs {
         // MQTT 3.1.1 cannot tell a client to use a shorter keepalive; refuse it clearly
@@ -81,12 +82,16 @@ pub(crate) async fn connect(
     if !shared.auth.will_allowed(&acl, &client_id, will.as_ref()) {
         return Ok(connect.not_authorized());
     }
-    let attached = shared.router.attach(AttachOptions {
+    let options = AttachOptions {
         client_id: client_id.as_str().into(),
         clean_start: packet.clean_session,
         session_expiry_secs: if packet.clean_session { 0 } else { u32::MAX },
         owner: user.as_deref().map(Arc::from),
-    });
+        credential: login.credential,
+    };
+    let Some(attached) = shared.attach(options, &login) else {
+        return Ok(connect.not_authorized());
+    };
     let conn = Conn::new(
         shared.clone(),
         attached.session.clone(),
@@ -326,6 +331,9 @@ impl Outbound for Sink {
     }
 
     fn close_taken_over(&self) {
+        self.sink.close();
+    }
+    fn close_revoked(&self) {
         self.sink.close();
     }
 }

@@ -53,8 +53,8 @@ pub(crate) async fn connect(
         packet.username.as_deref(),
         packet.password.as_ref(),
     );
-    let user = match shared.auth.login(login).await {
-        Ok(user) => user,
+    let login = match shared.auth.login(login).await {
+        Ok(login) => login,
         Err(refusal) => {
             return Ok(connect.failed(match refusal {
                 Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
@@ -63,6 +63,7 @@ pub(crate) async fn connect(
             }));
         }
     };
+    let user = login.user.clone();
     let will = match &packet.last_will {
         None => None,
         Some(will) => {
@@ -99,12 +100,16 @@ pub(crate) async fn connect(
         return Ok(connect.failed(ConnectAckReason::NotAuthorized));
     }
     let requested_expiry = packet.session_expiry_interval_secs;
-    let attached = shared.router.attach(AttachOptions {
+    let options = AttachOptions {
         client_id: client_id.as_str().into(),
         clean_start: packet.clean_start,
         session_expiry_secs: requested_expiry,
         owner: user.as_deref().map(Arc::from),
-    });
+        credential: login.credential,
+    };
+    let Some(attached) = shared.attach(options, &login) else {
+        return Ok(connect.failed(ConnectAckReason::NotAuthorized));
+    };
     let granted_expiry = attached.session.expiry_secs();
     let client_receive_max = packet.receive_max.map_or(65_535, NonZeroU16::get);
     let window = usize::from(limits.max_inflight.min(client_receive_max));
@@ -479,5 +484,9 @@ impl Outbound for Sink {
     fn close_taken_over(&self) {
         self.sink
             .close_with_reason(Disconnect::new(DisconnectReasonCode::SessionTakenOver));
+    }
+    fn close_revoked(&self) {
+        self.sink
+            .close_with_reason(Disconnect::new(DisconnectReasonCode::NotAuthorized));
     }
 }

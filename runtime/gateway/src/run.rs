@@ -555,7 +555,9 @@ async fn reload(
         }
     };
     match broker.reload_auth(auth) {
-        Ok(()) => tracing::info!(
+        Ok(revoked) => tracing::info!(
+            connections_closed = revoked.connections,
+            subscriptions_removed = revoked.subscriptions,
             "Broker auth (password file re-read, anonymous access) and ACLs reloaded."
         ),
         Err(error) => {

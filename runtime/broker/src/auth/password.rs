@@ -160,6 +160,16 @@ impl PasswordFile {
         self.users.contains_key(user)
     }
 
+    /// Identifies `user`'s entry (the hash with its salt): it changes when the password
+    /// does. `None` for an unknown user.
+    pub fn fingerprint(&self, user: &str) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let hash = self.users.get(user)?;
+        let mut hasher = std::hash::DefaultHasher::new();
+        hash.to_string().hash(&mut hasher);
+        Some(hasher.finish())
+    }
+
     /// Checks a password: CPU-heavy by design (tens of milliseconds), so call it on a
     /// blocking thread. An unknown user costs one verification too, so that the answer
     /// time does not tell which users exist.

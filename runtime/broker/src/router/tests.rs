@@ -175,6 +175,7 @@ async fn persistent_session_keeps_subscriptions_and_queues_offline() {
         clean_start: false,
         session_expiry_secs: 60,
         owner: None,
+        credential: Credential::Anonymous,
     };
     let first = r.attach(options.clone());
     assert!(!first.session_present);
@@ -199,6 +200,7 @@ async fn takeover_supersedes_the_old_connection() {
         clean_start: false,
         session_expiry_secs: 60,
         owner: None,
+        credential: Credential::Anonymous,
     };
     let first = r.attach(options.clone());
     let second = r.attach(options);
@@ -225,6 +227,7 @@ async fn inflight_window_and_redelivery_after_reconnect() {
         clean_start: false,
         session_expiry_secs: 60,
         owner: None,
+        credential: Credential::Anonymous,
     };
     let a = r.attach(options.clone());
     r.subscribe(
@@ -262,6 +265,7 @@ async fn will_is_published_after_delay_unless_reconnected() {
         clean_start: false,
         session_expiry_secs: 60,
         owner: None,
+        credential: Credential::Anonymous,
     };
     let will = |delay| Will {
         message: msg("will/w", "gone", QoS::AtLeastOnce),
@@ -293,6 +297,7 @@ async fn clean_start_discards_the_old_session() {
         clean_start: false,
         session_expiry_secs: 60,
         owner: None,
+        credential: Credential::Anonymous,
     };
     let a = r.attach(persistent.clone());
     r.subscribe(
@@ -338,6 +343,7 @@ fn tree_agrees_with_reference_matching() {
                         clean_start: true,
                         session_expiry_secs: 0,
                         owner: None,
+                        credential: Credential::Anonymous,
                     });
                     r.subscribe(
                         &a.session,
