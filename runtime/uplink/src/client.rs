@@ -5,14 +5,16 @@
 use std::{
     cell::Cell,
     collections::VecDeque,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use edgegw_broker::{LocalClient, Message, QoS, topic::TopicTemplate};
-use edgegw_store::{Outbox, OutboxEntry};
+use edgegw_store::{Outbox, OutboxEntry, StoreError};
 use edgegw_telemetry::names;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use ntex::{Pipeline, SharedCfg, service::fn_service, time::Seconds};
@@ -477,14 +479,44 @@ impl Task {
         // Everything in the outbox is unacknowledged: start from its oldest entry.
         let mut after = 0u64;
         // Committed entries read ahead of the window, so the outbox's thread serves one read
-        // per READ_AHEAD messages rather than one per freed slot.
+        // per READ_AHEAD messages rather than one per freed slot. The next read starts
+        // when half of them are left, so sending never waits for it.
         let mut ahead: VecDeque<OutboxEntry> = VecDeque::with_capacity(READ_AHEAD);
+        type Read<'a> = Pin<Box<dyn Future<Output = Result<Vec<OutboxEntry>, StoreError>> + 'a>>;
+        let mut reading: Option<Read<'_>> = None;
+        // The last read found everything committed: read again once more is committed.
+        let mut caught_up = false;
         loop {
-            if in_flight.get() < window {
-                if ahead.is_empty() {
-                    committed.borrow_and_update();
-                    match self.outbox.fetch(after, READ_AHEAD).await {
+            while in_flight.get() < window {
+                let Some(entry) = ahead.pop_front() else {
+                    break;
+                };
+                in_flight.set(in_flight.get() + 1);
+                sent.push_back((entry.seq, false));
+                let up = up.clone();
+                let done = done_tx.clone();
+                let seq = entry.seq;
+                ntex::rt::spawn(async move {
+                    let started = Instant::now();
+                    let result = up.publish(entry).await;
+                    let _ = done.send((seq, started.elapsed(), result)).await;
+                });
+            }
+            if reading.is_none() && !caught_up && ahead.len() < READ_AHEAD / 2 {
+                committed.borrow_and_update();
+                reading = Some(Box::pin(self.outbox.fetch(after, READ_AHEAD)));
+            }
+            tokio::select! {
+                result = async {
+                    match reading.as_mut() {
+                        Some(read) => read.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    reading = None;
+                    match result {
                         Ok(batch) => {
+                            caught_up = batch.len() < READ_AHEAD;
                             if let Some(last) = batch.last() {
                                 after = last.seq;
                             }
@@ -493,71 +525,58 @@ impl Task {
                         Err(error) => return format!("reading the outbox failed: {error}"),
                     }
                 }
-                if !ahead.is_empty() {
-                    while in_flight.get() < window {
-                        let Some(entry) = ahead.pop_front() else {
-                            break;
-                        };
-                        in_flight.set(in_flight.get() + 1);
-                        sent.push_back((entry.seq, false));
-                        let up = up.clone();
-                        let done = done_tx.clone();
-                        let seq = entry.seq;
-                        ntex::rt::spawn(async move {
-                            let started = Instant::now();
-                            let result = up.publish(entry).await;
-                            let _ = done.send((seq, started.elapsed(), result)).await;
-                        });
-                    }
-                    continue;
-                }
-            }
-            tokio::select! {
-                Some((seq, rtt, result)) = done_rx.recv() => {
-                    if !matches!(result, Err(Failure::Disconnected(_))) {
-                        // Acknowledged (or refused for good): once the acknowledged prefix
-                        // of what was sent is recorded, its slots free. A crash before that
-                        // re-sends at most the window.
-                        if let Some(slot) = sent.iter_mut().find(|(s, _)| *s == seq) {
-                            slot.1 = true;
-                        }
-                        let mut through = None;
-                        let mut n = 0;
-                        while let Some(&(s, true)) = sent.front() {
-                            sent.pop_front();
-                            through = Some(s);
-                            n += 1;
-                        }
-                        if let Some(through) = through {
-                            // This thread is the uplink's own: the marker write (a few
-                            // microseconds) stalls nothing else.
-                            if let Err(error) = self.outbox.ack_through(through) {
-                                return format!("recording acknowledgements in the outbox failed: {error}");
+                Some(first) = done_rx.recv() => {
+                    // Every completion already waiting is taken in one go, so the
+                    // acknowledged prefix is recorded once per burst, not once per message.
+                    let mut next = Some(first);
+                    while let Some((seq, rtt, result)) = next.take() {
+                        if !matches!(result, Err(Failure::Disconnected(_))) {
+                            // Acknowledged (or refused for good): its slot frees once the
+                            // acknowledged prefix of what was sent is recorded. A crash
+                            // before that re-sends at most the window.
+                            if let Some(slot) = sent.iter_mut().find(|(s, _)| *s == seq) {
+                                slot.1 = true;
                             }
-                            in_flight.set(in_flight.get() - n);
                         }
-                    }
-                    match result {
-                        Ok(()) => {
-                            metrics.forwarded.increment(1);
-                            metrics.rtt.record(rtt.as_secs_f64());
-                        }
-                        Err(Failure::Rejected(reason, detail)) => {
-                            metrics.too_large.increment(u64::from(reason == "too_large"));
-                            if reason != "too_large" {
-                                metrics::counter!(names::UPLINK_DROPPED, "uplink" => name.clone(), "reason" => "refused").increment(1);
+                        match result {
+                            Ok(()) => {
+                                metrics.forwarded.increment(1);
+                                metrics.rtt.record(rtt.as_secs_f64());
                             }
-                            tracing::warn!(uplink = %name, seq, %detail, "The cloud broker cannot take this message; dropped.");
+                            Err(Failure::Rejected(reason, detail)) => {
+                                metrics.too_large.increment(u64::from(reason == "too_large"));
+                                if reason != "too_large" {
+                                    metrics::counter!(names::UPLINK_DROPPED, "uplink" => name.clone(), "reason" => "refused").increment(1);
+                                }
+                                tracing::warn!(uplink = %name, seq, %detail, "The cloud broker cannot take this message; dropped.");
+                            }
+                            Err(Failure::Disconnected(error)) => {
+                                return format!("sending failed: {error}");
+                            }
                         }
-                        Err(Failure::Disconnected(error)) => {
-                            return format!("sending failed: {error}");
+                        next = done_rx.try_recv().ok();
+                    }
+                    let mut through = None;
+                    let mut n = 0;
+                    while let Some(&(s, true)) = sent.front() {
+                        sent.pop_front();
+                        through = Some(s);
+                        n += 1;
+                    }
+                    if let Some(through) = through {
+                        // This thread is the uplink's own: the marker write (a few
+                        // microseconds) stalls nothing else.
+                        if let Err(error) = self.outbox.ack_through(through) {
+                            return format!("recording acknowledgements in the outbox failed: {error}");
                         }
+                        in_flight.set(in_flight.get() - n);
                     }
                 }
-                changed = committed.changed(), if in_flight.get() < window => {
+                changed = committed.changed(), if caught_up && reading.is_none() => {
                     if changed.is_err() {
                         return "the outbox closed".into();
                     }
+                    caught_up = false;
                 }
                 reason = &mut closed => return reason.unwrap_or_else(|_| "connection closed".into()),
                 () = self.cancel.cancelled() => return "stopping".into(),
