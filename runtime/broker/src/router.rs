@@ -768,23 +768,36 @@ impl LocalClient {
 
     /// The next delivery; `None` once the session was taken over or ended.
     pub async fn recv(&self) -> Option<Delivery> {
-        let mut out = Vec::with_capacity(1);
         loop {
-            self.session
-                .next_outgoing(self.generation, usize::MAX, 1, &mut out)
-                .ok()?;
-            if let Some(outgoing) = out.pop() {
-                if let Some(id) = outgoing.packet_id {
-                    self.session.acknowledge(id.get());
-                }
-                self.router.metrics().sent(
-                    outgoing.delivery.qos,
-                    outgoing.delivery.message.payload.len(),
-                );
-                return Some(outgoing.delivery);
+            if let Some(delivery) = self.take()? {
+                return Some(delivery);
             }
             self.session.wait().await;
         }
+    }
+
+    /// The next delivery if one is queued now; `None` when none is (or the session ended).
+    pub fn try_recv(&self) -> Option<Delivery> {
+        self.take().flatten()
+    }
+
+    /// `None`: the session is gone; `Some(None)`: nothing queued.
+    fn take(&self) -> Option<Option<Delivery>> {
+        let mut out = Vec::with_capacity(1);
+        self.session
+            .next_outgoing(self.generation, usize::MAX, 1, &mut out)
+            .ok()?;
+        let outgoing = out.pop();
+        if let Some(outgoing) = &outgoing {
+            if let Some(id) = outgoing.packet_id {
+                self.session.acknowledge(id.get());
+            }
+            self.router.metrics().sent(
+                outgoing.delivery.qos,
+                outgoing.delivery.message.payload.len(),
+            );
+        }
+        Some(outgoing.map(|o| o.delivery))
     }
 
     /// Deliveries waiting in this client's queue.

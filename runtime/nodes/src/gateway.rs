@@ -6,9 +6,20 @@
 //! deliveries from its broker session into the link's one bounded channel; the link loop
 //! owns all node state, so there are no locks. Whatever the link writes goes out in one
 //! `write_all` per turn of the loop.
+//!
+//! Wills (spec §6.3): a CONNECT with the will flag is answered with WILLTOPICREQ and
+//! WILLMSGREQ before CONNACK; the will is published when the node is lost (keepalive or
+//! sleep expired, replaced by a new CONNECT, the link failed), not after its DISCONNECT and
+//! not when the gateway stops. WILLTOPICUPD and WILLMSGUPD change it.
+//!
+//! Sleeping clients (spec §6.14): DISCONNECT with a duration puts a node to sleep. Its
+//! broker session stays (subscriptions, registered topics) and its deliveries wait there,
+//! bounded by `broker.limits.max_queued`; a PINGREQ with its client id wakes it for the
+//! waiting messages, then PINGRESP sends it back to sleep; CONNECT (clean session off)
+//! makes it active again with its session. A node silent for 1.5 sleep durations is lost.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -18,11 +29,11 @@ use edgegw_broker::{
 };
 use edgegw_protocol::{
     Connect, FrameDecoder, Message, Publish, QoS, Register, ReturnCode, Subscribe, Topic, TopicId,
-    Unsubscribe, encode_encapsulated, encode_frame_to_vec, encode_to_vec,
+    Unsubscribe, WillTopic, encode_encapsulated, encode_frame_to_vec, encode_to_vec,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinHandle,
     time::Instant,
 };
@@ -48,6 +59,10 @@ const MAX_QOS2_INFLIGHT: usize = 16;
 const MAX_CLIENT_ID: usize = 64;
 /// How often keepalives are checked.
 const KEEPALIVE_TICK: Duration = Duration::from_millis(500);
+/// Nodes between CONNECT (with the will flag) and WILLMSG on one link, and how long one may
+/// take to answer.
+const MAX_PENDING_CONNECTS: usize = 256;
+const PENDING_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a link's nodes are: `None` for the node attached directly, else the wireless node id
 /// of a node behind a forwarder.
@@ -102,7 +117,17 @@ struct Node {
     /// Tells this node's deliveries from those of a node it replaced on the same key.
     epoch: u64,
     forward: JoinHandle<()>,
+    /// False while the node sleeps: the forwarding task leaves deliveries in the session.
+    awake: watch::Sender<bool>,
     keepalive: Option<Duration>,
+    /// While asleep: how long it may stay silent (1.5 sleep durations).
+    sleep: Option<Duration>,
+    /// Deliveries that reached the link after the node fell asleep, oldest first.
+    held: VecDeque<Delivery>,
+    /// A wake-up PINGREQ is answered once the REGISTERs its messages needed are acked.
+    ping_pending: bool,
+    /// Published when the node is lost.
+    will: Option<BrokerMessage>,
     last_seen: Instant,
     topics: Topics,
     next_message_id: u16,
@@ -123,6 +148,11 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // Dropped without its DISCONNECT (lost, replaced, link failed): its will goes out.
+        if let Some(will) = self.will.take() {
+            tracing::info!(client_id = %self.client_id, topic = %will.topic, "Publishing the will of a lost node.");
+            self.client.publish(will);
+        }
         // The task holds the other reference to the client: once it is gone the broker
         // session ends.
         self.forward.abort();
@@ -192,10 +222,20 @@ fn node_label(key: &NodeKey) -> String {
     }
 }
 
+/// A CONNECT with the will flag, waiting for WILLTOPIC and WILLMSG.
+struct PendingConnect {
+    client_id: String,
+    clean_session: bool,
+    duration: u16,
+    will_topic: Option<(String, QoS, bool)>,
+    since: Instant,
+}
+
 struct Link {
     context: Context,
     link: Arc<str>,
     nodes: HashMap<NodeKey, Node>,
+    pending: HashMap<NodeKey, PendingConnect>,
     outbox: Outbox,
     deliveries: mpsc::Sender<(NodeKey, u64, Delivery)>,
     next_epoch: u64,
@@ -217,6 +257,7 @@ where
         context: context.clone(),
         link: link.into(),
         nodes: HashMap::new(),
+        pending: HashMap::new(),
         outbox: Outbox {
             // A lone delimiter ends whatever half frame a node still holds from before.
             bytes: vec![edgegw_protocol::DELIMITER],
@@ -239,7 +280,13 @@ where
         }
         tokio::select! {
             biased;
-            () = cancel.cancelled() => return Ok(()),
+            () = cancel.cancelled() => {
+                // The gateway stopping is not the nodes' failure: no wills.
+                for node in state.nodes.values_mut() {
+                    node.will = None;
+                }
+                return Ok(());
+            }
             read = reader.read(&mut chunk) => {
                 let n = read.map_err(|source| LinkError::Read { source })?;
                 if n == 0 {
@@ -312,6 +359,12 @@ impl Link {
             Message::Publish(publish) if publish.qos == QoS::MinusOne => {
                 return self.publish_without_connection(&key, publish);
             }
+            Message::WillTopic(topic) if self.pending.contains_key(&key) => {
+                return self.will_topic(key, topic);
+            }
+            Message::WillMsg { will_message } if self.pending.contains_key(&key) => {
+                return self.will_message(key, will_message);
+            }
             _ => {}
         }
         let Some(node) = self.nodes.get_mut(&key) else {
@@ -351,17 +404,53 @@ impl Link {
             }
             Message::Subscribe(subscribe) => self.subscribe(key, subscribe),
             Message::Unsubscribe(unsubscribe) => self.unsubscribe(key, unsubscribe),
-            Message::PingReq { .. } => self.outbox.send(&key, &Message::PingResp),
-            Message::Disconnect { duration } => {
-                if duration.is_some() {
-                    // Sleeping clients are not supported yet: treated as a plain disconnect.
-                    self.reject(&key, RejectReason::Unsupported, "DISCONNECT(duration)");
-                }
+            Message::PingReq { client_id } => self.ping(key, client_id),
+            Message::Disconnect {
+                duration: Some(duration),
+            } if duration > 0 => {
                 self.outbox
                     .send(&key, &Message::Disconnect { duration: None });
-                if let Some(node) = self.nodes.remove(&key) {
+                let _ = node.awake.send(false);
+                node.sleep = Some(Duration::from_secs(u64::from(duration)) * 3 / 2);
+                tracing::info!(link = %self.link, client_id = %node.client_id, duration_secs = duration, "Node asleep.");
+            }
+            Message::Disconnect { .. } => {
+                self.outbox
+                    .send(&key, &Message::Disconnect { duration: None });
+                if let Some(mut node) = self.nodes.remove(&key) {
+                    node.will = None;
                     tracing::info!(link = %self.link, client_id = %node.client_id, "Node disconnected.");
                 }
+            }
+            Message::WillTopicUpd(topic) => {
+                let return_code = match topic {
+                    None => {
+                        node.will = None;
+                        ReturnCode::Accepted
+                    }
+                    Some(topic) => match will_topic(&topic) {
+                        Some((name, qos, retain)) => {
+                            let payload = node.will.take().map(|w| w.payload).unwrap_or_default();
+                            node.will = Some(will(name, qos, retain, payload));
+                            ReturnCode::Accepted
+                        }
+                        None => ReturnCode::NotSupported,
+                    },
+                };
+                self.outbox
+                    .send(&key, &Message::WillTopicResp { return_code });
+            }
+            Message::WillMsgUpd { will_message } => {
+                let return_code = match &mut node.will {
+                    Some(will) => {
+                        will.payload = Bytes::copy_from_slice(will_message);
+                        ReturnCode::Accepted
+                    }
+                    // There is no will topic to go with it.
+                    None => ReturnCode::NotSupported,
+                };
+                self.outbox
+                    .send(&key, &Message::WillMsgResp { return_code });
             }
             other => self.reject(&key, RejectReason::Unsupported, other.message_type().name()),
         }
@@ -380,22 +469,126 @@ impl Link {
         if connect.client_id.is_empty() || connect.client_id.len() > MAX_CLIENT_ID {
             return refuse(self, RejectReason::InvalidClientId);
         }
+        let pending = PendingConnect {
+            client_id: connect.client_id.to_owned(),
+            clean_session: connect.clean_session,
+            duration: connect.duration,
+            will_topic: None,
+            since: Instant::now(),
+        };
         if connect.will {
-            // Wills are not supported yet; a node that asks for one is told so rather than
-            // connected without it.
-            return refuse(self, RejectReason::Unsupported);
+            if self.pending.len() >= MAX_PENDING_CONNECTS && !self.pending.contains_key(&key) {
+                self.context.metrics.rejected(RejectReason::InflightFull);
+                return self.outbox.send(
+                    &key,
+                    &Message::ConnAck {
+                        return_code: ReturnCode::Congestion,
+                    },
+                );
+            }
+            self.pending.insert(key.clone(), pending);
+            return self.outbox.send(&key, &Message::WillTopicReq);
+        }
+        self.pending.remove(&key);
+        self.establish(key, pending, None);
+    }
+
+    /// WILLTOPIC during a CONNECT: the empty one means no will after all.
+    fn will_topic(&mut self, key: NodeKey, topic: Option<WillTopic<'_>>) {
+        let Some(topic) = topic else {
+            let pending = self.pending.remove(&key).expect("checked by the caller");
+            return self.establish(key, pending, None);
+        };
+        let Some(parsed) = will_topic(&topic) else {
+            self.pending.remove(&key);
+            self.reject(&key, RejectReason::InvalidTopic, "WILLTOPIC");
+            return self.outbox.send(
+                &key,
+                &Message::ConnAck {
+                    return_code: ReturnCode::NotSupported,
+                },
+            );
+        };
+        if let Some(pending) = self.pending.get_mut(&key) {
+            pending.will_topic = Some(parsed);
+        }
+        self.outbox.send(&key, &Message::WillMsgReq);
+    }
+
+    /// WILLMSG: the CONNECT is complete.
+    fn will_message(&mut self, key: NodeKey, message: &[u8]) {
+        let mut pending = self.pending.remove(&key).expect("checked by the caller");
+        let Some((topic, qos, retain)) = pending.will_topic.take() else {
+            // WILLMSG before WILLTOPIC: ask again from the start.
+            self.reject(&key, RejectReason::Unsupported, "WILLMSG");
+            return self.outbox.send(
+                &key,
+                &Message::ConnAck {
+                    return_code: ReturnCode::NotSupported,
+                },
+            );
+        };
+        let will = will(topic, qos, retain, Bytes::copy_from_slice(message));
+        self.establish(key, pending, Some(will));
+    }
+
+    /// Connects a node: resumes the session of the node at `key` when it has the same client
+    /// id and the CONNECT keeps sessions (a sleeping node waking up), else starts a new one
+    /// (replacing any old node there).
+    fn establish(&mut self, key: NodeKey, connect: PendingConnect, will: Option<BrokerMessage>) {
+        let keepalive = (connect.duration > 0)
+            // The spec's grace: 1.5 periods without a message.
+            .then(|| Duration::from_secs(u64::from(connect.duration)) * 3 / 2);
+        if !connect.clean_session
+            && let Some(node) = self.nodes.get_mut(&key)
+            && *node.client_id == *connect.client_id
+        {
+            node.keepalive = keepalive;
+            node.last_seen = Instant::now();
+            node.will = will;
+            let was_asleep = node.sleep.take().is_some();
+            let _ = node.awake.send(true);
+            tracing::info!(
+                link = %self.link,
+                node = %node_label(&key),
+                client_id = %node.client_id,
+                keepalive_secs = connect.duration,
+                was_asleep,
+                "Node connected again; session resumed."
+            );
+            self.outbox.send(
+                &key,
+                &Message::ConnAck {
+                    return_code: ReturnCode::Accepted,
+                },
+            );
+            // What waited at the link while it slept goes first; the session's queue follows
+            // through the forwarding task.
+            let (held, epoch) = (std::mem::take(&mut node.held), node.epoch);
+            for delivery in held {
+                self.deliver(key.clone(), epoch, delivery);
+            }
+            return;
         }
         // A node that reconnects replaces its old state (and broker session) first.
         self.nodes.remove(&key);
-        let client = Arc::new(self.context.router.local_client(connect.client_id));
+        let client = Arc::new(self.context.router.local_client(&connect.client_id));
         self.next_epoch += 1;
         let epoch = self.next_epoch;
+        let (awake, mut awake_rx) = watch::channel(true);
         let forward = tokio::spawn({
             let client = client.clone();
             let deliveries = self.deliveries.clone();
             let key = key.clone();
             async move {
-                while let Some(delivery) = client.recv().await {
+                loop {
+                    // While the node sleeps its deliveries wait in its session.
+                    if awake_rx.wait_for(|awake| *awake).await.is_err() {
+                        break;
+                    }
+                    let Some(delivery) = client.recv().await else {
+                        break;
+                    };
                     if deliveries
                         .send((key.clone(), epoch, delivery))
                         .await
@@ -406,15 +599,13 @@ impl Link {
                 }
             }
         });
-        let keepalive = (connect.duration > 0)
-            // The spec's grace: 1.5 periods without a message.
-            .then(|| Duration::from_secs(u64::from(connect.duration)) * 3 / 2);
         self.context.metrics.connected.increment(1.0);
         tracing::info!(
             link = %self.link,
             node = %node_label(&key),
             client_id = connect.client_id,
             keepalive_secs = connect.duration,
+            will = will.is_some(),
             "Node connected."
         );
         self.nodes.insert(
@@ -424,7 +615,12 @@ impl Link {
                 client,
                 epoch,
                 forward,
+                awake,
                 keepalive,
+                sleep: None,
+                held: VecDeque::new(),
+                ping_pending: false,
+                will,
                 last_seen: Instant::now(),
                 topics: Topics::default(),
                 next_message_id: 1,
@@ -439,6 +635,37 @@ impl Link {
                 return_code: ReturnCode::Accepted,
             },
         );
+    }
+
+    /// PINGREQ. With the client id of a sleeping node: it is awake for what waited for it,
+    /// then PINGRESP (once any REGISTERs those needed are acked) sends it back to sleep.
+    fn ping(&mut self, key: NodeKey, client_id: Option<&str>) {
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let waking = node.sleep.is_some() && client_id.is_some_and(|id| *node.client_id == *id);
+        if !waking {
+            return self.outbox.send(&key, &Message::PingResp);
+        }
+        let epoch = node.epoch;
+        let mut waiting: Vec<Delivery> = node.held.drain(..).collect();
+        while let Some(delivery) = node.client.try_recv() {
+            waiting.push(delivery);
+        }
+        // Delivered as if awake (REGISTER where needed), and back to holding afterwards.
+        let sleep = self.nodes.get_mut(&key).and_then(|n| n.sleep.take());
+        for delivery in waiting {
+            self.deliver(key.clone(), epoch, delivery);
+        }
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        node.sleep = sleep;
+        if node.awaiting_regack.is_empty() {
+            self.outbox.send(&key, &Message::PingResp);
+        } else {
+            node.ping_pending = true;
+        }
     }
 
     fn register(&mut self, key: NodeKey, register: Register<'_>) {
@@ -472,22 +699,26 @@ impl Link {
         let Some(queued) = node.awaiting_regack.remove(&topic_id) else {
             return;
         };
-        if return_code != ReturnCode::Accepted {
+        if return_code == ReturnCode::Accepted {
+            for delivery in queued {
+                send_publish(
+                    &mut self.outbox,
+                    &key,
+                    node,
+                    TopicId::Normal(topic_id),
+                    &delivery,
+                );
+            }
+        } else {
             tracing::debug!(
                 topic_id,
                 ?return_code,
                 "Node refused a topic; its messages are dropped."
             );
-            return;
         }
-        for delivery in queued {
-            send_publish(
-                &mut self.outbox,
-                &key,
-                node,
-                TopicId::Normal(topic_id),
-                &delivery,
-            );
+        if node.ping_pending && node.awaiting_regack.is_empty() {
+            node.ping_pending = false;
+            self.outbox.send(&key, &Message::PingResp);
         }
     }
 
@@ -663,6 +894,15 @@ impl Link {
         if node.epoch != epoch {
             return;
         }
+        if node.sleep.is_some() {
+            // Taken from the session just before the node fell asleep: kept for its wake-up.
+            if node.held.len() >= DELIVERY_QUEUE {
+                node.held.pop_front();
+                self.context.metrics.rejected(RejectReason::InflightFull);
+            }
+            node.held.push_back(delivery);
+            return;
+        }
         let topic = &*delivery.message.topic;
         if let Some(&id) = node.topics.by_name.get(topic) {
             if let Some(queued) = node.awaiting_regack.get_mut(&id) {
@@ -715,15 +955,32 @@ impl Link {
         let metrics = self.context.metrics.clone();
         self.nodes.retain(|_, node| {
             let alive = node
-                .keepalive
+                .sleep
+                .or(node.keepalive)
                 .is_none_or(|limit| now.duration_since(node.last_seen) <= limit);
             if !alive {
-                tracing::warn!(%link, client_id = %node.client_id, "Node keepalive expired; disconnected.");
+                if node.sleep.is_some() {
+                    tracing::warn!(%link, client_id = %node.client_id, "Sleeping node did not wake up in time; disconnected.");
+                } else {
+                    tracing::warn!(%link, client_id = %node.client_id, "Node keepalive expired; disconnected.");
+                }
                 metrics.keepalive_timeouts.increment(1);
             }
             alive
         });
+        self.pending
+            .retain(|_, pending| now.duration_since(pending.since) <= PENDING_CONNECT_TIMEOUT);
     }
+}
+
+/// A will topic a node may use: a topic name (no wildcards), its QoS and retain flag.
+fn will_topic(topic: &WillTopic<'_>) -> Option<(String, QoS, bool)> {
+    (!topic.topic.is_empty() && !topic.topic.contains(['+', '#', '\0']))
+        .then(|| (topic.topic.to_owned(), topic.qos, topic.retain))
+}
+
+fn will(topic: String, qos: QoS, retain: bool, payload: Bytes) -> BrokerMessage {
+    BrokerMessage::new(topic, payload, to_broker_qos(qos)).with_retain(retain)
 }
 
 fn hold(queued: &mut Vec<Delivery>, delivery: Delivery, metrics: &NodeMetrics) {

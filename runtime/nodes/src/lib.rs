@@ -9,9 +9,9 @@
 //! Supported: CONNECT, REGISTER/REGACK both ways, predefined (`{node}` substituted) and short
 //! topic ids, PUBLISH QoS −1/0/1/2 from nodes, deliveries to nodes at QoS 0/1/2 (REGISTER first
 //! for new topic names), SUBSCRIBE/UNSUBSCRIBE, PINGREQ/PINGRESP, DISCONNECT, keepalive,
-//! SEARCHGW, the forwarder encapsulation. Not yet: wills (CONNECT with the will flag is
-//! refused), sleeping clients (DISCONNECT with a duration is a plain disconnect), re-sending
-//! unacknowledged deliveries to a node.
+//! SEARCHGW, the forwarder encapsulation, wills (WILLTOPICREQ/WILLMSGREQ at CONNECT,
+//! WILLTOPICUPD/WILLMSGUPD), sleeping clients (DISCONNECT with a duration, wake-up PINGREQ,
+//! CONNECT resuming the session). Not yet: re-sending unacknowledged deliveries to a node.
 
 pub mod gateway;
 pub mod metrics;

@@ -294,7 +294,7 @@ pub fn describe() {
     );
     describe_counter!(
         NODES_REJECTED,
-        "Well-formed MQTT-SN messages the gateway refused, by reason: not_connected (no CONNECT yet), unknown_topic (topic id not registered or predefined), invalid_topic (bad name or filter), invalid_client_id (empty or over 64 bytes), unsupported (wills, sleeping clients), inflight_full (too many QoS 2 in flight)."
+        "Well-formed MQTT-SN messages the gateway refused, by reason: not_connected (no CONNECT yet), unknown_topic (topic id not registered or predefined), invalid_topic (bad name or filter), invalid_client_id (empty or over 64 bytes), unsupported (a message type the gateway does not take from nodes), inflight_full (too many QoS 2 in flight)."
     );
     describe_counter!(
         NODES_KEEPALIVE_TIMEOUTS,

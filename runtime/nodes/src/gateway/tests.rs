@@ -415,3 +415,306 @@ async fn a_silent_node_is_dropped_after_its_keepalive() {
     tokio::task::yield_now().await;
     assert_eq!(h.router.session_count(), 0);
 }
+
+impl TestNode {
+    /// SUBSCRIBE to a topic name at QoS 1; the topic id from SUBACK.
+    async fn subscribe(&mut self, name: &str) -> u16 {
+        self.send(&Message::Subscribe(Subscribe {
+            dup: false,
+            qos: QoS::One,
+            message_id: 5,
+            topic: Topic::Name(name),
+        }))
+        .await;
+        match decode_exact(&self.recv().await).unwrap() {
+            Message::SubAck {
+                topic_id,
+                return_code: ReturnCode::Accepted,
+                ..
+            } => topic_id,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// The payload of the next message, which must be a PUBLISH on `topic`.
+    async fn expect_publish(&mut self, topic: TopicId) -> Vec<u8> {
+        match decode_exact(&self.recv().await).unwrap() {
+            Message::Publish(p) => {
+                assert_eq!(p.topic, topic);
+                p.data.to_vec()
+            }
+            other => panic!("expected PUBLISH on {topic:?}, got {other:?}"),
+        }
+    }
+
+    async fn expect(&mut self, expected: Message<'_>) {
+        assert_eq!(decode_exact(&self.recv().await).unwrap(), expected);
+    }
+
+    /// Nothing arrives for a while (paused-clock tests only).
+    async fn expect_silence(&mut self) {
+        let mut chunk = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), self.io.read(&mut chunk))
+                .await
+                .is_err(),
+            "the gateway sent something"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sleeping_node_gets_its_messages_when_it_wakes() {
+    let mut h = start(&[]);
+    h.node.connect("sleeper").await;
+    let led = h.node.subscribe("control/sleeper/led").await;
+    h.node.subscribe("alerts/#").await;
+    h.node
+        .send(&Message::Disconnect { duration: Some(60) })
+        .await;
+    h.node.expect(Message::Disconnect { duration: None }).await;
+
+    // While it sleeps, messages wait (nothing is sent to the node).
+    for payload in ["on", "off"] {
+        h.router.publish(BrokerMessage::new(
+            "control/sleeper/led",
+            payload,
+            BrokerQoS::AtLeastOnce,
+        ));
+    }
+    h.router.publish(BrokerMessage::new(
+        "alerts/fire",
+        "1",
+        BrokerQoS::AtMostOnce,
+    ));
+    h.node.expect_silence().await;
+    assert_eq!(h.router.session_count(), 1, "the session is kept");
+
+    // Awake: the waiting messages in order (a REGISTER first for the new name), then
+    // PINGRESP only after the REGACK.
+    h.node
+        .send(&Message::PingReq {
+            client_id: Some("sleeper"),
+        })
+        .await;
+    assert_eq!(h.node.expect_publish(TopicId::Normal(led)).await, b"on");
+    assert_eq!(h.node.expect_publish(TopicId::Normal(led)).await, b"off");
+    let (topic_id, message_id) = match decode_exact(&h.node.recv().await).unwrap() {
+        Message::Register(r) => {
+            assert_eq!(r.topic_name, "alerts/fire");
+            (r.topic_id, r.message_id)
+        }
+        other => panic!("expected REGISTER, got {other:?}"),
+    };
+    h.node.expect_silence().await;
+    h.node
+        .send(&Message::RegAck {
+            topic_id,
+            message_id,
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    assert_eq!(h.node.expect_publish(TopicId::Normal(topic_id)).await, b"1");
+    h.node.expect(Message::PingResp).await;
+
+    // Back asleep: the next message waits for the next wake-up.
+    h.router.publish(BrokerMessage::new(
+        "control/sleeper/led",
+        "blink",
+        BrokerQoS::AtLeastOnce,
+    ));
+    h.node.expect_silence().await;
+    h.node
+        .send(&Message::PingReq {
+            client_id: Some("sleeper"),
+        })
+        .await;
+    assert_eq!(h.node.expect_publish(TopicId::Normal(led)).await, b"blink");
+    h.node.expect(Message::PingResp).await;
+
+    // CONNECT without a clean session makes it active again, with its subscriptions.
+    h.router.publish(BrokerMessage::new(
+        "control/sleeper/led",
+        "queued",
+        BrokerQoS::AtLeastOnce,
+    ));
+    h.node
+        .send(&Message::Connect(Connect {
+            will: false,
+            clean_session: false,
+            duration: 30,
+            client_id: "sleeper",
+        }))
+        .await;
+    h.node
+        .expect(Message::ConnAck {
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    assert_eq!(h.node.expect_publish(TopicId::Normal(led)).await, b"queued");
+    h.router.publish(BrokerMessage::new(
+        "control/sleeper/led",
+        "live",
+        BrokerQoS::AtMostOnce,
+    ));
+    assert_eq!(h.node.expect_publish(TopicId::Normal(led)).await, b"live");
+    h.cancel.cancel();
+    h.link.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_oversleeps_is_lost_and_its_will_published() {
+    let mut h = start(&[]);
+    let watcher = h.router.local_client("watcher");
+    watcher
+        .subscribe("status/#", SubOptions::qos(BrokerQoS::AtLeastOnce))
+        .unwrap();
+    h.node
+        .send(&Message::Connect(Connect {
+            will: true,
+            clean_session: true,
+            duration: 30,
+            client_id: "w1",
+        }))
+        .await;
+    h.node.expect(Message::WillTopicReq).await;
+    h.node
+        .send(&Message::WillTopic(Some(WillTopic {
+            qos: QoS::One,
+            retain: true,
+            topic: "status/w1",
+        })))
+        .await;
+    h.node.expect(Message::WillMsgReq).await;
+    h.node
+        .send(&Message::WillMsg {
+            will_message: b"offline",
+        })
+        .await;
+    h.node
+        .expect(Message::ConnAck {
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    // The will's message can be changed while connected.
+    h.node
+        .send(&Message::WillMsgUpd {
+            will_message: b"lost",
+        })
+        .await;
+    h.node
+        .expect(Message::WillMsgResp {
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+
+    // Asleep for 10 s: 14 s of silence is fine, 16 s is not (1.5 sleep durations).
+    h.node
+        .send(&Message::Disconnect { duration: Some(10) })
+        .await;
+    h.node.expect(Message::Disconnect { duration: None }).await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    assert_eq!(h.router.session_count(), 2);
+    assert_eq!(watcher.queued(), 0, "no will while asleep in time");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::yield_now().await;
+    let will = next(&watcher).await;
+    assert_eq!(&*will.message.topic, "status/w1");
+    assert_eq!(&will.message.payload[..], b"lost");
+    assert_eq!(will.qos, BrokerQoS::AtLeastOnce);
+    assert_eq!(
+        h.router.retained_count(),
+        1,
+        "the will's retain flag is kept"
+    );
+    assert_eq!(h.router.session_count(), 1, "only the watcher's session");
+}
+
+#[tokio::test]
+async fn wills_are_not_published_after_disconnect_and_bad_will_topics_are_refused() {
+    let mut h = start(&[]);
+    let watcher = h.router.local_client("watcher");
+    watcher
+        .subscribe("#", SubOptions::qos(BrokerQoS::AtLeastOnce))
+        .unwrap();
+    let connect_with_will = Message::Connect(Connect {
+        will: true,
+        clean_session: true,
+        duration: 30,
+        client_id: "w2",
+    });
+    // A wildcard will topic: refused.
+    h.node.send(&connect_with_will).await;
+    h.node.expect(Message::WillTopicReq).await;
+    h.node
+        .send(&Message::WillTopic(Some(WillTopic {
+            qos: QoS::Zero,
+            retain: false,
+            topic: "status/#",
+        })))
+        .await;
+    h.node
+        .expect(Message::ConnAck {
+            return_code: ReturnCode::NotSupported,
+        })
+        .await;
+
+    // A proper will, then DISCONNECT: the will is discarded.
+    h.node.send(&connect_with_will).await;
+    h.node.expect(Message::WillTopicReq).await;
+    h.node
+        .send(&Message::WillTopic(Some(WillTopic {
+            qos: QoS::Zero,
+            retain: false,
+            topic: "status/w2",
+        })))
+        .await;
+    h.node.expect(Message::WillMsgReq).await;
+    h.node
+        .send(&Message::WillMsg {
+            will_message: b"gone",
+        })
+        .await;
+    h.node
+        .expect(Message::ConnAck {
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    h.node.send(&Message::Disconnect { duration: None }).await;
+    h.node.expect(Message::Disconnect { duration: None }).await;
+
+    // Connected again with a will, then replaced by a new CONNECT (the node rebooted): the
+    // old connection's will goes out.
+    h.node.send(&connect_with_will).await;
+    h.node.expect(Message::WillTopicReq).await;
+    h.node
+        .send(&Message::WillTopic(Some(WillTopic {
+            qos: QoS::Zero,
+            retain: false,
+            topic: "status/w2",
+        })))
+        .await;
+    h.node.expect(Message::WillMsgReq).await;
+    h.node
+        .send(&Message::WillMsg {
+            will_message: b"rebooted",
+        })
+        .await;
+    h.node
+        .expect(Message::ConnAck {
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    h.node.connect("w2").await;
+    let will = next(&watcher).await;
+    assert_eq!(
+        (&*will.message.topic, &will.message.payload[..]),
+        ("status/w2", &b"rebooted"[..]),
+        "only the will of the replaced connection, none after DISCONNECT"
+    );
+
+    // The gateway stopping publishes no will.
+    h.cancel.cancel();
+    h.link.await.unwrap().unwrap();
+    assert_eq!(watcher.queued(), 0);
+}
