@@ -562,9 +562,11 @@ impl Conn {
         self.acl.borrow()
     }
 
-    /// May this client publish to `topic`?
+    /// May this client publish to `topic`? Never once a reload revoked its access (the
+    /// connection is closing).
     pub fn may_publish(&self, topic: &str) -> bool {
-        let allowed = self.current_acl().may_publish(topic);
+        let allowed =
+            !self.session.is_revoked(self.generation) && self.current_acl().may_publish(topic);
         if !allowed {
             self.shared.auth.acl_denied(Operation::Publish);
             // Per message, so debug: a client retrying in a loop must not flood the log.
@@ -580,6 +582,9 @@ impl Conn {
     /// May this client subscribe to `filter` (as sent, possibly `$share/group/...`)? An
     /// invalid filter is allowed here; subscribing reports it.
     pub fn may_subscribe(&self, filter: &str) -> bool {
+        if self.session.is_revoked(self.generation) {
+            return false;
+        }
         let acl = self.current_acl();
         if acl.allows_everything() {
             return true;

@@ -59,25 +59,25 @@ impl Shared {
     }
 
     /// Attaches a logged-in client to its session. `None` when a reload that ran since the
-    /// login no longer accepts it: the reload's sweep may have missed this session, which
-    /// did not exist yet, so it is checked here (refuse as not authorized).
+    /// login no longer accepts it (refuse as not authorized): the reload's sweep cannot see
+    /// a session that is not attached yet, so this is checked under the router's sessions
+    /// lock, before anything is taken over.
     pub fn attach(&self, options: AttachOptions, login: &Login) -> Option<Attached> {
         let owner = options.owner.clone();
-        let attached = self.router.attach(options);
-        if self.auth.generation() != login.generation
-            && !self.auth.still_valid(owner.as_deref(), login.credential)
-        {
-            self.router
-                .detach(&attached.session, attached.generation, None);
+        let client_id = options.client_id.clone();
+        let attached = self.router.attach_if(options, || {
+            self.auth.generation() == login.generation
+                || self.auth.still_valid(owner.as_deref(), login.credential)
+        });
+        if attached.is_none() {
             BrokerMetrics::refused("not_authorized");
             tracing::info!(
-                client_id = %attached.session.client_id,
+                client_id = %client_id,
                 user = owner.as_deref(),
                 "Connection refused: the auth settings reloaded during the login no longer accept it."
             );
-            return None;
         }
-        Some(attached)
+        attached
     }
 
     /// Reserves a connection slot; `None` when `max_connections` are open.
@@ -235,9 +235,16 @@ impl Conn {
         }
     }
 
+    /// Subscribes (after [`Conn::may_subscribe`] allowed it).
     pub fn subscribe(&self, filter: &str, options: SubOptions) -> Result<(), TopicError> {
-        let filter = Filter::parse(filter)?;
-        self.router().subscribe(&self.session, &filter, options);
+        let parsed = Filter::parse(filter)?;
+        self.router().subscribe(&self.session, &parsed, options);
+        // A reload that ran since the ACL check may have swept this session's subscriptions
+        // before this one was added: check it against the new ACL.
+        if self.shared.auth.generation() != self.acl_generation.get() && !self.may_subscribe(filter)
+        {
+            self.router().unsubscribe(&self.session, &parsed);
+        }
         Ok(())
     }
 
@@ -377,11 +384,27 @@ pub(crate) async fn run_writer<O: Outbound>(
         let qos = outgoing.delivery.qos;
         let size = outgoing.delivery.message.payload.len();
         let packet_id = outgoing.packet_id;
+        // A client that stops reading can hold the writer here: a reload revoking its
+        // access must still close it.
         let result = match qos {
-            QoS::AtMostOnce => out.send_qos0(outgoing).await,
-            _ => {
-                if !out.is_ready() && !out.ready().await {
+            QoS::AtMostOnce => tokio::select! {
+                result = out.send_qos0(outgoing) => result,
+                () = session.revoked(generation) => {
+                    out.close_revoked();
                     return false;
+                }
+            },
+            _ => {
+                if !out.is_ready() {
+                    tokio::select! {
+                        ready = out.ready() => if !ready {
+                            return false;
+                        },
+                        () = session.revoked(generation) => {
+                            out.close_revoked();
+                            return false;
+                        }
+                    }
                 }
                 if qos == QoS::AtLeastOnce {
                     out.send_qos1(outgoing)

@@ -309,6 +309,17 @@ impl Router {
     /// clean start) or creates it. A connection that owned it before is superseded and
     /// closes itself (takeover).
     pub fn attach(&self, options: AttachOptions) -> Attached {
+        self.attach_if(options, || true)
+            .expect("attaching unconditionally")
+    }
+
+    /// [`Router::attach`] if `allowed()`, which is asked under the sessions' lock: nothing
+    /// is taken over or ended when it says no.
+    pub fn attach_if(
+        &self,
+        options: AttachOptions,
+        allowed: impl FnOnce() -> bool,
+    ) -> Option<Attached> {
         let expiry = options
             .session_expiry_secs
             .min(self.0.limits.max_session_expiry_secs.max(1))
@@ -316,6 +327,9 @@ impl Router {
         let mut ended = None;
         let attached = {
             let mut sessions = lock(&self.0.sessions);
+            if !allowed() {
+                return None;
+            }
             match sessions.get(&options.client_id).cloned() {
                 Some(existing)
                     if !options.clean_start
@@ -367,7 +381,7 @@ impl Router {
         if let Some(old) = ended {
             self.finish_session(&old);
         }
-        attached
+        Some(attached)
     }
 
     /// The connection `generation` of `session` is gone. `will` is its will unless it

@@ -112,8 +112,6 @@ struct State {
     owner: Option<Arc<str>>,
     /// How the current (or last) connection logged in.
     credential: Credential,
-    /// The generation whose access a reload revoked (0: none); that connection closes.
-    revoked: u64,
 }
 
 /// Where a session writes its durable state.
@@ -132,6 +130,10 @@ pub struct Session {
     online: AtomicBool,
     state: Mutex<State>,
     notify: Notify,
+    /// The generation whose access a reload revoked (0: none): that connection closes. An
+    /// atomic, so the connection checks it on every PUBLISH without taking the lock.
+    revoked: AtomicU64,
+    revoked_notify: Notify,
     metrics: Arc<BrokerMetrics>,
     persistence: Option<Persistence>,
 }
@@ -163,6 +165,8 @@ impl Session {
                 ..State::default()
             }),
             notify: Notify::new(),
+            revoked: AtomicU64::new(0),
+            revoked_notify: Notify::new(),
             metrics,
             persistence,
         }
@@ -332,25 +336,41 @@ impl Session {
     /// over meanwhile is judged on its own login. Returns whether a connection was closed.
     pub fn revoke_if(&self, lost: impl FnOnce(Option<&str>, Credential) -> bool) -> bool {
         {
-            let mut state = self.lock();
+            let state = self.lock();
             if !self.is_online()
                 || state.ended
-                || state.revoked == state.generation
+                || self.is_revoked(state.generation)
                 || !lost(state.owner.as_deref(), state.credential)
             {
                 return false;
             }
-            state.revoked = state.generation;
+            self.revoked.store(state.generation, Ordering::Release);
         }
-        // The owning connection's writer sees `Superseded` and closes it.
+        // The owning connection's writer sees `Superseded` (or `revoked` fires while it
+        // waits on the socket) and closes it.
         self.notify.notify_waiters();
         self.notify.notify_one();
+        self.revoked_notify.notify_waiters();
         true
     }
 
-    /// A reload revoked the access of connection `generation`: it closes without its will.
+    /// A reload revoked the access of connection `generation`: it closes without its will,
+    /// and may no longer publish or subscribe.
     pub fn is_revoked(&self, generation: u64) -> bool {
-        self.lock().revoked == generation
+        self.revoked.load(Ordering::Acquire) == generation
+    }
+
+    /// Completes once the access of connection `generation` is revoked.
+    pub async fn revoked(&self, generation: u64) {
+        loop {
+            let notified = self.revoked_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_revoked(generation) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The session's subscriptions.
@@ -443,7 +463,7 @@ impl Session {
     /// Deliveries still in flight from a previous connection, to re-send first (with DUP).
     pub fn take_redelivery(&self, generation: u64) -> Result<Vec<Outgoing>, Superseded> {
         let state = self.lock();
-        if state.generation != generation || state.ended || state.revoked == generation {
+        if state.generation != generation || state.ended || self.is_revoked(generation) {
             return Err(Superseded);
         }
         Ok(state
@@ -472,7 +492,7 @@ impl Session {
         let mut expired = 0u64;
         {
             let mut state = self.lock();
-            if state.generation != generation || state.ended || state.revoked == generation {
+            if state.generation != generation || state.ended || self.is_revoked(generation) {
                 return Err(Superseded);
             }
             while out.len() < max {

@@ -238,6 +238,7 @@ struct Link {
     pending: HashMap<NodeKey, PendingConnect>,
     outbox: Outbox,
     deliveries: mpsc::Sender<(NodeKey, u64, Delivery)>,
+    delivered: mpsc::Receiver<(NodeKey, u64, Delivery)>,
     next_epoch: u64,
 }
 
@@ -252,7 +253,7 @@ where
     T: AsyncRead + AsyncWrite,
 {
     let (mut reader, mut writer) = tokio::io::split(io);
-    let (deliveries, mut delivered) = mpsc::channel(DELIVERY_QUEUE);
+    let (deliveries, delivered) = mpsc::channel(DELIVERY_QUEUE);
     let mut state = Link {
         context: context.clone(),
         link: link.into(),
@@ -264,6 +265,7 @@ where
             metrics: context.metrics.clone(),
         },
         deliveries,
+        delivered,
         next_epoch: 0,
     };
     let mut decoder = Box::new(FrameDecoder::<MAX_FRAME>::new());
@@ -306,7 +308,7 @@ where
                     }
                 }
             }
-            Some((key, epoch, delivery)) = delivered.recv() => state.deliver(key, epoch, delivery),
+            Some((key, epoch, delivery)) = state.delivered.recv() => state.deliver(key, epoch, delivery),
             _ = keepalive.tick() => state.check_keepalives(Instant::now()),
         }
     }
@@ -345,6 +347,10 @@ impl Link {
     }
 
     async fn on_message(&mut self, key: NodeKey, message: Message<'_>) {
+        // Anything from a node (also a CONNECT or WILLTOPIC of a sleeping one) shows it alive.
+        if let Some(node) = self.nodes.get_mut(&key) {
+            node.last_seen = Instant::now();
+        }
         match message {
             Message::Connect(connect) => return self.connect(key, connect),
             Message::SearchGw { .. } => {
@@ -647,8 +653,35 @@ impl Link {
         if !waking {
             return self.outbox.send(&key, &Message::PingResp);
         }
+        // REGISTERs of an earlier wake-up still unacked (the REGACK may have been lost):
+        // sent again, so this PINGRESP does not wait forever.
+        let unacked: Vec<(u16, Arc<str>)> = node
+            .awaiting_regack
+            .keys()
+            .filter_map(|id| Some((*id, node.topics.by_id.get(id)?.clone())))
+            .collect();
+        for (topic_id, name) in unacked {
+            let message_id = node.message_id();
+            self.outbox.send(
+                &key,
+                &Message::Register(Register {
+                    topic_id,
+                    message_id,
+                    topic_name: &name,
+                }),
+            );
+        }
+        // Oldest first: held at the link, then on their way to it, then in the session.
         let epoch = node.epoch;
         let mut waiting: Vec<Delivery> = node.held.drain(..).collect();
+        let mut others = Vec::new();
+        while let Ok((other, other_epoch, delivery)) = self.delivered.try_recv() {
+            if other == key && other_epoch == epoch {
+                waiting.push(delivery);
+            } else {
+                others.push((other, other_epoch, delivery));
+            }
+        }
         while let Some(delivery) = node.client.try_recv() {
             waiting.push(delivery);
         }
@@ -656,6 +689,9 @@ impl Link {
         let sleep = self.nodes.get_mut(&key).and_then(|n| n.sleep.take());
         for delivery in waiting {
             self.deliver(key.clone(), epoch, delivery);
+        }
+        for (other, other_epoch, delivery) in others {
+            self.deliver(other, other_epoch, delivery);
         }
         let Some(node) = self.nodes.get_mut(&key) else {
             return;

@@ -507,6 +507,20 @@ async fn a_sleeping_node_gets_its_messages_when_it_wakes() {
         other => panic!("expected REGISTER, got {other:?}"),
     };
     h.node.expect_silence().await;
+    // The REGACK got lost; the node asks again: the REGISTER is sent again.
+    let _ = message_id;
+    h.node
+        .send(&Message::PingReq {
+            client_id: Some("sleeper"),
+        })
+        .await;
+    let message_id = match decode_exact(&h.node.recv().await).unwrap() {
+        Message::Register(r) => {
+            assert_eq!((r.topic_id, r.topic_name), (topic_id, "alerts/fire"));
+            r.message_id
+        }
+        other => panic!("expected the REGISTER again, got {other:?}"),
+    };
     h.node
         .send(&Message::RegAck {
             topic_id,
@@ -516,6 +530,7 @@ async fn a_sleeping_node_gets_its_messages_when_it_wakes() {
         .await;
     assert_eq!(h.node.expect_publish(TopicId::Normal(topic_id)).await, b"1");
     h.node.expect(Message::PingResp).await;
+    h.node.expect_silence().await;
 
     // Back asleep: the next message waits for the next wake-up.
     h.router.publish(BrokerMessage::new(
