@@ -59,6 +59,13 @@ const MAX_QOS2_INFLIGHT: usize = 16;
 const MAX_CLIENT_ID: usize = 64;
 /// How often keepalives are checked.
 const KEEPALIVE_TICK: Duration = Duration::from_millis(500);
+/// QoS 1 and 2 deliveries sent to one node and not yet acknowledged; more wait in its
+/// broker session.
+const MAX_INFLIGHT_OUT: usize = 8;
+/// Unacknowledged deliveries are sent again (DUP) after this, up to `MAX_RETRIES` times;
+/// a node that acknowledges none of them is lost (spec §6.13: Tretry, Nretry).
+const RETRY_INTERVAL: Duration = Duration::from_secs(10);
+const MAX_RETRIES: u8 = 3;
 /// Nodes between CONNECT (with the will flag) and WILLMSG on one link, and how long one may
 /// take to answer.
 const MAX_PENDING_CONNECTS: usize = 256;
@@ -117,15 +124,19 @@ struct Node {
     /// Tells this node's deliveries from those of a node it replaced on the same key.
     epoch: u64,
     forward: JoinHandle<()>,
-    /// False while the node sleeps: the forwarding task leaves deliveries in the session.
-    awake: watch::Sender<bool>,
+    /// False while the node sleeps or its in-flight window is full: the forwarding task
+    /// leaves deliveries in the session.
+    pull: watch::Sender<bool>,
     keepalive: Option<Duration>,
     /// While asleep: how long it may stay silent (1.5 sleep durations).
     sleep: Option<Duration>,
-    /// Deliveries that reached the link after the node fell asleep, oldest first.
+    /// Deliveries that reached the link while the node slept or its window was full,
+    /// oldest first.
     held: VecDeque<Delivery>,
-    /// A wake-up PINGREQ is answered once the REGISTERs its messages needed are acked.
-    ping_pending: bool,
+    /// QoS 1 and 2 deliveries sent and not acknowledged, in send order.
+    inflight: VecDeque<SentDelivery>,
+    /// Awake for a wake-up PINGREQ: what waited is being sent; PINGRESP ends it.
+    waking: bool,
     /// Published when the node is lost.
     will: Option<BrokerMessage>,
     last_seen: Instant,
@@ -138,7 +149,34 @@ struct Node {
     metrics: NodeMetrics,
 }
 
+/// A QoS 1 or 2 delivery sent to a node, until PUBACK or PUBCOMP.
+struct SentDelivery {
+    message_id: u16,
+    topic: TopicId,
+    delivery: Delivery,
+    /// PUBREC came (QoS 2): PUBREL is what is re-sent.
+    released: bool,
+    at: Instant,
+    retries: u8,
+}
+
 impl Node {
+    /// Asleep (and not in a wake-up), deliveries wait.
+    fn dormant(&self) -> bool {
+        self.sleep.is_some() && !self.waking
+    }
+
+    /// Lets the forwarding task take deliveries from the session, or stops it.
+    fn update_pull(&self) {
+        let pull = self.sleep.is_none() && self.held.is_empty() && self.window_open();
+        self.pull
+            .send_if_modified(|current| std::mem::replace(current, pull) != pull);
+    }
+
+    fn window_open(&self) -> bool {
+        self.inflight.len() < MAX_INFLIGHT_OUT
+    }
+
     fn message_id(&mut self) -> u16 {
         let id = self.next_message_id;
         self.next_message_id = self.next_message_id.checked_add(1).unwrap_or(1);
@@ -403,9 +441,26 @@ impl Link {
                 }
                 self.outbox.send(&key, &Message::PubComp { message_id });
             }
-            // Deliveries count as acknowledged once taken from the session; nothing to do.
-            Message::PubAck { .. } | Message::PubComp { .. } => {}
+            Message::PubAck { message_id, .. } | Message::PubComp { message_id } => {
+                if let Some(i) = node
+                    .inflight
+                    .iter()
+                    .position(|s| s.message_id == message_id)
+                {
+                    node.inflight.remove(i);
+                    self.refill(&key);
+                }
+            }
             Message::PubRec { message_id } => {
+                if let Some(sent) = node
+                    .inflight
+                    .iter_mut()
+                    .find(|s| s.message_id == message_id)
+                {
+                    sent.released = true;
+                    sent.at = Instant::now();
+                    sent.retries = 0;
+                }
                 self.outbox.send(&key, &Message::PubRel { message_id });
             }
             Message::Subscribe(subscribe) => self.subscribe(key, subscribe),
@@ -416,8 +471,9 @@ impl Link {
             } if duration > 0 => {
                 self.outbox
                     .send(&key, &Message::Disconnect { duration: None });
-                let _ = node.awake.send(false);
                 node.sleep = Some(Duration::from_secs(u64::from(duration)) * 3 / 2);
+                node.waking = false;
+                node.update_pull();
                 tracing::info!(link = %self.link, client_id = %node.client_id, duration_secs = duration, "Node asleep.");
             }
             Message::Disconnect { .. } => {
@@ -553,7 +609,7 @@ impl Link {
             node.last_seen = Instant::now();
             node.will = will;
             let was_asleep = node.sleep.take().is_some();
-            let _ = node.awake.send(true);
+            node.waking = false;
             tracing::info!(
                 link = %self.link,
                 node = %node_label(&key),
@@ -568,12 +624,10 @@ impl Link {
                     return_code: ReturnCode::Accepted,
                 },
             );
-            // What waited at the link while it slept goes first; the session's queue follows
-            // through the forwarding task.
-            let (held, epoch) = (std::mem::take(&mut node.held), node.epoch);
-            for delivery in held {
-                self.deliver(key.clone(), epoch, delivery);
-            }
+            // Unacknowledged deliveries again, then what waited at the link; the session's
+            // queue follows through the forwarding task.
+            resend_inflight(&mut self.outbox, &key, node);
+            self.refill(&key);
             return;
         }
         // A node that reconnects replaces its old state (and broker session) first.
@@ -581,15 +635,16 @@ impl Link {
         let client = Arc::new(self.context.router.local_client(&connect.client_id));
         self.next_epoch += 1;
         let epoch = self.next_epoch;
-        let (awake, mut awake_rx) = watch::channel(true);
+        let (pull, mut pull_rx) = watch::channel(true);
         let forward = tokio::spawn({
             let client = client.clone();
             let deliveries = self.deliveries.clone();
             let key = key.clone();
             async move {
                 loop {
-                    // While the node sleeps its deliveries wait in its session.
-                    if awake_rx.wait_for(|awake| *awake).await.is_err() {
+                    // While the node sleeps (or its window is full) deliveries wait in its
+                    // session.
+                    if pull_rx.wait_for(|pull| *pull).await.is_err() {
                         break;
                     }
                     let Some(delivery) = client.recv().await else {
@@ -621,11 +676,12 @@ impl Link {
                 client,
                 epoch,
                 forward,
-                awake,
+                pull,
                 keepalive,
                 sleep: None,
                 held: VecDeque::new(),
-                ping_pending: false,
+                inflight: VecDeque::new(),
+                waking: false,
                 will,
                 last_seen: Instant::now(),
                 topics: Topics::default(),
@@ -671,37 +727,59 @@ impl Link {
                 }),
             );
         }
-        // Oldest first: held at the link, then on their way to it, then in the session.
+        // Deliveries sent before it slept and not acknowledged go again first.
+        resend_inflight(&mut self.outbox, &key, node);
+        // Then, oldest first: held at the link, on their way to it, in the session.
         let epoch = node.epoch;
-        let mut waiting: Vec<Delivery> = node.held.drain(..).collect();
         let mut others = Vec::new();
         while let Ok((other, other_epoch, delivery)) = self.delivered.try_recv() {
             if other == key && other_epoch == epoch {
-                waiting.push(delivery);
+                node.held.push_back(delivery);
             } else {
                 others.push((other, other_epoch, delivery));
             }
         }
-        while let Some(delivery) = node.client.try_recv() {
-            waiting.push(delivery);
-        }
-        // Delivered as if awake (REGISTER where needed), and back to holding afterwards.
-        let sleep = self.nodes.get_mut(&key).and_then(|n| n.sleep.take());
-        for delivery in waiting {
-            self.deliver(key.clone(), epoch, delivery);
-        }
+        node.waking = true;
+        self.refill(&key);
         for (other, other_epoch, delivery) in others {
             self.deliver(other, other_epoch, delivery);
         }
-        let Some(node) = self.nodes.get_mut(&key) else {
+    }
+
+    /// Sends what waits for the node at `key` as far as its window allows: held deliveries,
+    /// then (in a wake-up) its session's queue. A wake-up ends with PINGRESP once nothing is
+    /// left to send and no REGISTER is unacknowledged.
+    fn refill(&mut self, key: &NodeKey) {
+        loop {
+            let Some(node) = self.nodes.get_mut(key) else {
+                return;
+            };
+            if node.dormant() {
+                break;
+            }
+            let next = match node.held.front() {
+                Some(front) if front.qos != BrokerQoS::AtMostOnce && !node.window_open() => break,
+                Some(_) => node.held.pop_front(),
+                // The session's queue: the link takes it itself only in a wake-up (otherwise
+                // the forwarding task does).
+                None if node.waking && node.window_open() => node.client.try_recv(),
+                None => None,
+            };
+            let Some(delivery) = next else { break };
+            self.dispatch(key, delivery);
+        }
+        let Some(node) = self.nodes.get_mut(key) else {
             return;
         };
-        node.sleep = sleep;
-        if node.awaiting_regack.is_empty() {
-            self.outbox.send(&key, &Message::PingResp);
-        } else {
-            node.ping_pending = true;
+        if node.waking
+            && node.held.is_empty()
+            && node.awaiting_regack.is_empty()
+            && node.client.queued() == 0
+        {
+            node.waking = false;
+            self.outbox.send(key, &Message::PingResp);
         }
+        node.update_pull();
     }
 
     fn register(&mut self, key: NodeKey, register: Register<'_>) {
@@ -742,7 +820,7 @@ impl Link {
                     &key,
                     node,
                     TopicId::Normal(topic_id),
-                    &delivery,
+                    delivery,
                 );
             }
         } else {
@@ -752,10 +830,7 @@ impl Link {
                 "Node refused a topic; its messages are dropped."
             );
         }
-        if node.ping_pending && node.awaiting_regack.is_empty() {
-            node.ping_pending = false;
-            self.outbox.send(&key, &Message::PingResp);
-        }
+        self.refill(&key);
     }
 
     /// The topic name a node's PUBLISH means, `None` when unknown.
@@ -930,21 +1005,36 @@ impl Link {
         if node.epoch != epoch {
             return;
         }
-        if node.sleep.is_some() {
-            // Taken from the session just before the node fell asleep: kept for its wake-up.
+        // Asleep, or behind others waiting for the window: kept in order. (The forwarding
+        // task stops in both cases, so only what was on its way lands here.)
+        let full = delivery.qos != BrokerQoS::AtMostOnce && !node.window_open();
+        if node.dormant() || !node.held.is_empty() || full {
             if node.held.len() >= DELIVERY_QUEUE {
                 node.held.pop_front();
                 self.context.metrics.rejected(RejectReason::InflightFull);
             }
             node.held.push_back(delivery);
+            node.update_pull();
             return;
         }
+        self.dispatch(&key, delivery);
+        if let Some(node) = self.nodes.get_mut(&key) {
+            node.update_pull();
+        }
+    }
+
+    /// Sends one delivery to the node at `key` (REGISTERing its topic first if needed).
+    fn dispatch(&mut self, key: &NodeKey, delivery: Delivery) {
+        let key = key.clone();
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
         let topic = &*delivery.message.topic;
         if let Some(&id) = node.topics.by_name.get(topic) {
             if let Some(queued) = node.awaiting_regack.get_mut(&id) {
                 return hold(queued, delivery, &self.context.metrics);
             }
-            return send_publish(&mut self.outbox, &key, node, TopicId::Normal(id), &delivery);
+            return send_publish(&mut self.outbox, &key, node, TopicId::Normal(id), delivery);
         }
         let predefined = self.context.predefined_topics.keys().copied().find(|&id| {
             self.context
@@ -958,7 +1048,7 @@ impl Link {
                 &key,
                 node,
                 TopicId::Predefined(id),
-                &delivery,
+                delivery,
             );
         }
         if let [a, b] = topic.as_bytes() {
@@ -967,7 +1057,7 @@ impl Link {
                 &key,
                 node,
                 TopicId::Short([*a, *b]),
-                &delivery,
+                delivery,
             );
         }
         let Some((id, _)) = node.topics.id_for(topic) else {
@@ -989,7 +1079,24 @@ impl Link {
     fn check_keepalives(&mut self, now: Instant) {
         let link = self.link.clone();
         let metrics = self.context.metrics.clone();
-        self.nodes.retain(|_, node| {
+        let outbox = &mut self.outbox;
+        self.nodes.retain(|key, node| {
+            // Unacknowledged deliveries: again after RETRY_INTERVAL (not while the node
+            // sleeps); a node that leaves MAX_RETRIES re-sends unanswered is lost.
+            if !node.dormant() {
+                for sent in &mut node.inflight {
+                    if now.duration_since(sent.at) < RETRY_INTERVAL {
+                        continue;
+                    }
+                    if sent.retries >= MAX_RETRIES {
+                        tracing::warn!(%link, client_id = %node.client_id, message_id = sent.message_id, "Node acknowledged none of the re-sends of a message; disconnected.");
+                        metrics.keepalive_timeouts.increment(1);
+                        return false;
+                    }
+                    sent.retries += 1;
+                    resend(outbox, key, sent);
+                }
+            }
             let alive = node
                 .sleep
                 .or(node.keepalive)
@@ -1027,12 +1134,13 @@ fn hold(queued: &mut Vec<Delivery>, delivery: Delivery, metrics: &NodeMetrics) {
     queued.push(delivery);
 }
 
+/// Sends a delivery; QoS 1 and 2 ones stay in flight until acknowledged.
 fn send_publish(
     outbox: &mut Outbox,
     key: &NodeKey,
     node: &mut Node,
     topic: TopicId,
-    delivery: &Delivery,
+    delivery: Delivery,
 ) {
     let qos = to_node_qos(delivery.qos);
     let message_id = if qos == QoS::Zero {
@@ -1040,17 +1148,67 @@ fn send_publish(
     } else {
         node.message_id()
     };
+    send_publish_frame(outbox, key, topic, message_id, false, &delivery);
+    if qos != QoS::Zero {
+        node.inflight.push_back(SentDelivery {
+            message_id,
+            topic,
+            delivery,
+            released: false,
+            at: Instant::now(),
+            retries: 0,
+        });
+    }
+}
+
+fn send_publish_frame(
+    outbox: &mut Outbox,
+    key: &NodeKey,
+    topic: TopicId,
+    message_id: u16,
+    dup: bool,
+    delivery: &Delivery,
+) {
     outbox.send(
         key,
         &Message::Publish(Publish {
-            dup: false,
-            qos,
+            dup,
+            qos: to_node_qos(delivery.qos),
             retain: delivery.retain,
             topic,
             message_id,
             data: &delivery.message.payload,
         }),
     );
+}
+
+/// Sends one unacknowledged delivery again: the PUBLISH with DUP, or PUBREL after PUBREC.
+fn resend(outbox: &mut Outbox, key: &NodeKey, sent: &mut SentDelivery) {
+    if sent.released {
+        outbox.send(
+            key,
+            &Message::PubRel {
+                message_id: sent.message_id,
+            },
+        );
+    } else {
+        send_publish_frame(
+            outbox,
+            key,
+            sent.topic,
+            sent.message_id,
+            true,
+            &sent.delivery,
+        );
+    }
+    sent.at = Instant::now();
+}
+
+/// Every unacknowledged delivery again (the node was asleep or reconnected).
+fn resend_inflight(outbox: &mut Outbox, key: &NodeKey, node: &mut Node) {
+    for sent in &mut node.inflight {
+        resend(outbox, key, sent);
+    }
 }
 
 #[cfg(test)]

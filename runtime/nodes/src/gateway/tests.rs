@@ -436,14 +436,36 @@ impl TestNode {
         }
     }
 
-    /// The payload of the next message, which must be a PUBLISH on `topic`.
+    /// The payload of the next message, which must be a PUBLISH on `topic`; acknowledged
+    /// (PUBACK) at QoS 1.
     async fn expect_publish(&mut self, topic: TopicId) -> Vec<u8> {
-        match decode_exact(&self.recv().await).unwrap() {
+        let (message_id, qos, data) = match decode_exact(&self.recv().await).unwrap() {
             Message::Publish(p) => {
                 assert_eq!(p.topic, topic);
-                p.data.to_vec()
+                (p.message_id, p.qos, p.data.to_vec())
             }
             other => panic!("expected PUBLISH on {topic:?}, got {other:?}"),
+        };
+        if qos == QoS::One {
+            self.puback(topic, message_id).await;
+        }
+        data
+    }
+
+    async fn puback(&mut self, topic: TopicId, message_id: u16) {
+        self.send(&Message::PubAck {
+            topic_id: u16::from_be_bytes(topic.to_bytes()),
+            message_id,
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    }
+
+    /// The next message, which must be a PUBLISH: (message id, dup, payload), not acked.
+    async fn publish_unacked(&mut self) -> (u16, bool, Vec<u8>) {
+        match decode_exact(&self.recv().await).unwrap() {
+            Message::Publish(p) => (p.message_id, p.dup, p.data.to_vec()),
+            other => panic!("expected PUBLISH, got {other:?}"),
         }
     }
 
@@ -732,4 +754,81 @@ async fn wills_are_not_published_after_disconnect_and_bad_will_topics_are_refuse
     h.cancel.cancel();
     h.link.await.unwrap().unwrap();
     assert_eq!(watcher.queued(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unacknowledged_deliveries_are_sent_again_and_a_deaf_node_is_lost() {
+    let mut h = start(&[]);
+    h.node.connect("deaf").await;
+    let cmd = h.node.subscribe("cmd/deaf").await;
+    let publish = |payload: &'static str| {
+        h.router.publish(BrokerMessage::new(
+            "cmd/deaf",
+            payload,
+            BrokerQoS::AtLeastOnce,
+        ));
+    };
+    publish("1");
+    let (id, dup, data) = h.node.publish_unacked().await;
+    assert_eq!((dup, &data[..]), (false, &b"1"[..]));
+    // No PUBACK: the same message again after 10 s, with DUP.
+    tokio::time::sleep(Duration::from_millis(10_600)).await;
+    assert_eq!(h.node.publish_unacked().await, (id, true, b"1".to_vec()));
+    h.node.puback(TopicId::Normal(cmd), id).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    h.node.expect_silence().await;
+
+    // A node that answers nothing: three re-sends, then it is lost.
+    publish("2");
+    let (id, _, _) = h.node.publish_unacked().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(10_600)).await;
+        assert_eq!(h.node.publish_unacked().await, (id, true, b"2".to_vec()));
+        // Keepalive alone would not end it: the node still talks.
+        h.node.send(&Message::PingReq { client_id: None }).await;
+        h.node.expect(Message::PingResp).await;
+    }
+    assert_eq!(h.router.session_count(), 1);
+    tokio::time::sleep(Duration::from_millis(10_600)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(h.router.session_count(), 0, "the node is lost");
+}
+
+#[tokio::test]
+async fn the_window_bounds_unacknowledged_deliveries_and_keeps_order() {
+    let mut h = start(&[]);
+    h.node.connect("busy").await;
+    let cmd = h.node.subscribe("cmd/busy").await;
+    for n in 0..13 {
+        h.router.publish(BrokerMessage::new(
+            "cmd/busy",
+            format!("{n}"),
+            // Every third at QoS 0: it waits its turn behind the QoS 1 ones.
+            if n % 3 == 2 {
+                BrokerQoS::AtMostOnce
+            } else {
+                BrokerQoS::AtLeastOnce
+            },
+        ));
+    }
+    // QoS 1 deliveries 0,1,3,4,6,7,9,10 fill the window of 8; QoS 0 ones (2,5,8,11) pass;
+    // 12 waits for a slot.
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let (id, dup, data) = h.node.publish_unacked().await;
+        assert_eq!((dup, data), (false, format!("{n}").into_bytes()));
+        if n % 3 != 2 {
+            ids.push(id);
+        }
+    }
+    assert_eq!(ids.len(), 8);
+    // A QoS 0 message now waits behind 12 rather than overtaking it.
+    h.router
+        .publish(BrokerMessage::new("cmd/busy", "13", BrokerQoS::AtMostOnce));
+    h.node.expect_silence().await;
+    h.node.puback(TopicId::Normal(cmd), ids[0]).await;
+    assert_eq!(h.node.expect_publish(TopicId::Normal(cmd)).await, b"12");
+    assert_eq!(h.node.expect_publish(TopicId::Normal(cmd)).await, b"13");
+    h.cancel.cancel();
+    h.link.await.unwrap().unwrap();
 }
