@@ -143,10 +143,17 @@ struct Node {
     topics: Topics,
     next_message_id: u16,
     /// Deliveries for topic ids the node has been sent a REGISTER for and not acked yet.
-    awaiting_regack: HashMap<u16, Vec<Delivery>>,
+    awaiting_regack: HashMap<u16, Registering>,
     /// Inbound QoS 2 messages by message id, published at PUBREL.
     qos2_in: HashMap<u16, BrokerMessage>,
     metrics: NodeMetrics,
+}
+
+/// A REGISTER the gateway sent, until REGACK, with the deliveries waiting for it.
+struct Registering {
+    queued: Vec<Delivery>,
+    at: Instant,
+    retries: u8,
 }
 
 /// A QoS 1 or 2 delivery sent to a node, until PUBACK or PUBCOMP.
@@ -173,14 +180,32 @@ impl Node {
             .send_if_modified(|current| std::mem::replace(current, pull) != pull);
     }
 
+    /// Room for another QoS 1/2 delivery: those in flight and those waiting for a REGACK
+    /// count.
     fn window_open(&self) -> bool {
-        self.inflight.len() < MAX_INFLIGHT_OUT
+        self.inflight.len() + self.registering() < MAX_INFLIGHT_OUT
     }
 
+    /// May `delivery` go out now? QoS 0 needs no window, but every delivery waiting for a
+    /// REGACK counts, so those never pile up.
+    fn may_send(&self, delivery: &Delivery) -> bool {
+        self.registering() < MAX_INFLIGHT_OUT
+            && (delivery.qos == BrokerQoS::AtMostOnce || self.window_open())
+    }
+
+    fn registering(&self) -> usize {
+        self.awaiting_regack.values().map(|r| r.queued.len()).sum()
+    }
+
+    /// The next message id not in flight.
     fn message_id(&mut self) -> u16 {
-        let id = self.next_message_id;
-        self.next_message_id = self.next_message_id.checked_add(1).unwrap_or(1);
-        id
+        loop {
+            let id = self.next_message_id;
+            self.next_message_id = self.next_message_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.iter().any(|s| s.message_id == id) {
+                return id;
+            }
+        }
     }
 }
 
@@ -440,6 +465,42 @@ impl Link {
                     }
                 }
                 self.outbox.send(&key, &Message::PubComp { message_id });
+            }
+            Message::PubAck {
+                message_id,
+                return_code: ReturnCode::InvalidTopicId,
+                ..
+            } => {
+                // The node does not know the topic id (it restarted, or forgot): the id is
+                // dropped, and the message goes again after a new REGISTER.
+                if let Some(i) = node
+                    .inflight
+                    .iter()
+                    .position(|s| s.message_id == message_id)
+                {
+                    let sent = node.inflight.remove(i).expect("found");
+                    if let TopicId::Normal(id) = sent.topic
+                        && let Some(name) = node.topics.by_id.remove(&id)
+                    {
+                        node.topics.by_name.remove(&name);
+                    }
+                    node.held.push_front(sent.delivery);
+                    self.refill(&key);
+                }
+            }
+            Message::PubAck {
+                message_id,
+                return_code: ReturnCode::Congestion,
+                ..
+            } => {
+                // Busy: sent again after the retry interval.
+                if let Some(sent) = node
+                    .inflight
+                    .iter_mut()
+                    .find(|s| s.message_id == message_id)
+                {
+                    sent.at = Instant::now();
+                }
             }
             Message::PubAck { message_id, .. } | Message::PubComp { message_id } => {
                 if let Some(i) = node
@@ -711,21 +772,9 @@ impl Link {
         }
         // REGISTERs of an earlier wake-up still unacked (the REGACK may have been lost):
         // sent again, so this PINGRESP does not wait forever.
-        let unacked: Vec<(u16, Arc<str>)> = node
-            .awaiting_regack
-            .keys()
-            .filter_map(|id| Some((*id, node.topics.by_id.get(id)?.clone())))
-            .collect();
-        for (topic_id, name) in unacked {
-            let message_id = node.message_id();
-            self.outbox.send(
-                &key,
-                &Message::Register(Register {
-                    topic_id,
-                    message_id,
-                    topic_name: &name,
-                }),
-            );
+        let unacked: Vec<u16> = node.awaiting_regack.keys().copied().collect();
+        for topic_id in unacked {
+            resend_register(&mut self.outbox, &key, node, topic_id);
         }
         // Deliveries sent before it slept and not acknowledged go again first.
         resend_inflight(&mut self.outbox, &key, node);
@@ -758,7 +807,7 @@ impl Link {
                 break;
             }
             let next = match node.held.front() {
-                Some(front) if front.qos != BrokerQoS::AtMostOnce && !node.window_open() => break,
+                Some(front) if !node.may_send(front) => break,
                 Some(_) => node.held.pop_front(),
                 // The session's queue: the link takes it itself only in a wake-up (otherwise
                 // the forwarding task does).
@@ -771,9 +820,12 @@ impl Link {
         let Some(node) = self.nodes.get_mut(key) else {
             return;
         };
+        // Everything sent in the wake-up acknowledged too: a PUBREC (QoS 2) or a lost
+        // PUBLISH is dealt with while the node still listens.
         if node.waking
             && node.held.is_empty()
             && node.awaiting_regack.is_empty()
+            && node.inflight.is_empty()
             && node.client.queued() == 0
         {
             node.waking = false;
@@ -810,7 +862,7 @@ impl Link {
         let Some(node) = self.nodes.get_mut(&key) else {
             return;
         };
-        let Some(queued) = node.awaiting_regack.remove(&topic_id) else {
+        let Some(Registering { queued, .. }) = node.awaiting_regack.remove(&topic_id) else {
             return;
         };
         if return_code == ReturnCode::Accepted {
@@ -1007,9 +1059,9 @@ impl Link {
         }
         // Asleep, or behind others waiting for the window: kept in order. (The forwarding
         // task stops in both cases, so only what was on its way lands here.)
-        let full = delivery.qos != BrokerQoS::AtMostOnce && !node.window_open();
-        if node.dormant() || !node.held.is_empty() || full {
-            if node.held.len() >= DELIVERY_QUEUE {
+        if node.dormant() || !node.held.is_empty() || !node.may_send(&delivery) {
+            // At most the link channel's worth plus the one the forwarding task held.
+            if node.held.len() > DELIVERY_QUEUE {
                 node.held.pop_front();
                 self.context.metrics.rejected(RejectReason::InflightFull);
             }
@@ -1031,8 +1083,8 @@ impl Link {
         };
         let topic = &*delivery.message.topic;
         if let Some(&id) = node.topics.by_name.get(topic) {
-            if let Some(queued) = node.awaiting_regack.get_mut(&id) {
-                return hold(queued, delivery, &self.context.metrics);
+            if let Some(registering) = node.awaiting_regack.get_mut(&id) {
+                return hold(&mut registering.queued, delivery, &self.context.metrics);
             }
             return send_publish(&mut self.outbox, &key, node, TopicId::Normal(id), delivery);
         }
@@ -1073,7 +1125,14 @@ impl Link {
                 topic_name: topic,
             }),
         );
-        node.awaiting_regack.insert(id, vec![delivery]);
+        node.awaiting_regack.insert(
+            id,
+            Registering {
+                queued: vec![delivery],
+                at: Instant::now(),
+                retries: 0,
+            },
+        );
     }
 
     fn check_keepalives(&mut self, now: Instant) {
@@ -1095,6 +1154,25 @@ impl Link {
                     }
                     sent.retries += 1;
                     resend(outbox, key, sent);
+                }
+                let mut lost = false;
+                let due: Vec<u16> = node
+                    .awaiting_regack
+                    .iter_mut()
+                    .filter(|(_, r)| now.duration_since(r.at) >= RETRY_INTERVAL)
+                    .map(|(id, r)| {
+                        r.retries += 1;
+                        lost |= r.retries > MAX_RETRIES;
+                        *id
+                    })
+                    .collect();
+                if lost {
+                    tracing::warn!(%link, client_id = %node.client_id, "Node acknowledged none of the re-sends of a REGISTER; disconnected.");
+                    metrics.keepalive_timeouts.increment(1);
+                    return false;
+                }
+                for topic_id in due {
+                    resend_register(outbox, key, node, topic_id);
                 }
             }
             let alive = node
@@ -1208,6 +1286,26 @@ fn resend(outbox: &mut Outbox, key: &NodeKey, sent: &mut SentDelivery) {
 fn resend_inflight(outbox: &mut Outbox, key: &NodeKey, node: &mut Node) {
     for sent in &mut node.inflight {
         resend(outbox, key, sent);
+        sent.retries = 0;
+    }
+}
+
+/// Sends the REGISTER for `topic_id` again (a new message id).
+fn resend_register(outbox: &mut Outbox, key: &NodeKey, node: &mut Node, topic_id: u16) {
+    let Some(name) = node.topics.by_id.get(&topic_id).cloned() else {
+        return;
+    };
+    let message_id = node.message_id();
+    outbox.send(
+        key,
+        &Message::Register(Register {
+            topic_id,
+            message_id,
+            topic_name: &name,
+        }),
+    );
+    if let Some(registering) = node.awaiting_regack.get_mut(&topic_id) {
+        registering.at = Instant::now();
     }
 }
 

@@ -832,3 +832,89 @@ async fn the_window_bounds_unacknowledged_deliveries_and_keeps_order() {
     h.cancel.cancel();
     h.link.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_burst_on_a_new_topic_waits_for_its_regack_without_loss() {
+    let mut h = start(&[]);
+    h.node.connect("burst").await;
+    h.node
+        .send(&Message::Subscribe(Subscribe {
+            dup: false,
+            qos: QoS::One,
+            message_id: 5,
+            topic: Topic::Name("data/#"),
+        }))
+        .await;
+    assert!(matches!(
+        decode_exact(&h.node.recv().await).unwrap(),
+        Message::SubAck { topic_id: 0, .. }
+    ));
+    for n in 0..30 {
+        h.router.publish(BrokerMessage::new(
+            "data/x",
+            format!("{n}"),
+            BrokerQoS::AtLeastOnce,
+        ));
+    }
+    let (topic_id, message_id) = match decode_exact(&h.node.recv().await).unwrap() {
+        Message::Register(r) => (r.topic_id, r.message_id),
+        other => panic!("expected REGISTER, got {other:?}"),
+    };
+    h.node.expect_silence().await;
+    h.node
+        .send(&Message::RegAck {
+            topic_id,
+            message_id,
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    // All 30, in order, none dropped while the REGACK was awaited.
+    for n in 0..30 {
+        assert_eq!(
+            h.node.expect_publish(TopicId::Normal(topic_id)).await,
+            format!("{n}").into_bytes()
+        );
+    }
+    h.cancel.cancel();
+    h.link.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_node_that_forgot_a_topic_id_gets_it_registered_again() {
+    let mut h = start(&[]);
+    h.node.connect("forgetful").await;
+    let led = h.node.subscribe("control/forgetful/led").await;
+    h.router.publish(BrokerMessage::new(
+        "control/forgetful/led",
+        "on",
+        BrokerQoS::AtLeastOnce,
+    ));
+    let (id, _, _) = h.node.publish_unacked().await;
+    h.node
+        .send(&Message::PubAck {
+            topic_id: led,
+            message_id: id,
+            return_code: ReturnCode::InvalidTopicId,
+        })
+        .await;
+    let (topic_id, message_id) = match decode_exact(&h.node.recv().await).unwrap() {
+        Message::Register(r) => {
+            assert_eq!(r.topic_name, "control/forgetful/led");
+            (r.topic_id, r.message_id)
+        }
+        other => panic!("expected REGISTER, got {other:?}"),
+    };
+    h.node
+        .send(&Message::RegAck {
+            topic_id,
+            message_id,
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    assert_eq!(
+        h.node.expect_publish(TopicId::Normal(topic_id)).await,
+        b"on"
+    );
+    h.cancel.cancel();
+    h.link.await.unwrap().unwrap();
+}
