@@ -21,6 +21,12 @@
 //! keyed BLAKE2b digest of (user, password), never the password, so a client that
 //! reconnects often (or a reconnect storm after a network blip) does not pay argon2 each
 //! time; wrong passwords are never cached.
+//!
+//! A reload ([`Authenticator::reload`], then [`Authenticator::revoke_lost_access`]) swaps
+//! the policy and moves a generation number: every connection re-resolves its ACL at its
+//! next PUBLISH or SUBSCRIBE; logins the new policy refuses (user removed, password
+//! changed, anonymous turned off) are closed through their session
+//! ([`crate::Session::revoke_if`]); subscriptions the new ACL denies are removed.
 
 pub mod cert;
 pub mod limiter;

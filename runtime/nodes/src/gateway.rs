@@ -197,6 +197,21 @@ impl Node {
         self.awaiting_regack.values().map(|r| r.queued.len()).sum()
     }
 
+    /// Takes the in-flight delivery with `message_id` (acknowledged or given up).
+    fn take_inflight(&mut self, message_id: u16) -> Option<SentDelivery> {
+        let i = self
+            .inflight
+            .iter()
+            .position(|s| s.message_id == message_id)?;
+        self.inflight.remove(i)
+    }
+
+    fn inflight_mut(&mut self, message_id: u16) -> Option<&mut SentDelivery> {
+        self.inflight
+            .iter_mut()
+            .find(|s| s.message_id == message_id)
+    }
+
     /// The next message id not in flight.
     fn message_id(&mut self) -> u16 {
         loop {
@@ -473,12 +488,7 @@ impl Link {
             } => {
                 // The node does not know the topic id (it restarted, or forgot): the id is
                 // dropped, and the message goes again after a new REGISTER.
-                if let Some(i) = node
-                    .inflight
-                    .iter()
-                    .position(|s| s.message_id == message_id)
-                {
-                    let sent = node.inflight.remove(i).expect("found");
+                if let Some(sent) = node.take_inflight(message_id) {
                     if let TopicId::Normal(id) = sent.topic
                         && let Some(name) = node.topics.by_id.remove(&id)
                     {
@@ -494,30 +504,17 @@ impl Link {
                 ..
             } => {
                 // Busy: sent again after the retry interval.
-                if let Some(sent) = node
-                    .inflight
-                    .iter_mut()
-                    .find(|s| s.message_id == message_id)
-                {
+                if let Some(sent) = node.inflight_mut(message_id) {
                     sent.at = Instant::now();
                 }
             }
             Message::PubAck { message_id, .. } | Message::PubComp { message_id } => {
-                if let Some(i) = node
-                    .inflight
-                    .iter()
-                    .position(|s| s.message_id == message_id)
-                {
-                    node.inflight.remove(i);
+                if node.take_inflight(message_id).is_some() {
                     self.refill(&key);
                 }
             }
             Message::PubRec { message_id } => {
-                if let Some(sent) = node
-                    .inflight
-                    .iter_mut()
-                    .find(|s| s.message_id == message_id)
-                {
+                if let Some(sent) = node.inflight_mut(message_id) {
                     sent.released = true;
                     sent.at = Instant::now();
                     sent.retries = 0;

@@ -469,6 +469,27 @@ impl TestNode {
         }
     }
 
+    /// CONNECT with a will: WILLTOPICREQ, WILLTOPIC, WILLMSGREQ, WILLMSG, CONNACK accepted.
+    async fn connect_with_will(
+        &mut self,
+        connect: &Message<'_>,
+        will: WillTopic<'_>,
+        message: &[u8],
+    ) {
+        self.send(connect).await;
+        self.expect(Message::WillTopicReq).await;
+        self.send(&Message::WillTopic(Some(will))).await;
+        self.expect(Message::WillMsgReq).await;
+        self.send(&Message::WillMsg {
+            will_message: message,
+        })
+        .await;
+        self.expect(Message::ConnAck {
+            return_code: ReturnCode::Accepted,
+        })
+        .await;
+    }
+
     async fn expect(&mut self, expected: Message<'_>) {
         assert_eq!(decode_exact(&self.recv().await).unwrap(), expected);
     }
@@ -607,31 +628,20 @@ async fn a_node_that_oversleeps_is_lost_and_its_will_published() {
         .subscribe("status/#", SubOptions::qos(BrokerQoS::AtLeastOnce))
         .unwrap();
     h.node
-        .send(&Message::Connect(Connect {
-            will: true,
-            clean_session: true,
-            duration: 30,
-            client_id: "w1",
-        }))
-        .await;
-    h.node.expect(Message::WillTopicReq).await;
-    h.node
-        .send(&Message::WillTopic(Some(WillTopic {
-            qos: QoS::One,
-            retain: true,
-            topic: "status/w1",
-        })))
-        .await;
-    h.node.expect(Message::WillMsgReq).await;
-    h.node
-        .send(&Message::WillMsg {
-            will_message: b"offline",
-        })
-        .await;
-    h.node
-        .expect(Message::ConnAck {
-            return_code: ReturnCode::Accepted,
-        })
+        .connect_with_will(
+            &Message::Connect(Connect {
+                will: true,
+                clean_session: true,
+                duration: 30,
+                client_id: "w1",
+            }),
+            WillTopic {
+                qos: QoS::One,
+                retain: true,
+                topic: "status/w1",
+            },
+            b"offline",
+        )
         .await;
     // The will's message can be changed while connected.
     h.node
@@ -680,6 +690,11 @@ async fn wills_are_not_published_after_disconnect_and_bad_will_topics_are_refuse
         duration: 30,
         client_id: "w2",
     });
+    let w2_will = WillTopic {
+        qos: QoS::Zero,
+        retain: false,
+        topic: "status/w2",
+    };
     // A wildcard will topic: refused.
     h.node.send(&connect_with_will).await;
     h.node.expect(Message::WillTopicReq).await;
@@ -697,50 +712,16 @@ async fn wills_are_not_published_after_disconnect_and_bad_will_topics_are_refuse
         .await;
 
     // A proper will, then DISCONNECT: the will is discarded.
-    h.node.send(&connect_with_will).await;
-    h.node.expect(Message::WillTopicReq).await;
     h.node
-        .send(&Message::WillTopic(Some(WillTopic {
-            qos: QoS::Zero,
-            retain: false,
-            topic: "status/w2",
-        })))
-        .await;
-    h.node.expect(Message::WillMsgReq).await;
-    h.node
-        .send(&Message::WillMsg {
-            will_message: b"gone",
-        })
-        .await;
-    h.node
-        .expect(Message::ConnAck {
-            return_code: ReturnCode::Accepted,
-        })
+        .connect_with_will(&connect_with_will, w2_will, b"gone")
         .await;
     h.node.send(&Message::Disconnect { duration: None }).await;
     h.node.expect(Message::Disconnect { duration: None }).await;
 
     // Connected again with a will, then replaced by a new CONNECT (the node rebooted): the
     // old connection's will goes out.
-    h.node.send(&connect_with_will).await;
-    h.node.expect(Message::WillTopicReq).await;
     h.node
-        .send(&Message::WillTopic(Some(WillTopic {
-            qos: QoS::Zero,
-            retain: false,
-            topic: "status/w2",
-        })))
-        .await;
-    h.node.expect(Message::WillMsgReq).await;
-    h.node
-        .send(&Message::WillMsg {
-            will_message: b"rebooted",
-        })
-        .await;
-    h.node
-        .expect(Message::ConnAck {
-            return_code: ReturnCode::Accepted,
-        })
+        .connect_with_will(&connect_with_will, w2_will, b"rebooted")
         .await;
     h.node.connect("w2").await;
     let will = next(&watcher).await;
