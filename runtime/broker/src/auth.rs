@@ -22,7 +22,7 @@
 //! reconnects often (or a reconnect storm after a network blip) does not pay argon2 each
 //! time; wrong passwords are never cached.
 //!
-//! A reload ([`Authenticator::reload`], then [`Authenticator::revoke_lost_access`]) swaps
+//! A reload (`Authenticator::reload`, then `Authenticator::revoke_lost_access`) swaps
 //! the policy and moves a generation number: every connection re-resolves its ACL at its
 //! next PUBLISH or SUBSCRIBE; logins the new policy refuses (user removed, password
 //! changed, anonymous turned off) are closed through their session
@@ -201,7 +201,7 @@ pub struct Login {
     pub generation: u64,
 }
 
-/// What [`Authenticator::revoke_lost_access`] did.
+/// What `Authenticator::revoke_lost_access` did (returned by `Broker::reload_auth`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Revoked {
     /// Connections closed.
