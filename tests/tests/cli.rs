@@ -857,3 +857,15 @@ fn tls_listener_requiring_client_certificates() {
     );
     assert!(gw.metric("edgegw_broker_protocol_errors_total{kind=\"tls\"}") >= 2.0);
 }
+
+#[test]
+fn ble_nodes_need_a_build_with_the_ble_feature() {
+    // The tests run the default build, which leaves the BlueZ binding out.
+    let (code, _, stderr, _) =
+        check_text("nodes:\n  ble:\n    - { address: \"AA:BB:CC:DD:EE:FF\" }\n");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("built without BLE support") && stderr.contains("--features ble"),
+        "{stderr}"
+    );
+}

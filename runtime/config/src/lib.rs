@@ -305,6 +305,10 @@ impl Config {
             let ports: Vec<&str> = self.nodes.serial.iter().map(|s| s.port.as_str()).collect();
             nodes.push(format!("serial {}", ports.join(", ")));
         }
+        if !self.nodes.ble.is_empty() {
+            let addresses: Vec<&str> = self.nodes.ble.iter().map(|b| b.address.as_str()).collect();
+            nodes.push(format!("BLE {}", addresses.join(", ")));
+        }
         if !self.nodes.simulated.is_empty() {
             let names: Vec<&str> = self.nodes.simulated.iter().map(|s| s.id.as_str()).collect();
             nodes.push(format!("simulated {}", names.join(", ")));

@@ -331,13 +331,17 @@ impl Default for Limits {
     }
 }
 
-/// The node link: sensor nodes speaking MQTT-SN 1.2 over serial ports.
+/// The node link: sensor nodes speaking MQTT-SN 1.2 over serial ports and BLE.
 #[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Nodes {
     /// Serial ports (USB serial adapters, PTYs); each is reopened with backoff when it
     /// disappears or cannot be opened.
     pub serial: Vec<SerialPort>,
+    /// BLE nodes offering the UART service (Nordic UART Service UUIDs); each is connected,
+    /// and connected again with backoff when the connection drops. Needs a gateway built with
+    /// the `ble` feature, BlueZ (bluetoothd) and a Bluetooth adapter.
+    pub ble: Vec<BleNode>,
     /// Topic ids (1 to 65534) nodes may use without REGISTER; `{node}` is replaced by the
     /// node's client id.
     #[schemars(extend("propertyNames" = { "pattern": "^[1-9][0-9]{0,4}$" }))]
@@ -375,6 +379,18 @@ fn default_simulated_nodes() -> u16 {
 
 fn default_simulated_interval() -> Duration {
     Duration::from_secs(2)
+}
+
+/// A BLE node.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BleNode {
+    /// The node's Bluetooth address, `AA:BB:CC:DD:EE:FF`.
+    #[schemars(pattern(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"))]
+    pub address: String,
+    /// The Bluetooth adapter to use, e.g. `hci0`. Default: the system's default adapter.
+    #[serde(default)]
+    pub adapter: Option<String>,
 }
 
 /// A serial port with MQTT-SN nodes behind it.

@@ -400,6 +400,30 @@ fn nodes_errors_point_at_the_value() {
     assert!(unknown[0].starts_with("site.yaml:3:"), "{unknown:?}");
 }
 
+#[test]
+fn ble_nodes_parse_and_bad_addresses_point_at_the_value() {
+    let config = load(
+        "nodes:\n  ble:\n    - { address: \"AA:BB:CC:DD:EE:FF\" }\n    - { address: \"aa:bb:cc:dd:ee:01\", adapter: hci1 }\n",
+    )
+    .unwrap();
+    assert_eq!(config.nodes.ble.len(), 2);
+    assert_eq!(config.nodes.ble[0].adapter, None);
+    assert_eq!(config.nodes.ble[1].adapter.as_deref(), Some("hci1"));
+    let errs = errors(
+        "nodes:\n  ble:\n    - { address: \"AA:BB:CC:DD:EE:FF\" }\n    - { address: \"AA:BB:CC:DD:EE\" }\n    - { address: \"aa:bb:cc:dd:ee:ff\", adapter: \"\" }\n",
+    );
+    let all = errs.join("\n");
+    assert!(
+        all.contains("site.yaml:4:") && all.contains("`AA:BB:CC:DD:EE` is not a Bluetooth address"),
+        "{all}"
+    );
+    assert!(
+        all.contains("site.yaml:5:") && all.contains("already used by entry 0"),
+        "{all}"
+    );
+    assert!(all.contains("adapter must name an adapter"), "{all}");
+}
+
 /// The commented example below `<section>: []` in the shipped config, uncommented.
 pub(crate) fn shipped_example(section: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/gateway.yaml");

@@ -39,6 +39,40 @@ fn nodes_issues(nodes: &crate::Nodes, issue: &mut impl FnMut(&[&str], String)) {
             );
         }
     }
+    let mut addresses = HashMap::new();
+    for (i, node) in nodes.ble.iter().enumerate() {
+        let index = i.to_string();
+        let parts: Vec<&str> = node.address.split(':').collect();
+        let valid = parts.len() == 6
+            && parts
+                .iter()
+                .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+        if !valid {
+            issue(
+                &["nodes", "ble", &index, "address"],
+                format!(
+                    "nodes.ble {i}: address `{}` is not a Bluetooth address; write six hex pairs such as AA:BB:CC:DD:EE:FF",
+                    node.address
+                ),
+            );
+        } else if let Some(first) = addresses.insert(node.address.to_ascii_uppercase(), i) {
+            issue(
+                &["nodes", "ble", &index, "address"],
+                format!(
+                    "nodes.ble {i}: address {} is already used by entry {first}",
+                    node.address
+                ),
+            );
+        }
+        if node.adapter.as_deref() == Some("") {
+            issue(
+                &["nodes", "ble", &index, "adapter"],
+                format!(
+                    "nodes.ble {i}: adapter must name an adapter such as hci0, or be left out for the default"
+                ),
+            );
+        }
+    }
     let mut names = HashMap::new();
     for (i, sim) in nodes.simulated.iter().enumerate() {
         let index = i.to_string();

@@ -115,6 +115,18 @@ enum PluginCommand {
 }
 
 /// Loads the password file of a valid config; prints its problems when it is bad.
+/// What the config asks for that this build cannot do, printed; `false` then.
+fn supported_by_this_build(config: &edgegw_config::Config) -> bool {
+    if !config.nodes.ble.is_empty() && !edgegw_nodes::BLE_SUPPORTED {
+        eprintln!(
+            "nodes.ble lists {} node(s), but this edgegw was built without BLE support: build it with `cargo build --release -p edgegw --features ble` (needs libdbus-1-dev), or remove nodes.ble",
+            config.nodes.ble.len()
+        );
+        return false;
+    }
+    true
+}
+
 fn load_auth(config: &edgegw_config::Config) -> Option<edgegw_broker::AuthSettings> {
     match auth::broker_auth(config) {
         Ok(settings) => Some(settings),
@@ -192,7 +204,7 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => match edgegw_config::Config::load(&config) {
             Ok(loaded) => {
-                if load_auth(&loaded).is_none() {
+                if !supported_by_this_build(&loaded) || load_auth(&loaded).is_none() {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
                 println!("ok: {}", loaded.summary());
@@ -227,6 +239,10 @@ fn main() -> ExitCode {
                     }
                 },
             };
+            if !supported_by_this_build(&loaded) {
+                eprintln!("edgegw: not started; fix the config and try again");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
             let Some(auth) = load_auth(&loaded) else {
                 eprintln!("edgegw: not started; fix the password file and try again");
                 return ExitCode::from(EXIT_BAD_CONFIG);

@@ -223,6 +223,15 @@ async fn serve(
                 })
                 .chain(simulated_ports)
                 .collect(),
+            ble: config
+                .nodes
+                .ble
+                .iter()
+                .map(|b| edgegw_nodes::BleSettings {
+                    address: b.address.clone(),
+                    adapter: b.adapter.clone(),
+                })
+                .collect(),
             predefined_topics: config.nodes.predefined_topics.clone(),
             ..edgegw_nodes::NodesSettings::default()
         },

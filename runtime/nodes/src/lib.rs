@@ -3,7 +3,9 @@
 //! One task per configured serial port opens it (`tokio-serial`), runs an MQTT-SN 1.2
 //! gateway over its COBS + CRC frames ([`gateway`]), and when the port fails, disappears
 //! (USB unplugged) or cannot be opened, tries again after a jittered exponential backoff
-//! until the link is stopped. Each node that connects is an in-process broker client
+//! until the link is stopped. BLE nodes ([`ble`]) carry the same frames over a GATT UART
+//! service, cut to the connection's MTU; the BlueZ binding is behind the `ble` cargo feature
+//! and reconnects with the same backoff. Each node that connects is an in-process broker client
 //! (`Router::local_client`) named by its MQTT-SN client id.
 //!
 //! Supported: CONNECT, REGISTER/REGACK both ways, predefined (`{node}` substituted) and short
@@ -15,6 +17,7 @@
 //! until acknowledged and sent again with DUP every 10 s, a node that answers none of 3
 //! re-sends being lost.
 
+pub mod ble;
 pub mod gateway;
 pub mod metrics;
 mod serial;
@@ -24,6 +27,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use edgegw_broker::Router;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use crate::ble::BleSettings;
 use crate::gateway::Context;
 pub use crate::gateway::run_link;
 pub use crate::metrics::NodeMetrics;
@@ -43,6 +47,10 @@ pub enum LinkError {
     Write { source: std::io::Error },
     #[error("the link was closed (end of stream)")]
     Closed,
+    #[error("cannot connect to BLE node {address}: {reason}")]
+    Ble { address: String, reason: String },
+    #[error("no connection within {after:?}")]
+    ConnectTimeout { after: std::time::Duration },
 }
 
 /// One serial port.
@@ -55,6 +63,8 @@ pub struct SerialSettings {
 #[derive(Clone, Debug)]
 pub struct NodesSettings {
     pub serial: Vec<SerialSettings>,
+    /// BLE nodes; connected only when built with the `ble` feature (see [`BLE_SUPPORTED`]).
+    pub ble: Vec<BleSettings>,
     /// Predefined topic ids; `{node}` in a name is the node's client id.
     pub predefined_topics: BTreeMap<u16, String>,
     /// First reopen delay after a link failure; doubles per failure up to `reconnect_max`.
@@ -66,11 +76,50 @@ impl Default for NodesSettings {
     fn default() -> Self {
         Self {
             serial: Vec::new(),
+            ble: Vec::new(),
             predefined_topics: BTreeMap::new(),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
         }
     }
+}
+
+/// Whether this build can connect BLE nodes (the `ble` cargo feature).
+pub const BLE_SUPPORTED: bool = cfg!(feature = "ble");
+
+#[cfg(feature = "ble")]
+fn start_ble(
+    tracker: &TaskTracker,
+    node: &BleSettings,
+    settings: &NodesSettings,
+    context: &Context,
+    cancel: &CancellationToken,
+) {
+    match ble::bluez::BluezConnector::new(node.clone()) {
+        Ok(connector) => {
+            tracker.spawn(ble::run(
+                connector,
+                serial::Backoff::new(settings.reconnect_min, settings.reconnect_max),
+                context.clone(),
+                cancel.clone(),
+            ));
+        }
+        Err(error) => tracing::error!(%error, "BLE node not started."),
+    }
+}
+
+#[cfg(not(feature = "ble"))]
+fn start_ble(
+    _tracker: &TaskTracker,
+    node: &BleSettings,
+    _settings: &NodesSettings,
+    _context: &Context,
+    _cancel: &CancellationToken,
+) {
+    tracing::error!(
+        address = %node.address,
+        "BLE node not started: this gateway was built without BLE support (cargo feature `ble`)."
+    );
 }
 
 /// The running node links. [`NodeLink::stop`] ends them (nodes' broker sessions end too).
@@ -95,6 +144,9 @@ impl NodeLink {
                 context.clone(),
                 cancel.clone(),
             ));
+        }
+        for node in &settings.ble {
+            start_ble(&tracker, node, &settings, &context, &cancel);
         }
         tracker.close();
         Self { cancel, tracker }
