@@ -7,7 +7,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use edgegw_node_sim::{Options, SimError, SimEvent, simulate};
+use edgegw_node_sim::{Options, SimError, SimEvent, simulate, simulate_sleeping};
 use tokio_serial::SerialPortBuilderExt as _;
 
 #[derive(Parser, Debug)]
@@ -30,13 +30,20 @@ struct Args {
     interval: Duration,
     #[arg(long, default_value_t = 115_200)]
     baud: u32,
-    /// QoS of the readings: 0 or 1.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// QoS of the readings: 0, 1 or 2. At 1 and 2 a reading is sent again (DUP) until
+    /// acknowledged and the next one waits for it; at 2 the node also subscribes to its
+    /// control topic at QoS 2.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
     /// Keepalive announced in CONNECT; a PINGREQ is sent when nothing else was sent for
     /// half of it.
     #[arg(long, default_value = "30s", value_parser = edgegw_node_sim::parse_duration)]
     keepalive: Duration,
+    /// Sleeping nodes: each publishes one reading, goes to sleep (DISCONNECT announcing 1.5
+    /// times DURATION), is silent for DURATION, then wakes (PINGREQ with its client id) for
+    /// the messages the gateway kept for it, and again; --interval is not used.
+    #[arg(long, value_name = "DURATION", value_parser = edgegw_node_sim::parse_duration)]
+    sleep: Option<Duration>,
 }
 
 async fn run(args: Args) -> Result<(), SimError> {
@@ -67,7 +74,10 @@ async fn run(args: Args) -> Result<(), SimError> {
             SimEvent::Warning(text) => eprintln!("node-sim: {text}"),
         }
     };
-    simulate(port, &args.port, options, &mut report).await
+    match args.sleep {
+        None => simulate(port, &args.port, options, &mut report).await,
+        Some(sleep) => simulate_sleeping(port, &args.port, options, sleep, &mut report).await,
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
