@@ -19,6 +19,7 @@
 mod broker;
 mod load;
 mod mqtt;
+mod nodes;
 mod procfs;
 mod report;
 mod uplink;
@@ -65,7 +66,7 @@ struct Args {
     /// Do not run `cargo build --release -p edgegw`; use the existing binary.
     #[arg(long)]
     no_build: bool,
-    /// Suites to run, comma-separated: broker, uplink (default: all).
+    /// Suites to run, comma-separated: broker, uplink, nodes (default: all).
     #[arg(long)]
     suite: Option<String>,
     /// Where to write the Markdown results (default: target/bench-results.md).
@@ -406,15 +407,15 @@ fn run(args: Args) -> Result<()> {
     let suites: Vec<String> = args
         .suite
         .as_deref()
-        .unwrap_or("broker,uplink")
+        .unwrap_or("broker,uplink,nodes")
         .split(',')
         .map(|s| s.trim().to_lowercase())
         .collect();
     if let Some(unknown) = suites
         .iter()
-        .find(|s| !["broker", "uplink"].contains(&s.as_str()))
+        .find(|s| !["broker", "uplink", "nodes"].contains(&s.as_str()))
     {
-        bail!("unknown suite `{unknown}` (broker, uplink)");
+        bail!("unknown suite `{unknown}` (broker, uplink, nodes)");
     }
     let mut extra = String::new();
     // Before any pinning: the outbox writer, the uplink thread and Mosquitto use both cores
@@ -422,6 +423,11 @@ fn run(args: Args) -> Result<()> {
     if suites.iter().any(|s| s == "uplink") {
         let table = uplink::run(&root, &uplink::Sizes::new(args.quick))?;
         extra.push_str("\n## Uplink\n\n");
+        extra.push_str(&table);
+    }
+    if suites.iter().any(|s| s == "nodes") {
+        let table = nodes::run(&nodes::Sizes::new(args.quick))?;
+        extra.push_str("\n## Node link\n\n");
         extra.push_str(&table);
     }
     if !suites.iter().any(|s| s == "broker") {
