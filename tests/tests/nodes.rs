@@ -437,6 +437,27 @@ async fn readings_and_control(noise: bool) {
         .unwrap();
     repeat.abort();
     drive.abort();
+
+    // The node's own series: its messages and frames to it counted, last seen just now.
+    let received = gw.metric("edgegw_nodes_node_frames_received_total{node=\"kitchen\"}");
+    assert!(
+        received >= 4.0,
+        "CONNECT, REGISTER, SUBSCRIBE, a reading: {received}"
+    );
+    let sent = gw.metric("edgegw_nodes_node_frames_sent_total{node=\"kitchen\"}");
+    assert!(
+        sent >= 4.0,
+        "CONNACK, REGACK, SUBACK, the control message: {sent}"
+    );
+    let last_seen = gw.metric("edgegw_nodes_node_last_seen_timestamp_seconds{node=\"kitchen\"}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 30.0..=now + 1.0).contains(&last_seen),
+        "last seen {last_seen}, now {now}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,16 +90,23 @@ fn main() -> ! {
         esp_hal::system::software_reset()
     };
 
-    // Writes one whole frame, or drops it when the host does not take it in time.
+    // Writes one whole frame, or drops it when the host does not take it in time. A frame cut
+    // short would run into the next one (frames only end with a delimiter): after one, the
+    // next frame starts with a delimiter, so the gateway drops only the broken one.
+    let mut cut_short = false;
     let mut write = |frame: &[u8]| {
         let deadline = now_ms() + WRITE_TIMEOUT_MS;
-        for &byte in frame {
+        let delimiter = [edgegw_node::DELIMITER];
+        let lead: &[u8] = if cut_short { &delimiter } else { &[] };
+        for &byte in lead.iter().chain(frame) {
             while tx.write_byte_nb(byte).is_err() {
                 if now_ms() > deadline {
+                    cut_short = true;
                     return;
                 }
             }
         }
+        cut_short = false;
         while tx.flush_tx_nb().is_err() {
             if now_ms() > deadline {
                 return;

@@ -7,9 +7,10 @@
 //! What the node does: CONNECT with its client id, REGISTER `sensors/<id>/temp`, SUBSCRIBE
 //! to `control/<id>/led` (QoS 1), then publish a reading `{"temp": 21.5}` (QoS 0) every
 //! interval and turn each control message into an [`Led`] command. A request that goes
-//! unanswered is sent again every [`RETRY_MS`]; a PINGREQ goes out when nothing else was sent
-//! for half the keepalive; a gateway that stays silent for two keepalives, or that sends
-//! DISCONNECT, makes the node start over. QoS 1 and 2 control messages are acknowledged
+//! unanswered is sent again every [`RETRY_MS`] (same message id); a PINGREQ goes out when
+//! nothing was sent, or nothing heard, for half the keepalive (readings are QoS 0, so the
+//! gateway does not answer them); a gateway that stays silent for two keepalives, or that
+//! sends DISCONNECT, makes the node start over. QoS 1 and 2 control messages are acknowledged
 //! (PUBACK; PUBREC, PUBCOMP), a QoS 2 one acts once even when the gateway re-sends it.
 //!
 //! ```
@@ -32,9 +33,12 @@ extern crate std;
 use core::fmt::{self, Write as _};
 
 use edgegw_protocol::{
-    Connect, DELIMITER, EncodeError, FrameDecoder, Message, Publish, QoS, Register, ReturnCode,
-    Subscribe, Topic, TopicId, encode, encode_frame, max_frame_len,
+    Connect, EncodeError, FrameDecoder, Message, Publish, QoS, Register, ReturnCode, Subscribe,
+    Topic, TopicId, encode, encode_frame, max_frame_len,
 };
+
+/// Ends every frame; a lone one cuts off whatever half frame the other side holds.
+pub use edgegw_protocol::DELIMITER;
 
 /// How long a CONNECT, REGISTER or SUBSCRIBE may go unanswered before it is sent again.
 pub const RETRY_MS: u64 = 2_000;
@@ -42,8 +46,12 @@ pub const RETRY_MS: u64 = 2_000;
 pub const MAX_MESSAGE: usize = 160;
 /// Longest client id MQTT-SN allows (spec §5.3.1).
 pub const MAX_CLIENT_ID: usize = 23;
-/// QoS 2 control messages received and not yet released that the node remembers.
-const QOS2_SLOTS: usize = 4;
+/// The longest frame the node accepts from the gateway (message + CRC): longer control
+/// messages than it sends, so a long payload is still acknowledged (and ignored as a command).
+pub const MAX_RECEIVE: usize = 1024;
+/// QoS 2 control messages received and not yet released that the node remembers: as many as
+/// the gateway keeps in flight to one node.
+const QOS2_SLOTS: usize = 8;
 
 /// What the node is and how often it reports.
 #[derive(Debug, Clone, Copy)]
@@ -172,7 +180,7 @@ impl<const N: usize> fmt::Write for Text<N> {
 
 /// One MQTT-SN node on one link.
 pub struct Node {
-    decoder: FrameDecoder<{ MAX_MESSAGE + 2 }>,
+    decoder: FrameDecoder<MAX_RECEIVE>,
     session: Session,
 }
 
@@ -186,7 +194,8 @@ struct Session {
     state: State,
     /// When the current state's request was last sent.
     requested_at: Option<u64>,
-    /// The message id of the REGISTER or SUBSCRIBE in flight.
+    /// The message id of the REGISTER or SUBSCRIBE in flight; kept across its re-sends, so a
+    /// late answer still counts.
     request_id: u16,
     sensor_topic_id: u16,
     control_topic_id: Option<u16>,
@@ -194,8 +203,12 @@ struct Session {
     next_reading_at: u64,
     last_sent_at: u64,
     last_received_at: u64,
-    /// QoS 2 control messages acted on and not yet released (PUBREL), oldest first.
-    unreleased: [Option<u16>; QOS2_SLOTS],
+    /// When the last PINGREQ went out.
+    last_ping_at: u64,
+    /// QoS 2 control messages acted on and not yet released (PUBREL): message id and arrival
+    /// order (the oldest makes way when all slots are taken).
+    unreleased: [Option<(u16, u32)>; QOS2_SLOTS],
+    arrivals: u32,
     /// A lone delimiter goes out before the first frame, to cut off any half frame.
     started: bool,
     stats: Stats,
@@ -238,7 +251,9 @@ impl Node {
                 next_reading_at: 0,
                 last_sent_at: 0,
                 last_received_at: 0,
+                last_ping_at: 0,
                 unreleased: [None; QOS2_SLOTS],
+                arrivals: 0,
                 started: false,
                 stats: Stats::default(),
             },
@@ -370,17 +385,28 @@ impl Session {
                     self.send(&publish, now, tx)?;
                     self.stats.readings = self.stats.readings.wrapping_add(1);
                 }
-            } else if now.saturating_sub(self.last_sent_at) >= self.keepalive_ms / 2 {
-                self.send(&Message::PingReq { client_id: None }, now, tx)?;
             }
+            let half = self.keepalive_ms / 2;
+            // Heard from the gateway, or pinged it, within half the keepalive.
+            let heard = self.last_received_at.max(self.last_ping_at);
+            if now.saturating_sub(self.last_sent_at) >= half || now.saturating_sub(heard) >= half {
+                self.send(&Message::PingReq { client_id: None }, now, tx)?;
+                self.last_ping_at = now;
+            }
+            let heard = self.last_received_at.max(self.last_ping_at);
             return Ok(self
                 .next_reading_at
-                .min(self.last_sent_at + self.keepalive_ms / 2));
+                .min(self.last_sent_at + half)
+                .min(heard + half));
         }
         let due = self
             .requested_at
             .is_none_or(|at| now.saturating_sub(at) >= RETRY_MS);
         if due {
+            let repeat = self.requested_at.is_some();
+            if !repeat {
+                self.request_id = self.message_id();
+            }
             self.requested_at = Some(now);
             match self.state {
                 State::Connecting => {
@@ -393,7 +419,6 @@ impl Session {
                     send(&connect, tx)?;
                 }
                 State::Registering => {
-                    self.request_id = self.message_id();
                     let register = Message::Register(Register {
                         topic_id: 0,
                         message_id: self.request_id,
@@ -402,9 +427,8 @@ impl Session {
                     send(&register, tx)?;
                 }
                 State::Subscribing => {
-                    self.request_id = self.message_id();
                     let subscribe = Message::Subscribe(Subscribe {
-                        dup: false,
+                        dup: repeat,
                         qos: QoS::One,
                         message_id: self.request_id,
                         topic: Topic::Name(self.control_topic.as_str()),
@@ -475,7 +499,11 @@ impl Session {
             }
             Message::Publish(publish) => self.control(publish, now, tx, led)?,
             Message::PubRel { message_id } => {
-                if let Some(slot) = self.unreleased.iter_mut().find(|s| **s == Some(message_id)) {
+                if let Some(slot) = self
+                    .unreleased
+                    .iter_mut()
+                    .find(|s| s.is_some_and(|(id, _)| id == message_id))
+                {
                     *slot = None;
                 }
                 self.send(&Message::PubComp { message_id }, now, tx)?;
@@ -485,6 +513,22 @@ impl Session {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Remembers a QoS 2 message id until its PUBREL: in a free slot, else in place of the
+    /// oldest (the gateway released that one long ago or never will).
+    fn remember_unreleased(&mut self, message_id: u16) {
+        self.arrivals = self.arrivals.wrapping_add(1);
+        let slot = match self.unreleased.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => self
+                .unreleased
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.map_or(0, |(_, order)| order))
+                .map_or(0, |(i, _)| i),
+        };
+        self.unreleased[slot] = Some((message_id, self.arrivals));
     }
 
     /// A PUBLISH from the gateway: acknowledged per its QoS, acted on once.
@@ -513,8 +557,11 @@ impl Session {
             }
             return Ok(());
         }
-        let repeated =
-            publish.qos == QoS::Two && self.unreleased.contains(&Some(publish.message_id));
+        let repeated = publish.qos == QoS::Two
+            && self
+                .unreleased
+                .iter()
+                .any(|s| s.is_some_and(|(id, _)| id == publish.message_id));
         match publish.qos {
             QoS::One => {
                 let puback = Message::PubAck {
@@ -527,8 +574,7 @@ impl Session {
             QoS::Two => {
                 if !repeated {
                     // The oldest slot makes way: the gateway released it long ago or never will.
-                    self.unreleased.rotate_left(1);
-                    self.unreleased[QOS2_SLOTS - 1] = Some(publish.message_id);
+                    self.remember_unreleased(publish.message_id);
                 }
                 let pubrec = Message::PubRec {
                     message_id: publish.message_id,

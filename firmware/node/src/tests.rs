@@ -219,16 +219,82 @@ fn unanswered_requests_are_repeated_and_a_silent_gateway_restarts_the_node() {
     let mut h = Harness::running(0);
     h.poll(0);
     h.sent();
-    // Readings every second keep the link busy; nothing comes back.
+    // Readings every second keep the link busy; nothing comes back, though the node pings.
     let mut now = 0;
+    let mut pings = 0;
     while h.node.state() == State::Running {
         now += 1000;
         assert!(now <= 21_000 + 1000, "the node never gave up");
         h.poll(now);
-        h.sent();
+        for message in h.sent() {
+            if decode_exact(&message).unwrap() == (Message::PingReq { client_id: None }) {
+                pings += 1;
+            }
+        }
     }
     assert!(now > 20_000, "restarted at {now} ms, before two keepalives");
+    assert!(pings >= 3, "pings while readings went out: {pings}");
     assert_eq!(h.node.stats().restarts, 1);
+}
+
+#[test]
+fn a_gateway_that_answers_pings_keeps_the_node_running() {
+    // Readings every second (QoS 0: never answered), keepalive 10 s, for two minutes.
+    let mut h = Harness::running(0);
+    for now in (0..120_000).step_by(500) {
+        h.poll(now);
+        for message in h.sent() {
+            if decode_exact(&message).unwrap() == (Message::PingReq { client_id: None }) {
+                h.feed(&Message::PingResp, now + 10);
+            }
+        }
+    }
+    assert_eq!(h.node.state(), State::Running);
+    assert_eq!(h.node.stats().restarts, 0);
+    assert!(h.node.stats().readings >= 119);
+}
+
+#[test]
+fn a_repeated_request_keeps_its_message_id_so_a_late_answer_counts() {
+    let mut h = Harness::new();
+    h.poll(0);
+    h.sent();
+    h.feed(
+        &Message::ConnAck {
+            return_code: ReturnCode::Accepted,
+        },
+        0,
+    );
+    h.poll(0);
+    let first = h.sent_one();
+    h.poll(RETRY_MS);
+    let again = h.sent_one();
+    assert_eq!(first, again, "the same REGISTER again");
+    let Message::Register(register) = decode_exact(&first).unwrap() else {
+        panic!("REGISTER expected")
+    };
+    h.feed(
+        &Message::RegAck {
+            topic_id: 5,
+            message_id: register.message_id,
+            return_code: ReturnCode::Accepted,
+        },
+        RETRY_MS + 100,
+    );
+    assert_eq!(h.node.state(), State::Subscribing);
+    h.poll(RETRY_MS + 100);
+    let bytes = h.sent_one();
+    let Message::Subscribe(subscribe) = decode_exact(&bytes).unwrap() else {
+        panic!("SUBSCRIBE expected")
+    };
+    assert!(!subscribe.dup);
+    h.poll(2 * RETRY_MS + 100);
+    let bytes = h.sent_one();
+    let Message::Subscribe(repeated) = decode_exact(&bytes).unwrap() else {
+        panic!("SUBSCRIBE expected")
+    };
+    assert!(repeated.dup, "a repeated SUBSCRIBE carries DUP");
+    assert_eq!(repeated.message_id, subscribe.message_id);
 }
 
 #[test]
@@ -291,6 +357,42 @@ fn control_messages_are_acknowledged_and_act_once() {
     h.sent();
     assert_eq!(h.node.stats().unknown_commands, 1);
     assert_eq!(h.leds.len(), 4);
+    // A control message longer than any the node sends is still acknowledged.
+    let long = [b' '; 600];
+    h.feed(&publish(7, QoS::One, 9, &long), 8);
+    assert_eq!(
+        decode_exact(&h.sent_one()).unwrap(),
+        Message::PubAck {
+            topic_id: 7,
+            message_id: 9,
+            return_code: ReturnCode::Accepted
+        }
+    );
+}
+
+#[test]
+fn qos_2_ids_are_remembered_for_as_many_as_the_gateway_keeps_in_flight() {
+    let mut h = Harness::running(0);
+    // Nine unreleased QoS 2 messages (ids 20..=28; id 4 of message 24 released early).
+    for id in 20..=28 {
+        h.feed(&publish(7, QoS::Two, id, b"toggle"), 1);
+        if id == 24 {
+            h.feed(&Message::PubRel { message_id: 24 }, 1);
+        }
+    }
+    h.sent();
+    assert_eq!(h.leds.len(), 9);
+    // All but the released one are remembered (a free slot is used before the oldest goes).
+    for id in (20..=28).filter(|id| *id != 24) {
+        h.feed(&publish(7, QoS::Two, id, b"toggle"), 2);
+    }
+    h.sent();
+    assert_eq!(h.leds.len(), 9, "re-sent messages act again");
+    // A tenth evicts the oldest, 20.
+    h.feed(&publish(7, QoS::Two, 29, b"toggle"), 3);
+    h.feed(&publish(7, QoS::Two, 20, b"toggle"), 3);
+    h.sent();
+    assert_eq!(h.leds.len(), 11);
 }
 
 #[test]

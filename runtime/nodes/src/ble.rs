@@ -31,9 +31,12 @@ pub const RX_CHARACTERISTIC_UUID: &str = "6e400002-b5a3-f393-e0a9-e50e24dcca9e";
 /// Notified by the node: bytes for the gateway (node → gateway).
 pub const TX_CHARACTERISTIC_UUID: &str = "6e400003-b5a3-f393-e0a9-e50e24dcca9e";
 
-/// The smallest payload a GATT write can carry (ATT MTU 23 minus its 3-byte header): used when
-/// a link reports less.
-pub const MIN_PAYLOAD: usize = 20;
+/// A connection must stay up this long before a failure counts as a new outage (backoff
+/// from its minimum, a new warning); shorter ones keep backing off, so a node that connects
+/// and fails at once is not hammered.
+const STABLE: Duration = Duration::from_secs(10);
+/// After cancel: how long a packet write stalled on the radio may hold up the stop.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// Bytes in flight between the gateway and the packet pump, each way.
 const PUMP_BUFFER: usize = 4096;
@@ -50,7 +53,8 @@ pub struct BleSettings {
 /// A connected GATT UART: packets of at most [`mtu`](Self::mtu) bytes each way. Both methods
 /// take `&self` and must be cancel-safe (the pump waits on both at once).
 pub trait GattLink: Send + Sync + 'static {
-    /// The most bytes one write may carry.
+    /// The most bytes one write may carry (what the link accepts; for BlueZ, less than the
+    /// negotiated ATT MTU).
     fn mtu(&self) -> usize;
     /// Writes one packet (at most `mtu` bytes) to the node.
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
@@ -68,7 +72,7 @@ pub trait GattConnector: Send + Sync + 'static {
 
 /// `bytes` cut into packets for a link whose writes carry at most `mtu` bytes.
 pub fn packets(bytes: &[u8], mtu: usize) -> std::slice::Chunks<'_, u8> {
-    bytes.chunks(mtu.max(MIN_PAYLOAD))
+    bytes.chunks(mtu.max(1))
 }
 
 /// Runs the gateway over one connected link until the link fails (`Err`) or `cancel` fires
@@ -83,16 +87,22 @@ pub async fn run_gatt_link<L: GattLink>(
     let (gateway_end, pump_end) = tokio::io::duplex(PUMP_BUFFER);
     let gateway = crate::gateway::run_link(gateway_end, name, context, cancel);
     let pump = async {
-        let result = pump(&link, pump_end).await;
-        // `pump_end` is gone now: the gateway reads the end of the stream and stops, losing
-        // the link's nodes as for an unplugged serial port.
-        result
+        // When the pump ends, `pump_end` is gone: the gateway reads the end of the stream and
+        // stops, losing the link's nodes as for an unplugged serial port. On cancel the
+        // gateway stops first and the pump follows, unless a write is stuck on the radio.
+        tokio::select! {
+            result = pump(&link, pump_end) => result,
+            () = async {
+                cancel.cancelled().await;
+                tokio::time::sleep(STOP_GRACE).await;
+            } => Ok(()),
+        }
     };
     let (gateway, pump) = tokio::join!(gateway, pump);
     match (gateway, pump) {
-        // The link failed first: that is the reason, not the end of stream it caused.
-        (Err(LinkError::Closed), Err(error)) => Err(error),
-        (result, _) => result,
+        (Ok(()), _) => Ok(()),
+        // The link failed: that is the reason, not what it caused on the gateway's side.
+        (Err(_), Err(error)) | (Err(error), Ok(())) => Err(error),
     }
 }
 
@@ -160,12 +170,15 @@ pub async fn run<C: GattConnector>(
                     context.metrics.link_reconnects.increment(1);
                 }
                 connected_before = true;
-                failing = false;
-                backoff.reset();
                 tracing::info!(node = %name, mtu = link.mtu(), "BLE node link connected.");
                 context.metrics.links_up.increment(1.0);
+                let since = tokio::time::Instant::now();
                 let result = run_gatt_link(link, &name, &context, &cancel).await;
                 context.metrics.links_up.decrement(1.0);
+                if since.elapsed() >= STABLE {
+                    failing = false;
+                    backoff.reset();
+                }
                 result
             }
             Err(error) => Err(error),

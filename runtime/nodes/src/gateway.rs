@@ -31,6 +31,7 @@ use edgegw_protocol::{
     Connect, FrameDecoder, Message, Publish, QoS, Register, ReturnCode, Subscribe, Topic, TopicId,
     Unsubscribe, WillTopic, encode_encapsulated, encode_frame_to_vec, encode_to_vec,
 };
+use metrics::Counter;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::{mpsc, watch},
@@ -41,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     LinkError,
-    metrics::{FrameErrorKind, NodeMetrics, RejectReason},
+    metrics::{FrameErrorKind, NodeMetrics, PerNode, RejectReason},
 };
 
 /// Longest frame accepted from a node (message + CRC); longer ones are dropped and counted.
@@ -147,6 +148,8 @@ struct Node {
     /// Inbound QoS 2 messages by message id, published at PUBREL.
     qos2_in: HashMap<u16, BrokerMessage>,
     metrics: NodeMetrics,
+    /// This node's own series (frames, last seen).
+    per_node: PerNode,
 }
 
 /// A REGISTER the gateway sent, until REGACK, with the deliveries waiting for it.
@@ -242,6 +245,8 @@ impl Drop for Node {
 struct Outbox {
     bytes: Vec<u8>,
     metrics: NodeMetrics,
+    /// Frames-sent counters of the connected nodes (pruned at each keepalive check).
+    per_node: HashMap<NodeKey, Counter>,
 }
 
 impl Outbox {
@@ -260,6 +265,9 @@ impl Outbox {
             Ok(bytes) => {
                 self.bytes.extend_from_slice(&encode_frame_to_vec(&bytes));
                 self.metrics.frames_sent.increment(1);
+                if let Some(counter) = self.per_node.get(key) {
+                    counter.increment(1);
+                }
             }
             Err(error) => tracing::warn!(
                 %error,
@@ -341,6 +349,7 @@ where
             // A lone delimiter ends whatever half frame a node still holds from before.
             bytes: vec![edgegw_protocol::DELIMITER],
             metrics: context.metrics.clone(),
+            per_node: HashMap::new(),
         },
         deliveries,
         delivered,
@@ -428,6 +437,7 @@ impl Link {
         // Anything from a node (also a CONNECT or WILLTOPIC of a sleeping one) shows it alive.
         if let Some(node) = self.nodes.get_mut(&key) {
             node.last_seen = Instant::now();
+            node.per_node.seen();
         }
         match message {
             Message::Connect(connect) => return self.connect(key, connect),
@@ -727,6 +737,11 @@ impl Link {
             will = will.is_some(),
             "Node connected."
         );
+        let per_node = self.context.metrics.per_node(&connect.client_id);
+        per_node.seen();
+        self.outbox
+            .per_node
+            .insert(key.clone(), per_node.frames_sent.clone());
         self.nodes.insert(
             key.clone(),
             Node {
@@ -747,6 +762,7 @@ impl Link {
                 awaiting_regack: HashMap::new(),
                 qos2_in: HashMap::new(),
                 metrics: self.context.metrics.clone(),
+                per_node,
             },
         );
         self.outbox.send(
@@ -1188,6 +1204,10 @@ impl Link {
         });
         self.pending
             .retain(|_, pending| now.duration_since(pending.since) <= PENDING_CONNECT_TIMEOUT);
+        let nodes = &self.nodes;
+        self.outbox
+            .per_node
+            .retain(|key, _| nodes.contains_key(key));
     }
 }
 

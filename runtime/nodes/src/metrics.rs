@@ -1,9 +1,41 @@
-//! The node link's metric handles, registered once per link so the hot path only touches
-//! atomics. Labels are closed sets (never a client id or a port name).
+//! The node link's metric handles, registered once per link (and per node) so the hot path
+//! only touches atomics. Labels are closed sets, except `node` (a client id), which is capped
+//! at [`names::NODE_SERIES_MAX`] distinct values.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use edgegw_protocol::FrameError;
 use edgegw_telemetry::names;
 use metrics::{Counter, Gauge, counter, gauge};
+
+/// The `node` label of nodes beyond [`names::NODE_SERIES_MAX`].
+pub const OTHER_NODES: &str = "_other";
+
+/// One node's series.
+#[derive(Clone)]
+pub struct PerNode {
+    pub frames_received: Counter,
+    pub frames_sent: Counter,
+    /// `None` for nodes beyond the cap: one timestamp for all of them would mean nothing.
+    last_seen: Option<Gauge>,
+}
+
+impl PerNode {
+    /// A message from the node.
+    pub fn seen(&self) {
+        self.frames_received.increment(1);
+        if let Some(gauge) = &self.last_seen {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            gauge.set(now);
+        }
+    }
+}
 
 /// Why bytes from a link were dropped before they became a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +122,8 @@ pub struct NodeMetrics {
     pub keepalive_timeouts: Counter,
     frame_errors: [Counter; 5],
     rejected: [Counter; 6],
+    /// Client ids with series of their own.
+    labelled: Arc<Mutex<HashSet<Arc<str>>>>,
 }
 
 impl NodeMetrics {
@@ -105,6 +139,31 @@ impl NodeMetrics {
                 .map(|kind| counter!(names::NODES_FRAME_ERRORS, "kind" => kind.label())),
             rejected: RejectReason::ALL
                 .map(|reason| counter!(names::NODES_REJECTED, "reason" => reason.label())),
+            labelled: Arc::default(),
+        }
+    }
+
+    /// The series of node `client_id`: its own while fewer than the cap have been given out,
+    /// else the shared `_other` ones.
+    pub fn per_node(&self, client_id: &str) -> PerNode {
+        let own = {
+            let mut labelled = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
+            labelled.contains(client_id)
+                || (labelled.len() < names::NODE_SERIES_MAX && labelled.insert(client_id.into()))
+        };
+        if own {
+            let node = client_id.to_owned();
+            PerNode {
+                frames_received: counter!(names::NODES_NODE_FRAMES_RECEIVED, "node" => node.clone()),
+                frames_sent: counter!(names::NODES_NODE_FRAMES_SENT, "node" => node.clone()),
+                last_seen: Some(gauge!(names::NODES_NODE_LAST_SEEN, "node" => node)),
+            }
+        } else {
+            PerNode {
+                frames_received: counter!(names::NODES_NODE_FRAMES_RECEIVED, "node" => OTHER_NODES),
+                frames_sent: counter!(names::NODES_NODE_FRAMES_SENT, "node" => OTHER_NODES),
+                last_seen: None,
+            }
         }
     }
 
@@ -120,5 +179,30 @@ impl NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_series_are_capped() {
+        let metrics = NodeMetrics::new();
+        for i in 0..names::NODE_SERIES_MAX + 44 {
+            let series = metrics.per_node(&format!("node-{i}"));
+            assert_eq!(
+                series.last_seen.is_some(),
+                i < names::NODE_SERIES_MAX,
+                "node {i}"
+            );
+        }
+        // A node with series of its own keeps them when it connects again.
+        assert!(metrics.per_node("node-3").last_seen.is_some());
+        assert!(metrics.per_node("a-new-one").last_seen.is_none());
+        assert_eq!(
+            metrics.labelled.lock().unwrap().len(),
+            names::NODE_SERIES_MAX
+        );
     }
 }

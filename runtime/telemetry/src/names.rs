@@ -1,6 +1,7 @@
 //! Every metric the gateway exports, with its help text. Dashboards and tests use only
 //! these names. Naming: `edgegw_<subsystem>_<name>_<unit>`, counters end in `_total`,
-//! labels are small closed sets (never a client id or a topic).
+//! labels are small closed sets (never a client id or a topic), except `node`: the client ids
+//! of MQTT-SN nodes, capped at `NODE_SERIES_MAX` distinct values (later ones share `_other`).
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
@@ -33,6 +34,11 @@ pub const NODES_FRAMES_SENT: &str = "edgegw_nodes_frames_sent_total";
 pub const NODES_FRAME_ERRORS: &str = "edgegw_nodes_frame_errors_total";
 pub const NODES_REJECTED: &str = "edgegw_nodes_rejected_messages_total";
 pub const NODES_KEEPALIVE_TIMEOUTS: &str = "edgegw_nodes_keepalive_timeouts_total";
+pub const NODES_NODE_FRAMES_RECEIVED: &str = "edgegw_nodes_node_frames_received_total";
+pub const NODES_NODE_FRAMES_SENT: &str = "edgegw_nodes_node_frames_sent_total";
+pub const NODES_NODE_LAST_SEEN: &str = "edgegw_nodes_node_last_seen_timestamp_seconds";
+/// Distinct `node` label values; nodes beyond these are counted under `node="_other"`.
+pub const NODE_SERIES_MAX: usize = 256;
 pub const UPLINK_CONNECTED: &str = "edgegw_uplink_connected";
 pub const UPLINK_RECONNECTS: &str = "edgegw_uplink_reconnects_total";
 pub const UPLINK_CONNECT_FAILURES: &str = "edgegw_uplink_connect_failures_total";
@@ -158,6 +164,9 @@ pub const ALL: &[Metric] = &[
     Metric::counter(NODES_FRAME_ERRORS, &["kind"]),
     Metric::counter(NODES_REJECTED, &["reason"]),
     Metric::counter(NODES_KEEPALIVE_TIMEOUTS, &[]),
+    Metric::counter(NODES_NODE_FRAMES_RECEIVED, &["node"]),
+    Metric::counter(NODES_NODE_FRAMES_SENT, &["node"]),
+    Metric::gauge(NODES_NODE_LAST_SEEN, &["node"]),
     Metric::gauge(UPLINK_CONNECTED, &["uplink"]),
     Metric::counter(UPLINK_RECONNECTS, &["uplink"]),
     Metric::counter(UPLINK_CONNECT_FAILURES, &["uplink"]),
@@ -299,6 +308,19 @@ pub fn describe() {
     describe_counter!(
         NODES_KEEPALIVE_TIMEOUTS,
         "Nodes dropped after 1.5 keepalive periods without a message."
+    );
+    describe_counter!(
+        NODES_NODE_FRAMES_RECEIVED,
+        "Messages received from a connected node, by node (its client id; the first 256 nodes, later ones as _other)."
+    );
+    describe_counter!(
+        NODES_NODE_FRAMES_SENT,
+        "Frames written to a connected node, by node (as for frames received)."
+    );
+    describe_gauge!(
+        NODES_NODE_LAST_SEEN,
+        Unit::Seconds,
+        "When a node last sent anything, Unix time in seconds, by node (the first 256 nodes); its silence is time() minus this."
     );
     describe_gauge!(
         UPLINK_CONNECTED,
