@@ -899,3 +899,96 @@ async fn a_node_that_forgot_a_topic_id_gets_it_registered_again() {
     h.cancel.cancel();
     h.link.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_flooding_node_does_not_hold_up_another_on_the_same_link() {
+    let mut h = start(&[(1, "sensors/{node}/temp")]);
+    let quiet_watcher = h.router.local_client("watcher");
+    quiet_watcher
+        .subscribe("sensors/quiet/#", SubOptions::qos(BrokerQoS::AtLeastOnce))
+        .unwrap();
+    let flood_watcher = h.router.local_client("flood-watcher");
+    flood_watcher
+        .subscribe("sensors/flood/#", SubOptions::qos(BrokerQoS::AtMostOnce))
+        .unwrap();
+    for name in ["flood", "quiet"] {
+        h.node.wireless_id = Some(name.as_bytes().to_vec());
+        h.node.connect(name).await;
+    }
+    let encapsulated = |id: &[u8], message: &Message<'_>| {
+        let mut buffer = vec![0; 256];
+        let n = encode_encapsulated(0, id, message, &mut buffer).unwrap();
+        encode_frame_to_vec(&buffer[..n])
+    };
+    let reading = |qos, message_id, data: &'static [u8]| {
+        Message::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: TopicId::Predefined(1),
+            message_id,
+            data,
+        })
+    };
+    // 20,000 readings from one node, the other's QoS 1 reading in the middle, then 20,000 more.
+    const FLOOD: usize = 20_000;
+    let flood_frame = encapsulated(b"flood", &reading(QoS::Zero, 0, b"{\"temp\": 1}"));
+    let mut bytes = flood_frame.repeat(FLOOD);
+    bytes.extend(encapsulated(
+        b"quiet",
+        &reading(QoS::One, 77, b"{\"temp\": 2}"),
+    ));
+    bytes.extend(flood_frame.repeat(FLOOD));
+
+    let (mut from_gateway, mut to_gateway) = tokio::io::split(&mut h.node.io);
+    let write = async {
+        to_gateway.write_all(&bytes).await.unwrap();
+    };
+    // The PUBACK for the quiet node comes back while the flood goes on.
+    let read = async {
+        let mut decoder = Box::new(FrameDecoder::<MAX_FRAME>::new());
+        let mut chunk = [0u8; 256];
+        loop {
+            let n = from_gateway.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "link closed");
+            let mut frames = decoder.feed(&chunk[..n]);
+            while let Some(frame) = frames.next_frame() {
+                let bytes = frame.unwrap().to_vec();
+                if let Message::Encapsulated(e) = decode_exact(&bytes).unwrap() {
+                    assert_eq!(
+                        e.wireless_node_id, b"quiet",
+                        "only the quiet node gets an answer"
+                    );
+                    if let Message::PubAck {
+                        message_id: 77,
+                        return_code,
+                        ..
+                    } = decode_exact(e.message).unwrap()
+                    {
+                        assert_eq!(return_code, ReturnCode::Accepted);
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(write, read) })
+        .await
+        .expect("the flood is taken and the quiet node answered");
+    let delivery = next(&quiet_watcher).await;
+    assert_eq!(&*delivery.message.topic, "sensors/quiet/temp");
+    assert_eq!(&delivery.message.payload[..], b"{\"temp\": 2}");
+    // The flood reached the broker (a slow subscriber's queue bounds what it keeps), and
+    // both nodes are still connected: a PINGREQ from each is answered.
+    assert!(flood_watcher.try_recv().is_some());
+    for name in ["flood", "quiet"] {
+        h.node.wireless_id = Some(name.as_bytes().to_vec());
+        h.node.send(&Message::PingReq { client_id: None }).await;
+        assert_eq!(
+            decode_exact(&h.node.recv().await).unwrap(),
+            Message::PingResp
+        );
+    }
+    h.cancel.cancel();
+    h.link.await.unwrap().unwrap();
+}
