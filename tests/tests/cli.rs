@@ -869,3 +869,46 @@ fn ble_nodes_need_a_build_with_the_ble_feature() {
         "{stderr}"
     );
 }
+
+#[test]
+fn reload_command_applies_the_config_or_says_why_not() {
+    let gw = Gateway::start();
+    let config = gw.config.to_str().unwrap().to_string();
+    let socket = gw.dir.path().join("data").join("control.sock");
+    let out = edgegw(&["reload", "-c", &config]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("ok: reloaded") && stdout.contains("0 pipelines"),
+        "{stdout}"
+    );
+    assert!(gw.metric("edgegw_pipeline_reloads_total{result=\"ok\"}") >= 1.0);
+
+    // A broken config: the gateway refuses it, says where, and keeps running as it was.
+    let good = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, good.replace("level: debug", "level: loud")).unwrap();
+    let out = edgegw(&["reload", "--socket", socket.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("everything keeps running")
+            && stderr.contains(&format!("{config}:"))
+            && stderr.contains("log.level directive `loud`"),
+        "{stderr}"
+    );
+    assert!(gw.metric("edgegw_pipeline_reloads_total{result=\"failed\"}") >= 1.0);
+    // Through -c the command reads the broken file itself and refuses the same way.
+    let out = edgegw(&["reload", "-c", &config]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(text(&out.stderr).contains("log.level directive `loud`"));
+    // The control socket is the gateway's own: mode 0600.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // No gateway there: exit code 1 and what to check.
+    drop(gw);
+    let out = edgegw(&["reload", "--socket", socket.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("no gateway answers"), "{out:?}");
+}

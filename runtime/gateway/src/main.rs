@@ -2,6 +2,7 @@
 //! tracing, starts the parts and waits for a signal. Everything else lives in libraries.
 
 mod auth;
+mod control;
 mod pipelines;
 mod run;
 mod simulated;
@@ -70,6 +71,22 @@ enum Command {
         #[arg(value_name = "USER")]
         user: String,
     },
+    /// Ask the running gateway to reload its config, and say how it went.
+    ///
+    /// The same reload as SIGHUP (pipelines and plugins, uplinks, broker users and ACLs, the
+    /// log level; what needs a restart is named), through the gateway's control socket
+    /// `<gateway.data_dir>/control.sock`, so the outcome comes back here: exit code 0 and a
+    /// summary when it was applied, 64 and every problem (FILE:LINE:COLUMN) when the config
+    /// was refused and everything keeps running as it was, 1 when no gateway answers.
+    Reload {
+        /// The config file the gateway runs on (its gateway.data_dir locates the socket).
+        /// Default: the embedded default config's data directory.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The control socket, instead of finding it through the config.
+        #[arg(long, value_name = "PATH", conflicts_with = "config")]
+        socket: Option<PathBuf>,
+    },
     /// Rule plugins: try one on a message, or start a new one.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -115,6 +132,46 @@ enum PluginCommand {
 }
 
 /// Loads the password file of a valid config; prints its problems when it is bad.
+/// `edgegw reload`.
+fn reload(config: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode {
+    let socket = match socket {
+        Some(socket) => socket,
+        None => {
+            // Only the data directory is needed; a config with errors elsewhere still names
+            // it, but its errors are the answer anyway.
+            let loaded = match &config {
+                None => edgegw_config::Config::embedded_default(),
+                Some(path) => edgegw_config::Config::load(path),
+            };
+            match loaded {
+                Ok(loaded) => control::socket_path(&loaded.gateway.data_dir),
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!(
+                        "edgegw: not reloaded; fix the config (the running gateway would refuse it too)"
+                    );
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            }
+        }
+    };
+    // Compiling new plugins can take a while on a Pi.
+    match control::request_reload(&socket, std::time::Duration::from_secs(300)) {
+        Ok(Ok(summary)) => {
+            println!("ok: {summary}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(error)) => {
+            eprintln!("edgegw: {error}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(error) => {
+            eprintln!("edgegw: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// What the config asks for that this build cannot do, printed; `false` then.
 fn supported_by_this_build(config: &edgegw_config::Config) -> bool {
     if !config.nodes.ble.is_empty() && !edgegw_nodes::BLE_SUPPORTED {
@@ -202,6 +259,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Reload { config, socket } => reload(config, socket),
         Command::Check { config } => match edgegw_config::Config::load(&config) {
             Ok(loaded) => {
                 if !supported_by_this_build(&loaded) || load_auth(&loaded).is_none() {

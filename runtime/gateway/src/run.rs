@@ -138,6 +138,12 @@ async fn serve(
         },
     )
     .context("cannot open the state file; the gateway does not start with empty state")?;
+    // `edgegw reload` asks through here (one gateway per data directory, as for the state
+    // file).
+    let (control, requests) = tokio::sync::mpsc::channel(4);
+    let socket = crate::control::start(&config.gateway.data_dir, control, shutdown.child_token())?;
+    tracing::info!(socket = %socket.display(), "Control socket listening (edgegw reload).");
+    signals.control = Some(requests);
     let router = Router::with_store(
         RouterLimits {
             max_queued: limits.max_queued as usize,
@@ -261,9 +267,9 @@ async fn serve(
 
     let mut engine = engine;
     let mut running = config;
-    while let Signal::Reload = signals.next().await {
+    while let Signal::Reload(reply) = signals.next().await {
         systemd.notify("RELOADING=1\nSTATUS=Reloading the config.");
-        reload(
+        let outcome = reload(
             config_path.as_deref(),
             &mut running,
             &mut engine,
@@ -275,6 +281,9 @@ async fn serve(
             &log,
         )
         .await;
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
         systemd.notify("READY=1\nSTATUS=Ready.");
     }
     systemd.notify("STOPPING=1\nSTATUS=Shutting down.");
@@ -299,6 +308,7 @@ async fn serve(
     // Commit what is pending and stop the writer thread (off the async workers).
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
     shutdown.cancel();
+    let _ = std::fs::remove_file(&socket);
     tracing::info!("Stopped.");
     Ok(())
 }
@@ -411,7 +421,8 @@ fn raise_file_limit(max_connections: u32) {
 
 enum Signal {
     Stop,
-    Reload,
+    /// SIGHUP (no one to answer) or `edgegw reload` (the answer goes back to it).
+    Reload(Option<crate::control::Reply>),
 }
 
 /// SIGINT, SIGTERM and SIGHUP, listened to for the whole run: a signal that arrives while a
@@ -420,6 +431,8 @@ struct Signals {
     terminate: Option<tokio::signal::unix::Signal>,
     interrupt: Option<tokio::signal::unix::Signal>,
     hangup: Option<tokio::signal::unix::Signal>,
+    /// Reload requests from the control socket, once it listens.
+    control: Option<tokio::sync::mpsc::Receiver<crate::control::Reply>>,
 }
 
 impl Signals {
@@ -436,6 +449,7 @@ impl Signals {
             terminate: listen(SignalKind::terminate(), "SIGTERM"),
             interrupt: listen(SignalKind::interrupt(), "SIGINT"),
             hangup: listen(SignalKind::hangup(), "SIGHUP; reload needs a restart"),
+            control: None,
         }
     }
 
@@ -450,10 +464,22 @@ impl Signals {
                 None => std::future::pending::<()>().await,
             }
         }
+        async fn request(
+            control: Option<&mut tokio::sync::mpsc::Receiver<crate::control::Reply>>,
+        ) -> crate::control::Reply {
+            match control {
+                Some(control) => match control.recv().await {
+                    Some(reply) => reply,
+                    None => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        }
         tokio::select! {
             () = recv(self.terminate.as_mut()) => Signal::Stop,
             () = recv(self.interrupt.as_mut()) => Signal::Stop,
-            () = recv(self.hangup.as_mut()) => Signal::Reload,
+            () = recv(self.hangup.as_mut()) => Signal::Reload(None),
+            reply = request(self.control.as_mut()) => Signal::Reload(Some(reply)),
         }
     }
 }
@@ -476,22 +502,30 @@ async fn reload(
     broker: &Broker,
     telemetry: &edgegw_telemetry::Telemetry,
     log: &LogControl,
-) {
+) -> Result<String, String> {
     let reloads = |result: &'static str| {
         metrics::counter!(edgegw_telemetry::names::PIPELINE_RELOADS, "result" => result)
             .increment(1);
     };
     let Some(path) = path else {
-        tracing::warn!("SIGHUP: running on the embedded default config; nothing to reload.");
-        return;
+        tracing::warn!("Reload: running on the embedded default config; nothing to reload.");
+        return Err(
+            "the gateway runs on its embedded default config: nothing to reload (start it with -c FILE)"
+                .into(),
+        );
     };
-    tracing::info!(config = %path.display(), "SIGHUP: reloading the config.");
+    tracing::info!(config = %path.display(), "Reloading the config.");
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(errors) => {
             reloads("failed");
             tracing::error!(config = %path.display(), problems = errors.0.len(), "Reload refused; everything keeps running as it was:\n{errors}");
-            return;
+            return Err(format!(
+                "reload refused, everything keeps running as it was; {} problem{} in {}:\n{errors}",
+                errors.0.len(),
+                if errors.0.len() == 1 { "" } else { "s" },
+                path.display()
+            ));
         }
     };
     let auth = match crate::auth::broker_auth(&config) {
@@ -499,7 +533,9 @@ async fn reload(
         Err(error) => {
             reloads("failed");
             tracing::error!("Reload refused; everything keeps running as it was: {error}");
-            return;
+            return Err(format!(
+                "reload refused, everything keeps running as it was:\n{error}"
+            ));
         }
     };
     let mut uplink_settings_list = Vec::new();
@@ -509,7 +545,9 @@ async fn reload(
             Err(error) => {
                 reloads("failed");
                 tracing::error!("Reload refused; everything keeps running as it was: {error:#}");
-                return;
+                return Err(format!(
+                    "reload refused, everything keeps running as it was: {error:#}"
+                ));
             }
         }
     }
@@ -519,7 +557,9 @@ async fn reload(
             Err(error) => {
                 reloads("failed");
                 tracing::error!(%error, "Reload refused: cannot start the WASM engine; everything keeps running as it was.");
-                return;
+                return Err(format!(
+                    "reload refused, cannot start the WASM engine: {error}; everything keeps running as it was"
+                ));
             }
         }
     }
@@ -555,24 +595,32 @@ async fn reload(
             *uplinks = list;
             reloads("failed");
             tracing::error!("Reload failed; everything keeps running as it was: {error:#}");
-            return;
+            return Err(format!(
+                "reload failed, everything keeps running as it was: {error:#}"
+            ));
         }
         Err(error) => {
             reloads("failed");
             tracing::error!(%error, "Reload panicked; the pipelines and uplinks may be stopped: restart the gateway.");
-            return;
+            return Err(format!(
+                "reload panicked ({error}); the pipelines and uplinks may be stopped: restart the gateway"
+            ));
         }
     };
-    match broker.reload_auth(auth) {
-        Ok(revoked) => tracing::info!(
-            connections_closed = revoked.connections,
-            subscriptions_removed = revoked.subscriptions,
-            "Broker auth (password file re-read, anonymous access) and ACLs reloaded."
-        ),
-        Err(error) => {
-            tracing::error!(%error, "Broker auth and ACLs not reloaded; the old ones stay.")
+    let auth_problem = match broker.reload_auth(auth) {
+        Ok(revoked) => {
+            tracing::info!(
+                connections_closed = revoked.connections,
+                subscriptions_removed = revoked.subscriptions,
+                "Broker auth (password file re-read, anonymous access) and ACLs reloaded."
+            );
+            None
         }
-    }
+        Err(error) => {
+            tracing::error!(%error, "Broker auth and ACLs not reloaded; the old ones stay.");
+            Some(error.to_string())
+        }
+    };
     match log.set_level(&config.log.level) {
         Ok(true) => tracing::info!(level = %config.log.level, "Log level changed."),
         Ok(false) => {}
@@ -599,6 +647,25 @@ async fn reload(
     shown.gateway_id.clone_from(&running.gateway.id);
     telemetry.set_identity(shown);
     *running = config;
+    let mut summary = format!(
+        "reloaded {}: {count} pipeline{}, {} uplink{}, broker users and ACLs, log level",
+        path.display(),
+        if count == 1 { "" } else { "s" },
+        uplinks.len(),
+        if uplinks.len() == 1 { "" } else { "s" },
+    );
+    if let Some(problem) = auth_problem {
+        summary.push_str(&format!(
+            "; but broker auth and ACLs were NOT reloaded (the old ones stay): {problem}"
+        ));
+    }
+    if !needs_restart.is_empty() {
+        summary.push_str(&format!(
+            "; these changes take effect only after a restart: {}",
+            needs_restart.join(", ")
+        ));
+    }
+    Ok(summary)
 }
 
 /// What the status page says about the gateway.
