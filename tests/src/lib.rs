@@ -18,17 +18,32 @@ use std::{
 use serde_json::Value;
 
 /// The `edgegw` binary, built once per test process.
+///
+/// It is built with the workspace's test feature set (`--workspace --tests`, what
+/// `cargo test --workspace` resolves): then every dependency is the one the test build already
+/// compiled and only the binary links. `-p edgegw` alone resolves some shared dependencies'
+/// features differently and would build wasmtime, Cranelift and the rest a second time.
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        escargot::CargoBuild::new()
-            .package("edgegw")
+        let messages = escargot::CargoBuild::new()
             .bin("edgegw")
+            .args(["--workspace", "--tests", "--quiet"])
             .manifest_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
-            .run()
-            .expect("building edgegw")
-            .path()
-            .to_path_buf()
+            .exec()
+            .expect("building edgegw");
+        let mut built = None;
+        for message in messages {
+            let message = message.expect("building edgegw");
+            if let Ok(escargot::format::Message::CompilerArtifact(artifact)) = message.decode()
+                && artifact.target.name == "edgegw"
+                && artifact.target.kind == ["bin"]
+                && !artifact.profile.test
+            {
+                built = artifact.executable.map(|path| path.to_path_buf());
+            }
+        }
+        built.expect("cargo built no edgegw binary")
     })
     .clone()
 }
