@@ -429,12 +429,21 @@ pub(crate) async fn run_writer<O: Outbound>(
         }
     };
 
+    // The sending runs in boxed futures: inline, their state would make every idle
+    // connection's writer task as large as the busiest moment of a send.
     match session.take_redelivery(generation) {
         Ok(list) => {
-            for outgoing in list {
-                if !send(&mut out, outgoing, &mut tally).await {
-                    return;
+            let sent = Box::pin(async {
+                for outgoing in list {
+                    if !send(&mut out, outgoing, &mut tally).await {
+                        return false;
+                    }
                 }
+                true
+            })
+            .await;
+            if !sent {
+                return;
             }
         }
         Err(Superseded) => {
@@ -464,10 +473,17 @@ pub(crate) async fn run_writer<O: Outbound>(
             }
             continue;
         }
-        for outgoing in batch.drain(..) {
-            if !send(&mut out, outgoing, &mut tally).await {
-                return;
+        let sent = Box::pin(async {
+            for outgoing in batch.drain(..) {
+                if !send(&mut out, outgoing, &mut tally).await {
+                    return false;
+                }
             }
+            true
+        })
+        .await;
+        if !sent {
+            return;
         }
         tally.flush();
     }
