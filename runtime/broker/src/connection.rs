@@ -429,20 +429,23 @@ pub(crate) async fn run_writer<O: Outbound>(
         }
     };
 
-    // The sending runs in boxed futures: inline, their state would make every idle
-    // connection's writer task as large as the busiest moment of a send.
+    // Sends in order until one fails. Called boxed: inline, its state would make every
+    // idle connection's writer task as large as the busiest moment of a send.
+    let send_all = async |out: &mut O,
+                          list: &mut dyn Iterator<Item = Outgoing>,
+                          tally: &mut SentTally|
+           -> bool {
+        for outgoing in list {
+            if !send(out, outgoing, tally).await {
+                return false;
+            }
+        }
+        true
+    };
+
     match session.take_redelivery(generation) {
         Ok(list) => {
-            let sent = Box::pin(async {
-                for outgoing in list {
-                    if !send(&mut out, outgoing, &mut tally).await {
-                        return false;
-                    }
-                }
-                true
-            })
-            .await;
-            if !sent {
+            if !Box::pin(send_all(&mut out, &mut list.into_iter(), &mut tally)).await {
                 return;
             }
         }
@@ -473,16 +476,7 @@ pub(crate) async fn run_writer<O: Outbound>(
             }
             continue;
         }
-        let sent = Box::pin(async {
-            for outgoing in batch.drain(..) {
-                if !send(&mut out, outgoing, &mut tally).await {
-                    return false;
-                }
-            }
-            true
-        })
-        .await;
-        if !sent {
+        if !Box::pin(send_all(&mut out, &mut batch.drain(..), &mut tally)).await {
             return;
         }
         tally.flush();
