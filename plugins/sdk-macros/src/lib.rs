@@ -86,6 +86,14 @@ pub fn rule(attr: TokenStream, item: TokenStream) -> TokenStream {
                 > {
                     ::edgegw_plugin_sdk::__private::on_message(msg, __EdgegwPlugin::on_message)
                 }
+                fn on_batch(
+                    msgs: ::std::vec::Vec<bindings::edgegw::rule::types::Message>,
+                ) -> ::std::vec::Vec<::core::result::Result<
+                    ::std::vec::Vec<bindings::edgegw::rule::types::Output>,
+                    ::std::string::String,
+                >> {
+                    ::edgegw_plugin_sdk::__private::on_batch(msgs, __EdgegwPlugin::on_message)
+                }
             }
             bindings::export!(__EdgegwPlugin with_types_in ::edgegw_plugin_sdk::__private::bindings);
         };

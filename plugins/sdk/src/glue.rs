@@ -113,3 +113,13 @@ pub fn on_message(
         Err(error) => Err(error.into_message()),
     }
 }
+
+/// `Guest::on_batch`: the author's function for each message in turn, each result as
+/// `on_message` would give it.
+#[cfg(target_family = "wasm")]
+pub fn on_batch(
+    msgs: Vec<bindings::edgegw::rule::types::Message>,
+    rule: fn(crate::Message) -> Result<Vec<Output>, Error>,
+) -> Vec<Result<Vec<bindings::edgegw::rule::types::Output>, String>> {
+    msgs.into_iter().map(|msg| on_message(msg, rule)).collect()
+}

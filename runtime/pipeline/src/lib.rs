@@ -286,8 +286,10 @@ struct Worker {
     metrics: Arc<Metrics>,
 }
 
-/// One message inside the chain.
+/// One message inside the chain: where it came from (an index in the batch), its topic and
+/// payload so far.
 struct Item {
+    origin: usize,
     topic: String,
     payload: Bytes,
 }
@@ -300,58 +302,87 @@ impl Worker {
         }
         let mut batch = Vec::with_capacity(BATCH);
         while self.queue.pop_batch(&mut batch, BATCH) {
-            for message in batch.drain(..) {
-                self.process(&message);
-            }
+            self.process(&batch);
+            batch.clear();
         }
         tracing::debug!(pipeline = %self.name, "Pipeline worker finished its queue.");
     }
 
-    fn process(&mut self, message: &Message) {
+    /// Runs a batch of messages through the chain: each stage takes all of the batch's items in
+    /// one go ([`Stage::call_batch`]), in order. A message that fails in any stage goes to the
+    /// dead-letter topic and none of its outputs are emitted; the others go on. Outputs are
+    /// emitted after the last stage, in the order of the messages they came from.
+    fn process(&mut self, messages: &[Arc<Message>]) {
         if self.stages.is_empty() {
-            self.emit(message, &message.topic, &message.payload);
+            for message in messages {
+                self.emit(message, &message.topic, &message.payload);
+            }
             return;
         }
-        let mut items = vec![Item {
-            topic: message.topic.to_string(),
-            payload: message.payload.clone(),
-        }];
-        let properties = &message.properties;
-        let user: Vec<(&str, &str)> = properties
-            .user_properties
+        let mut items: Vec<Item> = messages
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .enumerate()
+            .map(|(origin, m)| Item {
+                origin,
+                topic: m.topic.to_string(),
+                payload: m.payload.clone(),
+            })
             .collect();
-        for stage in &mut self.stages {
-            let mut next = Vec::new();
-            for item in &items {
-                let input = RuleMessage {
-                    topic: &item.topic,
-                    payload: &item.payload,
-                    qos: message.qos.as_u8(),
-                    retain: message.retain,
-                    content_type: properties.content_type.as_deref(),
-                    user_properties: &user,
-                };
-                match stage.call(&input) {
+        let users: Vec<Vec<(&str, &str)>> = messages
+            .iter()
+            .map(|m| {
+                let user = &m.properties.user_properties;
+                user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+            })
+            .collect();
+        let mut failed = vec![false; messages.len()];
+        // Taken out for the loop, so that dead letters can be sent from inside it.
+        let mut stages = std::mem::take(&mut self.stages);
+        for stage in &mut stages {
+            let inputs: Vec<RuleMessage<'_>> = items
+                .iter()
+                .map(|item| {
+                    let message = &messages[item.origin];
+                    RuleMessage {
+                        topic: &item.topic,
+                        payload: &item.payload,
+                        qos: message.qos.as_u8(),
+                        retain: message.retain,
+                        content_type: message.properties.content_type.as_deref(),
+                        user_properties: &users[item.origin],
+                    }
+                })
+                .collect();
+            let results = stage.call_batch(&inputs);
+            drop(inputs);
+            let mut next = Vec::with_capacity(items.len());
+            for (item, result) in items.iter().zip(results) {
+                if failed[item.origin] {
+                    continue;
+                }
+                match result {
                     Ok(outputs) => next.extend(outputs.into_iter().map(|o| Item {
+                        origin: item.origin,
                         topic: o.topic.unwrap_or_else(|| item.topic.clone()),
                         payload: Bytes::from(o.payload),
                     })),
                     Err(error) => {
-                        let plugin = stage.plugin().name().to_string();
-                        self.dead_letter(message, &plugin, &error);
-                        return;
+                        failed[item.origin] = true;
+                        let plugin = stage.plugin().name();
+                        self.dead_letter(&messages[item.origin], plugin, &error);
                     }
                 }
             }
+            // Outputs of an earlier item of a message that failed later in this stage.
+            next.retain(|item| !failed[item.origin]);
             items = next;
             if items.is_empty() {
-                return;
+                break;
             }
         }
+        self.stages = stages;
         for item in items {
-            self.emit(message, &item.topic, &item.payload);
+            self.emit(&messages[item.origin], &item.topic, &item.payload);
         }
     }
 

@@ -43,9 +43,9 @@ pub mod testing;
 pub use bindings::edgegw::rule::host::Level;
 pub use engine::{EPOCH_TICK, Engine};
 pub use error::RuleError;
-pub use plugin::{Limits, Plugin};
+pub use plugin::{Limits, Plugin, WIT_VERSION};
 pub use scaffold::{ScaffoldError, scaffold, scaffold_with_sdk, sdk_dir};
-pub use stage::{KV_MAX_BYTES, KV_MAX_KEYS, Stage};
+pub use stage::{KV_MAX_BYTES, KV_MAX_KEYS, MAX_BATCH, Stage};
 
 /// A message going into a rule: the WIT record `message`, fields borrowed from the caller.
 pub use bindings::edgegw::rule::types::Message as RuleMessage;

@@ -122,7 +122,16 @@ impl Plugin {
             .linker()
             .instantiate_pre(&component)
             .and_then(RulePre::new)
-            .map_err(|e| load_error(format!("does not fit the edgegw:rule world: {e:#}")))?;
+            .map_err(|e| {
+                let reason = format!("does not fit the edgegw:rule world: {e:#}");
+                load_error(match rule_version(engine, &component) {
+                    Some(built) if built != WIT_VERSION => format!(
+                        "was built against edgegw:rule@{built}, this gateway runs \
+                         edgegw:rule@{WIT_VERSION}: rebuild it with the current SDK ({reason})"
+                    ),
+                    _ => reason,
+                })
+            })?;
         let source = if from_cache { "cache" } else { "compiled" };
         ::metrics::counter!(edgegw_telemetry::names::RULES_PLUGIN_LOADS, "source" => source)
             .increment(1);
@@ -175,4 +184,14 @@ impl std::fmt::Debug for Plugin {
             .field("from_cache", &self.inner.from_cache)
             .finish_non_exhaustive()
     }
+}
+
+/// The version of the WIT package `edgegw:rule` this host implements (`plugins/wit/rule.wit`).
+pub const WIT_VERSION: &str = "0.2.0";
+
+/// The `edgegw:rule` version a component imports its host interface from, if it does.
+fn rule_version(engine: &Engine, component: &Component) -> Option<String> {
+    let ty = component.component_type();
+    ty.imports(engine.wasmtime())
+        .find_map(|(name, _)| name.strip_prefix("edgegw:rule/host@").map(str::to_owned))
 }

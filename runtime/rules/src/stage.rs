@@ -15,6 +15,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 pub const KV_MAX_KEYS: usize = 4096;
 /// Most bytes (keys plus values) in a stage's kv store.
 pub const KV_MAX_BYTES: usize = 1 << 20;
+/// Most messages in one `on-batch` call ([`Stage::call_batch`]). It bounds how long a looping
+/// plugin holds a batch (its time limit times this) before the messages run one by one.
+pub const MAX_BATCH: usize = 32;
 /// Longest log line a plugin can write through `host.log`; longer ones are cut.
 const MAX_LOG_TEXT: usize = 1024;
 
@@ -84,6 +87,131 @@ impl Stage {
         result
     }
 
+    /// Runs several messages through the plugin, in order: for each, what [`call`](Stage::call)
+    /// would have returned for it. Messages go to the plugin's `on-batch` in groups of up to
+    /// [`MAX_BATCH`], one call each, which costs far less than a call per message. When a group
+    /// faults (trap, timeout, memory limit) or the plugin returns the wrong number of results,
+    /// its key-value store changes are undone, the instance is re-created and the group's
+    /// messages are run again one by one, so that each message gets exactly its own verdict.
+    /// A group's time limit is the plugin's limit times the number of messages in it.
+    pub fn call_batch(&mut self, msgs: &[RuleMessage<'_>]) -> Vec<Result<Vec<Output>, RuleError>> {
+        let mut results = Vec::with_capacity(msgs.len());
+        for group in msgs.chunks(MAX_BATCH) {
+            if let [msg] = group {
+                results.push(self.call(msg));
+                continue;
+            }
+            let started = Instant::now();
+            match self.try_batch(group, started) {
+                Some(verdicts) => {
+                    let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
+                    let each = started.elapsed() / n;
+                    for (msg, result) in group.iter().zip(verdicts) {
+                        let label = match &result {
+                            Ok(_) => "ok",
+                            Err(e) => e.result(),
+                        };
+                        self.metrics.call(label, each);
+                        if let Err(error) = &result {
+                            self.report(error, msg.topic);
+                        }
+                        results.push(result);
+                    }
+                }
+                None => results.extend(group.iter().map(|msg| self.call(msg))),
+            }
+        }
+        results
+    }
+
+    /// One `on-batch` call: the verdicts, or `None` when the messages must be run one by one
+    /// (the instance could not be created, the call faulted, or the plugin returned the wrong
+    /// number of results; the instance is then gone and the kv store as before the call).
+    fn try_batch(
+        &mut self,
+        msgs: &[RuleMessage<'_>],
+        started: Instant,
+    ) -> Option<Vec<Result<Vec<Output>, RuleError>>> {
+        if self.instance.is_none() {
+            // The one-by-one calls try again and report why not.
+            self.instance = Some(self.instantiate().ok()?);
+        }
+        let instance = self.instance.as_mut()?;
+        let limits = self.plugin.limits();
+        let time = limits
+            .time
+            .saturating_mul(u32::try_from(msgs.len()).unwrap_or(u32::MAX));
+        let store = &mut instance.store;
+        let state = store.data_mut();
+        state.limiter.denied = false;
+        state.clock.start(time, started);
+        state.kv.begin();
+        store.set_epoch_deadline(ticks(time));
+        let result = instance.rule.call_on_batch(&mut *store, msgs);
+        let state = store.data_mut();
+        match result {
+            Ok(batch) if batch.len() == msgs.len() => {
+                state.kv.commit();
+                Some(
+                    batch
+                        .into_iter()
+                        .zip(msgs)
+                        .map(|(result, msg)| self.verdict(result, msg.topic))
+                        .collect(),
+                )
+            }
+            Ok(batch) => {
+                state.kv.rollback();
+                tracing::warn!(
+                    pipeline = &*self.pipeline,
+                    plugin = self.plugin.name(),
+                    results = batch.len(),
+                    messages = msgs.len(),
+                    "A rule plugin's on-batch returned the wrong number of results; running the messages one by one."
+                );
+                self.discard_instance();
+                None
+            }
+            Err(error) => {
+                state.kv.rollback();
+                // The one-by-one run reports the fault with the message it belongs to.
+                let _ = state.stderr.take_tail();
+                tracing::debug!(
+                    pipeline = &*self.pipeline,
+                    plugin = self.plugin.name(),
+                    messages = msgs.len(),
+                    error = %describe(&error),
+                    "A batch of messages faulted; running them one by one."
+                );
+                self.discard_instance();
+                None
+            }
+        }
+    }
+
+    /// A returned result as the stage's verdict: outputs within the limit, or the plugin's error.
+    fn verdict(
+        &self,
+        result: Result<Vec<Output>, String>,
+        topic: &str,
+    ) -> Result<Vec<Output>, RuleError> {
+        let max_outputs = self.plugin.limits().max_outputs;
+        match result {
+            Ok(outputs) if outputs.len() > max_outputs => Err(RuleError::TooManyOutputs {
+                plugin: self.plugin.name().to_owned(),
+                topic: topic.to_owned(),
+                count: outputs.len(),
+                limit: max_outputs,
+            }),
+            Ok(outputs) => Ok(outputs),
+            Err(message) => Err(RuleError::Error {
+                plugin: self.plugin.name().to_owned(),
+                topic: topic.to_owned(),
+                message,
+            }),
+        }
+    }
+
     fn call_inner(
         &mut self,
         msg: &RuleMessage<'_>,
@@ -104,20 +232,7 @@ impl Stage {
         store.set_epoch_deadline(ticks(limits.time));
         let result = instance.rule.call_on_message(&mut *store, msg.clone());
         match result {
-            Ok(Ok(outputs)) if outputs.len() > limits.max_outputs => {
-                Err(RuleError::TooManyOutputs {
-                    plugin: self.plugin.name().to_owned(),
-                    topic: msg.topic.to_owned(),
-                    count: outputs.len(),
-                    limit: limits.max_outputs,
-                })
-            }
-            Ok(Ok(outputs)) => Ok(outputs),
-            Ok(Err(message)) => Err(RuleError::Error {
-                plugin: self.plugin.name().to_owned(),
-                topic: msg.topic.to_owned(),
-                message,
-            }),
+            Ok(result) => self.verdict(result, msg.topic),
             Err(error) => {
                 let fault = self.fault(&error, msg.topic, limits.time);
                 self.discard_instance();
@@ -415,12 +530,40 @@ impl ResourceLimiter for Limiter {
 /// A stage's key-value store (bounded, see [`KV_MAX_KEYS`] and [`KV_MAX_BYTES`]).
 #[derive(Default)]
 pub(crate) struct Kv {
-    map: HashMap<String, Vec<u8>>,
+    pub(crate) map: HashMap<String, Vec<u8>>,
     /// Keys plus values.
-    bytes: usize,
+    pub(crate) bytes: usize,
+    /// During a batch: each change's key and the value it replaced, to undo the batch.
+    journal: Option<Vec<(String, Option<Vec<u8>>)>>,
 }
 
 impl Kv {
+    /// Starts recording changes, so that [`Kv::rollback`] can undo them.
+    pub(crate) fn begin(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// Keeps the changes since [`Kv::begin`].
+    pub(crate) fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// Undoes the changes since [`Kv::begin`].
+    pub(crate) fn rollback(&mut self) {
+        let Some(journal) = self.journal.take() else {
+            return;
+        };
+        for (key, old) in journal.into_iter().rev() {
+            if let Some(now) = self.map.remove(&key) {
+                self.bytes -= key.len() + now.len();
+            }
+            if let Some(old) = old {
+                self.bytes += key.len() + old.len();
+                self.map.insert(key, old);
+            }
+        }
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.map.get(key).cloned()
     }
@@ -436,13 +579,24 @@ impl Kv {
             return Err(format!("kv store full: {KV_MAX_BYTES} bytes"));
         }
         self.bytes = bytes;
-        self.map.insert(key, value);
+        match &mut self.journal {
+            Some(journal) => {
+                let old = self.map.insert(key.clone(), value);
+                journal.push((key, old));
+            }
+            None => {
+                self.map.insert(key, value);
+            }
+        }
         Ok(())
     }
 
     pub(crate) fn delete(&mut self, key: &str) {
         if let Some(value) = self.map.remove(key) {
             self.bytes -= key.len() + value.len();
+            if let Some(journal) = &mut self.journal {
+                journal.push((key.to_owned(), Some(value)));
+            }
         }
     }
 }

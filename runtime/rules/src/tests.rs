@@ -3,7 +3,10 @@
 
 use crate::stage::Kv;
 use crate::testing::build_plugins;
-use crate::{Engine, Limits, Output, Plugin, RuleError, RuleMessage, Stage, plugin_test};
+use crate::{
+    Engine, Limits, MAX_BATCH, Output, Plugin, RuleError, RuleMessage, Stage, WIT_VERSION,
+    plugin_test,
+};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -522,4 +525,156 @@ fn stages_move_to_worker_threads_and_plugins_are_shared() {
     for worker in workers {
         assert_eq!(worker.join().unwrap(), 100);
     }
+}
+
+/// `(topic, payload)` pairs as rule messages.
+fn messages<'a>(pairs: &'a [(String, String)]) -> Vec<RuleMessage<'a>> {
+    pairs
+        .iter()
+        .map(|(t, p)| RuleMessage::new(t, p.as_bytes()))
+        .collect()
+}
+
+/// What a result says, comparable across stages (errors by their text).
+fn summary(result: &Result<Vec<Output>, RuleError>) -> Result<Vec<Output>, String> {
+    match result {
+        Ok(outputs) => Ok(outputs.clone()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+#[test]
+fn a_batch_gives_each_message_what_calls_one_by_one_give() {
+    // Stateful (deadband, per topic), with errors (not JSON) in between, and more messages
+    // than one on-batch call takes.
+    let n = MAX_BATCH * 2 + 5;
+    let pairs: Vec<(String, String)> = (0..n)
+        .map(|i| {
+            let topic = format!("s/{}", i % 3);
+            let payload = if i % 17 == 5 {
+                "not json".to_owned()
+            } else {
+                format!(r#"{{"temp": {}}}"#, (i * 7 % 11) as f64 / 4.0)
+            };
+            (topic, payload)
+        })
+        .collect();
+    let msgs = messages(&pairs);
+    let config = json!({"field": "temp", "delta": 0.5});
+    let mut one_by_one = stage("deadband", config.clone());
+    let expected: Vec<_> = msgs.iter().map(|m| summary(&one_by_one.call(m))).collect();
+    let mut batched = stage("deadband", config);
+    let got: Vec<_> = batched.call_batch(&msgs).iter().map(summary).collect();
+    assert_eq!(got, expected);
+    assert!(expected.iter().any(|r| r.is_err()), "errors included");
+    assert!(
+        expected.iter().any(|r| matches!(r, Ok(o) if o.is_empty())),
+        "drops included"
+    );
+    assert!(
+        expected.iter().any(|r| matches!(r, Ok(o) if !o.is_empty())),
+        "outputs included"
+    );
+    assert!(batched.call_batch(&[]).is_empty());
+}
+
+#[test]
+fn a_faulting_batch_runs_again_one_by_one_with_its_kv_changes_undone() {
+    // The panic fixture counts calls in the kv store (stage) and in memory (instance).
+    let pairs: Vec<(String, String)> = [
+        ("t/1", "fine"),
+        ("t/2", "fine"),
+        ("t/boom", "panic"),
+        ("t/3", "fine"),
+    ]
+    .iter()
+    .map(|(t, p)| (t.to_string(), p.to_string()))
+    .collect();
+    let mut panicky = stage("fixture-panic", Value::Null);
+    let results = panicky.call_batch(&messages(&pairs));
+    let counts = |r: &Result<Vec<Output>, RuleError>| {
+        let v = json_of(&r.as_ref().unwrap()[0]);
+        (
+            v["instance_calls"].as_u64().unwrap(),
+            v["stage_calls"].as_u64().unwrap(),
+        )
+    };
+    // Exactly what single calls give: the batch's first run left no trace in the kv store.
+    assert_eq!(counts(&results[0]), (1, 1));
+    assert_eq!(counts(&results[1]), (2, 2));
+    assert!(
+        matches!(&results[2], Err(RuleError::Trap { topic, detail, .. })
+            if topic == "t/boom" && detail.contains("asked to panic on t/boom")),
+        "{:?}",
+        results[2]
+    );
+    assert_eq!(counts(&results[3]), (1, 4));
+    // The stage goes on batching.
+    let more: Vec<(String, String)> = (0..3).map(|i| (format!("t/{i}"), "ok".into())).collect();
+    let results = panicky.call_batch(&messages(&more));
+    assert_eq!(
+        results.iter().map(counts).collect::<Vec<_>>(),
+        [(2, 5), (3, 6), (4, 7)]
+    );
+}
+
+#[test]
+fn a_looping_message_in_a_batch_times_out_alone() {
+    let limits = Limits {
+        time: Duration::from_millis(20),
+        ..Limits::default()
+    };
+    let mut looping = Stage::new(
+        &plugin_with("fixture-infinite-loop", limits),
+        "test",
+        "null",
+    )
+    .unwrap();
+    let pairs: Vec<(String, String)> = [("t/a", "a"), ("t/loop", "loop"), ("t/b", "b")]
+        .iter()
+        .map(|(t, p)| (t.to_string(), p.to_string()))
+        .collect();
+    let started = Instant::now();
+    let results = looping.call_batch(&messages(&pairs));
+    let elapsed = started.elapsed();
+    assert_eq!(results[0].as_ref().unwrap()[0].payload, b"a");
+    assert!(
+        matches!(&results[1], Err(RuleError::Timeout { topic, limit, .. })
+            if topic == "t/loop" && *limit == limits.time),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(results[2].as_ref().unwrap()[0].payload, b"b");
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+}
+
+#[test]
+fn kv_changes_of_a_batch_can_be_undone() {
+    let mut kv = Kv::default();
+    kv.set("keep".into(), vec![1; 10]).unwrap();
+    kv.set("gone".into(), vec![2; 5]).unwrap();
+    let (map, bytes) = (kv.map.clone(), kv.bytes);
+    kv.begin();
+    kv.set("keep".into(), vec![3; 100]).unwrap();
+    kv.set("keep".into(), vec![4; 1]).unwrap();
+    kv.delete("gone");
+    kv.set("new".into(), vec![5; 7]).unwrap();
+    kv.rollback();
+    assert_eq!((&kv.map, kv.bytes), (&map, bytes));
+    kv.begin();
+    kv.set("new".into(), vec![6; 3]).unwrap();
+    kv.commit();
+    kv.rollback();
+    assert_eq!(kv.get("new"), Some(vec![6; 3]));
+    assert_eq!(kv.bytes, bytes + 6);
+}
+
+#[test]
+fn the_host_implements_the_wit_package_version_in_plugins_wit() {
+    let wit =
+        std::fs::read_to_string(crate::testing::repo_root().join("plugins/wit/rule.wit")).unwrap();
+    assert!(
+        wit.contains(&format!("package edgegw:rule@{WIT_VERSION};")),
+        "plugins/wit/rule.wit and WIT_VERSION disagree"
+    );
 }
