@@ -588,15 +588,21 @@ fn pipeline_summary(entries: &[Entry]) -> String {
         ));
     }
     if let Some(wasm) = broker::IDENTITY_WASM.get() {
-        match edgegw_rules::bench::per_call(wasm, 100, 200_000) {
-            Ok(per) => out.push_str(&format!(
-                "| one identity call in process (100-byte payload, {} calls) | {:.2} µs | |\n",
-                per.calls,
-                per.mean().as_secs_f64() * 1e6
-            )),
-            Err(e) => out.push_str(&format!(
-                "| one identity call in process | failed: {e} | |\n"
-            )),
+        for batch in [1, edgegw_rules::MAX_BATCH] {
+            let what = if batch == 1 {
+                "one identity call in process (100-byte payload)".to_owned()
+            } else {
+                format!(
+                    "identity in process, {batch} messages per call (a queued batch), per message"
+                )
+            };
+            match edgegw_rules::bench::per_call(wasm, 100, 200_000, batch) {
+                Ok(per) => out.push_str(&format!(
+                    "| {what} | {:.2} µs | |\n",
+                    per.mean().as_secs_f64() * 1e6
+                )),
+                Err(e) => out.push_str(&format!("| {what} | failed: {e} | |\n")),
+            }
         }
     }
     if !out.is_empty() {

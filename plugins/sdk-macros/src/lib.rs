@@ -37,15 +37,18 @@ pub fn rule(attr: TokenStream, item: TokenStream) -> TokenStream {
     inner_sig.ident = inner.clone();
 
     quote! {
+        #[inline(always)]
+        #inner_sig #block
+
         #(#attrs)*
+        // A WebAssembly build calls the rule through the export, not through this function.
+        #[cfg_attr(target_family = "wasm", allow(dead_code))]
         #vis fn #name(
             msg: ::edgegw_plugin_sdk::Message,
         ) -> ::core::result::Result<
             ::std::vec::Vec<::edgegw_plugin_sdk::Output>,
             ::edgegw_plugin_sdk::Error,
         > {
-            #[inline(always)]
-            #inner_sig #block
             // The topic is kept aside so that an error, whoever made it, names the message.
             let topic = ::core::clone::Clone::clone(&msg.topic);
             ::edgegw_plugin_sdk::__private::finish(topic, #inner(msg))
@@ -57,7 +60,8 @@ pub fn rule(attr: TokenStream, item: TokenStream) -> TokenStream {
 
         impl __EdgegwPlugin {
             /// The rule as the export calls it (public, so that a native build, which has no
-            /// export, does not see the rule as dead code).
+            /// export, does not see the rule as dead code). Without the topic on errors: the
+            /// host names the message itself, so the topic is not copied for every message.
             #[doc(hidden)]
             pub fn on_message(
                 msg: ::edgegw_plugin_sdk::Message,
@@ -65,7 +69,7 @@ pub fn rule(attr: TokenStream, item: TokenStream) -> TokenStream {
                 ::std::vec::Vec<::edgegw_plugin_sdk::Output>,
                 ::edgegw_plugin_sdk::Error,
             > {
-                #name(msg)
+                ::edgegw_plugin_sdk::__private::finish_in_host(#inner(msg))
             }
         }
 

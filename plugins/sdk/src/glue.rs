@@ -74,6 +74,14 @@ pub fn finish<E: Into<Error>>(
     result.map_err(|e| e.into().or_topic(topic))
 }
 
+/// The result of the author's rule function as the export returns it: the host adds the
+/// message's topic to errors.
+pub fn finish_in_host<E: Into<Error>>(
+    result: Result<Vec<Output>, E>,
+) -> Result<Vec<Output>, Error> {
+    result.map_err(Into::into)
+}
+
 #[cfg(target_family = "wasm")]
 mod wit {
     use super::bindings::edgegw::rule::types;

@@ -218,6 +218,68 @@ async fn a_failing_rule_sends_the_message_to_the_dead_letter_topic_and_the_pipel
         .unwrap();
 }
 
+/// Messages that wait in the queue go through each stage in one batch; a message that faults
+/// in the second stage of a chain goes to the dead-letter topic alone, and the others come out
+/// once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_inside_a_batch_dead_letters_only_its_message() {
+    let router = Router::new(RouterLimits::default());
+    let identity = plugin("fixture-identity", Limits::default());
+    let looping = plugin(
+        "fixture-infinite-loop",
+        Limits {
+            time: Duration::from_millis(20),
+            ..Limits::default()
+        },
+    );
+    let out = watcher(&router, "out/#");
+    let dead = watcher(&router, "$edgegw/deadletter/#");
+    let pipelines = Pipelines::start(
+        router.clone(),
+        vec![spec(
+            "chain",
+            "in/chain",
+            vec![stage(&identity, "null"), stage(&looping, "null")],
+            &["local:out/chain"],
+        )],
+        Uplinks::new(),
+    )
+    .unwrap();
+    // The first "loop" holds the worker for its time limit, so the 49 messages after it wait
+    // in the queue and go through the stages as a batch (two on-batch calls: 32 and 17),
+    // the second "loop" among them.
+    let payloads: Vec<String> = (0..50)
+        .map(|i| match i {
+            0 | 25 => "loop".to_owned(),
+            _ => format!("m{i}"),
+        })
+        .collect();
+    for p in &payloads {
+        publish(&router, "in/chain", p);
+    }
+    let got = take(&out, 48, Duration::from_secs(20)).await;
+    let expected: Vec<(String, Vec<u8>)> = payloads
+        .iter()
+        .filter(|p| *p != "loop")
+        .map(|p| ("out/chain".to_owned(), p.as_bytes().to_vec()))
+        .collect();
+    assert_eq!(got, expected);
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(5), dead.recv())
+            .await
+            .expect("a dead letter")
+            .unwrap();
+        assert_eq!(d.message.topic.as_ref(), "$edgegw/deadletter/chain");
+        assert_eq!(d.message.payload.as_ref(), b"loop");
+    }
+    // Nothing else: no output twice, no other dead letter.
+    assert!(take(&out, 1, Duration::from_millis(300)).await.is_empty());
+    assert!(take(&dead, 1, Duration::from_millis(10)).await.is_empty());
+    tokio::task::spawn_blocking(move || pipelines.stop())
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelines_feeding_each_other_stop_at_the_hop_limit_and_never_take_their_own_outputs() {
     let router = Router::new(RouterLimits::default());

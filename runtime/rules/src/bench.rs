@@ -20,24 +20,40 @@ impl PerCall {
     }
 }
 
-/// Times `calls` calls of one stage of the plugin at `wasm` (the identity fixture, for the
-/// benchmark's figure) with a `payload_size`-byte JSON-ish payload on a three-level topic,
-/// reusing the stage as a pipeline does. Build in release mode for meaningful numbers.
-pub fn per_call(wasm: &Path, payload_size: usize, calls: u64) -> Result<PerCall, RuleError> {
+/// Times `calls` messages through one stage of the plugin at `wasm` (the identity fixture, for
+/// the benchmark's figure) with a `payload_size`-byte JSON-ish payload on a three-level topic,
+/// reusing the stage as a pipeline does: one [`Stage::call`] per message when `batch` is 1,
+/// else [`Stage::call_batch`] with `batch` messages at a time (as a pipeline whose queue holds
+/// that many). Build in release mode for meaningful numbers.
+pub fn per_call(
+    wasm: &Path,
+    payload_size: usize,
+    calls: u64,
+    batch: usize,
+) -> Result<PerCall, RuleError> {
     let engine = Engine::new()?;
     let plugin = Plugin::load(&engine, "bench", wasm, Limits::default(), None)?;
     let mut stage = Stage::new(&plugin, "bench", "null")?;
     let payload: Vec<u8> = (0..payload_size).map(|i| b'a' + (i % 26) as u8).collect();
-    let msg = RuleMessage::new("sensors/kitchen/temp", &payload);
-    for _ in 0..calls.min(10_000) {
-        stage.call(&msg)?;
-    }
+    let batch = batch.max(1);
+    let msgs = vec![RuleMessage::new("sensors/kitchen/temp", &payload); batch];
+    let mut run = |n: u64| -> Result<(), RuleError> {
+        for _ in 0..n.div_ceil(batch as u64) {
+            if batch == 1 {
+                std::hint::black_box(stage.call(std::hint::black_box(&msgs[0]))?);
+            } else {
+                for result in stage.call_batch(std::hint::black_box(&msgs)) {
+                    std::hint::black_box(result?);
+                }
+            }
+        }
+        Ok(())
+    };
+    run(calls.min(10_000))?;
     let started = Instant::now();
-    for _ in 0..calls {
-        std::hint::black_box(stage.call(std::hint::black_box(&msg))?);
-    }
+    run(calls)?;
     Ok(PerCall {
-        calls,
+        calls: calls.div_ceil(batch as u64) * batch as u64,
         total: started.elapsed(),
     })
 }
