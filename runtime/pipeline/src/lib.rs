@@ -27,8 +27,8 @@ use std::{
 };
 
 use edgegw_broker::{
-    Bytes, LocalClient, Message, Offer, Origin, Properties, Router, Sink, SinkId, StoreError,
-    Ticket,
+    ByteString, Bytes, LocalClient, Message, Offer, Origin, Properties, Router, Sink, SinkId,
+    StoreError, Ticket,
     topic::{Filter, TopicTemplate, matches},
 };
 use edgegw_rules::{Plugin, RuleError, RuleMessage, Stage};
@@ -290,7 +290,8 @@ struct Worker {
 /// payload so far.
 struct Item {
     origin: usize,
-    topic: String,
+    /// Shared (no copy) while a stage keeps the topic.
+    topic: ByteString,
     payload: Bytes,
 }
 
@@ -324,7 +325,7 @@ impl Worker {
             .enumerate()
             .map(|(origin, m)| Item {
                 origin,
-                topic: m.topic.to_string(),
+                topic: m.topic.clone(),
                 payload: m.payload.clone(),
             })
             .collect();
@@ -363,7 +364,7 @@ impl Worker {
                 match result {
                     Ok(outputs) => next.extend(outputs.into_iter().map(|o| Item {
                         origin: item.origin,
-                        topic: o.topic.unwrap_or_else(|| item.topic.clone()),
+                        topic: o.topic.map_or_else(|| item.topic.clone(), ByteString::from),
                         payload: Bytes::from(o.payload),
                     })),
                     Err(error) => {
