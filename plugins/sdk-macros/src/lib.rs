@@ -36,13 +36,21 @@ pub fn rule(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut inner_sig = sig.clone();
     inner_sig.ident = inner.clone();
 
+    // Doc comments describe the rule's function; everything else (lints, cfg) also applies
+    // to the body, which is the inner function.
+    let (docs, others): (Vec<_>, Vec<_>) =
+        attrs.into_iter().partition(|a| a.path().is_ident("doc"));
+    let cfgs: Vec<_> = others.iter().filter(|a| a.path().is_ident("cfg")).collect();
     quote! {
+        #(#others)*
         #[inline(always)]
         #inner_sig #block
 
-        #(#attrs)*
-        // A WebAssembly build calls the rule through the export, not through this function.
-        #[cfg_attr(target_family = "wasm", allow(dead_code))]
+        #(#docs)*
+        #(#cfgs)*
+        // The export calls the inner function directly, so native builds (tests aside) and
+        // WebAssembly builds may not call this one.
+        #[allow(dead_code)]
         #vis fn #name(
             msg: ::edgegw_plugin_sdk::Message,
         ) -> ::core::result::Result<

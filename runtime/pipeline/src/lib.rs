@@ -31,7 +31,7 @@ use edgegw_broker::{
     StoreError, Ticket,
     topic::{Filter, TopicTemplate, matches},
 };
-use edgegw_rules::{Plugin, RuleError, RuleMessage, Stage};
+use edgegw_rules::{MAX_BATCH, Plugin, RuleError, RuleMessage, Stage};
 use edgegw_telemetry::names;
 use metrics::{Counter, Gauge, counter, gauge};
 use tokio::sync::oneshot;
@@ -303,7 +303,11 @@ impl Worker {
         }
         let mut batch = Vec::with_capacity(BATCH);
         while self.queue.pop_batch(&mut batch, BATCH) {
-            self.process(&batch);
+            // Through all stages a group at a time, so that the first outputs do not wait for
+            // the whole of a long batch.
+            for group in batch.chunks(MAX_BATCH) {
+                self.process(group);
+            }
             batch.clear();
         }
         tracing::debug!(pipeline = %self.name, "Pipeline worker finished its queue.");
@@ -311,8 +315,11 @@ impl Worker {
 
     /// Runs a batch of messages through the chain: each stage takes all of the batch's items in
     /// one go ([`Stage::call_batch`]), in order. A message that fails in any stage goes to the
-    /// dead-letter topic and none of its outputs are emitted; the others go on. Outputs are
-    /// emitted after the last stage, in the order of the messages they came from.
+    /// dead-letter topic and none of its outputs are emitted; the others go on. (Unlike one
+    /// message at a time, a failed message's other items in the same stage, when an earlier
+    /// stage emitted several for it, still go through that stage; their results are dropped.)
+    /// Outputs are emitted after the last stage, in the order of the messages they came from;
+    /// dead letters as the failures happen.
     fn process(&mut self, messages: &[Arc<Message>]) {
         if self.stages.is_empty() {
             for message in messages {

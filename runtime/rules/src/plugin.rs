@@ -189,9 +189,13 @@ impl std::fmt::Debug for Plugin {
 /// The version of the WIT package `edgegw:rule` this host implements (`plugins/wit/rule.wit`).
 pub const WIT_VERSION: &str = "0.2.0";
 
-/// The `edgegw:rule` version a component imports its host interface from, if it does.
+/// The `edgegw:rule` version of the interfaces a component imports or exports, if any.
 fn rule_version(engine: &Engine, component: &Component) -> Option<String> {
     let ty = component.component_type();
     ty.imports(engine.wasmtime())
-        .find_map(|(name, _)| name.strip_prefix("edgegw:rule/host@").map(str::to_owned))
+        .chain(ty.exports(engine.wasmtime()))
+        .find_map(|(name, _)| {
+            let rest = name.strip_prefix("edgegw:rule/")?;
+            Some(rest.split_once('@')?.1.to_owned())
+        })
 }

@@ -87,16 +87,25 @@ impl Stage {
         result
     }
 
-    /// Runs several messages through the plugin, in order: for each, what [`call`](Stage::call)
-    /// would have returned for it. Messages go to the plugin's `on-batch` in groups of up to
-    /// [`MAX_BATCH`], one call each, which costs far less than a call per message. When a group
-    /// faults (trap, timeout, memory limit) or the plugin returns the wrong number of results,
-    /// its key-value store changes are undone, the instance is re-created and the group's
-    /// messages are run again one by one, so that each message gets exactly its own verdict.
-    /// A group's time limit is the plugin's limit times the number of messages in it.
+    /// Runs several messages through the plugin, in order: a result for each, as
+    /// [`call`](Stage::call) gives it. Messages go to the plugin's `on-batch` in groups (at
+    /// most [`MAX_BATCH`] messages and a sixteenth of the memory limit in topics and payloads),
+    /// one call each, which costs far less than a call per message. Differences from calling
+    /// one by one, all around faults:
+    /// - A group's time limit is the plugin's limit times the number of messages in it: a
+    ///   slow message among fast ones can pass where alone it would time out.
+    /// - When a group faults (trap, timeout, memory limit) or the plugin returns the wrong
+    ///   number of results, no result of the group is kept: its key-value store changes are
+    ///   undone, the instance is re-created and the group's messages run again one by one.
+    ///   Only the faulting message fails, but the messages before it in the group run on the
+    ///   fresh instance (memory state as after a restart, which one by one only the messages
+    ///   after the fault would see), and their log lines appear twice.
     pub fn call_batch(&mut self, msgs: &[RuleMessage<'_>]) -> Vec<Result<Vec<Output>, RuleError>> {
         let mut results = Vec::with_capacity(msgs.len());
-        for group in msgs.chunks(MAX_BATCH) {
+        let mut rest = msgs;
+        while !rest.is_empty() {
+            let (group, after) = rest.split_at(self.group_len(rest));
+            rest = after;
             if let [msg] = group {
                 results.push(self.call(msg));
                 continue;
@@ -122,6 +131,23 @@ impl Stage {
             }
         }
         results
+    }
+
+    /// How many of `msgs` (at least one) go in the next `on-batch` call: at most
+    /// [`MAX_BATCH`], and no more bytes of topics and payloads than a sixteenth of the memory
+    /// limit, so that a group does not hit the limit only because it is a group.
+    pub(crate) fn group_len(&self, msgs: &[RuleMessage<'_>]) -> usize {
+        let budget = self.plugin.limits().memory / 16;
+        let mut bytes = 0;
+        let mut len = 0;
+        for msg in msgs.iter().take(MAX_BATCH) {
+            bytes += msg.topic.len() + msg.payload.len();
+            if len > 0 && bytes > budget {
+                break;
+            }
+            len += 1;
+        }
+        len.max(1)
     }
 
     /// One `on-batch` call: the verdicts, or `None` when the messages must be run one by one
@@ -169,7 +195,8 @@ impl Stage {
                     messages = msgs.len(),
                     "A rule plugin's on-batch returned the wrong number of results; running the messages one by one."
                 );
-                self.discard_instance();
+                self.drop_instance();
+                self.metrics.restart();
                 None
             }
             Err(error) => {
@@ -183,7 +210,9 @@ impl Stage {
                     error = %describe(&error),
                     "A batch of messages faulted; running them one by one."
                 );
-                self.discard_instance();
+                // Not counted as a restart: the one-by-one run counts the fault once, when
+                // it meets the faulting message.
+                self.drop_instance();
                 None
             }
         }
@@ -282,10 +311,15 @@ impl Stage {
 
     /// Drops a faulted instance, keeping its kv store for the next one.
     fn discard_instance(&mut self) {
+        self.drop_instance();
+        self.metrics.restart();
+    }
+
+    /// Drops the instance, keeping its kv store, without counting a restart.
+    fn drop_instance(&mut self) {
         if let Some(mut instance) = self.instance.take() {
             self.kv = std::mem::take(&mut instance.store.data_mut().kv);
         }
-        self.metrics.restart();
     }
 
     /// A fresh store and instance, `init`ed with the stage's config.
@@ -533,14 +567,16 @@ pub(crate) struct Kv {
     pub(crate) map: HashMap<String, Vec<u8>>,
     /// Keys plus values.
     pub(crate) bytes: usize,
-    /// During a batch: each change's key and the value it replaced, to undo the batch.
-    journal: Option<Vec<(String, Option<Vec<u8>>)>>,
+    /// During a batch: for each key changed, the value it had before the batch (`None`: it
+    /// was not there), to undo the batch. One entry per key, so it stays within the store's
+    /// own bounds however often a plugin rewrites a key.
+    pub(crate) journal: Option<HashMap<String, Option<Vec<u8>>>>,
 }
 
 impl Kv {
     /// Starts recording changes, so that [`Kv::rollback`] can undo them.
     pub(crate) fn begin(&mut self) {
-        self.journal = Some(Vec::new());
+        self.journal = Some(HashMap::new());
     }
 
     /// Keeps the changes since [`Kv::begin`].
@@ -553,7 +589,7 @@ impl Kv {
         let Some(journal) = self.journal.take() else {
             return;
         };
-        for (key, old) in journal.into_iter().rev() {
+        for (key, old) in journal {
             if let Some(now) = self.map.remove(&key) {
                 self.bytes -= key.len() + now.len();
             }
@@ -582,7 +618,7 @@ impl Kv {
         match &mut self.journal {
             Some(journal) => {
                 let old = self.map.insert(key.clone(), value);
-                journal.push((key, old));
+                journal.entry(key).or_insert(old);
             }
             None => {
                 self.map.insert(key, value);
@@ -595,7 +631,7 @@ impl Kv {
         if let Some(value) = self.map.remove(key) {
             self.bytes -= key.len() + value.len();
             if let Some(journal) = &mut self.journal {
-                journal.push((key.to_owned(), Some(value)));
+                journal.entry(key.to_owned()).or_insert(Some(value));
             }
         }
     }

@@ -661,6 +661,14 @@ fn kv_changes_of_a_batch_can_be_undone() {
     kv.set("new".into(), vec![5; 7]).unwrap();
     kv.rollback();
     assert_eq!((&kv.map, kv.bytes), (&map, bytes));
+    // The journal keeps one old value per key, however often the batch rewrites it.
+    kv.begin();
+    for i in 0..1000 {
+        kv.set("keep".into(), vec![7; i % 50]).unwrap();
+    }
+    assert_eq!(kv.journal.as_ref().map(HashMap::len), Some(1));
+    kv.rollback();
+    assert_eq!((&kv.map, kv.bytes), (&map, bytes));
     kv.begin();
     kv.set("new".into(), vec![6; 3]).unwrap();
     kv.commit();
@@ -677,4 +685,25 @@ fn the_host_implements_the_wit_package_version_in_plugins_wit() {
         wit.contains(&format!("package edgegw:rule@{WIT_VERSION};")),
         "plugins/wit/rule.wit and WIT_VERSION disagree"
     );
+}
+
+#[test]
+fn a_group_holds_at_most_max_batch_messages_and_a_sixteenth_of_the_memory_limit() {
+    let small = Limits {
+        memory: 4 << 20,
+        ..Limits::default()
+    };
+    let stage = Stage::new(&plugin_with("fixture-identity", small), "test", "null").unwrap();
+    let tiny = vec![b'x'; 10];
+    let msgs = vec![RuleMessage::new("t", &tiny); 100];
+    assert_eq!(stage.group_len(&msgs), MAX_BATCH);
+    assert_eq!(stage.group_len(&msgs[..3]), 3);
+    // 256 KiB of budget: three 80 KiB messages fit, a fourth does not.
+    let big = vec![b'x'; 80 << 10];
+    let msgs = vec![RuleMessage::new("t", &big); 10];
+    assert_eq!(stage.group_len(&msgs), 3);
+    // One message larger than the budget still goes, alone.
+    let huge = vec![b'x'; 400 << 10];
+    let msgs = vec![RuleMessage::new("t", &huge); 2];
+    assert_eq!(stage.group_len(&msgs), 1);
 }
