@@ -210,18 +210,19 @@ fn identity_forwards_every_field_it_is_given() {
     }
 }
 
-#[test]
-fn infinite_loop_times_out_and_the_stage_recovers() {
+/// A stage of the looping fixture with a 20 ms time limit, and those limits.
+fn looping_stage() -> (Stage, Limits) {
     let limits = Limits {
         time: Duration::from_millis(20),
         ..Limits::default()
     };
-    let mut looping = Stage::new(
-        &plugin_with("fixture-infinite-loop", limits),
-        "test",
-        "null",
-    )
-    .unwrap();
+    let plugin = plugin_with("fixture-infinite-loop", limits);
+    (Stage::new(&plugin, "test", "null").unwrap(), limits)
+}
+
+#[test]
+fn infinite_loop_times_out_and_the_stage_recovers() {
+    let (mut looping, limits) = looping_stage();
     let started = Instant::now();
     let e = call(&mut looping, "t/loop", "loop").unwrap_err();
     let elapsed = started.elapsed();
@@ -535,6 +536,14 @@ fn messages<'a>(pairs: &'a [(String, String)]) -> Vec<RuleMessage<'a>> {
         .collect()
 }
 
+/// `(topic, payload)` pairs, owned.
+fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(t, p)| (t.to_string(), p.to_string()))
+        .collect()
+}
+
 /// What a result says, comparable across stages (errors by their text).
 fn summary(result: &Result<Vec<Output>, RuleError>) -> Result<Vec<Output>, String> {
     match result {
@@ -581,15 +590,12 @@ fn a_batch_gives_each_message_what_calls_one_by_one_give() {
 #[test]
 fn a_faulting_batch_runs_again_one_by_one_with_its_kv_changes_undone() {
     // The panic fixture counts calls in the kv store (stage) and in memory (instance).
-    let pairs: Vec<(String, String)> = [
+    let pairs = owned(&[
         ("t/1", "fine"),
         ("t/2", "fine"),
         ("t/boom", "panic"),
         ("t/3", "fine"),
-    ]
-    .iter()
-    .map(|(t, p)| (t.to_string(), p.to_string()))
-    .collect();
+    ]);
     let mut panicky = stage("fixture-panic", Value::Null);
     let results = panicky.call_batch(&messages(&pairs));
     let counts = |r: &Result<Vec<Output>, RuleError>| {
@@ -620,20 +626,8 @@ fn a_faulting_batch_runs_again_one_by_one_with_its_kv_changes_undone() {
 
 #[test]
 fn a_looping_message_in_a_batch_times_out_alone() {
-    let limits = Limits {
-        time: Duration::from_millis(20),
-        ..Limits::default()
-    };
-    let mut looping = Stage::new(
-        &plugin_with("fixture-infinite-loop", limits),
-        "test",
-        "null",
-    )
-    .unwrap();
-    let pairs: Vec<(String, String)> = [("t/a", "a"), ("t/loop", "loop"), ("t/b", "b")]
-        .iter()
-        .map(|(t, p)| (t.to_string(), p.to_string()))
-        .collect();
+    let (mut looping, limits) = looping_stage();
+    let pairs = owned(&[("t/a", "a"), ("t/loop", "loop"), ("t/b", "b")]);
     let started = Instant::now();
     let results = looping.call_batch(&messages(&pairs));
     let elapsed = started.elapsed();
