@@ -125,3 +125,21 @@ impl CpuMeter {
         if wall > 0.0 { cpu / wall } else { 0.0 }
     }
 }
+
+/// CPU seconds used so far by this process's live threads whose name starts with `prefix`
+/// (Linux keeps the first 15 bytes of a thread's name).
+pub fn threads_cpu_seconds(prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.starts_with(prefix))
+        })
+        .filter_map(|task| {
+            cpu_seconds(&format!("self/task/{}", task.file_name().to_string_lossy()))
+        })
+        .sum()
+}

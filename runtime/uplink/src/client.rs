@@ -711,14 +711,15 @@ async fn on_v3(
 
 /// For the benchmark: connects the way an uplink does and publishes `count` messages held
 /// in memory with the uplink's in-flight window, the baseline the outbox drain is compared
-/// with. Returns the time from the first publish to the last acknowledgement.
+/// with. Returns the time the connection took and the time from the first publish to the
+/// last acknowledgement.
 pub(crate) fn publish_direct(
     task: Task,
     topic: &str,
     payload: &[u8],
     qos: u8,
     count: usize,
-) -> Result<Duration, String> {
+) -> Result<(Duration, Duration), String> {
     let topic = topic.to_string();
     let payload = payload.to_vec();
     let (outcome_tx, outcome_rx) = std::sync::mpsc::channel();
@@ -727,7 +728,9 @@ pub(crate) fn publish_direct(
             let outcome = async {
                 let metrics = Rc::new(Metrics::new(&task.settings.name));
                 let task = Rc::new(task);
+                let connecting = Instant::now();
                 let (up, _closed) = task.connect(&metrics).await?;
+                let connected = connecting.elapsed();
                 let window = usize::from(task.settings.inflight.max(1)).min(up.credit().max(1));
                 let (done_tx, mut done_rx) = mpsc::channel::<Result<(), String>>(window);
                 let started = Instant::now();
@@ -761,7 +764,7 @@ pub(crate) fn publish_direct(
                 }
                 let elapsed = started.elapsed();
                 up.close();
-                Ok(elapsed)
+                Ok((connected, elapsed))
             }
             .await;
             let _ = outcome_tx.send(outcome);

@@ -229,13 +229,13 @@ pub struct UplinkHandle {
 }
 
 impl UplinkHandle {
-    /// Appends a message for the cloud broker as is (topic unchanged, its own QoS);
-    /// `Appended::Queued`'s ticket resolves once it is durable.
     /// What the outbox holds now.
     pub fn stats(&self) -> OutboxStats {
         self.outbox.stats()
     }
 
+    /// Appends a message for the cloud broker as is (topic unchanged, its own QoS);
+    /// `Appended::Queued`'s ticket resolves once it is durable.
     pub fn enqueue(&self, message: &Message) -> Appended {
         self.outbox.append(
             &message.topic,
@@ -525,8 +525,8 @@ pub(crate) fn qos_of(value: u8) -> QoS {
 
 /// For the benchmark: publishes `count` copies of `payload` from memory through a connection
 /// made exactly as the uplink `settings` describe (same client, TLS and in-flight window),
-/// without an outbox. Returns the time from the first publish to the last acknowledgement.
-/// Blocks the calling thread.
+/// without an outbox. Returns the time the connection took (TCP, TLS, CONNECT/CONNACK) and
+/// the time from the first publish to the last acknowledgement. Blocks the calling thread.
 #[doc(hidden)]
 pub fn publish_direct(
     settings: UplinkSettings,
@@ -535,7 +535,7 @@ pub fn publish_direct(
     payload: &[u8],
     qos: u8,
     count: usize,
-) -> Result<Duration, String> {
+) -> Result<(Duration, Duration), String> {
     let endpoint = Endpoint::parse(&settings.url)?;
     let tls = if endpoint.tls {
         Some(Arc::new(

@@ -296,6 +296,13 @@ async fn ack_through_is_recorded_at_once_and_rows_follow_in_batches() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert_eq!(all(&outbox).await[0].seq, 5);
+    // The byte count follows the deleted rows, in memory and in the file's totals.
+    let held = |entries: Vec<OutboxEntry>| entries.iter().map(OutboxEntry::size).sum::<u64>();
+    assert_eq!(outbox.stats().bytes, held(all(&outbox).await));
+    outbox.close();
+    let outbox = Outbox::open(&path, options()).unwrap();
+    assert_eq!(outbox.stats().bytes, held(all(&outbox).await));
+    assert_eq!(outbox.stats().messages, 6);
     // Recorded but maybe not deleted when the process dies: the marker decides.
     outbox.ack_through(7).unwrap();
     drop(outbox);
