@@ -588,6 +588,23 @@ fn a_batch_gives_each_message_what_calls_one_by_one_give() {
 }
 
 #[test]
+fn a_batch_with_the_wrong_number_of_results_runs_again_one_by_one() {
+    // The fixture's on-batch returns one result fewer, each `on-batch`; on-message gives
+    // `on-message`. None of the batch's results may be kept, twice in a row.
+    let pairs = owned(&[("t/1", "a"), ("t/2", "b"), ("t/3", "c")]);
+    let mut short = stage("fixture-short-batch", Value::Null);
+    for _ in 0..2 {
+        let results = short.call_batch(&messages(&pairs));
+        assert_eq!(results.len(), pairs.len());
+        for result in &results {
+            let outputs = result.as_ref().expect("each message gets its own call");
+            assert_eq!(outputs.len(), 1);
+            assert_eq!(outputs[0].payload, b"on-message");
+        }
+    }
+}
+
+#[test]
 fn a_faulting_batch_runs_again_one_by_one_with_its_kv_changes_undone() {
     // The panic fixture counts calls in the kv store (stage) and in memory (instance).
     let pairs = owned(&[
@@ -679,6 +696,22 @@ fn the_host_implements_the_wit_package_version_in_plugins_wit() {
         wit.contains(&format!("package edgegw:rule@{WIT_VERSION};")),
         "plugins/wit/rule.wit and WIT_VERSION disagree"
     );
+}
+
+#[test]
+fn a_plugin_built_against_another_wit_version_is_refused_with_both_versions() {
+    let path = build_plugins().path("fixture-old-wit");
+    let error = Plugin::load(engine(), "old", &path, Limits::default(), None)
+        .map(|_| ())
+        .expect_err("a 0.1.0 plugin cannot run on this host")
+        .to_string();
+    for expected in [
+        "built against edgegw:rule@0.1.0",
+        &format!("this gateway runs edgegw:rule@{WIT_VERSION}"),
+        "rebuild it with the current SDK",
+    ] {
+        assert!(error.contains(expected), "{expected:?} not in: {error}");
+    }
 }
 
 #[test]
