@@ -36,6 +36,9 @@ pub struct Stage {
     /// The kv store while there is no instance (else it is in the instance's store).
     kv: Kv,
     metrics: StageMetrics,
+    /// False once the plugin's `on-batch` returned the wrong number of results: a broken
+    /// export, so this stage calls `on-message` from then on rather than paying for both.
+    batches: bool,
 }
 
 struct Instance {
@@ -60,6 +63,7 @@ impl Stage {
             instance: None,
             kv: Kv::default(),
             metrics: StageMetrics::new(pipeline, plugin.name()),
+            batches: true,
         };
         stage.instance = Some(stage.instantiate()?);
         Ok(stage)
@@ -100,14 +104,16 @@ impl Stage {
     ///   Only the faulting message fails, but the messages before it in the group run on the
     ///   fresh instance (memory state as after a restart, which one by one only the messages
     ///   after the fault would see), and their log lines appear twice.
+    /// - A plugin whose `on-batch` returned the wrong number of results is not trusted with
+    ///   another batch: the stage calls `on-message` only from then on.
     pub fn call_batch(&mut self, msgs: &[RuleMessage<'_>]) -> Vec<Result<Vec<Output>, RuleError>> {
         let mut results = Vec::with_capacity(msgs.len());
         let mut rest = msgs;
         while !rest.is_empty() {
             let (group, after) = rest.split_at(self.group_len(rest));
             rest = after;
-            if let [msg] = group {
-                results.push(self.call(msg));
+            if !self.batches || group.len() == 1 {
+                results.extend(group.iter().map(|msg| self.call(msg)));
                 continue;
             }
             let started = Instant::now();
@@ -131,6 +137,11 @@ impl Stage {
             }
         }
         results
+    }
+
+    /// Whether messages still go to the plugin's `on-batch` (see [`Stage::call_batch`]).
+    pub fn batches(&self) -> bool {
+        self.batches
     }
 
     /// How many of `msgs` (at least one) go in the next `on-batch` call: at most
@@ -193,8 +204,9 @@ impl Stage {
                     plugin = self.plugin.name(),
                     results = batch.len(),
                     messages = msgs.len(),
-                    "A rule plugin's on-batch returned the wrong number of results; running the messages one by one."
+                    "A rule plugin's on-batch returned the wrong number of results; running the messages one by one, and this stage calls on-message only from now on (until a reload). Rebuild the plugin with the current SDK."
                 );
+                self.batches = false;
                 self.drop_instance();
                 self.metrics.restart();
                 None

@@ -590,10 +590,12 @@ fn a_batch_gives_each_message_what_calls_one_by_one_give() {
 #[test]
 fn a_batch_with_the_wrong_number_of_results_runs_again_one_by_one() {
     // The fixture's on-batch returns one result fewer, each `on-batch`; on-message gives
-    // `on-message`. None of the batch's results may be kept, twice in a row.
+    // `on-message`. None of the batch's results may be kept, and after the first such batch
+    // the stage stops calling on-batch.
     let pairs = owned(&[("t/1", "a"), ("t/2", "b"), ("t/3", "c")]);
     let mut short = stage("fixture-short-batch", Value::Null);
-    for _ in 0..2 {
+    assert!(short.batches());
+    for round in 0..2 {
         let results = short.call_batch(&messages(&pairs));
         assert_eq!(results.len(), pairs.len());
         for result in &results {
@@ -601,7 +603,15 @@ fn a_batch_with_the_wrong_number_of_results_runs_again_one_by_one() {
             assert_eq!(outputs.len(), 1);
             assert_eq!(outputs[0].payload, b"on-message");
         }
+        assert!(
+            !short.batches(),
+            "round {round}: on-batch is broken, not used again"
+        );
     }
+    // A sound plugin keeps batching.
+    let mut identity = stage("fixture-identity", Value::Null);
+    identity.call_batch(&messages(&pairs));
+    assert!(identity.batches());
 }
 
 #[test]
