@@ -207,8 +207,7 @@ impl Stage {
                     "A rule plugin's on-batch returned the wrong number of results; running the messages one by one, and this stage calls on-message only from now on (until a reload). Rebuild the plugin with the current SDK."
                 );
                 self.batches = false;
-                self.drop_instance();
-                self.metrics.restart();
+                self.discard_instance();
                 None
             }
             Err(error) => {
