@@ -62,13 +62,18 @@ pub fn mosquitto_bin() -> Option<&'static str> {
 impl Mosquitto {
     /// Starts with a plain listener, and a mutual-TLS listener when `pki` is given.
     pub fn start(pki: Option<&crate::pki::Pki>) -> Self {
+        Self::start_with(pki, "")
+    }
+
+    /// As `start`, with `extra` (lines of mosquitto.conf's global options) added.
+    pub fn start_with(pki: Option<&crate::pki::Pki>, extra: &str) -> Self {
         require_mosquitto();
         let dir = tempfile::tempdir().unwrap();
         let plain: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut conf = format!(
             "per_listener_settings false\nallow_anonymous true\npersistence false\n\
              max_inflight_messages 100\nmax_queued_messages 100000\n\
-             listener {} 127.0.0.1\n",
+             {extra}listener {} 127.0.0.1\n",
             plain.port()
         );
         let tls = pki.map(|pki| {

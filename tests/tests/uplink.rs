@@ -8,7 +8,7 @@ use std::{
 
 use edgegw_tests::{
     Gateway, message,
-    mosquitto::Mosquitto,
+    mosquitto::{Mosquitto, free_port},
     pki::Pki,
     proxy::Proxy,
     raw::{self, Raw},
@@ -98,6 +98,76 @@ fn forwards_over_mutual_tls_and_delivers_downlinks() {
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(observer.wait_for(0, Duration::ZERO).len(), 201);
     }
+}
+
+/// Publishes one QoS 1 message to the gateway and waits for its PUBACK.
+fn publish_one(gw: std::net::SocketAddr, topic: &str, payload: &[u8]) {
+    let mut c = Raw::connect(gw);
+    c.send(&raw::connect_v3(&format!("one-{}", free_port()), true, 60));
+    assert_eq!(c.read(WAIT).expect("CONNACK").kind(), 2);
+    c.send(&raw::publish_v3(topic, 1, 1, false, payload));
+    let (puback, _) = c.read_kind(4, WAIT);
+    assert!(puback.is_some(), "no PUBACK for {topic}");
+}
+
+#[test]
+fn what_the_cloud_broker_cannot_take_is_dropped_and_counted_without_blocking_the_rest() {
+    // MQTT 5: Mosquitto announces its maximum packet size in CONNACK and answers a
+    // publish its ACL denies with PUBACK 0x87. Neither may stall the messages behind.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "topic readwrite site1/#\ntopic deny site1/sensors/secret\n",
+    )
+    .unwrap();
+    let cloud = Mosquitto::start_with(
+        Some(&pki),
+        &format!("max_packet_size 1000\nacl_file {}\n", acl.display()),
+    );
+    let observer = Observer::start(cloud.plain, "site1/#");
+    let gw = gateway_with(&format!(
+        "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    protocol: 5\n    \
+         tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
+         forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n",
+        port = cloud.tls.unwrap().port(),
+        ca = pki.ca.display(),
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display(),
+    ));
+    gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
+        v == 1.0
+    });
+    assert_eq!(publish_seq(gw.mqtt, "sensors/a", 0..5).len(), 5);
+    publish_one(gw.mqtt, "sensors/a", &[b'x'; 2000]);
+    publish_one(gw.mqtt, "sensors/secret", b"42");
+    assert_eq!(publish_seq(gw.mqtt, "sensors/a", 5..10).len(), 5);
+
+    let got = observer.wait_for(10, WAIT);
+    assert_eq!(payloads(&got), (0..10).collect::<Vec<_>>(), "{got:?}");
+    for reason in ["too_large", "refused"] {
+        let sample =
+            format!("edgegw_uplink_dropped_messages_total{{uplink=\"cloud\",reason=\"{reason}\"}}");
+        assert_eq!(gw.wait_metric(&sample, WAIT, |v| v == 1.0), 1.0, "{sample}");
+    }
+    gw.wait_metric(
+        "edgegw_uplink_forwarded_messages_total{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 10.0,
+    );
+    gw.wait_metric(
+        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 0.0,
+    );
+    // Dropped for good, not retried: the link never went down.
+    assert_eq!(
+        gw.metric("edgegw_uplink_reconnects_total{uplink=\"cloud\"}"),
+        0.0
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(observer.wait_for(0, Duration::ZERO).len(), 10);
 }
 
 #[test]

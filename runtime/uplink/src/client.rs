@@ -3,7 +3,7 @@
 //! order with a bounded in-flight window, and delivering downlink messages to the router.
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     collections::VecDeque,
     future::Future,
     net::SocketAddr,
@@ -165,6 +165,80 @@ impl Up {
                         received.release().await.map_err(gone)
                     }
                 }
+            }
+        }
+    }
+
+    /// Whether a publish of `qos` goes out unawaited (`publish_unawaited`): QoS 1 after the
+    /// broker's maximum QoS. QoS 0 and 2 keep a task each (QoS 2 has two round trips).
+    fn unawaited(&self, qos: u8) -> bool {
+        match self {
+            Up::V3(_) => qos == 1,
+            Up::V5 { max_qos, .. } => qos.min(*max_qos) == 1,
+        }
+    }
+
+    /// Send credit is left and the connection's write buffer is below its high mark.
+    fn is_ready(&self) -> bool {
+        match self {
+            Up::V3(sink) => sink.is_ready(),
+            Up::V5 { sink, .. } => sink.is_ready(),
+        }
+    }
+
+    /// Resolves when `is_ready` (true) or the connection is gone (false).
+    async fn ready(&self) -> bool {
+        match self {
+            Up::V3(sink) => sink.ready().await,
+            Up::V5 { sink, .. } => sink.ready().await,
+        }
+    }
+
+    /// Sets what runs on the PUBACK of each `publish_unawaited`. ntex refuses a PUBACK out
+    /// of order, so they come in the order the publishes were sent. Publishes still in
+    /// flight when the connection ends are not reported: they stay in the outbox.
+    fn on_pubacks(&self, f: impl Fn(Result<(), Failure>) + 'static) {
+        match self {
+            Up::V3(sink) => sink.publish_ack_cb(move |_, disconnected| {
+                if !disconnected {
+                    f(Ok(()));
+                }
+            }),
+            Up::V5 { sink, .. } => sink.publish_ack_cb(move |ack, disconnected| {
+                if !disconnected {
+                    f(refused(ack.reason_code as u8, ack.reason_string));
+                }
+            }),
+        }
+    }
+
+    /// Sends a QoS 1 publish without a task or a wait: its PUBACK is reported to the
+    /// `on_pubacks` callback. Only when `unawaited(entry.qos)` and `is_ready()`.
+    fn publish_unawaited(&self, entry: OutboxEntry) -> Result<(), Failure> {
+        let topic = ByteString::from(entry.topic);
+        let payload = Bytes::from(entry.payload);
+        let gone = |e: ntex_mqtt::error::SendPacketError| Failure::Disconnected(e.to_string());
+        match self {
+            Up::V3(sink) => {
+                let mut builder = sink.publish(topic);
+                if entry.retain {
+                    builder = builder.retain();
+                }
+                builder.send_at_least_once_no_block(payload).map_err(gone)
+            }
+            Up::V5 {
+                sink, max_packet, ..
+            } => {
+                let builder = sink.publish(topic).retain(entry.retain);
+                if let Some(max) = max_packet
+                    && builder.size(payload.len()) > *max
+                {
+                    return Err(Failure::Rejected(
+                        "too_large",
+                        format!("above the broker's maximum packet size {max}"),
+                    ));
+                }
+                builder.send_at_least_once_no_block(payload).map_err(gone)
             }
         }
     }
@@ -475,7 +549,25 @@ impl Task {
         // What was sent, in order, and whether it was acknowledged.
         let mut sent: VecDeque<(u64, bool)> = VecDeque::with_capacity(window);
         let mut committed = self.outbox.committed();
-        let in_flight = Rc::new(Cell::new(0usize));
+        let mut in_flight = 0usize;
+        // QoS 1 publishes go out unawaited, one after another, and their PUBACKs come back
+        // in the same order through the callback, which pairs each with the oldest of these.
+        let unacked: Rc<RefCell<VecDeque<(u64, Instant)>>> =
+            Rc::new(RefCell::new(VecDeque::with_capacity(window)));
+        {
+            let (unacked, done) = (unacked.clone(), done_tx.clone());
+            up.on_pubacks(move |result| {
+                if let Some((seq, started)) = unacked.borrow_mut().pop_front() {
+                    // Never full: the channel holds the whole window.
+                    let _ = done.try_send((seq, started.elapsed(), result));
+                }
+            });
+        }
+        // Publishes awaited by a task of their own (QoS 0 and 2) and not yet done. While
+        // there are any, QoS 1 takes that path too, so nothing overtakes them.
+        let spawned = Rc::new(Cell::new(0usize));
+        // The connection could not take the next publish: wait until it can.
+        let mut blocked = false;
         // Everything in the outbox is unacknowledged: start from its oldest entry.
         let mut after = 0u64;
         // Committed entries read ahead of the window, so the outbox's thread serves one read
@@ -487,18 +579,41 @@ impl Task {
         // The last read found everything committed: read again once more is committed.
         let mut caught_up = false;
         loop {
-            while in_flight.get() < window {
+            while in_flight < window && !blocked {
+                let Some(next) = ahead.front() else {
+                    break;
+                };
+                let unawaited = spawned.get() == 0 && up.unawaited(next.qos);
+                if unawaited && !up.is_ready() {
+                    blocked = true;
+                    break;
+                }
                 let Some(entry) = ahead.pop_front() else {
                     break;
                 };
-                in_flight.set(in_flight.get() + 1);
-                sent.push_back((entry.seq, false));
+                in_flight += 1;
+                let seq = entry.seq;
+                sent.push_back((seq, false));
+                if unawaited {
+                    match up.publish_unawaited(entry) {
+                        Ok(()) => unacked.borrow_mut().push_back((seq, Instant::now())),
+                        Err(Failure::Disconnected(error)) => {
+                            return format!("sending failed: {error}");
+                        }
+                        Err(rejected) => {
+                            let _ = done_tx.try_send((seq, Duration::ZERO, Err(rejected)));
+                        }
+                    }
+                    continue;
+                }
+                spawned.set(spawned.get() + 1);
                 let up = up.clone();
                 let done = done_tx.clone();
-                let seq = entry.seq;
+                let spawned = spawned.clone();
                 ntex::rt::spawn(async move {
                     let started = Instant::now();
                     let result = up.publish(entry).await;
+                    spawned.set(spawned.get() - 1);
                     let _ = done.send((seq, started.elapsed(), result)).await;
                 });
             }
@@ -569,8 +684,14 @@ impl Task {
                         if let Err(error) = self.outbox.ack_through(through) {
                             return format!("recording acknowledgements in the outbox failed: {error}");
                         }
-                        in_flight.set(in_flight.get() - n);
+                        in_flight -= n;
                     }
+                }
+                ready = up.ready(), if blocked => {
+                    if !ready {
+                        return "connection closed".into();
+                    }
+                    blocked = false;
                 }
                 changed = committed.changed(), if caught_up && reading.is_none() => {
                     if changed.is_err() {
@@ -733,10 +854,27 @@ pub(crate) fn publish_direct(
                 let connected = connecting.elapsed();
                 let window = usize::from(task.settings.inflight.max(1)).min(up.credit().max(1));
                 let (done_tx, mut done_rx) = mpsc::channel::<Result<(), String>>(window);
+                let message = |f: Failure| match f {
+                    Failure::Disconnected(e) | Failure::Rejected(_, e) => e,
+                };
+                {
+                    let done = done_tx.clone();
+                    up.on_pubacks(move |result| {
+                        let _ = done.try_send(result.map_err(message));
+                    });
+                }
+                // The same paths as the forwarder: QoS 1 unawaited, QoS 0 and 2 a task each.
+                let unawaited = up.unawaited(qos);
                 let started = Instant::now();
                 let (mut sent, mut acked) = (0usize, 0usize);
                 while acked < count {
                     while sent < count && sent - acked < window {
+                        if unawaited && !up.is_ready() {
+                            if !up.ready().await {
+                                return Err("connection closed".into());
+                            }
+                            continue;
+                        }
                         let entry = OutboxEntry {
                             seq: sent as u64 + 1,
                             topic: topic.clone(),
@@ -746,15 +884,16 @@ pub(crate) fn publish_direct(
                             properties: Vec::new(),
                             enqueued_ms: 0,
                         };
+                        sent += 1;
+                        if unawaited {
+                            up.publish_unawaited(entry).map_err(message)?;
+                            continue;
+                        }
                         let up = up.clone();
                         let done = done_tx.clone();
                         ntex::rt::spawn(async move {
-                            let result = up.publish(entry).await.map_err(|f| match f {
-                                Failure::Disconnected(e) | Failure::Rejected(_, e) => e,
-                            });
-                            let _ = done.send(result).await;
+                            let _ = done.send(up.publish(entry).await.map_err(message)).await;
                         });
-                        sent += 1;
                     }
                     match done_rx.recv().await {
                         Some(Ok(())) => acked += 1,
