@@ -121,7 +121,6 @@ impl Up {
     async fn publish(&self, entry: OutboxEntry) -> Result<(), Failure> {
         let topic = ByteString::from(entry.topic);
         let payload = Bytes::from(entry.payload);
-        let gone = |e: ntex_mqtt::error::SendPacketError| Failure::Disconnected(e.to_string());
         match self {
             Up::V3(sink) => {
                 let mut builder = sink.publish(topic);
@@ -129,11 +128,20 @@ impl Up {
                     builder = builder.retain();
                 }
                 match entry.qos {
-                    0 => builder.send_at_most_once(payload).await.map_err(gone),
-                    1 => builder.send_at_least_once(payload).await.map_err(gone),
+                    0 => builder
+                        .send_at_most_once(payload)
+                        .await
+                        .map_err(send_failed),
+                    1 => builder
+                        .send_at_least_once(payload)
+                        .await
+                        .map_err(send_failed),
                     _ => {
-                        let received = builder.send_exactly_once(payload).await.map_err(gone)?;
-                        received.release().await.map_err(gone)
+                        let received = builder
+                            .send_exactly_once(payload)
+                            .await
+                            .map_err(send_failed)?;
+                        received.release().await.map_err(send_failed)
                     }
                 }
             }
@@ -152,17 +160,26 @@ impl Up {
                     ));
                 }
                 match entry.qos.min(*max_qos) {
-                    0 => builder.send_at_most_once(payload).await.map_err(gone),
+                    0 => builder
+                        .send_at_most_once(payload)
+                        .await
+                        .map_err(send_failed),
                     1 => {
-                        let ack = builder.send_at_least_once(payload).await.map_err(gone)?;
+                        let ack = builder
+                            .send_at_least_once(payload)
+                            .await
+                            .map_err(send_failed)?;
                         refused(ack.reason_code as u8, ack.reason_string)
                     }
                     _ => {
-                        let received = builder.send_exactly_once(payload).await.map_err(gone)?;
+                        let received = builder
+                            .send_exactly_once(payload)
+                            .await
+                            .map_err(send_failed)?;
                         let code = received.packet().reason_code as u8;
                         let reason = received.packet().reason_string.clone();
                         refused(code, reason)?;
-                        received.release().await.map_err(gone)
+                        received.release().await.map_err(send_failed)
                     }
                 }
             }
@@ -186,28 +203,21 @@ impl Up {
         }
     }
 
-    /// Resolves when `is_ready` (true) or the connection is gone (false).
-    async fn ready(&self) -> bool {
-        match self {
-            Up::V3(sink) => sink.ready().await,
-            Up::V5 { sink, .. } => sink.ready().await,
-        }
-    }
-
     /// Sets what runs on the PUBACK of each `publish_unawaited`. ntex refuses a PUBACK out
-    /// of order, so they come in the order the publishes were sent. Publishes still in
-    /// flight when the connection ends are not reported: they stay in the outbox.
+    /// of order, so they come in the order the publishes were sent. When the connection
+    /// ends, each publish still in flight is reported as `Disconnected`, in no order.
     fn on_pubacks(&self, f: impl Fn(Result<(), Failure>) + 'static) {
+        let gone = || Err(Failure::Disconnected("connection closed".into()));
         match self {
             Up::V3(sink) => sink.publish_ack_cb(move |_, disconnected| {
-                if !disconnected {
-                    f(Ok(()));
-                }
+                f(if disconnected { gone() } else { Ok(()) });
             }),
             Up::V5 { sink, .. } => sink.publish_ack_cb(move |ack, disconnected| {
-                if !disconnected {
-                    f(refused(ack.reason_code as u8, ack.reason_string));
-                }
+                f(if disconnected {
+                    gone()
+                } else {
+                    refused(ack.reason_code as u8, ack.reason_string)
+                });
             }),
         }
     }
@@ -217,14 +227,15 @@ impl Up {
     fn publish_unawaited(&self, entry: OutboxEntry) -> Result<(), Failure> {
         let topic = ByteString::from(entry.topic);
         let payload = Bytes::from(entry.payload);
-        let gone = |e: ntex_mqtt::error::SendPacketError| Failure::Disconnected(e.to_string());
         match self {
             Up::V3(sink) => {
                 let mut builder = sink.publish(topic);
                 if entry.retain {
                     builder = builder.retain();
                 }
-                builder.send_at_least_once_no_block(payload).map_err(gone)
+                builder
+                    .send_at_least_once_no_block(payload)
+                    .map_err(send_failed)
             }
             Up::V5 {
                 sink, max_packet, ..
@@ -238,7 +249,9 @@ impl Up {
                         format!("above the broker's maximum packet size {max}"),
                     ));
                 }
-                builder.send_at_least_once_no_block(payload).map_err(gone)
+                builder
+                    .send_at_least_once_no_block(payload)
+                    .map_err(send_failed)
             }
         }
     }
@@ -257,6 +270,19 @@ impl Up {
             Up::V3(sink) => sink.close(),
             Up::V5 { sink, .. } => sink.close(),
         }
+    }
+}
+
+/// Why a send failed: a packet the encoder finds above the broker's maximum packet size
+/// (the check before sending leaves out the fixed header) can never be sent and is dropped;
+/// anything else means the connection is gone and the entry is sent again.
+fn send_failed(error: ntex_mqtt::error::SendPacketError) -> Failure {
+    use ntex_mqtt::error::{EncodeError, SendPacketError};
+    match error {
+        SendPacketError::Encode(EncodeError::OverMaxPacketSize) => {
+            Failure::Rejected("too_large", "above the broker's maximum packet size".into())
+        }
+        other => Failure::Disconnected(other.to_string()),
     }
 }
 
@@ -566,8 +592,6 @@ impl Task {
         // Publishes awaited by a task of their own (QoS 0 and 2) and not yet done. While
         // there are any, QoS 1 takes that path too, so nothing overtakes them.
         let spawned = Rc::new(Cell::new(0usize));
-        // The connection could not take the next publish: wait until it can.
-        let mut blocked = false;
         // Everything in the outbox is unacknowledged: start from its oldest entry.
         let mut after = 0u64;
         // Committed entries read ahead of the window, so the outbox's thread serves one read
@@ -579,18 +603,13 @@ impl Task {
         // The last read found everything committed: read again once more is committed.
         let mut caught_up = false;
         loop {
-            while in_flight < window && !blocked {
-                let Some(next) = ahead.front() else {
-                    break;
-                };
-                let unawaited = spawned.get() == 0 && up.unawaited(next.qos);
-                if unawaited && !up.is_ready() {
-                    blocked = true;
-                    break;
-                }
+            while in_flight < window {
                 let Some(entry) = ahead.pop_front() else {
                     break;
                 };
+                // When the connection cannot take it now (write backpressure), the publish
+                // waits in a task, in order, and the ones after it follow it there.
+                let unawaited = spawned.get() == 0 && up.unawaited(entry.qos) && up.is_ready();
                 in_flight += 1;
                 let seq = entry.seq;
                 sent.push_back((seq, false));
@@ -686,12 +705,6 @@ impl Task {
                         }
                         in_flight -= n;
                     }
-                }
-                ready = up.ready(), if blocked => {
-                    if !ready {
-                        return "connection closed".into();
-                    }
-                    blocked = false;
                 }
                 changed = committed.changed(), if caught_up && reading.is_none() => {
                     if changed.is_err() {
@@ -863,18 +876,14 @@ pub(crate) fn publish_direct(
                         let _ = done.try_send(result.map_err(message));
                     });
                 }
-                // The same paths as the forwarder: QoS 1 unawaited, QoS 0 and 2 a task each.
-                let unawaited = up.unawaited(qos);
+                // The same paths as the forwarder: QoS 1 unawaited while the connection
+                // can take it and no task is pending, QoS 0 and 2 (and the rest) a task each.
+                let spawned = Rc::new(Cell::new(0usize));
                 let started = Instant::now();
                 let (mut sent, mut acked) = (0usize, 0usize);
                 while acked < count {
                     while sent < count && sent - acked < window {
-                        if unawaited && !up.is_ready() {
-                            if !up.ready().await {
-                                return Err("connection closed".into());
-                            }
-                            continue;
-                        }
+                        let unawaited = spawned.get() == 0 && up.unawaited(qos) && up.is_ready();
                         let entry = OutboxEntry {
                             seq: sent as u64 + 1,
                             topic: topic.clone(),
@@ -889,10 +898,12 @@ pub(crate) fn publish_direct(
                             up.publish_unawaited(entry).map_err(message)?;
                             continue;
                         }
-                        let up = up.clone();
-                        let done = done_tx.clone();
+                        spawned.set(spawned.get() + 1);
+                        let (up, done, spawned) = (up.clone(), done_tx.clone(), spawned.clone());
                         ntex::rt::spawn(async move {
-                            let _ = done.send(up.publish(entry).await.map_err(message)).await;
+                            let result = up.publish(entry).await.map_err(message);
+                            spawned.set(spawned.get() - 1);
+                            let _ = done.send(result).await;
                         });
                     }
                     match done_rx.recv().await {
