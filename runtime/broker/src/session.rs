@@ -230,7 +230,20 @@ impl Session {
 
     /// Queues a delivery; the owning connection is woken. Returns the reason when dropped,
     /// and for a persisted QoS 1/2 delivery the ticket of its write to the state file.
-    pub fn enqueue(&self, mut delivery: Delivery) -> Result<Option<Ticket>, DropReason> {
+    pub fn enqueue(&self, delivery: Delivery) -> Result<Option<Ticket>, DropReason> {
+        let (ticket, wake) = self.enqueue_quietly(delivery)?;
+        if wake {
+            self.notify.notify_one();
+        }
+        Ok(ticket)
+    }
+
+    /// As [`Session::enqueue`] without waking the owning connection: `true` alongside the
+    /// ticket when the caller must [`Session::wake`] it (once, after queueing several).
+    pub(crate) fn enqueue_quietly(
+        &self,
+        mut delivery: Delivery,
+    ) -> Result<(Option<Ticket>, bool), DropReason> {
         let online = self.is_online();
         if delivery.qos == QoS::AtMostOnce && !online {
             return Err(DropReason::OfflineQos0);
@@ -258,10 +271,7 @@ impl Session {
             ticket
         };
         // The queue-depth gauge is raised by the caller, once per publish.
-        if online {
-            self.notify.notify_one();
-        }
-        Ok(ticket)
+        Ok((ticket, online))
     }
 
     /// Marks a new connection as the owner; returns its generation. The previous owner,

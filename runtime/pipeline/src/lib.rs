@@ -321,10 +321,14 @@ impl Worker {
     /// Outputs are emitted after the last stage, in the order of the messages they came from;
     /// dead letters as the failures happen.
     fn process(&mut self, messages: &[Arc<Message>]) {
+        // Local outputs go into the router together: each receiving connection is woken
+        // once per group, not once per message.
+        let mut local = Vec::with_capacity(messages.len() * self.outputs.len());
         if self.stages.is_empty() {
             for message in messages {
-                self.emit(message, &message.topic, &message.payload);
+                self.emit(message, &message.topic, &message.payload, &mut local);
             }
+            self.client.publish_batch(local);
             return;
         }
         let mut items: Vec<Item> = messages
@@ -390,12 +394,19 @@ impl Worker {
         }
         self.stages = stages;
         for item in items {
-            self.emit(&messages[item.origin], &item.topic, &item.payload);
+            self.emit(
+                &messages[item.origin],
+                &item.topic,
+                &item.payload,
+                &mut local,
+            );
         }
+        self.client.publish_batch(local);
     }
 
-    /// Sends one result (`topic`, `payload`; the rest from `message`) to every output.
-    fn emit(&self, message: &Message, topic: &str, payload: &Bytes) {
+    /// Sends one result (`topic`, `payload`; the rest from `message`) to every output;
+    /// local ones are left in `local` for the caller to publish.
+    fn emit(&self, message: &Message, topic: &str, payload: &Bytes, local: &mut Vec<Message>) {
         {
             for output in &self.outputs {
                 match output {
@@ -409,7 +420,7 @@ impl Worker {
                             .with_retain(message.retain);
                         out.properties = message.properties.clone();
                         out.hops = message.hops.saturating_add(1);
-                        self.client.publish(out);
+                        local.push(out);
                         self.metrics.outputs.increment(1);
                     }
                     Output::Uplink(name, uplink) => {

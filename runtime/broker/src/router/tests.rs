@@ -391,3 +391,45 @@ async fn large_fan_out_still_merges_overlapping_subscriptions() {
         assert_eq!(next(c).await.qos, QoS::AtLeastOnce);
     }
 }
+
+#[tokio::test]
+async fn a_batch_is_routed_in_order_and_wakes_every_waiting_receiver() {
+    let r = router();
+    let a = Arc::new(r.local_client("a"));
+    let b = Arc::new(r.local_client("b"));
+    a.subscribe("a/#", SubOptions::qos(QoS::AtLeastOnce))
+        .unwrap();
+    b.subscribe("b/#", SubOptions::qos(QoS::AtMostOnce))
+        .unwrap();
+    // Both already wait when the batch comes: only the wake at its end can reach them.
+    let waiting = |client: Arc<LocalClient>| {
+        tokio::spawn(async move {
+            let mut got = vec![next(&client).await];
+            while let Some(delivery) = client.try_recv() {
+                got.push(delivery);
+            }
+            got.iter()
+                .map(|d| String::from_utf8_lossy(&d.message.payload).into_owned())
+                .collect::<Vec<_>>()
+        })
+    };
+    let (got_a, got_b) = (waiting(a.clone()), waiting(b.clone()));
+    tokio::task::yield_now().await;
+    let publisher = r.local_client("pub");
+    // `no_local`: the publisher's own batch skips it, so the batch carries its origin.
+    let own = SubOptions {
+        no_local: true,
+        ..SubOptions::qos(QoS::AtMostOnce)
+    };
+    publisher.subscribe("#", own).unwrap();
+    publisher.publish_batch([
+        msg("a/1", "a1", QoS::AtLeastOnce),
+        msg("b/1", "b1", QoS::AtMostOnce),
+        msg("a/2", "a2", QoS::AtLeastOnce),
+        msg("b/2", "b2", QoS::AtMostOnce),
+        msg("a/3", "a3", QoS::AtLeastOnce),
+    ]);
+    assert_eq!(got_a.await.unwrap(), ["a1", "a2", "a3"]);
+    assert_eq!(got_b.await.unwrap(), ["b1", "b2"]);
+    nothing_queued(&publisher);
+}
