@@ -187,6 +187,7 @@ fn settings(addr: std::net::SocketAddr, pki: &edgegw_tests::pki::Pki) -> UplinkS
         subscribe: Vec::new(),
         outbox,
         inflight: 32,
+        max_packet_size: None,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
     }

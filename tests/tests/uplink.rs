@@ -112,8 +112,11 @@ fn publish_one(gw: std::net::SocketAddr, topic: &str, payload: &[u8]) {
 
 #[test]
 fn what_the_cloud_broker_cannot_take_is_dropped_and_counted_without_blocking_the_rest() {
-    // MQTT 5: Mosquitto announces its maximum packet size in CONNACK and answers a
-    // publish its ACL denies with PUBACK 0x87. Neither may stall the messages behind.
+    // Mosquitto's maximum packet size is 1000 bytes here. MQTT 5 clients learn it from
+    // CONNACK; for 3.1.1 the uplink's `max_packet_size` says it (brokers differ in what they
+    // do with a larger packet from a 3.1.1 client). With MQTT 5, Mosquitto also answers a
+    // publish its ACL denies with PUBACK 0x87. None of these may stall the messages behind or
+    // bring the link down.
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let acl = dir.path().join("acl");
@@ -126,48 +129,71 @@ fn what_the_cloud_broker_cannot_take_is_dropped_and_counted_without_blocking_the
         Some(&pki),
         &format!("max_packet_size 1000\nacl_file {}\n", acl.display()),
     );
-    let observer = Observer::start(cloud.plain, "site1/#");
-    let gw = gateway_with(&format!(
-        "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    protocol: 5\n    \
-         tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
-         forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n",
-        port = cloud.tls.unwrap().port(),
-        ca = pki.ca.display(),
-        cert = pki.client_cert.display(),
-        key = pki.client_key.display(),
-    ));
-    gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
-        v == 1.0
-    });
-    assert_eq!(publish_seq(gw.mqtt, "sensors/a", 0..5).len(), 5);
-    publish_one(gw.mqtt, "sensors/a", &[b'x'; 2000]);
-    publish_one(gw.mqtt, "sensors/secret", b"42");
-    assert_eq!(publish_seq(gw.mqtt, "sensors/a", 5..10).len(), 5);
+    for (protocol, extra) in [("5", ""), ("3.1.1", "    max_packet_size: 1000\n")] {
+        let observer = Observer::start(cloud.plain, "site1/#");
+        let gw = gateway_with(&format!(
+            "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    protocol: {protocol}\n{extra}    \
+             tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
+             forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n",
+            port = cloud.tls.unwrap().port(),
+            ca = pki.ca.display(),
+            cert = pki.client_cert.display(),
+            key = pki.client_key.display(),
+        ));
+        gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
+            v == 1.0
+        });
+        assert_eq!(publish_seq(gw.mqtt, "sensors/a", 0..5).len(), 5);
+        // PUBLISH to `site1/sensors/a` at QoS 1: fixed header 1 + 2 (remaining length),
+        // topic 2 + 15, packet id 2, and with MQTT 5 one byte of property length.
+        let largest = 1000 - 22 - usize::from(protocol == "5");
+        publish_one(gw.mqtt, "sensors/a", format!("{:0>largest$}", 5).as_bytes());
+        publish_one(gw.mqtt, "sensors/a", &vec![b'x'; largest + 1]);
+        publish_one(gw.mqtt, "sensors/a", &[b'x'; 2000]);
+        let refusals = if protocol == "5" {
+            // 3.1.1 has no negative PUBACK: Mosquitto acknowledges and drops it.
+            publish_one(gw.mqtt, "sensors/secret", b"42");
+            1.0
+        } else {
+            0.0
+        };
+        assert_eq!(publish_seq(gw.mqtt, "sensors/a", 6..11).len(), 5);
 
-    let got = observer.wait_for(10, WAIT);
-    assert_eq!(payloads(&got), (0..10).collect::<Vec<_>>(), "{got:?}");
-    for reason in ["too_large", "refused"] {
-        let sample =
-            format!("edgegw_uplink_dropped_messages_total{{uplink=\"cloud\",reason=\"{reason}\"}}");
-        assert_eq!(gw.wait_metric(&sample, WAIT, |v| v == 1.0), 1.0, "{sample}");
+        let got = observer.wait_for(11, WAIT);
+        assert_eq!(
+            payloads(&got),
+            (0..11).collect::<Vec<_>>(),
+            "protocol {protocol}: {got:?}"
+        );
+        for (reason, count) in [("too_large", 2.0), ("refused", refusals)] {
+            let sample = format!(
+                "edgegw_uplink_dropped_messages_total{{uplink=\"cloud\",reason=\"{reason}\"}}"
+            );
+            assert_eq!(
+                gw.wait_metric(&sample, WAIT, |v| v == count),
+                count,
+                "protocol {protocol}: {sample}"
+            );
+        }
+        gw.wait_metric(
+            "edgegw_uplink_forwarded_messages_total{uplink=\"cloud\"}",
+            WAIT,
+            |v| v == 11.0,
+        );
+        gw.wait_metric(
+            "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+            WAIT,
+            |v| v == 0.0,
+        );
+        // Dropped for good, not retried: the link never went down.
+        assert_eq!(
+            gw.metric("edgegw_uplink_reconnects_total{uplink=\"cloud\"}"),
+            0.0,
+            "protocol {protocol}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(observer.wait_for(0, Duration::ZERO).len(), 11);
     }
-    gw.wait_metric(
-        "edgegw_uplink_forwarded_messages_total{uplink=\"cloud\"}",
-        WAIT,
-        |v| v == 10.0,
-    );
-    gw.wait_metric(
-        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
-        WAIT,
-        |v| v == 0.0,
-    );
-    // Dropped for good, not retried: the link never went down.
-    assert_eq!(
-        gw.metric("edgegw_uplink_reconnects_total{uplink=\"cloud\"}"),
-        0.0
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(observer.wait_for(0, Duration::ZERO).len(), 10);
 }
 
 #[test]

@@ -497,6 +497,12 @@ pub struct Uplink {
     /// The on-disk queue of messages bound for the cloud broker.
     #[serde(default)]
     pub outbox: OutboxConfig,
+    /// The cloud broker's maximum packet size, for brokers that cannot announce it (MQTT
+    /// 3.1.1, where a broker closes the connection on a larger packet): a larger message is
+    /// dropped and counted (`too_large`) instead of sent. With MQTT 5 the smaller of this
+    /// and the broker's announced maximum applies. Default: none.
+    #[serde(default)]
+    pub max_packet_size: Option<ByteSize>,
     /// Messages sent and not yet acknowledged (capped by the broker's receive maximum).
     #[serde(default = "default_uplink_inflight")]
     #[schemars(range(min = 1))]

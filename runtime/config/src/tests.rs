@@ -478,6 +478,7 @@ fn shipped_uplink_example_is_valid() {
     assert_eq!(uplink.outbox.fsync, FsyncPolicy::Batch);
     assert_eq!(uplink.outbox.max_age.unwrap().as_secs(), 7 * 86400);
     assert_eq!(uplink.reconnect.max.as_secs(), 60);
+    assert_eq!(uplink.max_packet_size.map(|m| m.bytes()), Some(128 * 1024));
 }
 
 #[test]
@@ -492,6 +493,33 @@ fn uplink_defaults_and_protocols() {
     assert_eq!(config.uplinks[1].protocol, UplinkProtocol::V5);
     assert_eq!(config.uplinks[1].keepalive.as_secs(), 30);
     assert_eq!(config.uplinks[1].inflight, 32);
+    assert_eq!(config.uplinks[1].max_packet_size, None);
+}
+
+#[test]
+fn uplink_max_packet_size_is_checked_against_the_mqtt_limits() {
+    for (value, ok) in [
+        ("64B", true),
+        ("128KiB", true),
+        ("256MiB", true),
+        ("63B", false),
+        ("257MiB", false),
+    ] {
+        let text = format!(
+            "uplinks:\n  - name: cloud\n    url: \"mqtt://h\"\n    max_packet_size: {value}\n    forward: [ {{ from: \"#\" }} ]\n"
+        );
+        if ok {
+            load(&text).unwrap_or_else(|e| panic!("{value}: {e}"));
+            continue;
+        }
+        let errs = errors(&text);
+        assert!(
+            errs.iter().any(|e| e.starts_with("site.yaml:4:")
+                && e.contains("max_packet_size")
+                && e.contains("between 64B and 256MiB")),
+            "{value}: {errs:?}"
+        );
+    }
 }
 
 #[test]

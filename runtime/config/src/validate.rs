@@ -591,6 +591,16 @@ fn uplink_issues(
                 ),
             );
         }
+        if let Some(max) = uplink.max_packet_size
+            && !(64..=268_435_460).contains(&max.bytes())
+        {
+            report(
+                at("max_packet_size"),
+                format!(
+                    "uplink `{name}`: max_packet_size {max} is out of range: it must be between 64B and 256MiB (the MQTT limit)"
+                ),
+            );
+        }
         if uplink.inflight == 0 {
             report(
                 at("inflight"),

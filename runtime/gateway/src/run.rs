@@ -393,6 +393,10 @@ fn uplink_settings(
             ..edgegw_store::OutboxOptions::new(uplink.name.clone())
         },
         inflight: uplink.inflight,
+        // Validated at load: at most 256 MiB.
+        max_packet_size: uplink
+            .max_packet_size
+            .map(|max| u32::try_from(max.bytes()).unwrap_or(u32::MAX)),
         reconnect_min: uplink.reconnect.min.as_std(),
         reconnect_max: uplink.reconnect.max.as_std(),
     })

@@ -101,7 +101,11 @@ impl ntex::connect::Address for Target {
 /// An open connection's sending side.
 #[derive(Clone)]
 enum Up {
-    V3(v3::MqttSink),
+    V3 {
+        sink: v3::MqttSink,
+        /// Configured only: a 3.1.1 broker cannot announce it.
+        max_packet: Option<u32>,
+    },
     V5 {
         sink: v5::MqttSink,
         max_packet: Option<u32>,
@@ -122,11 +126,12 @@ impl Up {
         let topic = ByteString::from(entry.topic);
         let payload = Bytes::from(entry.payload);
         match self {
-            Up::V3(sink) => {
+            Up::V3 { sink, max_packet } => {
                 let mut builder = sink.publish(topic);
                 if entry.retain {
                     builder = builder.retain();
                 }
+                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
                 match entry.qos {
                     0 => builder
                         .send_at_most_once(payload)
@@ -151,14 +156,7 @@ impl Up {
                 max_qos,
             } => {
                 let builder = sink.publish(topic).retain(entry.retain);
-                if let Some(max) = max_packet
-                    && builder.size(payload.len()) > *max
-                {
-                    return Err(Failure::Rejected(
-                        "too_large",
-                        format!("above the broker's maximum packet size {max}"),
-                    ));
-                }
+                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
                 match entry.qos.min(*max_qos) {
                     0 => builder
                         .send_at_most_once(payload)
@@ -190,7 +188,7 @@ impl Up {
     /// broker's maximum QoS. QoS 0 and 2 keep a task each (QoS 2 has two round trips).
     fn unawaited(&self, qos: u8) -> bool {
         match self {
-            Up::V3(_) => qos == 1,
+            Up::V3 { .. } => qos == 1,
             Up::V5 { max_qos, .. } => qos.min(*max_qos) == 1,
         }
     }
@@ -198,7 +196,7 @@ impl Up {
     /// Send credit is left and the connection's write buffer is below its high mark.
     fn is_ready(&self) -> bool {
         match self {
-            Up::V3(sink) => sink.is_ready(),
+            Up::V3 { sink, .. } => sink.is_ready(),
             Up::V5 { sink, .. } => sink.is_ready(),
         }
     }
@@ -209,7 +207,7 @@ impl Up {
     fn on_pubacks(&self, f: impl Fn(Result<(), Failure>) + 'static) {
         let gone = || Err(Failure::Disconnected("connection closed".into()));
         match self {
-            Up::V3(sink) => sink.publish_ack_cb(move |_, disconnected| {
+            Up::V3 { sink, .. } => sink.publish_ack_cb(move |_, disconnected| {
                 f(if disconnected { gone() } else { Ok(()) });
             }),
             Up::V5 { sink, .. } => sink.publish_ack_cb(move |ack, disconnected| {
@@ -228,11 +226,12 @@ impl Up {
         let topic = ByteString::from(entry.topic);
         let payload = Bytes::from(entry.payload);
         match self {
-            Up::V3(sink) => {
+            Up::V3 { sink, max_packet } => {
                 let mut builder = sink.publish(topic);
                 if entry.retain {
                     builder = builder.retain();
                 }
+                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
                 builder
                     .send_at_least_once_no_block(payload)
                     .map_err(send_failed)
@@ -241,14 +240,7 @@ impl Up {
                 sink, max_packet, ..
             } => {
                 let builder = sink.publish(topic).retain(entry.retain);
-                if let Some(max) = max_packet
-                    && builder.size(payload.len()) > *max
-                {
-                    return Err(Failure::Rejected(
-                        "too_large",
-                        format!("above the broker's maximum packet size {max}"),
-                    ));
-                }
+                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
                 builder
                     .send_at_least_once_no_block(payload)
                     .map_err(send_failed)
@@ -260,17 +252,40 @@ impl Up {
     /// broker's receive maximum for MQTT 5, ntex's send window for 3.1.1).
     fn credit(&self) -> usize {
         match self {
-            Up::V3(sink) => sink.credit(),
+            Up::V3 { sink, .. } => sink.credit(),
             Up::V5 { sink, .. } => sink.credit(),
         }
     }
 
     fn close(&self) {
         match self {
-            Up::V3(sink) => sink.close(),
+            Up::V3 { sink, .. } => sink.close(),
             Up::V5 { sink, .. } => sink.close(),
         }
     }
+}
+
+/// `Rejected("too_large")` when a publish whose variable header and payload take `size`
+/// bytes would be a packet above `max`: the fixed header (1 byte and the 1–4 bytes of the
+/// remaining length) and, at QoS 1 and 2, the packet id come on top.
+fn fits(max: Option<u32>, size: u32, qos: u8) -> Result<(), Failure> {
+    let Some(max) = max else {
+        return Ok(());
+    };
+    let remaining = u64::from(size) + if qos > 0 { 2 } else { 0 };
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    if 1 + length_bytes + remaining > u64::from(max) {
+        return Err(Failure::Rejected(
+            "too_large",
+            format!("above the broker's maximum packet size {max}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Why a send failed: a packet the encoder finds above the broker's maximum packet size
@@ -483,9 +498,14 @@ impl Task {
                         .map_err(|e| describe(&e))?,
                 };
                 let ack = client.packet();
+                // The smaller of the announced and the configured maximum.
+                let max_packet = match (ack.max_packet_size, settings.max_packet_size) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 let up = Up::V5 {
                     sink: client.sink(),
-                    max_packet: ack.max_packet_size,
+                    max_packet,
                     max_qos: ack.max_qos as u8,
                 };
                 let handler = downlink.clone();
@@ -529,7 +549,10 @@ impl Task {
                         .await
                         .map_err(|e| describe(&e))?,
                 };
-                let up = Up::V3(client.sink());
+                let up = Up::V3 {
+                    sink: client.sink(),
+                    max_packet: settings.max_packet_size,
+                };
                 let handler = downlink.clone();
                 ntex::rt::spawn(async move {
                     let result = client
@@ -741,7 +764,7 @@ impl Task {
                     }
                 }
             }
-            Up::V3(sink) => {
+            Up::V3 { sink, .. } => {
                 let mut builder = sink.subscribe();
                 for rule in &self.downlinks {
                     builder = builder

@@ -81,6 +81,9 @@ pub struct UplinkSettings {
     pub subscribe: Vec<DownlinkRule>,
     pub outbox: OutboxOptions,
     pub inflight: u16,
+    /// The cloud broker's maximum packet size when configured (3.1.1 brokers cannot
+    /// announce theirs); with MQTT 5 the smaller of this and the announced one applies.
+    pub max_packet_size: Option<u32>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
 }
@@ -337,6 +340,7 @@ fn connection_settings(settings: &UplinkSettings) -> String {
         subscribe,
         outbox: _,
         inflight,
+        max_packet_size,
         reconnect_min,
         reconnect_max,
     } = settings;
@@ -353,7 +357,7 @@ fn connection_settings(settings: &UplinkSettings) -> String {
         })
         .collect();
     format!(
-        "{name:?}{url:?}{client_id:?}{username:?}{password:?}{protocol:?}{keepalive:?}{clean_start:?}{tls:?}{files:?}{subscribe:?}{inflight:?}{reconnect_min:?}{reconnect_max:?}"
+        "{name:?}{url:?}{client_id:?}{username:?}{password:?}{protocol:?}{keepalive:?}{clean_start:?}{tls:?}{files:?}{subscribe:?}{inflight:?}{max_packet_size:?}{reconnect_min:?}{reconnect_max:?}"
     )
 }
 
@@ -597,6 +601,7 @@ mod tests {
             subscribe: Vec::new(),
             outbox: edgegw_store::OutboxOptions::new("cloud"),
             inflight: 32,
+            max_packet_size: None,
             reconnect_min: std::time::Duration::from_millis(100),
             reconnect_max: std::time::Duration::from_secs(5),
         };
