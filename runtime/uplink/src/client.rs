@@ -113,6 +113,12 @@ enum Up {
     },
 }
 
+/// A PUBLISH ready to send (`Up::prepare`); for MQTT 5 with the broker's maximum QoS.
+enum Prepared {
+    V3(v3::PublishBuilder),
+    V5(v5::PublishBuilder, u8),
+}
+
 /// Why one forward failed.
 enum Failure {
     /// The connection is gone: the entry stays in the outbox and is sent again.
@@ -122,33 +128,18 @@ enum Failure {
 }
 
 impl Up {
-    async fn publish(&self, entry: OutboxEntry) -> Result<(), Failure> {
+    /// The entry's PUBLISH, checked against the broker's maximum packet size.
+    fn prepare(&self, entry: OutboxEntry) -> Result<(Prepared, Bytes), Failure> {
         let topic = ByteString::from(entry.topic);
         let payload = Bytes::from(entry.payload);
-        match self {
+        let (prepared, size, max) = match self {
             Up::V3 { sink, max_packet } => {
                 let mut builder = sink.publish(topic);
                 if entry.retain {
                     builder = builder.retain();
                 }
-                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
-                match entry.qos {
-                    0 => builder
-                        .send_at_most_once(payload)
-                        .await
-                        .map_err(send_failed),
-                    1 => builder
-                        .send_at_least_once(payload)
-                        .await
-                        .map_err(send_failed),
-                    _ => {
-                        let received = builder
-                            .send_exactly_once(payload)
-                            .await
-                            .map_err(send_failed)?;
-                        received.release().await.map_err(send_failed)
-                    }
-                }
+                let size = builder.size(payload.len());
+                (Prepared::V3(builder), size, *max_packet)
             }
             Up::V5 {
                 sink,
@@ -156,31 +147,57 @@ impl Up {
                 max_qos,
             } => {
                 let builder = sink.publish(topic).retain(entry.retain);
-                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
-                match entry.qos.min(*max_qos) {
-                    0 => builder
-                        .send_at_most_once(payload)
-                        .await
-                        .map_err(send_failed),
-                    1 => {
-                        let ack = builder
-                            .send_at_least_once(payload)
-                            .await
-                            .map_err(send_failed)?;
-                        refused(ack.reason_code as u8, ack.reason_string)
-                    }
-                    _ => {
-                        let received = builder
-                            .send_exactly_once(payload)
-                            .await
-                            .map_err(send_failed)?;
-                        let code = received.packet().reason_code as u8;
-                        let reason = received.packet().reason_string.clone();
-                        refused(code, reason)?;
-                        received.release().await.map_err(send_failed)
-                    }
-                }
+                let size = builder.size(payload.len());
+                (Prepared::V5(builder, *max_qos), size, *max_packet)
             }
+        };
+        fits(max, size, entry.qos)?;
+        Ok((prepared, payload))
+    }
+
+    async fn publish(&self, entry: OutboxEntry) -> Result<(), Failure> {
+        let qos = entry.qos;
+        match self.prepare(entry)? {
+            (Prepared::V3(builder), payload) => match qos {
+                0 => builder
+                    .send_at_most_once(payload)
+                    .await
+                    .map_err(send_failed),
+                1 => builder
+                    .send_at_least_once(payload)
+                    .await
+                    .map_err(send_failed),
+                _ => {
+                    let received = builder
+                        .send_exactly_once(payload)
+                        .await
+                        .map_err(send_failed)?;
+                    received.release().await.map_err(send_failed)
+                }
+            },
+            (Prepared::V5(builder, max_qos), payload) => match qos.min(max_qos) {
+                0 => builder
+                    .send_at_most_once(payload)
+                    .await
+                    .map_err(send_failed),
+                1 => {
+                    let ack = builder
+                        .send_at_least_once(payload)
+                        .await
+                        .map_err(send_failed)?;
+                    refused(ack.reason_code as u8, ack.reason_string)
+                }
+                _ => {
+                    let received = builder
+                        .send_exactly_once(payload)
+                        .await
+                        .map_err(send_failed)?;
+                    let code = received.packet().reason_code as u8;
+                    let reason = received.packet().reason_string.clone();
+                    refused(code, reason)?;
+                    received.release().await.map_err(send_failed)
+                }
+            },
         }
     }
 
@@ -223,29 +240,11 @@ impl Up {
     /// Sends a QoS 1 publish without a task or a wait: its PUBACK is reported to the
     /// `on_pubacks` callback. Only when `unawaited(entry.qos)` and `is_ready()`.
     fn publish_unawaited(&self, entry: OutboxEntry) -> Result<(), Failure> {
-        let topic = ByteString::from(entry.topic);
-        let payload = Bytes::from(entry.payload);
-        match self {
-            Up::V3 { sink, max_packet } => {
-                let mut builder = sink.publish(topic);
-                if entry.retain {
-                    builder = builder.retain();
-                }
-                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
-                builder
-                    .send_at_least_once_no_block(payload)
-                    .map_err(send_failed)
-            }
-            Up::V5 {
-                sink, max_packet, ..
-            } => {
-                let builder = sink.publish(topic).retain(entry.retain);
-                fits(*max_packet, builder.size(payload.len()), entry.qos)?;
-                builder
-                    .send_at_least_once_no_block(payload)
-                    .map_err(send_failed)
-            }
+        match self.prepare(entry)? {
+            (Prepared::V3(builder), payload) => builder.send_at_least_once_no_block(payload),
+            (Prepared::V5(builder, _), payload) => builder.send_at_least_once_no_block(payload),
         }
+        .map_err(send_failed)
     }
 
     /// Publishes the connection can send now without waiting for acknowledgements (the
