@@ -229,9 +229,9 @@ fn drain_rows(rt: &tokio::runtime::Runtime, dir: &Path, count: usize) -> Result<
         )
     };
     // This machine is shared: each rate swings by tens of percent from second to second.
-    // So the two are measured in turns, three times per window, and each drain is compared
+    // So the two are measured in turns, five times per window, and each drain is compared
     // with the direct run just before it; the row gives the median of those ratios.
-    const ROUNDS: usize = 3;
+    const ROUNDS: usize = 5;
     let mut rows = Vec::new();
     // The default window, and Mosquitto's receive maximum in this set-up.
     for window in [32u16, 100] {

@@ -597,6 +597,10 @@ impl Task {
         // What was sent, in order, and whether it was acknowledged.
         let mut sent: VecDeque<(u64, bool)> = VecDeque::with_capacity(window);
         let mut committed = self.outbox.committed();
+        // Made once: a new one per turn of the loop below registers with the token when
+        // polled and unregisters when dropped, a lock each, on every burst of PUBACKs.
+        let cancelled = self.cancel.cancelled();
+        tokio::pin!(cancelled);
         let mut in_flight = 0usize;
         // QoS 1 publishes go out unawaited, one after another, and their PUBACKs come back
         // in the same order through the callback, which pairs each with the oldest of these.
@@ -735,7 +739,7 @@ impl Task {
                     caught_up = false;
                 }
                 reason = &mut closed => return reason.unwrap_or_else(|_| "connection closed".into()),
-                () = self.cancel.cancelled() => return "stopping".into(),
+                () = &mut cancelled => return "stopping".into(),
             }
         }
     }
