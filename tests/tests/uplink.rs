@@ -39,6 +39,20 @@ fn outbox_messages(gw: &Gateway) -> f64 {
     gw.metric("edgegw_uplink_outbox_messages{uplink=\"cloud\"}")
 }
 
+/// The `uplinks:` entry `cloud`: mutual TLS to 127.0.0.1:`port` with `pki`'s client
+/// certificate, `protocol`, `sensors/#` forwarded to `site1/{topic}` at QoS 1, and `extra`
+/// (whole lines of more keys).
+fn mutual_tls_uplink(port: u16, pki: &Pki, protocol: &str, extra: &str) -> String {
+    format!(
+        "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    protocol: {protocol}\n{extra}    \
+         tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
+         forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n",
+        ca = pki.ca.display(),
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display(),
+    )
+}
+
 #[test]
 fn forwards_over_mutual_tls_and_delivers_downlinks() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,16 +61,15 @@ fn forwards_over_mutual_tls_and_delivers_downlinks() {
     let tls = cloud.tls.unwrap();
     for protocol in ["5", "3.1.1"] {
         let observer = Observer::start(cloud.plain, "site1/#");
-        let gw = gateway_with(&format!(
-            "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    client_id: gw-{proto}\n    protocol: {protocol}\n    \
-             tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
-             forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n    \
-             subscribe: [ {{ remote: \"site1/control/#\", local: \"control/{{3..}}\", qos: 1 }} ]\n",
-            port = tls.port(),
-            proto = protocol.replace('.', ""),
-            ca = pki.ca.display(),
-            cert = pki.client_cert.display(),
-            key = pki.client_key.display(),
+        let gw = gateway_with(&mutual_tls_uplink(
+            tls.port(),
+            &pki,
+            protocol,
+            &format!(
+                "    client_id: gw-{}\n    \
+                 subscribe: [ {{ remote: \"site1/control/#\", local: \"control/{{3..}}\", qos: 1 }} ]\n",
+                protocol.replace('.', "")
+            ),
         ));
         gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
             v == 1.0
@@ -131,14 +144,11 @@ fn what_the_cloud_broker_cannot_take_is_dropped_and_counted_without_blocking_the
     );
     for (protocol, extra) in [("5", ""), ("3.1.1", "    max_packet_size: 1000\n")] {
         let observer = Observer::start(cloud.plain, "site1/#");
-        let gw = gateway_with(&format!(
-            "  - name: cloud\n    url: mqtts://127.0.0.1:{port}\n    protocol: {protocol}\n{extra}    \
-             tls: {{ ca: {ca}, cert: {cert}, key: {key} }}\n    \
-             forward: [ {{ from: \"sensors/#\", to: \"site1/{{topic}}\", qos: 1 }} ]\n",
-            port = cloud.tls.unwrap().port(),
-            ca = pki.ca.display(),
-            cert = pki.client_cert.display(),
-            key = pki.client_key.display(),
+        let gw = gateway_with(&mutual_tls_uplink(
+            cloud.tls.unwrap().port(),
+            &pki,
+            protocol,
+            extra,
         ));
         gw.wait_metric("edgegw_uplink_connected{uplink=\"cloud\"}", WAIT, |v| {
             v == 1.0
