@@ -832,6 +832,15 @@ pub async fn run_flow(broker: &mut Broker, sc: &Scenario, timing: Timing) -> Res
                 "debug: subscriber {i}: (sent, received) per publisher {per:?}; drained in {:?}",
                 drain_start.elapsed()
             );
+            for (p, seen) in s.seen.borrow().iter().enumerate() {
+                let missing: Vec<u64> = (0..seen.next)
+                    .filter(|&q| seen.words[(q >> 6) as usize] & (1u64 << (q & 63)) == 0)
+                    .take(10)
+                    .collect();
+                if !missing.is_empty() {
+                    eprintln!("debug: subscriber {i} misses from publisher {p}: {missing:?}");
+                }
+            }
         }
     }
     for (s, want) in sub_stats.iter().zip(&expected) {
@@ -851,6 +860,11 @@ pub async fn run_flow(broker: &mut Broker, sc: &Scenario, timing: Timing) -> Res
         && let Ok(after) = scrape(m).await
     {
         outcome.broker_drops = Some(after.get(DROPPED).copied().unwrap_or(0.0));
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            let mut keys: Vec<_> = after.iter().filter(|(k, _)| k.contains("broker")).collect();
+            keys.sort_by(|a, b| a.0.cmp(b.0));
+            eprintln!("debug: metrics {keys:?}");
+        }
     }
     broker.check_alive()?;
     if let Some(e) = errors.into_iter().next() {

@@ -14,7 +14,8 @@
 //! - CPU shares come from /proc (utime + stime over wall time) for the broker and for this
 //!   process; a load generator at 90% of its core or more is flagged.
 //!
-//! `BENCH_DEBUG=1` prints per-publisher sent/received counts after each scenario.
+//! `BENCH_DEBUG=1` prints per-publisher sent/received counts after each scenario, the first
+//! sequence numbers each subscriber missed, and edgegw's broker metrics.
 
 mod broker;
 mod load;
