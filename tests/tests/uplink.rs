@@ -35,6 +35,20 @@ fn payloads(received: &[(String, String)]) -> Vec<u32> {
     received.iter().map(|(_, p)| p.parse().unwrap()).collect()
 }
 
+/// Waits until the uplink `cloud` has forwarded `count` messages and its outbox is empty.
+fn wait_forwarded_and_drained(gw: &Gateway, count: f64) {
+    gw.wait_metric(
+        "edgegw_uplink_forwarded_messages_total{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == count,
+    );
+    gw.wait_metric(
+        "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
+        WAIT,
+        |v| v == 0.0,
+    );
+}
+
 fn outbox_messages(gw: &Gateway) -> f64 {
     gw.metric("edgegw_uplink_outbox_messages{uplink=\"cloud\"}")
 }
@@ -84,16 +98,7 @@ fn forwards_over_mutual_tls_and_delivers_downlinks() {
             "protocol {protocol}: once each, in order"
         );
         assert!(got.iter().all(|(t, _)| t == "site1/sensors/kitchen/temp"));
-        gw.wait_metric(
-            "edgegw_uplink_forwarded_messages_total{uplink=\"cloud\"}",
-            WAIT,
-            |v| v == 200.0,
-        );
-        gw.wait_metric(
-            "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
-            WAIT,
-            |v| v == 0.0,
-        );
+        wait_forwarded_and_drained(&gw, 200.0);
 
         // Downlink: the cloud's control message reaches a local subscriber, mapped.
         let mut local = Raw::connect(gw.mqtt);
@@ -185,16 +190,7 @@ fn what_the_cloud_broker_cannot_take_is_dropped_and_counted_without_blocking_the
                 "protocol {protocol}: {sample}"
             );
         }
-        gw.wait_metric(
-            "edgegw_uplink_forwarded_messages_total{uplink=\"cloud\"}",
-            WAIT,
-            |v| v == 11.0,
-        );
-        gw.wait_metric(
-            "edgegw_uplink_outbox_messages{uplink=\"cloud\"}",
-            WAIT,
-            |v| v == 0.0,
-        );
+        wait_forwarded_and_drained(&gw, 11.0);
         // Dropped for good, not retried: the link never went down.
         assert_eq!(
             gw.metric("edgegw_uplink_reconnects_total{uplink=\"cloud\"}"),
