@@ -132,14 +132,15 @@ impl Up {
     fn prepare(&self, entry: OutboxEntry) -> Result<(Prepared, Bytes), Failure> {
         let topic = ByteString::from(entry.topic);
         let payload = Bytes::from(entry.payload);
-        let (prepared, size, max) = match self {
+        // The QoS it goes out with (MQTT 5: at most the broker's): a packet id only above 0.
+        let (prepared, size, max, qos) = match self {
             Up::V3 { sink, max_packet } => {
                 let mut builder = sink.publish(topic);
                 if entry.retain {
                     builder = builder.retain();
                 }
                 let size = builder.size(payload.len());
-                (Prepared::V3(builder), size, *max_packet)
+                (Prepared::V3(builder), size, *max_packet, entry.qos)
             }
             Up::V5 {
                 sink,
@@ -148,10 +149,11 @@ impl Up {
             } => {
                 let builder = sink.publish(topic).retain(entry.retain);
                 let size = builder.size(payload.len());
-                (Prepared::V5(builder, *max_qos), size, *max_packet)
+                let qos = entry.qos.min(*max_qos);
+                (Prepared::V5(builder, *max_qos), size, *max_packet, qos)
             }
         };
-        fits(max, size, entry.qos)?;
+        fits(max, size, qos)?;
         Ok((prepared, payload))
     }
 
