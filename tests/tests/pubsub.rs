@@ -382,3 +382,103 @@ fn paho_python_client_v311_and_v5() {
         }
     }
 }
+
+/// A PUBLISH that arrives split across socket reads reaches ntex-mqtt with a streamed
+/// payload. QoS 0 messages like that must still arrive whole, each once, and in the order
+/// the client sent them, also when the rest of the split packet comes in one read with the
+/// packets after it (those must not overtake it). Both protocol versions.
+#[test]
+fn split_qos0_publishes_arrive_whole_and_in_order() {
+    const COUNT: u32 = 1500;
+    let gw = Gateway::start();
+    let mut sub = Raw::connect(gw.mqtt);
+    sub.send(&raw::connect_v3("split-sub", true, 30));
+    assert_eq!(sub.read(WAIT).unwrap().kind(), raw::CONNACK);
+    sub.send(&raw::subscribe_v3(1, "split/#", 0));
+    assert_eq!(sub.read(WAIT).unwrap().body, vec![0, 1, 0]);
+
+    let publishers: Vec<_> = [false, true]
+        .into_iter()
+        .map(|v5| {
+            let addr = gw.mqtt;
+            std::thread::spawn(move || {
+                let (id, topic) = if v5 {
+                    ("split-v5", "split/v5")
+                } else {
+                    ("split-v3", "split/v3")
+                };
+                let mut publisher = Raw::connect(addr);
+                publisher.send(&if v5 {
+                    raw::connect_v5(id, true, 30, &[])
+                } else {
+                    raw::connect_v3(id, true, 30)
+                });
+                assert_eq!(publisher.read(WAIT).unwrap().kind(), raw::CONNACK);
+                let mut pending = Vec::new();
+                for seq in 0..COUNT {
+                    let mut payload = format!("{seq:08}").into_bytes();
+                    payload.resize(100, b'.');
+                    let packet = if v5 {
+                        raw::publish_v5(topic, 0, 0, &[], &payload)
+                    } else {
+                        raw::publish_v3(topic, 0, 0, false, &payload)
+                    };
+                    if seq % 7 == 3 {
+                        // Everything so far plus this packet's header and half its payload;
+                        // the rest goes out with the packets after it.
+                        let cut = packet.len() - 50;
+                        pending.extend_from_slice(&packet[..cut]);
+                        publisher.send(&pending);
+                        pending = packet[cut..].to_vec();
+                        std::thread::sleep(Duration::from_millis(3));
+                    } else {
+                        pending.extend_from_slice(&packet);
+                        if pending.len() > 4000 {
+                            publisher.send(&std::mem::take(&mut pending));
+                        }
+                    }
+                }
+                publisher.send(&pending);
+                publisher
+            })
+        })
+        .collect();
+
+    let mut seen = std::collections::HashMap::<String, Vec<u32>>::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.values().map(Vec::len).sum::<usize>() < 2 * COUNT as usize
+        && std::time::Instant::now() < deadline
+    {
+        let Some(p) = sub.read(Duration::from_secs(5)) else {
+            break;
+        };
+        let publish = Publish::parse(&p, false);
+        assert_eq!(publish.payload.len(), 100, "payload cut: {publish:?}");
+        let seq: u32 = std::str::from_utf8(&publish.payload[..8])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            publish.payload[8..].iter().all(|&b| b == b'.'),
+            "payload mangled: {publish:?}"
+        );
+        seen.entry(publish.topic).or_default().push(seq);
+    }
+    let _publishers: Vec<Raw> = publishers.into_iter().map(|t| t.join().unwrap()).collect();
+    let want: Vec<u32> = (0..COUNT).collect();
+    for topic in ["split/v3", "split/v5"] {
+        let got = seen.get(topic).map(Vec::as_slice).unwrap_or_default();
+        let missing = want.iter().filter(|s| !got.contains(s)).count();
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "{topic}: {} received, {missing} missing",
+            got.len()
+        );
+        assert!(
+            got == want.as_slice(),
+            "{topic}: out of order, first difference at {:?}",
+            got.iter().zip(&want).position(|(a, b)| a != b)
+        );
+    }
+}

@@ -7,7 +7,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashSet,
+    collections::{HashSet, VecDeque},
     future::Future,
     rc::Rc,
     sync::{
@@ -125,6 +125,72 @@ impl RateLimit {
     }
 }
 
+/// QoS 0 PUBLISHes of one connection waiting, in packet order, for the connection's drain
+/// task to route them.
+///
+/// ntex-mqtt streams the payload of a PUBLISH that arrived split across socket reads. A
+/// publish handler that waits for such a payload can be dropped by ntex-mqtt (9.4) before
+/// the payload ends, and its message is lost with it: under load about one QoS 0 message in
+/// a million went that way. So a QoS 0 handler never waits for a payload: it queues a
+/// streamed message here and returns, and the drain task reads the payload and routes it.
+/// While anything is queued or being routed, later QoS 0 messages of the connection queue
+/// behind it, so QoS 0 order per connection holds. A queued message is routed even if the
+/// handler that queued it is dropped.
+pub(crate) struct Qos0Lane {
+    queue: RefCell<VecDeque<Queued0>>,
+    /// The drain task runs (it may be routing a message it took off the queue).
+    draining: Cell<bool>,
+    /// Handlers wait while more than this many are queued: ntex stops reading meanwhile.
+    max_queued: usize,
+    room: Notify,
+}
+
+struct Queued0 {
+    message: Message,
+    /// The rest of the payload, when ntex streams it.
+    body: Option<ntex_mqtt::Payload>,
+}
+
+impl Qos0Lane {
+    pub fn new(max_queued: usize) -> Self {
+        Self {
+            queue: RefCell::new(VecDeque::new()),
+            draining: Cell::new(false),
+            max_queued: max_queued.max(1),
+            room: Notify::new(),
+        }
+    }
+
+    /// Nothing queued or being routed: a QoS 0 message whose payload is complete may be
+    /// routed by its handler at once.
+    pub fn is_idle(&self) -> bool {
+        !self.draining.get()
+    }
+
+    /// Queues a message, with the stream of its payload when ntex streams it. True when
+    /// the caller must start the drain task ([`Conn::drain_qos0`]).
+    pub fn push(&self, message: Message, body: Option<ntex_mqtt::Payload>) -> bool {
+        self.queue.borrow_mut().push_back(Queued0 { message, body });
+        !self.draining.replace(true)
+    }
+
+    /// Waits while the queue is over its bound.
+    pub async fn room(&self) {
+        loop {
+            // Created before the check: `notify_waiters` reaches it even before it is polled.
+            let notified = self.room.notified();
+            if self.queue.borrow().len() <= self.max_queued {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.borrow().len()
+    }
+}
+
 /// One of `max_connections`; released on drop.
 pub(crate) struct Slot(Arc<Shared>);
 
@@ -156,6 +222,8 @@ pub(crate) struct Conn {
     pub acl_generation: Cell<u64>,
     /// The authenticated user name (`None`: anonymous), for resolving the ACL again.
     pub user: Option<Arc<str>>,
+    /// QoS 0 PUBLISHes waiting to be routed in order (see [`Qos0Lane`]).
+    pub qos0: Qos0Lane,
     finished: Cell<bool>,
     _slot: Slot,
 }
@@ -174,6 +242,7 @@ impl Conn {
         slot: Slot,
     ) -> Self {
         shared.router.metrics().connection_opened(protocol);
+        let qos0 = Qos0Lane::new(usize::from(shared.limits.receive_maximum));
         let rate = match shared.limits.max_publish_rate {
             0 => None,
             per_second => Some(RateLimit::new(per_second)),
@@ -191,6 +260,7 @@ impl Conn {
             acl: RefCell::new(acl),
             acl_generation: Cell::new(acl_generation),
             user,
+            qos0,
             finished: Cell::new(false),
             _slot: slot,
         }
@@ -216,6 +286,41 @@ impl Conn {
         if slot > now {
             rate.throttled.increment(1);
             tokio::time::sleep_until(slot).await;
+        }
+    }
+
+    /// Routes the QoS 0 lane in order until it is empty; run by one task per connection,
+    /// started by the handler whose [`Qos0Lane::push`] said so. `valid` applies the
+    /// protocol's checks to a message with its whole payload (false: dropped, it logs why);
+    /// `refused` handles a topic name the router refuses.
+    pub async fn drain_qos0(&self, valid: impl Fn(&Message) -> bool, refused: impl Fn(TopicError)) {
+        let lane = &self.qos0;
+        loop {
+            let next = lane.queue.borrow_mut().pop_front();
+            let Some(Queued0 { mut message, body }) = next else {
+                lane.draining.set(false);
+                return;
+            };
+            if lane.len() == lane.max_queued {
+                lane.room.notify_waiters();
+            }
+            if let Some(body) = body {
+                match body.read_all().await {
+                    Ok(payload) => message.payload = payload,
+                    Err(error) => {
+                        // The connection ended inside this PUBLISH: it never arrived whole.
+                        tracing::debug!(client_id = self.client_id(), topic = %message.topic, %error, "QoS 0 PUBLISH cut short; dropped.");
+                        continue;
+                    }
+                }
+            }
+            if !self.may_publish(&message.topic) || !valid(&message) {
+                continue;
+            }
+            self.throttle().await;
+            if let Err(error) = self.route(message) {
+                refused(error);
+            }
         }
     }
 

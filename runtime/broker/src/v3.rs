@@ -9,7 +9,7 @@ use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{Conn, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer},
-    message::{Message, QoS},
+    message::{Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
     session::{Outgoing, Session},
@@ -153,7 +153,42 @@ pub(crate) async fn publish(
     }
     let topic = packet.topic.clone();
     let retain = packet.retain;
-    let payload = publish
+    let mut publish = publish;
+    let body = publish.take_payload();
+    if qos == QoS::AtMostOnce && !(body.is_fixed() && conn.qos0.is_idle()) {
+        // Never wait for a streamed QoS 0 payload here (see `Qos0Lane`).
+        let message = Message::new(topic, Bytes::new(), qos).with_retain(retain);
+        let (message, body) = if body.is_fixed() {
+            let payload = body
+                .read_all()
+                .await
+                .map_err(|e| BrokerError::Payload(e.to_string()))?;
+            (Message { payload, ..message }, None)
+        } else {
+            (message, Some(body))
+        };
+        if conn.qos0.push(message, body) {
+            let session = session.clone();
+            ntex::rt::spawn(async move {
+                let sink = session.sink().clone();
+                let client_id = session.client_id().to_owned();
+                session
+                    .drain_qos0(
+                        |_| true,
+                        move |error| {
+                            // As for any PUBLISH: MQTT 3.1.1 closes the connection.
+                            BrokerMetrics::protocol_error("violation");
+                            tracing::warn!(client_id, protocol = "3.1.1", %error, "Closing connection: invalid topic name.");
+                            sink.close();
+                        },
+                    )
+                    .await;
+            });
+        }
+        conn.qos0.room().await;
+        return Ok(());
+    }
+    let payload = body
         .read_all()
         .await
         .map_err(|e| BrokerError::Payload(e.to_string()))?;

@@ -24,7 +24,7 @@ use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{Conn, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer},
-    message::{ByteString, Message, Properties, QoS},
+    message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
     session::{Outgoing, Session},
@@ -213,7 +213,46 @@ pub(crate) async fn publish(
         user_properties: p.user_properties.clone(),
         message_expiry_secs: p.message_expiry_interval,
     };
-    let payload = publish
+    let mut publish = publish;
+    let body = publish.take_payload();
+    if qos == QoS::AtMostOnce && !(body.is_fixed() && conn.qos0.is_idle()) {
+        // Never wait for a streamed QoS 0 payload here (see `Qos0Lane`).
+        let message = Message::new(topic, Bytes::new(), qos)
+            .with_retain(retain)
+            .with_properties(properties);
+        let (message, body) = if body.is_fixed() {
+            let payload = body
+                .read_all()
+                .await
+                .map_err(|e| BrokerError::Payload(e.to_string()))?;
+            (Message { payload, ..message }, None)
+        } else {
+            (message, Some(body))
+        };
+        if conn.qos0.push(message, body) {
+            let session = session.clone();
+            ntex::rt::spawn(async move {
+                let client_id = session.client_id().to_owned();
+                // QoS 0 has no PUBACK to carry a reason code: a refused message is dropped.
+                session
+                    .drain_qos0(
+                        |message| {
+                            let valid = !message.properties.payload_format_utf8
+                                || std::str::from_utf8(&message.payload).is_ok();
+                            if !valid {
+                                tracing::debug!(client_id, topic = %message.topic, "QoS 0 PUBLISH dropped: payload is not the UTF-8 its format indicator says.");
+                            }
+                            valid
+                        },
+                        |error| tracing::debug!(client_id, %error, "QoS 0 PUBLISH dropped: invalid topic name."),
+                    )
+                    .await;
+            });
+        }
+        conn.qos0.room().await;
+        return Ok(publish.ack());
+    }
+    let payload = body
         .read_all()
         .await
         .map_err(|e| BrokerError::Payload(e.to_string()))?;
