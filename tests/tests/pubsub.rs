@@ -482,3 +482,56 @@ fn split_qos0_publishes_arrive_whole_and_in_order() {
         );
     }
 }
+
+/// A client that dies right after its last QoS 0 messages (one of them split across reads, so
+/// they wait in the connection's QoS 0 lane): its will comes after those messages, not before.
+#[test]
+fn will_follows_the_last_qos0_messages_of_a_dead_client() {
+    let gw = Gateway::start();
+    let mut sub = Raw::connect(gw.mqtt);
+    sub.send(&raw::connect_v3("will-order-sub", true, 30));
+    assert_eq!(sub.read(WAIT).unwrap().kind(), raw::CONNACK);
+    sub.send(&raw::subscribe_v3(1, "order/#", 0));
+    assert_eq!(sub.read(WAIT).unwrap().body, vec![0, 1, 0]);
+
+    for round in 0..5 {
+        let mut client = Raw::connect(gw.mqtt);
+        client.send(&raw::connect_v3_will(
+            "will-order",
+            true,
+            30,
+            "order/will",
+            b"gone",
+            0,
+            false,
+        ));
+        assert_eq!(client.read(WAIT).unwrap().kind(), raw::CONNACK);
+        let split = raw::publish_v3("order/data", 0, 0, false, &[b's'; 100]);
+        let cut = split.len() - 40;
+        client.send(&split[..cut]);
+        std::thread::sleep(Duration::from_millis(20));
+        let mut rest = split[cut..].to_vec();
+        for n in 0..3u8 {
+            rest.extend(raw::publish_v3("order/data", 0, 0, false, &[n; 10]));
+        }
+        client.send(&rest);
+        drop(client); // no DISCONNECT: the will goes out
+
+        let mut topics = Vec::new();
+        while topics.len() < 5 {
+            let Some(p) = sub.read(WAIT) else { break };
+            topics.push(Publish::parse(&p, false).topic);
+        }
+        assert_eq!(
+            topics,
+            [
+                "order/data",
+                "order/data",
+                "order/data",
+                "order/data",
+                "order/will"
+            ],
+            "round {round}"
+        );
+    }
+}

@@ -135,11 +135,17 @@ impl RateLimit {
 /// streamed message here and returns, and the drain task reads the payload and routes it.
 /// While anything is queued or being routed, later QoS 0 messages of the connection queue
 /// behind it, so QoS 0 order per connection holds. A queued message is routed even if the
-/// handler that queued it is dropped.
+/// handler that queued it is dropped. A connection that ends while its lane drains is finished
+/// (session detached, will published) by the drain task once the lane is empty, so the will
+/// comes after the messages the client sent before it went.
 pub(crate) struct Qos0Lane {
     queue: RefCell<VecDeque<Queued0>>,
     /// The drain task runs (it may be routing a message it took off the queue).
     draining: Cell<bool>,
+    /// The connection ended while the lane drained: the drain task finishes it.
+    finish_when_drained: Cell<bool>,
+    /// The connection is being closed for a protocol error: nothing more is routed.
+    stopped: Cell<bool>,
     /// Handlers wait while more than this many are queued: ntex stops reading meanwhile.
     max_queued: usize,
     room: Notify,
@@ -156,6 +162,8 @@ impl Qos0Lane {
         Self {
             queue: RefCell::new(VecDeque::new()),
             draining: Cell::new(false),
+            finish_when_drained: Cell::new(false),
+            stopped: Cell::new(false),
             max_queued: max_queued.max(1),
             room: Notify::new(),
         }
@@ -164,12 +172,15 @@ impl Qos0Lane {
     /// Nothing queued or being routed: a QoS 0 message whose payload is complete may be
     /// routed by its handler at once.
     pub fn is_idle(&self) -> bool {
-        !self.draining.get()
+        !self.draining.get() && !self.stopped.get()
     }
 
     /// Queues a message, with the stream of its payload when ntex streams it. True when
     /// the caller must start the drain task ([`Conn::drain_qos0`]).
     pub fn push(&self, message: Message, body: Option<ntex_mqtt::Payload>) -> bool {
+        if self.stopped.get() {
+            return false;
+        }
         self.queue.borrow_mut().push_back(Queued0 { message, body });
         !self.draining.replace(true)
     }
@@ -292,13 +303,21 @@ impl Conn {
     /// Routes the QoS 0 lane in order until it is empty; run by one task per connection,
     /// started by the handler whose [`Qos0Lane::push`] said so. `valid` applies the
     /// protocol's checks to a message with its whole payload (false: dropped, it logs why);
-    /// `refused` handles a topic name the router refuses.
-    pub async fn drain_qos0(&self, valid: impl Fn(&Message) -> bool, refused: impl Fn(TopicError)) {
+    /// `refused` handles a topic name the router refuses and says whether the connection is
+    /// being closed for it (then nothing after it is routed).
+    pub async fn drain_qos0(
+        &self,
+        valid: impl Fn(&Message) -> bool,
+        refused: impl Fn(TopicError) -> bool,
+    ) {
         let lane = &self.qos0;
         loop {
             let next = lane.queue.borrow_mut().pop_front();
             let Some(Queued0 { mut message, body }) = next else {
                 lane.draining.set(false);
+                if lane.finish_when_drained.get() {
+                    self.finish();
+                }
                 return;
             };
             if lane.len() == lane.max_queued {
@@ -318,8 +337,12 @@ impl Conn {
                 continue;
             }
             self.throttle().await;
-            if let Err(error) = self.route(message) {
-                refused(error);
+            if let Err(error) = self.route(message)
+                && refused(error)
+            {
+                lane.stopped.set(true);
+                lane.queue.borrow_mut().clear();
+                lane.room.notify_waiters();
             }
         }
     }
@@ -361,6 +384,17 @@ impl Conn {
     /// The connection is over (control stop, or drop as a backstop): hand the session back
     /// to the router with the will unless the client disconnected normally. Idempotent.
     pub fn finish(&self) {
+        if self.qos0.draining.get() {
+            // The drain task calls this again once the lane is empty.
+            self.qos0.finish_when_drained.set(true);
+            return;
+        }
+        self.finish_now();
+    }
+
+    /// [`Conn::finish`] without waiting for the QoS 0 lane (dropping the connection: its
+    /// drain task is gone).
+    fn finish_now(&self) {
         if self.finished.replace(true) {
             return;
         }
@@ -378,7 +412,7 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.finish();
+        self.finish_now();
     }
 }
 

@@ -180,6 +180,7 @@ pub(crate) async fn publish(
                             BrokerMetrics::protocol_error("violation");
                             tracing::warn!(client_id, protocol = "3.1.1", %error, "Closing connection: invalid topic name.");
                             sink.close();
+                            true
                         },
                     )
                     .await;

@@ -244,7 +244,10 @@ pub(crate) async fn publish(
                             }
                             valid
                         },
-                        |error| tracing::debug!(client_id, %error, "QoS 0 PUBLISH dropped: invalid topic name."),
+                        |error| {
+                            tracing::debug!(client_id, %error, "QoS 0 PUBLISH dropped: invalid topic name.");
+                            false
+                        },
                     )
                     .await;
             });
