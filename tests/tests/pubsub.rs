@@ -383,6 +383,16 @@ fn paho_python_client_v311_and_v5() {
     }
 }
 
+/// A raw MQTT 3.1.1 client subscribed to `filter` at QoS 0.
+fn qos0_subscriber(gw: &Gateway, client_id: &str, filter: &str) -> Raw {
+    let mut sub = Raw::connect(gw.mqtt);
+    sub.send(&raw::connect_v3(client_id, true, 30));
+    assert_eq!(sub.read(WAIT).unwrap().kind(), raw::CONNACK);
+    sub.send(&raw::subscribe_v3(1, filter, 0));
+    assert_eq!(sub.read(WAIT).unwrap().body, vec![0, 1, 0]);
+    sub
+}
+
 /// A PUBLISH that arrives split across socket reads reaches ntex-mqtt with a streamed
 /// payload. QoS 0 messages like that must still arrive whole, each once, and in the order
 /// the client sent them, also when the rest of the split packet comes in one read with the
@@ -391,11 +401,7 @@ fn paho_python_client_v311_and_v5() {
 fn split_qos0_publishes_arrive_whole_and_in_order() {
     const COUNT: u32 = 1500;
     let gw = Gateway::start();
-    let mut sub = Raw::connect(gw.mqtt);
-    sub.send(&raw::connect_v3("split-sub", true, 30));
-    assert_eq!(sub.read(WAIT).unwrap().kind(), raw::CONNACK);
-    sub.send(&raw::subscribe_v3(1, "split/#", 0));
-    assert_eq!(sub.read(WAIT).unwrap().body, vec![0, 1, 0]);
+    let mut sub = qos0_subscriber(&gw, "split-sub", "split/#");
 
     let publishers: Vec<_> = [false, true]
         .into_iter()
@@ -488,11 +494,7 @@ fn split_qos0_publishes_arrive_whole_and_in_order() {
 #[test]
 fn will_follows_the_last_qos0_messages_of_a_dead_client() {
     let gw = Gateway::start();
-    let mut sub = Raw::connect(gw.mqtt);
-    sub.send(&raw::connect_v3("will-order-sub", true, 30));
-    assert_eq!(sub.read(WAIT).unwrap().kind(), raw::CONNACK);
-    sub.send(&raw::subscribe_v3(1, "order/#", 0));
-    assert_eq!(sub.read(WAIT).unwrap().body, vec![0, 1, 0]);
+    let mut sub = qos0_subscriber(&gw, "will-order-sub", "order/#");
 
     for round in 0..5 {
         let mut client = Raw::connect(gw.mqtt);

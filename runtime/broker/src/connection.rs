@@ -152,9 +152,10 @@ pub(crate) struct Qos0Lane {
 }
 
 struct Queued0 {
+    /// The message with an empty payload: the drain task reads `body` into it.
     message: Message,
-    /// The rest of the payload, when ntex streams it.
-    body: Option<ntex_mqtt::Payload>,
+    /// Whole (read at once) or streamed by ntex.
+    body: ntex_mqtt::Payload,
 }
 
 impl Qos0Lane {
@@ -175,9 +176,9 @@ impl Qos0Lane {
         !self.draining.get() && !self.stopped.get()
     }
 
-    /// Queues a message, with the stream of its payload when ntex streams it. True when
-    /// the caller must start the drain task ([`Conn::drain_qos0`]).
-    pub fn push(&self, message: Message, body: Option<ntex_mqtt::Payload>) -> bool {
+    /// Queues a message (its payload left empty) with ntex's payload for it. True when the
+    /// caller must start the drain task ([`Conn::drain_qos0`]).
+    pub fn push(&self, message: Message, body: ntex_mqtt::Payload) -> bool {
         if self.stopped.get() {
             return false;
         }
@@ -323,14 +324,12 @@ impl Conn {
             if lane.len() == lane.max_queued {
                 lane.room.notify_waiters();
             }
-            if let Some(body) = body {
-                match body.read_all().await {
-                    Ok(payload) => message.payload = payload,
-                    Err(error) => {
-                        // The connection ended inside this PUBLISH: it never arrived whole.
-                        tracing::debug!(client_id = self.client_id(), topic = %message.topic, %error, "QoS 0 PUBLISH cut short; dropped.");
-                        continue;
-                    }
+            match body.read_all().await {
+                Ok(payload) => message.payload = payload,
+                Err(error) => {
+                    // The connection ended inside this PUBLISH: it never arrived whole.
+                    tracing::debug!(client_id = self.client_id(), topic = %message.topic, %error, "QoS 0 PUBLISH cut short; dropped.");
+                    continue;
                 }
             }
             if !self.may_publish(&message.topic) || !valid(&message) {

@@ -158,15 +158,6 @@ pub(crate) async fn publish(
     if qos == QoS::AtMostOnce && !(body.is_fixed() && conn.qos0.is_idle()) {
         // Never wait for a streamed QoS 0 payload here (see `Qos0Lane`).
         let message = Message::new(topic, Bytes::new(), qos).with_retain(retain);
-        let (message, body) = if body.is_fixed() {
-            let payload = body
-                .read_all()
-                .await
-                .map_err(|e| BrokerError::Payload(e.to_string()))?;
-            (Message { payload, ..message }, None)
-        } else {
-            (message, Some(body))
-        };
         if conn.qos0.push(message, body) {
             let session = session.clone();
             ntex::rt::spawn(async move {

@@ -220,15 +220,6 @@ pub(crate) async fn publish(
         let message = Message::new(topic, Bytes::new(), qos)
             .with_retain(retain)
             .with_properties(properties);
-        let (message, body) = if body.is_fixed() {
-            let payload = body
-                .read_all()
-                .await
-                .map_err(|e| BrokerError::Payload(e.to_string()))?;
-            (Message { payload, ..message }, None)
-        } else {
-            (message, Some(body))
-        };
         if conn.qos0.push(message, body) {
             let session = session.clone();
             ntex::rt::spawn(async move {
