@@ -1,5 +1,6 @@
-//! What v3 and v5 connections share: the per-connection state kept by ntex-mqtt (`Conn`)
-//! and the writer task that drains the session's queue into the socket.
+//! What v3 and v5 connections share: the per-connection state kept by ntex-mqtt (`Conn`),
+//! the writer task that drains the session's queue into the socket, and the QoS 0 lane
+//! (`Qos0Lane`) whose task routes inbound QoS 0 messages with streamed payloads in order.
 //!
 //! Threading: a `Conn` and its writer live on the ntex worker that accepted the connection
 //! (`MqttSink` is `Rc`-based). The session they serve is `Send` and is filled by the router
