@@ -275,6 +275,44 @@ enum Output {
     Uplink(String, Arc<dyn UplinkOutput>),
 }
 
+/// A worker's vectors, kept from one group of messages to the next: allocating them per
+/// group (several KiB each) costs more than the rest of a no-op rule stage.
+#[derive(Default)]
+struct Scratch {
+    local: Vec<Message>,
+    items: Vec<Item>,
+    next: Vec<Item>,
+    failed: Vec<bool>,
+    results: Vec<Result<Vec<edgegw_rules::Output>, RuleError>>,
+    /// Always empty between groups (their borrows end with the group).
+    inputs: Vec<RuleMessage<'static>>,
+    /// Always empty between groups.
+    users: Vec<(&'static str, &'static str)>,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+/// An empty vector's allocation, reused for elements of another lifetime (same type, so same
+/// layout: collecting an empty `IntoIter` into it reuses the buffer in place).
+fn recycle<'a, 'b, T: Relifetime<'a, 'b>>(v: Vec<T>) -> Vec<T::Other> {
+    debug_assert!(v.is_empty());
+    v.into_iter()
+        .map(|_| unreachable!("recycled vectors are empty"))
+        .collect()
+}
+
+/// `Self` with its lifetime `'a` replaced by `'b`.
+trait Relifetime<'a, 'b> {
+    type Other;
+}
+
+impl<'a, 'b> Relifetime<'a, 'b> for RuleMessage<'a> {
+    type Other = RuleMessage<'b>;
+}
+
+impl<'a, 'b> Relifetime<'a, 'b> for (&'a str, &'a str) {
+    type Other = (&'b str, &'b str);
+}
+
 /// What the worker thread owns.
 struct Worker {
     name: String,
@@ -284,6 +322,7 @@ struct Worker {
     client: Arc<LocalClient>,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
+    scratch: Scratch,
 }
 
 /// One message inside the chain: where it came from (an index in the batch), its topic and
@@ -323,52 +362,67 @@ impl Worker {
     fn process(&mut self, messages: &[Arc<Message>]) {
         // Local outputs go into the router together: each receiving connection is woken
         // once per group, not once per message.
-        let mut local = Vec::with_capacity(messages.len() * self.outputs.len());
+        let mut local = std::mem::take(&mut self.scratch.local);
         if self.stages.is_empty() {
             for message in messages {
                 self.emit(message, &message.topic, &message.payload, &mut local);
             }
-            self.client.publish_batch(local);
+            self.client.publish_batch(local.drain(..));
+            self.scratch.local = local;
             return;
         }
-        let mut items: Vec<Item> = messages
-            .iter()
-            .enumerate()
-            .map(|(origin, m)| Item {
-                origin,
-                topic: m.topic.clone(),
-                payload: m.payload.clone(),
-            })
-            .collect();
-        let users: Vec<Vec<(&str, &str)>> = messages
-            .iter()
-            .map(|m| {
-                let user = &m.properties.user_properties;
-                user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-            })
-            .collect();
-        let mut failed = vec![false; messages.len()];
+        let Scratch {
+            items,
+            next,
+            failed,
+            results,
+            ..
+        } = &mut self.scratch;
+        let (mut items, mut next, mut failed, mut results) = (
+            std::mem::take(items),
+            std::mem::take(next),
+            std::mem::take(failed),
+            std::mem::take(results),
+        );
+        items.extend(messages.iter().enumerate().map(|(origin, m)| Item {
+            origin,
+            topic: m.topic.clone(),
+            payload: m.payload.clone(),
+        }));
+        // Every message's user properties as `&str` pairs, in one vector; `spans[i]` is
+        // message i's range in it.
+        let mut users = recycle(std::mem::take(&mut self.scratch.users));
+        let mut spans = std::mem::take(&mut self.scratch.spans);
+        for m in messages {
+            let start = users.len();
+            users.extend(
+                m.properties
+                    .user_properties
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            spans.push(start..users.len());
+        }
+        failed.resize(messages.len(), false);
         // Taken out for the loop, so that dead letters can be sent from inside it.
         let mut stages = std::mem::take(&mut self.stages);
         for stage in &mut stages {
-            let inputs: Vec<RuleMessage<'_>> = items
-                .iter()
-                .map(|item| {
-                    let message = &messages[item.origin];
-                    RuleMessage {
-                        topic: &item.topic,
-                        payload: &item.payload,
-                        qos: message.qos.as_u8(),
-                        retain: message.retain,
-                        content_type: message.properties.content_type.as_deref(),
-                        user_properties: &users[item.origin],
-                    }
-                })
-                .collect();
-            let results = stage.call_batch(&inputs);
-            drop(inputs);
-            let mut next = Vec::with_capacity(items.len());
-            for (item, result) in items.iter().zip(results) {
+            let mut inputs = recycle(std::mem::take(&mut self.scratch.inputs));
+            inputs.extend(items.iter().map(|item| {
+                let message = &messages[item.origin];
+                RuleMessage {
+                    topic: &item.topic,
+                    payload: &item.payload,
+                    qos: message.qos.as_u8(),
+                    retain: message.retain,
+                    content_type: message.properties.content_type.as_deref(),
+                    user_properties: &users[spans[item.origin].clone()],
+                }
+            }));
+            stage.call_batch_into(&inputs, &mut results);
+            inputs.clear();
+            self.scratch.inputs = recycle(inputs);
+            for (item, result) in items.iter().zip(results.drain(..)) {
                 if failed[item.origin] {
                     continue;
                 }
@@ -387,13 +441,18 @@ impl Worker {
             }
             // Outputs of an earlier item of a message that failed later in this stage.
             next.retain(|item| !failed[item.origin]);
-            items = next;
+            std::mem::swap(&mut items, &mut next);
+            next.clear();
             if items.is_empty() {
                 break;
             }
         }
         self.stages = stages;
-        for item in items {
+        users.clear();
+        self.scratch.users = recycle(users);
+        spans.clear();
+        self.scratch.spans = spans;
+        for item in items.drain(..) {
             self.emit(
                 &messages[item.origin],
                 &item.topic,
@@ -401,7 +460,11 @@ impl Worker {
                 &mut local,
             );
         }
-        self.client.publish_batch(local);
+        self.client.publish_batch(local.drain(..));
+        failed.clear();
+        let scratch = &mut self.scratch;
+        (scratch.local, scratch.items, scratch.next) = (local, items, next);
+        (scratch.failed, scratch.results) = (failed, results);
     }
 
     /// Sends one result (`topic`, `payload`; the rest from `message`) to every output;
@@ -675,6 +738,7 @@ impl Pipelines {
                 client,
                 queue,
                 metrics,
+                scratch: Scratch::default(),
             },
         ))
     }

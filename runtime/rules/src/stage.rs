@@ -108,6 +108,18 @@ impl Stage {
     ///   another batch: the stage calls `on-message` only from then on.
     pub fn call_batch(&mut self, msgs: &[RuleMessage<'_>]) -> Vec<Result<Vec<Output>, RuleError>> {
         let mut results = Vec::with_capacity(msgs.len());
+        self.call_batch_into(msgs, &mut results);
+        results
+    }
+
+    /// [`call_batch`](Stage::call_batch), appending the results to `results` (a worker reuses
+    /// one vector, rather than allocating one per batch).
+    pub fn call_batch_into(
+        &mut self,
+        msgs: &[RuleMessage<'_>],
+        results: &mut Vec<Result<Vec<Output>, RuleError>>,
+    ) {
+        results.reserve(msgs.len());
         let mut rest = msgs;
         while !rest.is_empty() {
             let (group, after) = rest.split_at(self.group_len(rest));
@@ -117,26 +129,24 @@ impl Stage {
                 continue;
             }
             let started = Instant::now();
-            match self.try_batch(group, started) {
-                Some(verdicts) => {
-                    let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
-                    let each = started.elapsed() / n;
-                    for (msg, result) in group.iter().zip(verdicts) {
-                        let label = match &result {
-                            Ok(_) => "ok",
-                            Err(e) => e.result(),
-                        };
-                        self.metrics.call(label, each);
-                        if let Err(error) = &result {
-                            self.report(error, msg.topic);
-                        }
-                        results.push(result);
+            let first = results.len();
+            if self.try_batch(group, started, results) {
+                let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
+                let each = started.elapsed() / n;
+                for (msg, result) in group.iter().zip(&results[first..]) {
+                    let label = match result {
+                        Ok(_) => "ok",
+                        Err(e) => e.result(),
+                    };
+                    self.metrics.call(label, each);
+                    if let Err(error) = result {
+                        self.report(error, msg.topic);
                     }
                 }
-                None => results.extend(group.iter().map(|msg| self.call(msg))),
+            } else {
+                results.extend(group.iter().map(|msg| self.call(msg)));
             }
         }
-        results
     }
 
     /// Whether messages still go to the plugin's `on-batch` (see [`Stage::call_batch`]).
@@ -161,19 +171,26 @@ impl Stage {
         len.max(1)
     }
 
-    /// One `on-batch` call: the verdicts, or `None` when the messages must be run one by one
-    /// (the instance could not be created, the call faulted, or the plugin returned the wrong
-    /// number of results; the instance is then gone and the kv store as before the call).
+    /// One `on-batch` call: appends the verdicts to `results` and returns true, or returns
+    /// false (appending nothing) when the messages must be run one by one (the instance could
+    /// not be created, the call faulted, or the plugin returned the wrong number of results;
+    /// the instance is then gone and the kv store as before the call).
     fn try_batch(
         &mut self,
         msgs: &[RuleMessage<'_>],
         started: Instant,
-    ) -> Option<Vec<Result<Vec<Output>, RuleError>>> {
+        results: &mut Vec<Result<Vec<Output>, RuleError>>,
+    ) -> bool {
         if self.instance.is_none() {
             // The one-by-one calls try again and report why not.
-            self.instance = Some(self.instantiate().ok()?);
+            match self.instantiate() {
+                Ok(instance) => self.instance = Some(instance),
+                Err(_) => return false,
+            }
         }
-        let instance = self.instance.as_mut()?;
+        let Some(instance) = self.instance.as_mut() else {
+            return false;
+        };
         let limits = self.plugin.limits();
         let time = limits
             .time
@@ -189,13 +206,13 @@ impl Stage {
         match result {
             Ok(batch) if batch.len() == msgs.len() => {
                 state.kv.commit();
-                Some(
+                results.extend(
                     batch
                         .into_iter()
                         .zip(msgs)
-                        .map(|(result, msg)| self.verdict(result, msg.topic))
-                        .collect(),
-                )
+                        .map(|(result, msg)| self.verdict(result, msg.topic)),
+                );
+                true
             }
             Ok(batch) => {
                 state.kv.rollback();
@@ -208,7 +225,7 @@ impl Stage {
                 );
                 self.batches = false;
                 self.discard_instance();
-                None
+                false
             }
             Err(error) => {
                 state.kv.rollback();
@@ -224,7 +241,7 @@ impl Stage {
                 // Not counted as a restart: the one-by-one run counts the fault once, when
                 // it meets the faulting message.
                 self.drop_instance();
-                None
+                false
             }
         }
     }
