@@ -234,19 +234,24 @@ impl TopicTemplate {
         if let [TemplatePart::Topic] = self.parts.as_slice() {
             return Some(topic.to_string());
         }
-        let levels: Vec<&str> = topic.split('/').collect();
+        // Byte offset of level `n` (1-based) in `topic`; none when it has fewer levels.
+        let start = |n: usize| match n {
+            1 => Some(0),
+            _ => topic.match_indices('/').nth(n - 2).map(|(i, _)| i + 1),
+        };
         let mut out = String::with_capacity(topic.len() + 16);
         for part in &self.parts {
             match part {
                 TemplatePart::Literal(text) => out.push_str(text),
                 TemplatePart::Topic => out.push_str(topic),
-                TemplatePart::Level(n) => out.push_str(levels.get(n - 1)?),
-                TemplatePart::From(n) => {
-                    if *n > levels.len() {
-                        return None;
-                    }
-                    out.push_str(&levels[n - 1..].join("/"));
+                TemplatePart::Level(n) => {
+                    let from = start(*n)?;
+                    let to = topic[from..]
+                        .find('/')
+                        .map_or(topic.len(), |end| from + end);
+                    out.push_str(&topic[from..to]);
                 }
+                TemplatePart::From(n) => out.push_str(&topic[start(*n)?..]),
             }
         }
         validate_name(&out).ok()?;
@@ -270,6 +275,13 @@ mod template_tests {
         );
         assert_eq!(t("x/{4}", "a/b"), None);
         assert_eq!(t("x/{3..}", "a/b"), None);
+        assert_eq!(t("{1}/{2}", "a/b").as_deref(), Some("a/b"));
+        assert_eq!(t("x/{2}/y", "a//c").as_deref(), Some("x//y"));
+        assert_eq!(t("x/{2..}", "a/b/c").as_deref(), Some("x/b/c"));
+        assert_eq!(t("x/{1..}", "a/b").as_deref(), Some("x/a/b"));
+        assert_eq!(t("x/{3..}", "a/b/").as_deref(), Some("x/"));
+        assert_eq!(t("x/{3}", "a/b/").as_deref(), Some("x/"));
+        assert_eq!(t("x/{3}", "a/b"), None);
         assert!(TopicTemplate::parse("x/{0}").is_err());
         assert!(TopicTemplate::parse("x/{name}").is_err());
         assert!(TopicTemplate::parse("x/{1").is_err());

@@ -39,8 +39,8 @@ impl StageMetrics {
         }
     }
 
-    /// One call with its `result` label (see `RuleError::result`).
-    pub(crate) fn call(&self, result: &str, elapsed: Duration) {
+    /// One message's invocation with its `result` label (see `RuleError::result`).
+    pub(crate) fn invocation(&self, result: &str) {
         match result {
             "ok" => &self.ok,
             "trap" => &self.trap,
@@ -49,7 +49,12 @@ impl StageMetrics {
             _ => &self.error,
         }
         .increment(1);
-        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    /// The time per message of one call: recorded once per call, even for a batch (an
+    /// observation per message would cost as much as a no-op rule's call).
+    pub(crate) fn duration(&self, per_message: Duration) {
+        self.duration.record(per_message.as_secs_f64());
     }
 
     pub(crate) fn restart(&self) {

@@ -84,7 +84,8 @@ impl Stage {
             Ok(_) => "ok",
             Err(e) => e.result(),
         };
-        self.metrics.call(label, started.elapsed());
+        self.metrics.invocation(label);
+        self.metrics.duration(started.elapsed());
         if let Err(error) = &result {
             self.report(error, msg.topic);
         }
@@ -132,13 +133,13 @@ impl Stage {
             let first = results.len();
             if self.try_batch(group, started, results) {
                 let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
-                let each = started.elapsed() / n;
+                self.metrics.duration(started.elapsed() / n);
                 for (msg, result) in group.iter().zip(&results[first..]) {
                     let label = match result {
                         Ok(_) => "ok",
                         Err(e) => e.result(),
                     };
-                    self.metrics.call(label, each);
+                    self.metrics.invocation(label);
                     if let Err(error) = result {
                         self.report(error, msg.topic);
                     }

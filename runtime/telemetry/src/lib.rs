@@ -22,6 +22,9 @@ use std::{
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+/// How often histogram observations are folded into their buckets when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Bucket bounds (seconds) of every histogram: durations from 10 µs to 10 s.
 const HISTOGRAM_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -152,9 +155,18 @@ impl Telemetry {
         tokio::spawn(async move {
             // Bound concurrent scrapes so a misbehaving prober cannot pile up tasks.
             let permits = Arc::new(tokio::sync::Semaphore::new(32));
+            // Histogram observations wait in the recorder until upkeep folds them into the
+            // buckets: a scrape does it, and this does it when nobody scrapes, so that memory
+            // stays bounded on a gateway without Prometheus.
+            let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
+            upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let (stream, peer) = tokio::select! {
                     () = shutdown.cancelled() => break,
+                    _ = upkeep.tick() => {
+                        this.handle.run_upkeep();
+                        continue;
+                    }
                     accepted = listener.accept() => match accepted {
                         Ok(pair) => pair,
                         Err(error) => {

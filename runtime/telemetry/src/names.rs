@@ -404,7 +404,7 @@ pub fn describe() {
     describe_histogram!(
         RULES_CALL_DURATION,
         Unit::Seconds,
-        "Duration of one rule plugin call (including re-creating a faulted instance); by plugin."
+        "Time per message of one rule plugin call, one observation per call (a call with several queued messages records its time divided by their number; a fault's includes re-creating the instance); by plugin."
     );
     describe_counter!(
         RULES_INSTANCE_RESTARTS,
