@@ -202,7 +202,7 @@ impl Queue {
         // The worker sets the depth as it takes messages; here only every 32 messages of
         // growth (enough to see a backlog build up behind a slow rule, without paying for a
         // gauge update per message).
-        if state.items.len() % 32 == 0 {
+        if state.items.len().is_multiple_of(32) {
             self.metrics.depth.set(state.items.len() as f64);
         }
         let idle = state.idle;
