@@ -435,8 +435,17 @@ impl Worker {
                 match result {
                     Ok(outputs) => next.extend(outputs.into_iter().map(|o| Item {
                         origin: item.origin,
-                        topic: o.topic.map_or_else(|| item.topic.clone(), ByteString::from),
-                        payload: Bytes::from(o.payload),
+                        // An output that keeps the topic or payload (a filter, a pass-through
+                        // branch) shares the input's, rather than copying it.
+                        topic: match o.topic {
+                            Some(topic) if topic != *item.topic => ByteString::from(topic),
+                            _ => item.topic.clone(),
+                        },
+                        payload: if o.payload == *item.payload {
+                            item.payload.clone()
+                        } else {
+                            Bytes::from(o.payload)
+                        },
                     })),
                     Err(error) => {
                         failed[item.origin] = true;
@@ -486,11 +495,17 @@ impl Worker {
                             self.metrics.unmapped.increment(1);
                             continue;
                         };
-                        let mut out = Message::new(topic, payload.clone(), message.qos)
-                            .with_retain(message.retain);
-                        out.properties = message.properties.clone();
-                        out.hops = message.hops.saturating_add(1);
-                        local.push(out);
+                        local.push(Message {
+                            topic: topic.into(),
+                            payload: payload.clone(),
+                            qos: message.qos,
+                            retain: message.retain,
+                            properties: message.properties.clone(),
+                            origin: Origin::Broker,
+                            // Expiry counts from when the input reached the broker.
+                            received: message.received,
+                            hops: message.hops.saturating_add(1),
+                        });
                     }
                     Output::Uplink(name, uplink) => {
                         let mut out = Message::new(topic.to_string(), payload.clone(), message.qos)
