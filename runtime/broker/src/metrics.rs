@@ -106,8 +106,12 @@ impl BrokerMetrics {
     }
 
     pub fn received(&self, qos: QoS, bytes: usize) {
-        self.received[qos as usize].increment(1);
-        self.received_bytes[qos as usize].increment(bytes as u64);
+        self.received_many(qos, 1, bytes as u64);
+    }
+
+    pub fn received_many(&self, qos: QoS, messages: u64, bytes: u64) {
+        self.received[qos as usize].increment(messages);
+        self.received_bytes[qos as usize].increment(bytes);
     }
 
     pub fn sent_many(&self, qos: QoS, messages: u64, bytes: u64) {

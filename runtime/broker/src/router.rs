@@ -18,7 +18,7 @@ use std::{
 use edgegw_store::{Op, Snapshot, Store, Ticket};
 
 use crate::{
-    message::{ByteString, Message, Origin},
+    message::{ByteString, Message, Origin, QoS},
     metrics::BrokerMetrics,
     session::{Credential, Delivery, Persistence, Session},
     topic::{Filter, TopicError},
@@ -72,6 +72,17 @@ pub struct Attached {
 pub struct Will {
     pub message: Message,
     pub delay_secs: u32,
+}
+
+/// What [`Router::publish_batch`] does once for the whole batch rather than per message.
+#[derive(Default)]
+struct Deferred {
+    /// Sessions to wake.
+    wakes: Vec<Arc<Session>>,
+    /// Messages and payload bytes received, by QoS.
+    received: [(u64, u64); 3],
+    /// Deliveries queued.
+    queued: u64,
 }
 
 /// The outcome of one publish.
@@ -484,9 +495,25 @@ impl Router {
     /// another thread can be a syscall and a context switch. For in-process publishers
     /// that produce messages in bursts (pipeline workers).
     pub fn publish_batch(&self, messages: impl IntoIterator<Item = Message>) {
-        let mut wakes = Vec::new();
+        let mut deferred = Deferred::default();
         for message in messages {
-            self.route(message, Some(&mut wakes));
+            self.route(message, Some(&mut deferred));
+        }
+        let Deferred {
+            mut wakes,
+            received,
+            queued,
+        } = deferred;
+        for (qos, (messages, bytes)) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+            .into_iter()
+            .zip(received)
+        {
+            if messages > 0 {
+                self.0.metrics.received_many(qos, messages, bytes);
+            }
+        }
+        if queued > 0 {
+            self.0.metrics.queued.increment(queued as f64);
         }
         wakes.sort_unstable_by_key(|s: &Arc<Session>| s.id);
         wakes.dedup_by_key(|s| s.id);
@@ -495,9 +522,17 @@ impl Router {
         }
     }
 
-    /// `wakes`: where to leave the sessions to wake instead of waking them now.
-    fn route(&self, message: Message, mut wakes: Option<&mut Vec<Arc<Session>>>) -> Routed {
-        self.0.metrics.received(message.qos, message.payload.len());
+    /// `deferred`: where to leave the sessions to wake and the metrics to count instead of
+    /// doing it now.
+    fn route(&self, message: Message, mut deferred: Option<&mut Deferred>) -> Routed {
+        match deferred.as_deref_mut() {
+            Some(d) => {
+                let (messages, bytes) = &mut d.received[message.qos as usize];
+                *messages += 1;
+                *bytes += message.payload.len() as u64;
+            }
+            None => self.0.metrics.received(message.qos, message.payload.len()),
+        }
         let publisher = match message.origin {
             Origin::Session(id) => Some(id),
             _ => None,
@@ -568,10 +603,10 @@ impl Router {
             match session.enqueue_quietly(delivery) {
                 Ok((ticket, wake)) => {
                     if wake {
-                        match wakes.as_deref_mut() {
+                        match deferred.as_deref_mut() {
                             // Repeats of the previous session are common in a burst.
-                            Some(wakes) if wakes.last().is_some_and(|w| w.id == session.id) => {}
-                            Some(wakes) => wakes.push(session),
+                            Some(d) if d.wakes.last().is_some_and(|w| w.id == session.id) => {}
+                            Some(d) => d.wakes.push(session),
                             None => session.wake(),
                         }
                     }
@@ -585,7 +620,10 @@ impl Router {
             }
         }
         if routed.delivered > 0 {
-            self.0.metrics.queued.increment(routed.delivered as f64);
+            match deferred {
+                Some(d) => d.queued += routed.delivered as u64,
+                None => self.0.metrics.queued.increment(routed.delivered as f64),
+            }
         }
         if self.0.has_sinks.load(Ordering::Acquire) {
             for (_, sink) in read(&self.0.sinks).iter() {

@@ -231,31 +231,45 @@ impl TopicTemplate {
     /// The topic for `topic`; `None` when a level it names is missing or the result is not
     /// a valid topic name.
     pub fn render(&self, topic: &str) -> Option<String> {
+        let mut out = String::with_capacity(topic.len() + 16);
+        self.render_into(topic, &mut out).then_some(out)
+    }
+
+    /// [`render`](TopicTemplate::render) into `out` (cleared first), for callers that reuse
+    /// one buffer; false (with `out` unspecified) where `render` gives none.
+    pub fn render_into(&self, topic: &str, out: &mut String) -> bool {
+        out.clear();
         if let [TemplatePart::Topic] = self.parts.as_slice() {
-            return Some(topic.to_string());
+            out.push_str(topic);
+            return true;
         }
         // Byte offset of level `n` (1-based) in `topic`; none when it has fewer levels.
         let start = |n: usize| match n {
             1 => Some(0),
             _ => topic.match_indices('/').nth(n - 2).map(|(i, _)| i + 1),
         };
-        let mut out = String::with_capacity(topic.len() + 16);
         for part in &self.parts {
             match part {
                 TemplatePart::Literal(text) => out.push_str(text),
                 TemplatePart::Topic => out.push_str(topic),
                 TemplatePart::Level(n) => {
-                    let from = start(*n)?;
+                    let Some(from) = start(*n) else {
+                        return false;
+                    };
                     let to = topic[from..]
                         .find('/')
                         .map_or(topic.len(), |end| from + end);
                     out.push_str(&topic[from..to]);
                 }
-                TemplatePart::From(n) => out.push_str(&topic[start(*n)?..]),
+                TemplatePart::From(n) => {
+                    let Some(from) = start(*n) else {
+                        return false;
+                    };
+                    out.push_str(&topic[from..]);
+                }
             }
         }
-        validate_name(&out).ok()?;
-        Some(out)
+        validate_name(out).is_ok()
     }
 }
 

@@ -285,6 +285,7 @@ enum Output {
 #[derive(Default)]
 struct Scratch {
     local: Vec<Message>,
+    rendered: String,
     items: Vec<Item>,
     next: Vec<Item>,
     failed: Vec<bool>,
@@ -368,13 +369,21 @@ impl Worker {
         // Local outputs go into the router together: each receiving connection is woken
         // once per group, not once per message.
         let mut local = std::mem::take(&mut self.scratch.local);
+        let mut rendered = std::mem::take(&mut self.scratch.rendered);
         if self.stages.is_empty() {
             for message in messages {
-                self.emit(message, &message.topic, &message.payload, &mut local);
+                self.emit(
+                    message,
+                    &message.topic,
+                    &message.payload,
+                    &mut local,
+                    &mut rendered,
+                );
             }
             self.metrics.outputs.increment(local.len() as u64);
             self.client.publish_batch(local.drain(..));
             self.scratch.local = local;
+            self.scratch.rendered = rendered;
             return;
         }
         let Scratch {
@@ -473,6 +482,7 @@ impl Worker {
                 &item.topic,
                 &item.payload,
                 &mut local,
+                &mut rendered,
             );
         }
         self.metrics.outputs.increment(local.len() as u64);
@@ -481,22 +491,32 @@ impl Worker {
         let scratch = &mut self.scratch;
         (scratch.local, scratch.items, scratch.next) = (local, items, next);
         (scratch.failed, scratch.results) = (failed, results);
+        scratch.rendered = rendered;
     }
 
     /// Sends one result (`topic`, `payload`; the rest from `message`) to every output;
     /// local ones are left in `local` for the caller to publish.
-    fn emit(&self, message: &Message, topic: &str, payload: &Bytes, local: &mut Vec<Message>) {
+    /// `rendered`: a buffer for rendering topic templates.
+    fn emit(
+        &self,
+        message: &Message,
+        topic: &str,
+        payload: &Bytes,
+        local: &mut Vec<Message>,
+        rendered: &mut String,
+    ) {
         {
             for output in &self.outputs {
                 match output {
                     Output::Local(template) => {
                         // A valid template (no wildcards) over a topic name gives a topic name.
-                        let Some(topic) = template.render(topic) else {
+                        if !template.render_into(topic, rendered) {
                             self.metrics.unmapped.increment(1);
                             continue;
-                        };
+                        }
                         local.push(Message {
-                            topic: topic.into(),
+                            // Short topics are stored inline: no allocation.
+                            topic: ByteString::from(rendered.as_str()),
                             payload: payload.clone(),
                             qos: message.qos,
                             retain: message.retain,
