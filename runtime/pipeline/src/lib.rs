@@ -280,6 +280,9 @@ enum Output {
     Uplink(String, Arc<dyn UplinkOutput>),
 }
 
+/// Elements a worker's scratch vectors keep room for between groups.
+const SCRATCH_KEEP: usize = 4 * MAX_BATCH;
+
 /// A worker's vectors, kept from one group of messages to the next: allocating them per
 /// group (several KiB each) costs more than the rest of a no-op rule stage.
 #[derive(Default)]
@@ -488,6 +491,12 @@ impl Worker {
         self.metrics.outputs.increment(local.len() as u64);
         self.client.publish_batch(local.drain(..));
         failed.clear();
+        // A burst of many outputs per message (up to `max_outputs` each) leaves big vectors
+        // behind; keep only what a usual group needs.
+        for v in [&mut items, &mut next] {
+            v.shrink_to(SCRATCH_KEEP);
+        }
+        local.shrink_to(SCRATCH_KEEP);
         let scratch = &mut self.scratch;
         (scratch.local, scratch.items, scratch.next) = (local, items, next);
         (scratch.failed, scratch.results) = (failed, results);
