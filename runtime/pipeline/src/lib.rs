@@ -369,39 +369,53 @@ impl Worker {
     /// Outputs are emitted after the last stage, in the order of the messages they came from;
     /// dead letters as the failures happen.
     fn process(&mut self, messages: &[Arc<Message>]) {
+        // Taken out for the group, so that `emit` and dead letters can borrow `self`.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if self.stages.is_empty() {
+            let Scratch {
+                local, rendered, ..
+            } = &mut scratch;
+            for m in messages {
+                self.emit(m, &m.topic, &m.payload, local, rendered);
+            }
+        } else {
+            self.run_stages(messages, &mut scratch);
+            let Scratch {
+                local,
+                rendered,
+                items,
+                ..
+            } = &mut scratch;
+            for item in items.drain(..) {
+                let message = &messages[item.origin];
+                self.emit(message, &item.topic, &item.payload, local, rendered);
+            }
+        }
         // Local outputs go into the router together: each receiving connection is woken
         // once per group, not once per message.
-        let mut local = std::mem::take(&mut self.scratch.local);
-        let mut rendered = std::mem::take(&mut self.scratch.rendered);
-        if self.stages.is_empty() {
-            for message in messages {
-                self.emit(
-                    message,
-                    &message.topic,
-                    &message.payload,
-                    &mut local,
-                    &mut rendered,
-                );
-            }
-            self.metrics.outputs.increment(local.len() as u64);
-            self.client.publish_batch(local.drain(..));
-            self.scratch.local = local;
-            self.scratch.rendered = rendered;
-            return;
-        }
+        self.metrics.outputs.increment(scratch.local.len() as u64);
+        self.client.publish_batch(scratch.local.drain(..));
+        // A burst of many outputs per message (up to `max_outputs` each) leaves big vectors
+        // behind; keep only what a usual group needs.
+        scratch.local.shrink_to(SCRATCH_KEEP);
+        scratch.items.shrink_to(SCRATCH_KEEP);
+        scratch.next.shrink_to(SCRATCH_KEEP);
+        self.scratch = scratch;
+    }
+
+    /// The chain part of [`Worker::process`]: leaves the last stage's results in
+    /// `scratch.items`, in the order of the messages they came from.
+    fn run_stages(&mut self, messages: &[Arc<Message>], scratch: &mut Scratch) {
         let Scratch {
             items,
             next,
             failed,
             results,
+            inputs,
+            users,
+            spans,
             ..
-        } = &mut self.scratch;
-        let (mut items, mut next, mut failed, mut results) = (
-            std::mem::take(items),
-            std::mem::take(next),
-            std::mem::take(failed),
-            std::mem::take(results),
-        );
+        } = scratch;
         items.extend(messages.iter().enumerate().map(|(origin, m)| Item {
             origin,
             topic: m.topic.clone(),
@@ -409,24 +423,23 @@ impl Worker {
         }));
         // Every message's user properties as `&str` pairs, in one vector; `spans[i]` is
         // message i's range in it.
-        let mut users = recycle(std::mem::take(&mut self.scratch.users));
-        let mut spans = std::mem::take(&mut self.scratch.spans);
+        let mut user_pairs = recycle(std::mem::take(users));
         for m in messages {
-            let start = users.len();
-            users.extend(
+            let start = user_pairs.len();
+            user_pairs.extend(
                 m.properties
                     .user_properties
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             );
-            spans.push(start..users.len());
+            spans.push(start..user_pairs.len());
         }
         failed.resize(messages.len(), false);
         // Taken out for the loop, so that dead letters can be sent from inside it.
         let mut stages = std::mem::take(&mut self.stages);
         for stage in &mut stages {
-            let mut inputs = recycle(std::mem::take(&mut self.scratch.inputs));
-            inputs.extend(items.iter().map(|item| {
+            let mut batch = recycle(std::mem::take(inputs));
+            batch.extend(items.iter().map(|item| {
                 let message = &messages[item.origin];
                 RuleMessage {
                     topic: &item.topic,
@@ -434,12 +447,12 @@ impl Worker {
                     qos: message.qos.as_u8(),
                     retain: message.retain,
                     content_type: message.properties.content_type.as_deref(),
-                    user_properties: &users[spans[item.origin].clone()],
+                    user_properties: &user_pairs[spans[item.origin].clone()],
                 }
             }));
-            stage.call_batch_into(&inputs, &mut results);
-            inputs.clear();
-            self.scratch.inputs = recycle(inputs);
+            stage.call_batch_into(&batch, results);
+            batch.clear();
+            *inputs = recycle(batch);
             for (item, result) in items.iter().zip(results.drain(..)) {
                 if failed[item.origin] {
                     continue;
@@ -468,39 +481,17 @@ impl Worker {
             }
             // Outputs of an earlier item of a message that failed later in this stage.
             next.retain(|item| !failed[item.origin]);
-            std::mem::swap(&mut items, &mut next);
+            std::mem::swap(items, next);
             next.clear();
             if items.is_empty() {
                 break;
             }
         }
         self.stages = stages;
-        users.clear();
-        self.scratch.users = recycle(users);
+        user_pairs.clear();
+        *users = recycle(user_pairs);
         spans.clear();
-        self.scratch.spans = spans;
-        for item in items.drain(..) {
-            self.emit(
-                &messages[item.origin],
-                &item.topic,
-                &item.payload,
-                &mut local,
-                &mut rendered,
-            );
-        }
-        self.metrics.outputs.increment(local.len() as u64);
-        self.client.publish_batch(local.drain(..));
         failed.clear();
-        // A burst of many outputs per message (up to `max_outputs` each) leaves big vectors
-        // behind; keep only what a usual group needs.
-        for v in [&mut items, &mut next] {
-            v.shrink_to(SCRATCH_KEEP);
-        }
-        local.shrink_to(SCRATCH_KEEP);
-        let scratch = &mut self.scratch;
-        (scratch.local, scratch.items, scratch.next) = (local, items, next);
-        (scratch.failed, scratch.results) = (failed, results);
-        scratch.rendered = rendered;
     }
 
     /// Sends one result (`topic`, `payload`; the rest from `message`) to every output;

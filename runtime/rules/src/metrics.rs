@@ -39,8 +39,8 @@ impl StageMetrics {
         }
     }
 
-    /// One message's invocation with its `result` label (see `RuleError::result`).
-    pub(crate) fn invocation(&self, result: &str) {
+    /// `n` messages' invocations with their `result` label (see `RuleError::result`).
+    pub(crate) fn invocations(&self, result: &str, n: u64) {
         match result {
             "ok" => &self.ok,
             "trap" => &self.trap,
@@ -48,7 +48,7 @@ impl StageMetrics {
             "limit" => &self.limit,
             _ => &self.error,
         }
-        .increment(1);
+        .increment(n);
     }
 
     /// The time per message of one call: recorded once per call, even for a batch (an

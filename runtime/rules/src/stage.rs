@@ -84,7 +84,7 @@ impl Stage {
             Ok(_) => "ok",
             Err(e) => e.result(),
         };
-        self.metrics.invocation(label);
+        self.metrics.invocations(label, 1);
         self.metrics.duration(started.elapsed());
         if let Err(error) = &result {
             self.report(error, msg.topic);
@@ -125,28 +125,27 @@ impl Stage {
         while !rest.is_empty() {
             let (group, after) = rest.split_at(self.group_len(rest));
             rest = after;
-            if !self.batches || group.len() == 1 {
-                results.extend(group.iter().map(|msg| self.call(msg)));
-                continue;
-            }
-            let started = Instant::now();
-            let first = results.len();
-            if self.try_batch(group, started, results) {
-                let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
-                self.metrics.duration(started.elapsed() / n);
-                for (msg, result) in group.iter().zip(&results[first..]) {
-                    let label = match result {
-                        Ok(_) => "ok",
-                        Err(e) => e.result(),
-                    };
-                    self.metrics.invocation(label);
-                    if let Err(error) = result {
-                        self.report(error, msg.topic);
+            if self.batches && group.len() > 1 {
+                let started = Instant::now();
+                let first = results.len();
+                if self.try_batch(group, started, results) {
+                    let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
+                    self.metrics.duration(started.elapsed() / n);
+                    let mut ok = 0;
+                    for (msg, result) in group.iter().zip(&results[first..]) {
+                        match result {
+                            Ok(_) => ok += 1,
+                            Err(error) => {
+                                self.metrics.invocations(error.result(), 1);
+                                self.report(error, msg.topic);
+                            }
+                        }
                     }
+                    self.metrics.invocations("ok", ok);
+                    continue;
                 }
-            } else {
-                results.extend(group.iter().map(|msg| self.call(msg)));
             }
+            results.extend(group.iter().map(|msg| self.call(msg)));
         }
     }
 
