@@ -37,6 +37,9 @@
 extern crate self as edgegw_plugin_sdk;
 
 mod error;
+// The global allocator of the WebAssembly build; natively only its tests use it.
+#[cfg_attr(not(target_family = "wasm"), allow(dead_code))]
+mod pool;
 mod host;
 mod message;
 pub mod template;

@@ -104,10 +104,16 @@ impl Routed {
 
     /// Waits until the message and `also` are durable.
     pub async fn durable_with(self, also: Option<Ticket>) -> Result<(), edgegw_store::StoreError> {
-        match later(self.durable, also) {
+        match self.pending_with(also) {
             Some(ticket) => ticket.wait().await,
             None => Ok(()),
         }
+    }
+
+    /// What to wait for before the message and `also` are durable: `None` when they already
+    /// are (nothing was persisted), so that a caller can acknowledge without awaiting.
+    pub fn pending_with(self, also: Option<Ticket>) -> Option<Ticket> {
+        later(self.durable, also)
     }
 }
 

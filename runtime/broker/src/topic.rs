@@ -25,11 +25,17 @@ pub enum TopicError {
 
 /// Validates a topic name as used in PUBLISH.
 pub fn validate_name(topic: &str) -> Result<(), TopicError> {
-    check_common(topic)?;
-    if topic.contains(['+', '#']) {
-        return Err(TopicError::WildcardInName);
+    // Every routed message's topic comes here: one pass over the bytes rather than one per
+    // check (NUL, `+` and `#` are ASCII, never part of a multi-byte character).
+    if topic.is_empty() || topic.len() > 65535 {
+        return check_common(topic);
     }
-    Ok(())
+    match topic.bytes().find(|&b| matches!(b, 0 | b'+' | b'#')) {
+        None => Ok(()),
+        // A NUL anywhere is reported first, as `check_common` does for filters.
+        Some(_) if topic.as_bytes().contains(&0) => Err(TopicError::Nul),
+        Some(_) => Err(TopicError::WildcardInName),
+    }
 }
 
 /// Validates a topic filter as used in SUBSCRIBE (without a `$share/` prefix).
@@ -139,6 +145,10 @@ mod tests {
         assert_eq!(validate_name("a/+"), Err(TopicError::WildcardInName));
         assert_eq!(validate_name("a/#"), Err(TopicError::WildcardInName));
         assert_eq!(validate_name("a\0b"), Err(TopicError::Nul));
+        assert_eq!(validate_name("a/+/\0"), Err(TopicError::Nul));
+        assert_eq!(validate_name("é/ü#"), Err(TopicError::WildcardInName));
+        assert_eq!(validate_name(&"a".repeat(65536)), Err(TopicError::TooLong));
+        assert!(validate_name(&"a".repeat(65535)).is_ok());
     }
 
     #[test]

@@ -2,14 +2,17 @@
 
 use std::{cell::RefCell, collections::HashSet, num::NonZeroU16, rc::Rc, sync::Arc};
 
+use edgegw_store::Ticket;
 use ntex::time::Seconds;
-use ntex_mqtt::{Control, Reason, v3};
+use ntex_mqtt::{Control, Reason, error::PayloadError, v3};
 
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer},
-    message::{Bytes, Message, QoS},
+    connection::{
+        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, whole_payload,
+    },
+    message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
     session::{Outgoing, Session},
@@ -135,10 +138,11 @@ pub(crate) async fn connect(
     Ok(ack.idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2)))))
 }
 
-pub(crate) async fn publish(
+/// A PUBLISH: handled at once when it can be (see [`Handled`]), else in a boxed future.
+pub(crate) fn publish(
     session: &v3::Session<Conn>,
-    publish: v3::Publish,
-) -> Result<(), BrokerError> {
+    mut publish: v3::Publish,
+) -> Handled<'_, Result<(), BrokerError>> {
     let conn: &Conn = session;
     let packet = publish.packet();
     let qos: QoS = packet.qos.into();
@@ -147,13 +151,12 @@ pub(crate) async fn publish(
         && let Some(id) = packet.packet_id
     {
         match conn.begin_qos2(id.get(), packet.dup) {
-            Qos2::Duplicate => return Ok(()),
+            Qos2::Duplicate => return Handled::ready(Ok(())),
             Qos2::New(ticket) => inbound = ticket,
         }
     }
     let topic = packet.topic.clone();
     let retain = packet.retain;
-    let mut publish = publish;
     let body = publish.take_payload();
     if qos == QoS::AtMostOnce && !(body.is_fixed() && conn.qos0.is_idle()) {
         // Never wait for a streamed QoS 0 payload here (see `Qos0Lane`).
@@ -177,29 +180,75 @@ pub(crate) async fn publish(
                     .await;
             });
         }
-        conn.qos0.room().await;
-        return Ok(());
+        if conn.qos0.has_room() {
+            return Handled::ready(Ok(()));
+        }
+        return Handled::later(async move {
+            conn.qos0.room().await;
+            Ok(())
+        });
     }
-    let payload = body
-        .read_all()
-        .await
-        .map_err(|e| BrokerError::Payload(e.to_string()))?;
+    let Some(payload) = whole_payload(&body) else {
+        return Handled::later(async move {
+            let payload = body.read_all().await;
+            accept(conn, topic, payload, qos, retain, inbound).await
+        });
+    };
+    accept(conn, topic, payload, qos, retain, inbound)
+}
+
+/// A PUBLISH with its whole payload.
+fn accept(
+    conn: &Conn,
+    topic: ByteString,
+    payload: Result<Bytes, PayloadError>,
+    qos: QoS,
+    retain: bool,
+    inbound: Option<Ticket>,
+) -> Handled<'_, Result<(), BrokerError>> {
+    let payload = match payload {
+        Ok(payload) => payload,
+        Err(e) => return Handled::ready(Err(BrokerError::Payload(e.to_string()))),
+    };
     if !conn.may_publish(&topic) {
         // MQTT 3.1.1 cannot refuse a PUBLISH: it is acknowledged as usual and dropped.
-        return Ok(());
+        return Handled::ready(Ok(()));
     }
     let message = Message::new(topic, payload, qos).with_retain(retain);
-    // MQTT 3.1.1 has no negative PUBACK: an invalid topic or a failed state write closes
-    // the connection, so the publisher re-sends after reconnecting.
-    conn.throttle().await;
-    let routed = conn.route(message).map_err(BrokerError::Topic)?;
-    if qos != QoS::AtMostOnce {
-        routed
-            .durable_with(inbound)
-            .await
-            .map_err(|e| BrokerError::Store(e.to_string()))?;
+    if conn.throttled() {
+        return Handled::later(async move {
+            conn.throttle().await;
+            route(conn, message, inbound).await
+        });
     }
-    Ok(())
+    route(conn, message, inbound)
+}
+
+/// Routes a PUBLISH; the result once it is durable. MQTT 3.1.1 has no negative PUBACK: an
+/// invalid topic or a failed state write closes the connection, so the publisher re-sends
+/// after reconnecting.
+fn route(
+    conn: &Conn,
+    message: Message,
+    inbound: Option<Ticket>,
+) -> Handled<'_, Result<(), BrokerError>> {
+    let qos = message.qos;
+    let routed = match conn.route(message) {
+        Ok(routed) => routed,
+        Err(error) => return Handled::ready(Err(BrokerError::Topic(error))),
+    };
+    if qos == QoS::AtMostOnce {
+        return Handled::ready(Ok(()));
+    }
+    match routed.pending_with(inbound) {
+        None => Handled::ready(Ok(())),
+        Some(ticket) => Handled::later(async move {
+            ticket
+                .wait()
+                .await
+                .map_err(|e| BrokerError::Store(e.to_string()))
+        }),
+    }
 }
 
 pub(crate) async fn protocol(

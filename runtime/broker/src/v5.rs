@@ -9,8 +9,10 @@ use std::{
     time::Instant,
 };
 
+use edgegw_store::Ticket;
 use ntex_mqtt::{
     Control, Reason,
+    error::PayloadError,
     v5::{
         self,
         codec::{
@@ -23,7 +25,9 @@ use ntex_mqtt::{
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer},
+    connection::{
+        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, whole_payload,
+    },
     message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
@@ -186,10 +190,11 @@ pub(crate) async fn connect(
     })
 }
 
-pub(crate) async fn publish(
+/// A PUBLISH: handled at once when it can be (see [`Handled`]), else in a boxed future.
+pub(crate) fn publish(
     session: &v5::Session<Conn>,
-    publish: v5::Publish,
-) -> Result<v5::PublishAck, BrokerError> {
+    mut publish: v5::Publish,
+) -> Handled<'_, Result<v5::PublishAck, BrokerError>> {
     let conn: &Conn = session;
     let packet = publish.packet();
     let qos: QoS = packet.qos.into();
@@ -198,7 +203,7 @@ pub(crate) async fn publish(
         && let Some(id) = packet.packet_id
     {
         match conn.begin_qos2(id.get(), packet.dup) {
-            Qos2::Duplicate => return Ok(publish.ack()),
+            Qos2::Duplicate => return Handled::ready(Ok(publish.ack())),
             Qos2::New(ticket) => inbound = ticket,
         }
     }
@@ -213,7 +218,6 @@ pub(crate) async fn publish(
         user_properties: p.user_properties.clone(),
         message_expiry_secs: p.message_expiry_interval,
     };
-    let mut publish = publish;
     let body = publish.take_payload();
     if qos == QoS::AtMostOnce && !(body.is_fixed() && conn.qos0.is_idle()) {
         // Never wait for a streamed QoS 0 payload here (see `Qos0Lane`).
@@ -243,55 +247,104 @@ pub(crate) async fn publish(
                     .await;
             });
         }
-        conn.qos0.room().await;
-        return Ok(publish.ack());
+        if conn.qos0.has_room() {
+            return Handled::ready(Ok(publish.ack()));
+        }
+        return Handled::later(async move {
+            conn.qos0.room().await;
+            Ok(publish.ack())
+        });
     }
-    let payload = body
-        .read_all()
-        .await
-        .map_err(|e| BrokerError::Payload(e.to_string()))?;
-    if !conn.may_publish(&topic) {
-        if qos == QoS::ExactlyOnce
+    let message = Message::new(topic, Bytes::new(), qos)
+        .with_retain(retain)
+        .with_properties(properties);
+    let Some(payload) = whole_payload(&body) else {
+        return Handled::later(async move {
+            let payload = body.read_all().await;
+            accept(conn, publish, message, payload, inbound).await
+        });
+    };
+    accept(conn, publish, message, payload, inbound)
+}
+
+/// A PUBLISH with its whole payload (`message` still without it).
+fn accept(
+    conn: &Conn,
+    publish: v5::Publish,
+    mut message: Message,
+    payload: Result<Bytes, PayloadError>,
+    inbound: Option<Ticket>,
+) -> Handled<'_, Result<v5::PublishAck, BrokerError>> {
+    message.payload = match payload {
+        Ok(payload) => payload,
+        Err(e) => return Handled::ready(Err(BrokerError::Payload(e.to_string()))),
+    };
+    if !conn.may_publish(&message.topic) {
+        if message.qos == QoS::ExactlyOnce
             && let Some(id) = publish.packet().packet_id
         {
             // PUBREC 0x87 ends the exchange: no PUBREL will release the packet id.
             conn.session.inbound_qos2_release(id.get());
         }
-        return Ok(publish.ack().reason_code(PublishAckReason::NotAuthorized));
-    }
-    if properties.payload_format_utf8 && std::str::from_utf8(&payload).is_err() {
-        return Ok(publish
+        return Handled::ready(Ok(publish
             .ack()
-            .reason_code(PublishAckReason::PayloadFormatInvalid));
+            .reason_code(PublishAckReason::NotAuthorized)));
     }
-    let message = Message::new(topic, payload, qos)
-        .with_retain(retain)
-        .with_properties(properties);
-    conn.throttle().await;
-    match conn.route(message) {
-        Ok(routed) => {
-            let code = if routed.delivered == 0 {
-                PublishAckReason::NoMatchingSubscribers
-            } else {
-                PublishAckReason::Success
-            };
-            // Acknowledge only what is durable (retained, queued for persistent sessions).
-            if qos != QoS::AtMostOnce
-                && let Err(error) = routed.durable_with(inbound).await
-            {
-                tracing::error!(client_id = conn.client_id(), %error, "Publish not acknowledged: state file write failed.");
-                return Ok(publish
-                    .ack()
-                    .reason_code(PublishAckReason::UnspecifiedError)
-                    .reason("the gateway could not store the message".into()));
-            }
-            Ok(publish.ack().reason_code(code))
+    if message.properties.payload_format_utf8 && std::str::from_utf8(&message.payload).is_err() {
+        return Handled::ready(Ok(publish
+            .ack()
+            .reason_code(PublishAckReason::PayloadFormatInvalid)));
+    }
+    if conn.throttled() {
+        return Handled::later(async move {
+            conn.throttle().await;
+            route(conn, publish, message, inbound).await
+        });
+    }
+    route(conn, publish, message, inbound)
+}
+
+/// Routes a PUBLISH; its acknowledgement once it is durable (retained, queued for
+/// persistent sessions).
+fn route(
+    conn: &Conn,
+    publish: v5::Publish,
+    message: Message,
+    inbound: Option<Ticket>,
+) -> Handled<'_, Result<v5::PublishAck, BrokerError>> {
+    let qos = message.qos;
+    let routed = match conn.route(message) {
+        Ok(routed) => routed,
+        Err(error) => {
+            return Handled::ready(Ok(publish
+                .ack()
+                .reason_code(PublishAckReason::TopicNameInvalid)
+                .reason(error.to_string().into())));
         }
-        Err(error) => Ok(publish
-            .ack()
-            .reason_code(PublishAckReason::TopicNameInvalid)
-            .reason(error.to_string().into())),
-    }
+    };
+    let code = if routed.delivered == 0 {
+        PublishAckReason::NoMatchingSubscribers
+    } else {
+        PublishAckReason::Success
+    };
+    let pending = if qos == QoS::AtMostOnce {
+        None
+    } else {
+        routed.pending_with(inbound)
+    };
+    let Some(ticket) = pending else {
+        return Handled::ready(Ok(publish.ack().reason_code(code)));
+    };
+    Handled::later(async move {
+        if let Err(error) = ticket.wait().await {
+            tracing::error!(client_id = conn.client_id(), %error, "Publish not acknowledged: state file write failed.");
+            return Ok(publish
+                .ack()
+                .reason_code(PublishAckReason::UnspecifiedError)
+                .reason("the gateway could not store the message".into()));
+        }
+        Ok(publish.ack().reason_code(code))
+    })
 }
 
 pub(crate) async fn protocol(
