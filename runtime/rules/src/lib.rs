@@ -27,12 +27,39 @@ mod bindings {
         ownership: Borrowing { duplicate_if_necessary: true },
         additional_derives: [PartialEq, Eq],
     });
+
+    impl Rule {
+        /// `on-batch` with the batch lowered by [`crate::lower`] (the generated
+        /// `call_on_batch`, with another argument type for the same WIT type).
+        pub(crate) fn call_on_batch_fast<S: wasmtime::AsContextMut>(
+            &self,
+            mut store: S,
+            msgs: &[crate::lower::Batched<'_>],
+        ) -> wasmtime::Result<Vec<Result<Vec<edgegw::rule::types::Output>, String>>>
+        where
+            <S as wasmtime::AsContext>::Data: Send,
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: the function's type was checked against the world's `on-batch` when the
+            // component was instantiated; `Batched` has that parameter's type (its
+            // `typecheck` is the generated record's).
+            let callee = unsafe {
+                wasmtime::component::TypedFunc::<
+                    (&[crate::lower::Batched<'_>],),
+                    (Vec<Result<Vec<edgegw::rule::types::Output>, String>>,),
+                >::new_unchecked(self.on_batch)
+            };
+            let (results,) = callee.call(store.as_context_mut(), (msgs,))?;
+            Ok(results)
+        }
+    }
 }
 
 pub mod bench;
 mod cache;
 mod engine;
 mod error;
+mod lower;
 mod metrics;
 mod plugin;
 mod scaffold;

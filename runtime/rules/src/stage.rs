@@ -201,7 +201,9 @@ impl Stage {
         state.clock.start(time, started);
         state.kv.begin();
         store.set_epoch_deadline(ticks(time));
-        let result = instance.rule.call_on_batch(&mut *store, msgs);
+        let result = instance
+            .rule
+            .call_on_batch_fast(&mut *store, crate::lower::batched(msgs));
         let state = store.data_mut();
         match result {
             Ok(batch) if batch.len() == msgs.len() => {
