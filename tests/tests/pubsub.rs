@@ -489,6 +489,59 @@ fn split_qos0_publishes_arrive_whole_and_in_order() {
     }
 }
 
+/// A QoS 1 or 2 PUBLISH whose payload arrives in a later socket read (ntex streams it, and
+/// the handler waits for it rather than answering at once) is acknowledged once and delivered
+/// whole. Both protocol versions.
+#[test]
+fn split_qos1_and_qos2_publishes_are_acknowledged_and_arrive_whole() {
+    let gw = Gateway::start();
+    let mut sub = qos0_subscriber(&gw, "split12-sub", "split12/#");
+    for v5 in [false, true] {
+        let id = if v5 { "split12-v5" } else { "split12-v3" };
+        let mut publisher = Raw::connect(gw.mqtt);
+        publisher.send(&if v5 {
+            raw::connect_v5(id, true, 30, &[])
+        } else {
+            raw::connect_v3(id, true, 30)
+        });
+        assert_eq!(publisher.read(WAIT).unwrap().kind(), raw::CONNACK);
+        for (qos, packet_id) in [(1u8, 11u16), (2, 12)] {
+            let topic = format!("split12/{id}/{qos}");
+            let payload: Vec<u8> = (0..200u8).collect();
+            let packet = if v5 {
+                raw::publish_v5(&topic, qos, packet_id, &[], &payload)
+            } else {
+                raw::publish_v3(&topic, qos, packet_id, false, &payload)
+            };
+            let cut = packet.len() - 120;
+            publisher.send(&packet[..cut]);
+            std::thread::sleep(Duration::from_millis(50));
+            publisher.send(&packet[cut..]);
+            let ack = publisher.read(WAIT).expect("an acknowledgement");
+            let want = if qos == 1 { raw::PUBACK } else { raw::PUBREC };
+            assert_eq!(ack.kind(), want, "{id} QoS {qos}: {ack:?}");
+            assert_eq!(ack.body[..2], packet_id.to_be_bytes(), "{id} QoS {qos}");
+            if qos == 2 {
+                publisher.send(&raw::ack(raw::PUBREL, packet_id));
+                let complete = publisher.read(WAIT).expect("PUBCOMP");
+                assert_eq!(complete.kind(), raw::PUBCOMP, "{id}: {complete:?}");
+            }
+            let delivered = Publish::parse(&sub.read(WAIT).expect("the message"), false);
+            assert_eq!(delivered.topic, topic);
+            assert_eq!(
+                delivered.payload, payload,
+                "{id} QoS {qos}: payload cut or mangled"
+            );
+        }
+        // Nothing more: each was acknowledged and delivered once.
+        assert!(publisher.read(Duration::from_millis(200)).is_none());
+    }
+    assert!(
+        sub.read(Duration::from_millis(200)).is_none(),
+        "delivered twice"
+    );
+}
+
 /// A client that dies right after its last QoS 0 messages (one of them split across reads, so
 /// they wait in the connection's QoS 0 lane): its will comes after those messages, not before.
 #[test]

@@ -188,13 +188,20 @@ impl Qos0Lane {
         !self.draining.replace(true)
     }
 
-    /// Whether the queue is within its bound (a handler need not wait in [`Qos0Lane::room`]).
-    pub fn has_room(&self) -> bool {
-        self.queue.borrow().len() <= self.max_queued
+    /// `value()` once the queue is within its bound: at once when it is (the common case).
+    #[inline(always)]
+    pub fn after_room<'a, T: 'a>(&'a self, value: impl FnOnce() -> T + 'a) -> Handled<'a, T> {
+        if self.queue.borrow().len() <= self.max_queued {
+            return Handled::ready(value());
+        }
+        Handled::later(async move {
+            self.room().await;
+            value()
+        })
     }
 
     /// Waits while the queue is over its bound.
-    pub async fn room(&self) {
+    async fn room(&self) {
         loop {
             // Created before the check: `notify_waiters` reaches it even before it is polled.
             let notified = self.room.notified();
@@ -296,12 +303,22 @@ impl Conn {
     /// Waits for this connection's turn under `max_publish_rate` (no-op when unlimited).
     /// Publishes queue in packet order behind a FIFO lock, so throttling never reorders
     /// them; while they wait, ntex stops reading from the client (backpressure).
-    /// Whether publishes are rate-limited ([`Conn::throttle`] may wait).
-    pub fn throttled(&self) -> bool {
-        self.rate.is_some()
+    /// `next()` after the publish rate limit's turn: at once when there is no limit.
+    #[inline(always)]
+    pub fn after_throttle<'a, T: 'a>(
+        &'a self,
+        next: impl FnOnce() -> Handled<'a, T> + 'a,
+    ) -> Handled<'a, T> {
+        if self.rate.is_none() {
+            return next();
+        }
+        Handled::later(async move {
+            self.throttle().await;
+            next().await
+        })
     }
 
-    pub async fn throttle(&self) {
+    async fn throttle(&self) {
         let Some(rate) = &self.rate else { return };
         let _turn = rate.gate.lock().await;
         let now = tokio::time::Instant::now();
@@ -785,21 +802,27 @@ impl<T> Future for Handled<'_, T> {
     }
 }
 
-/// The whole payload of a PUBLISH that ntex read at once (`None`: it streams the payload,
-/// which must be awaited).
-pub(crate) fn whole_payload(
-    body: &ntex_mqtt::Payload,
-) -> Option<Result<Bytes, ntex_mqtt::error::PayloadError>> {
-    if !body.is_fixed() {
-        return None;
+/// `next(payload)` with a PUBLISH's whole payload: at once when ntex read it whole (the
+/// common case), else once ntex has streamed it.
+// The PUBLISH steps are inlined into the handlers: as calls taking closures they cost
+// 3–4% of QoS 0 throughput in an A/B (8 pairs 801k vs 831k msg/s).
+#[inline(always)]
+pub(crate) fn with_payload<'a, T: 'a>(
+    body: ntex_mqtt::Payload,
+    next: impl FnOnce(Result<Bytes, ntex_mqtt::error::PayloadError>) -> Handled<'a, T> + 'a,
+) -> Handled<'a, T> {
+    if body.is_fixed() {
+        // A whole payload is taken on the first poll; it never waits.
+        let mut read = std::pin::pin!(body.read_all());
+        if let std::task::Poll::Ready(payload) = read
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            return next(payload);
+        }
     }
-    // A fixed payload is taken on the first poll; it never waits.
-    let mut read = std::pin::pin!(body.read_all());
-    match read
-        .as_mut()
-        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-    {
-        std::task::Poll::Ready(result) => Some(result),
-        std::task::Poll::Pending => None,
-    }
+    Handled::later(async move {
+        let payload = body.read_all().await;
+        next(payload).await
+    })
 }

@@ -99,12 +99,7 @@ pub struct Routed {
 impl Routed {
     /// Waits until the message is durable (immediately when nothing was persisted).
     pub async fn durable(self) -> Result<(), edgegw_store::StoreError> {
-        self.durable_with(None).await
-    }
-
-    /// Waits until the message and `also` are durable.
-    pub async fn durable_with(self, also: Option<Ticket>) -> Result<(), edgegw_store::StoreError> {
-        match self.pending_with(also) {
+        match self.durable {
             Some(ticket) => ticket.wait().await,
             None => Ok(()),
         }

@@ -10,7 +10,7 @@ use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
-        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, whole_payload,
+        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, with_payload,
     },
     message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -180,21 +180,11 @@ pub(crate) fn publish(
                     .await;
             });
         }
-        if conn.qos0.has_room() {
-            return Handled::ready(Ok(()));
-        }
-        return Handled::later(async move {
-            conn.qos0.room().await;
-            Ok(())
-        });
+        return conn.qos0.after_room(|| Ok(()));
     }
-    let Some(payload) = whole_payload(&body) else {
-        return Handled::later(async move {
-            let payload = body.read_all().await;
-            accept(conn, topic, payload, qos, retain, inbound).await
-        });
-    };
-    accept(conn, topic, payload, qos, retain, inbound)
+    with_payload(body, move |payload| {
+        accept(conn, topic, payload, qos, retain, inbound)
+    })
 }
 
 /// A PUBLISH with its whole payload.
@@ -215,13 +205,7 @@ fn accept(
         return Handled::ready(Ok(()));
     }
     let message = Message::new(topic, payload, qos).with_retain(retain);
-    if conn.throttled() {
-        return Handled::later(async move {
-            conn.throttle().await;
-            route(conn, message, inbound).await
-        });
-    }
-    route(conn, message, inbound)
+    conn.after_throttle(move || route(conn, message, inbound))
 }
 
 /// Routes a PUBLISH; the result once it is durable. MQTT 3.1.1 has no negative PUBACK: an

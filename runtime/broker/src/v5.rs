@@ -26,7 +26,7 @@ use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
-        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, whole_payload,
+        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, with_payload,
     },
     message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -247,24 +247,14 @@ pub(crate) fn publish(
                     .await;
             });
         }
-        if conn.qos0.has_room() {
-            return Handled::ready(Ok(publish.ack()));
-        }
-        return Handled::later(async move {
-            conn.qos0.room().await;
-            Ok(publish.ack())
-        });
+        return conn.qos0.after_room(move || Ok(publish.ack()));
     }
     let message = Message::new(topic, Bytes::new(), qos)
         .with_retain(retain)
         .with_properties(properties);
-    let Some(payload) = whole_payload(&body) else {
-        return Handled::later(async move {
-            let payload = body.read_all().await;
-            accept(conn, publish, message, payload, inbound).await
-        });
-    };
-    accept(conn, publish, message, payload, inbound)
+    with_payload(body, move |payload| {
+        accept(conn, publish, message, payload, inbound)
+    })
 }
 
 /// A PUBLISH with its whole payload (`message` still without it).
@@ -295,13 +285,7 @@ fn accept(
             .ack()
             .reason_code(PublishAckReason::PayloadFormatInvalid)));
     }
-    if conn.throttled() {
-        return Handled::later(async move {
-            conn.throttle().await;
-            route(conn, publish, message, inbound).await
-        });
-    }
-    route(conn, publish, message, inbound)
+    conn.after_throttle(move || route(conn, publish, message, inbound))
 }
 
 /// Routes a PUBLISH; its acknowledgement once it is durable (retained, queued for
