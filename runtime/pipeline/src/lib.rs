@@ -31,7 +31,7 @@ use edgegw_broker::{
     StoreError, Ticket,
     topic::{Filter, TopicTemplate, matches},
 };
-use edgegw_rules::{MAX_BATCH, Plugin, RuleError, RuleMessage, Stage};
+use edgegw_rules::{MAX_BATCH, Plugin, RuleError, RuleMessage, Stage, Verdicts};
 use edgegw_telemetry::names;
 use metrics::{Counter, Gauge, counter, gauge};
 use tokio::sync::oneshot;
@@ -292,7 +292,7 @@ struct Scratch {
     items: Vec<Item>,
     next: Vec<Item>,
     failed: Vec<bool>,
-    results: Vec<Result<Vec<edgegw_rules::Output>, RuleError>>,
+    verdicts: Verdicts,
     /// Always empty between groups (their borrows end with the group).
     inputs: Vec<RuleMessage<'static>>,
     /// Always empty between groups.
@@ -410,7 +410,7 @@ impl Worker {
             items,
             next,
             failed,
-            results,
+            verdicts,
             inputs,
             users,
             spans,
@@ -450,35 +450,36 @@ impl Worker {
                     user_properties: &user_pairs[spans[item.origin].clone()],
                 }
             }));
-            stage.call_batch_into(&batch, results);
+            stage.call_batch_into(&batch, verdicts);
             batch.clear();
             *inputs = recycle(batch);
-            for (item, result) in items.iter().zip(results.drain(..)) {
+            for (item, verdict) in items.iter().zip(verdicts.iter()) {
                 if failed[item.origin] {
                     continue;
                 }
-                match result {
-                    Ok(outputs) => next.extend(outputs.into_iter().map(|o| Item {
+                match verdict {
+                    Ok(outputs) => next.extend(outputs.map(|o| Item {
                         origin: item.origin,
                         // An output that keeps the topic or payload (a filter, a pass-through
                         // branch) shares the input's, rather than copying it.
                         topic: match o.topic {
-                            Some(topic) if topic != *item.topic => ByteString::from(topic),
+                            Some(topic) if topic != &*item.topic => ByteString::from(topic),
                             _ => item.topic.clone(),
                         },
-                        payload: if o.payload == *item.payload {
+                        payload: if o.payload == &*item.payload {
                             item.payload.clone()
                         } else {
-                            Bytes::from(o.payload)
+                            Bytes::copy_from_slice(o.payload)
                         },
                     })),
                     Err(error) => {
                         failed[item.origin] = true;
                         let plugin = stage.plugin().name();
-                        self.dead_letter(&messages[item.origin], plugin, &error);
+                        self.dead_letter(&messages[item.origin], plugin, error);
                     }
                 }
             }
+            verdicts.clear();
             // Outputs of an earlier item of a message that failed later in this stage.
             next.retain(|item| !failed[item.origin]);
             std::mem::swap(items, next);

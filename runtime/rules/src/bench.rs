@@ -24,7 +24,8 @@ impl PerCall {
 /// the benchmark's figure) with a `payload_size`-byte JSON-ish payload on a three-level topic,
 /// reusing the stage as a pipeline does: one [`Stage::call`] per message when `batch` is 1,
 /// else [`Stage::call_batch`] with `batch` messages at a time (as a pipeline whose queue holds
-/// that many). Build in release mode for meaningful numbers.
+/// that many; into one reused [`Verdicts`](crate::Verdicts), as a pipeline worker does).
+/// Build in release mode for meaningful numbers.
 pub fn per_call(
     wasm: &Path,
     payload_size: usize,
@@ -37,13 +38,17 @@ pub fn per_call(
     let payload: Vec<u8> = (0..payload_size).map(|i| b'a' + (i % 26) as u8).collect();
     let batch = batch.max(1);
     let msgs = vec![RuleMessage::new("sensors/kitchen/temp", &payload); batch];
+    let mut verdicts = crate::Verdicts::default();
     let mut run = |n: u64| -> Result<(), RuleError> {
         for _ in 0..n.div_ceil(batch as u64) {
             if batch == 1 {
                 std::hint::black_box(stage.call(std::hint::black_box(&msgs[0]))?);
             } else {
-                for result in stage.call_batch(std::hint::black_box(&msgs)) {
-                    std::hint::black_box(result?);
+                verdicts.clear();
+                stage.call_batch_into(std::hint::black_box(&msgs), &mut verdicts);
+                if verdicts.iter().any(|v| std::hint::black_box(v).is_err()) {
+                    let results = std::mem::take(&mut verdicts).into_results();
+                    return Err(results.into_iter().find_map(Result::err).expect("an error"));
                 }
             }
         }

@@ -29,24 +29,25 @@ mod bindings {
     });
 
     impl Rule {
-        /// `on-batch` with the batch lowered by [`crate::lower`] (the generated
-        /// `call_on_batch`, with another argument type for the same WIT type).
+        /// `on-batch` with the batch lowered by [`crate::lower`] and the results lifted by
+        /// [`crate::lift`] (the generated `call_on_batch`, with other Rust types for the same
+        /// WIT types).
         pub(crate) fn call_on_batch_fast<S: wasmtime::AsContextMut>(
             &self,
             mut store: S,
             msgs: &[crate::lower::Batched<'_>],
-        ) -> wasmtime::Result<Vec<Result<Vec<edgegw::rule::types::Output>, String>>>
+        ) -> wasmtime::Result<crate::lift::LiftedBatch>
         where
             <S as wasmtime::AsContext>::Data: Send,
         {
             #[allow(unsafe_code)]
             // SAFETY: the function's type was checked against the world's `on-batch` when the
-            // component was instantiated; `Batched` has that parameter's type (its
-            // `typecheck` is the generated record's).
+            // component was instantiated; `Batched` has that parameter's type and
+            // `LiftedBatch` the result's (their `typecheck`s are the generated types').
             let callee = unsafe {
                 wasmtime::component::TypedFunc::<
                     (&[crate::lower::Batched<'_>],),
-                    (Vec<Result<Vec<edgegw::rule::types::Output>, String>>,),
+                    (crate::lift::LiftedBatch,),
                 >::new_unchecked(self.on_batch)
             };
             let (results,) = callee.call(store.as_context_mut(), (msgs,))?;
@@ -59,6 +60,7 @@ pub mod bench;
 mod cache;
 mod engine;
 mod error;
+mod lift;
 mod lower;
 mod metrics;
 mod plugin;
@@ -66,6 +68,7 @@ mod scaffold;
 mod stage;
 mod stdio;
 pub mod testing;
+mod verdicts;
 
 pub use bindings::edgegw::rule::host::Level;
 pub use engine::{EPOCH_TICK, Engine};
@@ -73,6 +76,7 @@ pub use error::RuleError;
 pub use plugin::{Limits, Plugin, WIT_VERSION};
 pub use scaffold::{ScaffoldError, scaffold, scaffold_with_sdk, sdk_dir};
 pub use stage::{KV_MAX_BYTES, KV_MAX_KEYS, MAX_BATCH, Stage};
+pub use verdicts::{OutputRef, Outputs, Verdicts};
 
 /// A message going into a rule: the WIT record `message`, fields borrowed from the caller.
 pub use bindings::edgegw::rule::types::Message as RuleMessage;

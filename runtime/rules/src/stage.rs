@@ -3,7 +3,7 @@ use crate::bindings::edgegw::rule::{host, types};
 use crate::engine::EPOCH_TICK;
 use crate::metrics::StageMetrics;
 use crate::stdio::GuestOutput;
-use crate::{Output, Plugin, RuleError, RuleMessage};
+use crate::{Output, Plugin, RuleError, RuleMessage, Verdicts};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -108,44 +108,41 @@ impl Stage {
     /// - A plugin whose `on-batch` returned the wrong number of results is not trusted with
     ///   another batch: the stage calls `on-message` only from then on.
     pub fn call_batch(&mut self, msgs: &[RuleMessage<'_>]) -> Vec<Result<Vec<Output>, RuleError>> {
-        let mut results = Vec::with_capacity(msgs.len());
-        self.call_batch_into(msgs, &mut results);
-        results
+        let mut verdicts = Verdicts::default();
+        self.call_batch_into(msgs, &mut verdicts);
+        verdicts.into_results()
     }
 
-    /// [`call_batch`](Stage::call_batch), appending the results to `results` (a worker reuses
-    /// one vector, rather than allocating one per batch).
-    pub fn call_batch_into(
-        &mut self,
-        msgs: &[RuleMessage<'_>],
-        results: &mut Vec<Result<Vec<Output>, RuleError>>,
-    ) {
-        results.reserve(msgs.len());
+    /// [`call_batch`](Stage::call_batch), appending the verdicts to `verdicts`: flat vectors
+    /// a worker reuses, rather than a vector per message and per output.
+    pub fn call_batch_into(&mut self, msgs: &[RuleMessage<'_>], verdicts: &mut Verdicts) {
         let mut rest = msgs;
         while !rest.is_empty() {
             let (group, after) = rest.split_at(self.group_len(rest));
             rest = after;
             if self.batches && group.len() > 1 {
                 let started = Instant::now();
-                let first = results.len();
-                if self.try_batch(group, started, results) {
+                let first = verdicts.len();
+                if self.try_batch(group, started, verdicts) {
                     let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
                     self.metrics.duration(started.elapsed() / n);
                     let mut ok = 0;
-                    for (msg, result) in group.iter().zip(&results[first..]) {
-                        match result {
-                            Ok(_) => ok += 1,
-                            Err(error) => {
+                    for (i, msg) in group.iter().enumerate() {
+                        match verdicts.get(first + i) {
+                            Some(Err(error)) => {
                                 self.metrics.invocations(error.result(), 1);
                                 self.report(error, msg.topic);
                             }
+                            _ => ok += 1,
                         }
                     }
                     self.metrics.invocations("ok", ok);
                     continue;
                 }
             }
-            results.extend(group.iter().map(|msg| self.call(msg)));
+            for msg in group {
+                verdicts.push(self.call(msg));
+            }
         }
     }
 
@@ -179,7 +176,7 @@ impl Stage {
         &mut self,
         msgs: &[RuleMessage<'_>],
         started: Instant,
-        results: &mut Vec<Result<Vec<Output>, RuleError>>,
+        verdicts: &mut Verdicts,
     ) -> bool {
         if self.instance.is_none() {
             // The one-by-one calls try again and report why not.
@@ -206,14 +203,11 @@ impl Stage {
             .call_on_batch_fast(&mut *store, crate::lower::batched(msgs));
         let state = store.data_mut();
         match result {
-            Ok(batch) if batch.len() == msgs.len() => {
+            Ok(batch) if batch.results.len() == msgs.len() => {
                 state.kv.commit();
-                results.extend(
-                    batch
-                        .into_iter()
-                        .zip(msgs)
-                        .map(|(result, msg)| self.verdict(result, msg.topic)),
-                );
+                verdicts.push_batch(batch, |i, result| {
+                    self.check(result, msgs[i].topic).map(|_| ())
+                });
                 true
             }
             Ok(batch) => {
@@ -221,7 +215,7 @@ impl Stage {
                 tracing::warn!(
                     pipeline = &*self.pipeline,
                     plugin = self.plugin.name(),
-                    results = batch.len(),
+                    results = batch.results.len(),
                     messages = msgs.len(),
                     "A rule plugin's on-batch returned the wrong number of results; running the messages one by one, and this stage calls on-message only from now on (until a reload). Rebuild the plugin with the current SDK."
                 );
@@ -254,15 +248,25 @@ impl Stage {
         result: Result<Vec<Output>, String>,
         topic: &str,
     ) -> Result<Vec<Output>, RuleError> {
+        match result {
+            Ok(outputs) => self.check(Ok(outputs.len()), topic).map(|_| outputs),
+            // `check` turns every plugin error into the stage's.
+            Err(message) => self.check(Err(message), topic).map(|_| Vec::new()),
+        }
+    }
+
+    /// A returned result (the number of outputs, or the plugin's error message) as the
+    /// stage's verdict: the count if within the limit, or the error.
+    fn check(&self, result: Result<usize, String>, topic: &str) -> Result<usize, RuleError> {
         let max_outputs = self.plugin.limits().max_outputs;
         match result {
-            Ok(outputs) if outputs.len() > max_outputs => Err(RuleError::TooManyOutputs {
+            Ok(count) if count > max_outputs => Err(RuleError::TooManyOutputs {
                 plugin: self.plugin.name().to_owned(),
                 topic: topic.to_owned(),
-                count: outputs.len(),
+                count,
                 limit: max_outputs,
             }),
-            Ok(outputs) => Ok(outputs),
+            Ok(count) => Ok(count),
             Err(message) => Err(RuleError::Error {
                 plugin: self.plugin.name().to_owned(),
                 topic: topic.to_owned(),

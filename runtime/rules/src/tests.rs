@@ -4,8 +4,8 @@
 use crate::stage::Kv;
 use crate::testing::build_plugins;
 use crate::{
-    Engine, Limits, MAX_BATCH, Output, Plugin, RuleError, RuleMessage, Stage, WIT_VERSION,
-    plugin_test,
+    Engine, Limits, MAX_BATCH, Output, Plugin, RuleError, RuleMessage, Stage, Verdicts,
+    WIT_VERSION, plugin_test,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -818,4 +818,103 @@ fn a_batch_lowers_every_field_as_a_single_call_does() {
     let big_out: Value = serde_json::from_slice(&got[7][0].payload).unwrap();
     assert_eq!(big_out["payload"].as_array().unwrap().len(), 300_000);
     assert_eq!(big_out["topic"], "big");
+}
+
+/// `on-batch`'s results are lifted by `lift.rs` into [`Verdicts`], `on-message`'s by
+/// wasmtime's generic lifting: the same outputs (topics kept or set, non-ASCII or empty, empty
+/// payloads, several per message) and the same errors either way, also over several groups
+/// and when verdicts are appended to earlier ones.
+#[test]
+fn a_batch_lifts_every_output_as_a_single_call_does() {
+    let topics = [
+        "a/b",
+        "many/1",
+        "error/é",
+        "many/ключ",
+        "",
+        "error/",
+        "x",
+        "many/",
+    ];
+    let payloads: Vec<Vec<u8>> = (0..topics.len())
+        .map(|i| (0..i * 7).map(|b| b as u8).collect())
+        .collect();
+    // Three groups of `MAX_BATCH` at most.
+    let msgs: Vec<RuleMessage<'_>> = (0..2 * MAX_BATCH + 5)
+        .map(|i| RuleMessage::new(topics[i % topics.len()], &payloads[i % topics.len()]))
+        .collect();
+    let echo = plugin("fixture-echo");
+    let mut single = Stage::new(&echo, "test", "null").unwrap();
+    let expected: Vec<Result<Vec<Output>, String>> = msgs
+        .iter()
+        .map(|m| single.call(m).map_err(|e| e.to_string()))
+        .collect();
+    assert!(expected.iter().any(|r| r.is_err()));
+    assert!(
+        expected
+            .iter()
+            .any(|r| r.as_ref().is_ok_and(|o| o.len() == 3))
+    );
+
+    let mut batched = Stage::new(&echo, "test", "null").unwrap();
+    let mut verdicts = Verdicts::default();
+    // Something there already: the batch's verdicts are appended after it.
+    batched.call_batch_into(&msgs[..3], &mut verdicts);
+    batched.call_batch_into(&msgs, &mut verdicts);
+    assert!(batched.batches());
+    assert_eq!(verdicts.len(), 3 + msgs.len());
+    let got: Vec<Result<Vec<Output>, String>> = verdicts
+        .iter()
+        .map(|v| match v {
+            Ok(outputs) => Ok(outputs.map(|o| o.to_output()).collect()),
+            Err(e) => Err(e.to_string()),
+        })
+        .collect();
+    assert_eq!(got[..3], expected[..3]);
+    assert_eq!(got[3..], expected[..]);
+    let many = got[4].as_ref().unwrap();
+    assert_eq!(many[1].topic.as_deref(), Some("ünï/many/1"));
+    assert!(many[1].payload.is_empty());
+    assert_eq!(many[2].topic.as_deref(), Some(""));
+    assert_eq!(many[2].payload, payloads[1]);
+    assert!(
+        got[5].as_ref().unwrap_err().contains("refused «error/é»"),
+        "{:?}",
+        got[5]
+    );
+    // What `call_batch` gives is the same.
+    let owned: Vec<_> = batched
+        .call_batch(&msgs)
+        .into_iter()
+        .map(|r| r.map_err(|e| e.to_string()))
+        .collect();
+    assert_eq!(owned, expected);
+
+    // Too many outputs in a batch: that message's error, the others' outputs.
+    let slow_host = Limits {
+        time: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let mut flood = Stage::new(
+        &plugin_with("fixture-flood", slow_host),
+        "test",
+        r#"{"count": 101}"#,
+    )
+    .unwrap();
+    let mut verdicts = Verdicts::default();
+    flood.call_batch_into(&msgs[..2], &mut verdicts);
+    for verdict in verdicts.iter() {
+        let error = verdict.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RuleError::TooManyOutputs {
+                    count: 101,
+                    limit: 100,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+    }
 }
