@@ -63,7 +63,41 @@ pub(crate) struct LiftedBatch {
     pub bytes: Vec<u8>,
 }
 
+thread_local! {
+    /// A lifted batch's vectors, emptied, for the next batch on this thread
+    /// ([`LiftedBatch::recycle`]): new ones each time, kilobytes for the bytes, cost a
+    /// `malloc` that made glibc consolidate its free lists for every batch.
+    static SPARE: std::cell::Cell<LiftedBatch> = const {
+        std::cell::Cell::new(LiftedBatch {
+            results: Vec::new(),
+            outputs: Vec::new(),
+            bytes: Vec::new(),
+        })
+    };
+}
+
+/// Bytes of room a recycled batch may keep.
+const SPARE_KEEP: usize = 256 << 10;
+
 impl LiftedBatch {
+    /// Empty vectors, with the room of a batch recycled earlier on this thread.
+    fn spare() -> Self {
+        SPARE.take()
+    }
+
+    /// Keeps this batch's vectors (emptied) for the next batch on this thread, unless they
+    /// hold more room than a usual batch needs.
+    pub(crate) fn recycle(mut self) {
+        self.results.clear();
+        self.outputs.clear();
+        self.bytes.clear();
+        if self.bytes.capacity() <= SPARE_KEEP
+            && self.outputs.capacity() * size_of::<Span>() <= SPARE_KEEP
+        {
+            SPARE.set(self);
+        }
+    }
+
     /// The generic lifting's value in this form (copied).
     fn from_generic(results: Generic) -> wasmtime::Result<Self> {
         let mut batch = Self::default();
@@ -255,11 +289,10 @@ fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> wasmtime::Result<Li
     }
 
     // Second pass: copy. Everything was checked, and memory does not change in between.
-    let mut batch = LiftedBatch {
-        results: Vec::with_capacity(len),
-        outputs: Vec::with_capacity(outputs),
-        bytes: Vec::with_capacity(bytes),
-    };
+    let mut batch = LiftedBatch::spare();
+    batch.results.reserve(len);
+    batch.outputs.reserve(outputs);
+    batch.bytes.reserve(bytes);
     // Within u32: checked above.
     let push = |out: &mut Vec<u8>, piece: &[u8]| {
         let start = out.len() as u32;

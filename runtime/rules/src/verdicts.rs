@@ -32,6 +32,9 @@ struct Span {
     payload: Range<usize>,
 }
 
+/// Bytes of room each vector keeps over [`Verdicts::clear`].
+const KEEP: usize = 256 << 10;
+
 /// One output of a rule: `topic: None` keeps the input's topic; QoS, retain and properties are
 /// the input's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,12 +63,16 @@ impl Verdicts {
         self.slots.is_empty()
     }
 
-    /// Forgets every verdict, keeping the room.
+    /// Forgets every verdict, keeping the room a usual batch needs (not what a burst of
+    /// large outputs left).
     pub fn clear(&mut self) {
         self.slots.clear();
         self.outputs.clear();
         self.bytes.clear();
         self.errors.clear();
+        self.slots.shrink_to(KEEP / size_of::<Slot>());
+        self.outputs.shrink_to(KEEP / size_of::<Span>());
+        self.bytes.shrink_to(KEEP);
     }
 
     /// Message `index`'s outputs, in order (none: the message was dropped), or why not.
@@ -143,19 +150,20 @@ impl Verdicts {
         } = batch;
         let output_base = self.outputs.len();
         let byte_base = self.bytes.len();
-        if byte_base == 0 {
+        let spare_bytes = if byte_base == 0 {
             // The usual case (one batch per call): take the bytes as they are.
-            self.bytes = bytes;
+            std::mem::replace(&mut self.bytes, bytes)
         } else {
             self.bytes.extend_from_slice(&bytes);
-        }
+            bytes
+        };
         let shift = |r: &Range<u32>| r.start as usize + byte_base..r.end as usize + byte_base;
         self.outputs.extend(outputs.iter().map(|span| Span {
             topic: span.topic.as_ref().map(shift),
             payload: shift(&span.payload),
         }));
-        for (i, result) in results.into_iter().enumerate() {
-            match result {
+        for (i, result) in results.iter().enumerate() {
+            match result.clone() {
                 Lifted::Outputs(range) => {
                     match verdict(i, Ok((range.end - range.start) as usize)) {
                         Ok(()) => self.slots.push(Slot::Outputs(
@@ -174,6 +182,12 @@ impl Verdicts {
                 }
             }
         }
+        LiftedBatch {
+            results,
+            outputs,
+            bytes: spare_bytes,
+        }
+        .recycle();
     }
 }
 
