@@ -380,16 +380,6 @@ impl Worker {
             }
         } else {
             self.run_stages(messages, &mut scratch);
-            let Scratch {
-                local,
-                rendered,
-                items,
-                ..
-            } = &mut scratch;
-            for item in items.drain(..) {
-                let message = &messages[item.origin];
-                self.emit(message, &item.topic, &item.payload, local, rendered);
-            }
         }
         // Local outputs go into the router together: each receiving connection is woken
         // once per group, not once per message.
@@ -403,10 +393,14 @@ impl Worker {
         self.scratch = scratch;
     }
 
-    /// The chain part of [`Worker::process`]: leaves the last stage's results in
-    /// `scratch.items`, in the order of the messages they came from.
+    /// The chain part of [`Worker::process`]: the first stage reads the messages themselves,
+    /// each later one the items the stage before emitted (`scratch.items`); the last stage's
+    /// outputs are emitted as they are read (into `scratch.local`), in the order of the
+    /// messages they came from, without a message that failed in any stage.
     fn run_stages(&mut self, messages: &[Arc<Message>], scratch: &mut Scratch) {
         let Scratch {
+            local,
+            rendered,
             items,
             next,
             failed,
@@ -414,13 +408,7 @@ impl Worker {
             inputs,
             users,
             spans,
-            ..
         } = scratch;
-        items.extend(messages.iter().enumerate().map(|(origin, m)| Item {
-            origin,
-            topic: m.topic.clone(),
-            payload: m.payload.clone(),
-        }));
         // Every message's user properties as `&str` pairs, in one vector; `spans[i]` is
         // message i's range in it.
         let mut user_pairs = recycle(std::mem::take(users));
@@ -437,58 +425,99 @@ impl Worker {
         failed.resize(messages.len(), false);
         // Taken out for the loop, so that dead letters can be sent from inside it.
         let mut stages = std::mem::take(&mut self.stages);
-        for stage in &mut stages {
+        let last = stages.len() - 1;
+        for (n, stage) in stages.iter_mut().enumerate() {
+            // Input `k` of this stage: (the message it came from, topic, payload).
+            let on_messages = n == 0;
+            let count = if on_messages {
+                messages.len()
+            } else {
+                items.len()
+            };
+            let input = |k: usize| -> (usize, &ByteString, &Bytes) {
+                if on_messages {
+                    (k, &messages[k].topic, &messages[k].payload)
+                } else {
+                    let item = &items[k];
+                    (item.origin, &item.topic, &item.payload)
+                }
+            };
             let mut batch = recycle(std::mem::take(inputs));
-            batch.extend(items.iter().map(|item| {
-                let message = &messages[item.origin];
+            batch.extend((0..count).map(|k| {
+                let (origin, topic, payload) = input(k);
+                let message = &messages[origin];
                 RuleMessage {
-                    topic: &item.topic,
-                    payload: &item.payload,
+                    topic,
+                    payload,
                     qos: message.qos.as_u8(),
                     retain: message.retain,
                     content_type: message.properties.content_type.as_deref(),
-                    user_properties: &user_pairs[spans[item.origin].clone()],
+                    user_properties: &user_pairs[spans[origin].clone()],
                 }
             }));
             stage.call_batch_into(&batch, verdicts);
             batch.clear();
             *inputs = recycle(batch);
-            for (item, verdict) in items.iter().zip(verdicts.iter()) {
-                if failed[item.origin] {
-                    continue;
+            // Failures first: none of a failed message's outputs go on, also those of its
+            // earlier items in this stage.
+            for (k, verdict) in verdicts.iter().enumerate() {
+                let origin = input(k).0;
+                if let Err(error) = verdict
+                    && !failed[origin]
+                {
+                    failed[origin] = true;
+                    self.dead_letter(&messages[origin], stage.plugin().name(), error);
                 }
+            }
+            let outputs = verdicts.iter().enumerate().filter_map(|(k, verdict)| {
+                let (origin, topic, payload) = input(k);
                 match verdict {
-                    Ok(outputs) => next.extend(outputs.map(|o| Item {
-                        origin: item.origin,
-                        // An output that keeps the topic or payload (a filter, a pass-through
-                        // branch) shares the input's, rather than copying it.
+                    Ok(outputs) if !failed[origin] => Some((origin, topic, payload, outputs)),
+                    _ => None,
+                }
+            });
+            if n == last {
+                for (origin, topic, payload, outputs) in outputs {
+                    for o in outputs {
+                        let topic = o.topic.unwrap_or(topic);
+                        // An output that keeps the payload (a filter, a pass-through branch)
+                        // shares the input's, rather than copying it.
+                        let copied;
+                        let payload = if o.payload == &payload[..] {
+                            payload
+                        } else {
+                            copied = Bytes::copy_from_slice(o.payload);
+                            &copied
+                        };
+                        self.emit(&messages[origin], topic, payload, local, rendered);
+                    }
+                }
+            } else {
+                for (origin, topic, payload, outputs) in outputs {
+                    next.extend(outputs.map(|o| Item {
+                        origin,
+                        // Shared (no copy) when the output keeps the topic or payload.
                         topic: match o.topic {
-                            Some(topic) if topic != &*item.topic => ByteString::from(topic),
-                            _ => item.topic.clone(),
+                            Some(t) if t != &**topic => ByteString::from(t),
+                            _ => topic.clone(),
                         },
-                        payload: if o.payload == &*item.payload {
-                            item.payload.clone()
+                        payload: if o.payload == &payload[..] {
+                            payload.clone()
                         } else {
                             Bytes::copy_from_slice(o.payload)
                         },
-                    })),
-                    Err(error) => {
-                        failed[item.origin] = true;
-                        let plugin = stage.plugin().name();
-                        self.dead_letter(&messages[item.origin], plugin, error);
-                    }
+                    }));
                 }
             }
             verdicts.clear();
-            // Outputs of an earlier item of a message that failed later in this stage.
-            next.retain(|item| !failed[item.origin]);
             std::mem::swap(items, next);
             next.clear();
-            if items.is_empty() {
+            if n < last && items.is_empty() {
                 break;
             }
         }
         self.stages = stages;
+        items.clear();
         user_pairs.clear();
         *users = recycle(user_pairs);
         spans.clear();

@@ -483,3 +483,89 @@ async fn full_queue_policies() {
             .unwrap();
     }
 }
+
+/// A two-stage chain where the first stage emits several items per message (topics set,
+/// payloads kept or changed): the second stage sees every item, its outputs go out in the
+/// order of the messages, and a message one of whose items fails in the second stage goes to
+/// the dead-letter topic once, with none of its outputs (not even those of its items that
+/// passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_stage_failing_one_item_drops_all_of_its_messages_outputs() {
+    let router = Router::new(RouterLimits::default());
+    let echo = plugin("fixture-echo", Limits::default());
+    let identity = plugin("fixture-identity", Limits::default());
+    let panicky = plugin("fixture-panic", Limits::default());
+    let out = watcher(&router, "#");
+    let dead = watcher(&router, "$edgegw/deadletter/#");
+    let pipelines = Pipelines::start(
+        router.clone(),
+        vec![
+            // echo: "many/…" gives the description, "ünï/many/…" (empty) and "" (the payload).
+            spec(
+                "fan",
+                "many/+",
+                vec![stage(&echo, "null"), stage(&identity, "null")],
+                &["local:fanned/{topic}"],
+            ),
+            // The third item of a "panic" message traps in the second stage.
+            spec(
+                "trap",
+                "many/t/+",
+                vec![stage(&echo, "null"), stage(&panicky, "null")],
+                &["local:trapped/{topic}"],
+            ),
+        ],
+        Uplinks::new(),
+    )
+    .unwrap();
+    publish(&router, "many/a", "one");
+    publish(&router, "many/t/x", "panic");
+    publish(&router, "many/t/y", "calm");
+    publish(&router, "many/b", "");
+
+    // The four inputs themselves (`#`), six fanned, three trapped.
+    let got = take(&out, 13, Duration::from_secs(20)).await;
+    assert!(take(&out, 1, Duration::from_millis(300)).await.is_empty());
+    let fanned: Vec<(&str, &[u8])> = got
+        .iter()
+        .filter(|(t, _)| t.starts_with("fanned/"))
+        .map(|(t, p)| (t.as_str(), p.as_slice()))
+        .collect();
+    let topics: Vec<&str> = fanned.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        topics,
+        [
+            "fanned/many/a",
+            "fanned/ünï/many/a",
+            "fanned/",
+            "fanned/many/b",
+            "fanned/ünï/many/b",
+            "fanned/",
+        ]
+    );
+    assert_eq!(fanned[1].1, b"");
+    assert_eq!(fanned[2].1, b"one");
+    assert_eq!(fanned[5].1, b"");
+    let description = String::from_utf8(fanned[0].1.to_vec()).unwrap();
+    assert!(description.contains(r#""topic":"many/a""#), "{description}");
+    // "calm": its three items pass the panic fixture; "panic": none of its outputs.
+    let trapped: Vec<&str> = got
+        .iter()
+        .filter(|(t, _)| t.starts_with("trapped/"))
+        .map(|(t, _)| t.as_str())
+        .collect();
+    assert_eq!(
+        trapped,
+        ["trapped/many/t/y", "trapped/ünï/many/t/y", "trapped/"]
+    );
+    let d = tokio::time::timeout(Duration::from_secs(5), dead.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap();
+    assert_eq!(d.message.topic.as_ref(), "$edgegw/deadletter/trap");
+    assert_eq!(d.message.payload.as_ref(), b"panic");
+    assert!(take(&dead, 1, Duration::from_millis(300)).await.is_empty());
+    tokio::task::spawn_blocking(move || pipelines.stop())
+        .await
+        .unwrap();
+}
