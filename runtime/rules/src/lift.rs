@@ -192,7 +192,7 @@ fn pointer_pair(bytes: &[u8], at: usize) -> (usize, usize) {
 /// `len` elements of `size` bytes at `ptr`, aligned to `align`, inside `memory`, charged to
 /// the hostcall fuel as wasmtime charges a list of `host_size`-byte host values.
 fn list<'m>(
-    cx: &mut LiftContext<'_>,
+    fuel: &mut Fuel<'_>,
     memory: &'m [u8],
     ptr: usize,
     len: usize,
@@ -206,7 +206,10 @@ fn list<'m>(
     let Some(bytes) = bytes else {
         wasmtime::bail!("list pointer/length out of bounds of memory");
     };
-    cx.consume_fuel_array(len, host_size)?;
+    match len.checked_mul(host_size) {
+        Some(n) => fuel(n)?,
+        None => wasmtime::bail!("too much data is being copied from the plugin"),
+    }
     if !ptr.is_multiple_of(align) {
         wasmtime::bail!("list pointer is not aligned");
     }
@@ -215,13 +218,13 @@ fn list<'m>(
 
 /// A UTF-8 string at `ptr`, charged to the hostcall fuel as wasmtime charges it.
 fn string<'m>(
-    cx: &mut LiftContext<'_>,
+    fuel: &mut Fuel<'_>,
     memory: &'m [u8],
     ptr: usize,
     len: usize,
 ) -> wasmtime::Result<&'m [u8]> {
     match ptr.checked_add(len) {
-        Some(end) if end <= memory.len() => cx.consume_fuel(len)?,
+        Some(end) if end <= memory.len() => fuel(len)?,
         _ => wasmtime::bail!("string pointer/length out of bounds of memory"),
     }
     let bytes = &memory[ptr..ptr + len];
@@ -236,29 +239,38 @@ struct Raw<'m> {
 }
 
 /// The output record in `record`.
-fn output<'m>(
-    cx: &mut LiftContext<'_>,
-    memory: &'m [u8],
-    record: &[u8],
-) -> wasmtime::Result<Raw<'m>> {
+fn output<'m>(fuel: &mut Fuel<'_>, memory: &'m [u8], record: &[u8]) -> wasmtime::Result<Raw<'m>> {
     let topic = match record[0] {
         0 => None,
         1 => {
             let (ptr, len) = pointer_pair(record, OUTPUT_TOPIC);
-            Some(string(cx, memory, ptr, len)?)
+            Some(string(fuel, memory, ptr, len)?)
         }
         _ => wasmtime::bail!("invalid option discriminant"),
     };
     let (ptr, len) = pointer_pair(record, OUTPUT_PAYLOAD);
-    let payload = list(cx, memory, ptr, len, 1, 1, 1)?;
+    let payload = list(fuel, memory, ptr, len, 1, 1, 1)?;
     Ok(Raw { topic, payload })
 }
+
+/// Charges the hostcall fuel (bytes the host is about to copy or allocate for the guest).
+type Fuel<'a> = dyn FnMut(usize) -> wasmtime::Result<()> + 'a;
 
 /// Lifts the list of `len` results at `ptr`.
 fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> wasmtime::Result<LiftedBatch> {
     let memory = cx.memory();
+    parse(memory, ptr, len, &mut |n| cx.consume_fuel(n))
+}
+
+/// [`lift`] over `memory`, charging `fuel`.
+fn parse(
+    memory: &[u8],
+    ptr: usize,
+    len: usize,
+    fuel: &mut Fuel<'_>,
+) -> wasmtime::Result<LiftedBatch> {
     let results = list(
-        cx,
+        fuel,
         memory,
         ptr,
         len,
@@ -273,14 +285,14 @@ fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> wasmtime::Result<Li
         let (ptr, len) = pointer_pair(result, RESULT_PAYLOAD);
         match result[0] {
             0 => {
-                let records = list(cx, memory, ptr, len, OUTPUT_SIZE, 4, size_of::<Output>())?;
+                let records = list(fuel, memory, ptr, len, OUTPUT_SIZE, 4, size_of::<Output>())?;
                 outputs += len;
                 for record in records.as_chunks::<OUTPUT_SIZE>().0 {
-                    let raw = output(cx, memory, record)?;
+                    let raw = output(fuel, memory, record)?;
                     bytes += raw.topic.map_or(0, <[u8]>::len) + raw.payload.len();
                 }
             }
-            1 => bytes += string(cx, memory, ptr, len)?.len(),
+            1 => bytes += string(fuel, memory, ptr, len)?.len(),
             _ => wasmtime::bail!("invalid expected discriminant"),
         }
     }
@@ -326,4 +338,128 @@ fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> wasmtime::Result<Li
         }
     }
     Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guest memory built by hand: what a plugin could return, well-formed or not.
+    struct Memory(Vec<u8>);
+
+    impl Memory {
+        fn new() -> Self {
+            Self(vec![0; 1024])
+        }
+        fn word(&mut self, at: usize, value: u32) -> &mut Self {
+            self.0[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            self
+        }
+        fn byte(&mut self, at: usize, value: u8) -> &mut Self {
+            self.0[at] = value;
+            self
+        }
+        fn bytes(&mut self, at: usize, value: &[u8]) -> &mut Self {
+            self.0[at..at + value.len()].copy_from_slice(value);
+            self
+        }
+        fn parse(&self, ptr: usize, len: usize) -> wasmtime::Result<LiftedBatch> {
+            self.parse_with_fuel(ptr, len, usize::MAX)
+        }
+        fn parse_with_fuel(
+            &self,
+            ptr: usize,
+            len: usize,
+            mut left: usize,
+        ) -> wasmtime::Result<LiftedBatch> {
+            parse(&self.0, ptr, len, &mut |n| match left.checked_sub(n) {
+                Some(rest) => {
+                    left = rest;
+                    Ok(())
+                }
+                None => wasmtime::bail!("fuel exhausted"),
+            })
+        }
+    }
+
+    /// Two results at 0: `Ok([{topic: "t/é", payload: "abc"}, {topic: None, payload: ""}])`
+    /// (records at 64) and `Err("bad")`.
+    fn well_formed() -> Memory {
+        let mut m = Memory::new();
+        m.byte(0, 0).word(4, 64).word(8, 2);
+        m.byte(12, 1).word(16, 300).word(20, 3);
+        // First output: topic at 200, payload at 220.
+        m.byte(64, 1)
+            .word(68, 200)
+            .word(72, 4)
+            .word(76, 220)
+            .word(80, 3);
+        // Second: no topic, empty payload.
+        m.byte(84, 0).word(96, 0).word(100, 0);
+        m.bytes(200, "t/é".as_bytes())
+            .bytes(220, b"abc")
+            .bytes(300, b"bad");
+        m
+    }
+
+    fn error(result: wasmtime::Result<LiftedBatch>) -> String {
+        format!("{:#}", result.expect_err("refused"))
+    }
+
+    #[test]
+    fn well_formed_results_are_lifted() {
+        let batch = well_formed().parse(0, 2).unwrap();
+        assert_eq!(batch.results, [Lifted::Outputs(0..2), Lifted::Error(7..10)]);
+        assert_eq!(
+            batch.outputs,
+            [
+                Span {
+                    topic: Some(0..4),
+                    payload: 4..7
+                },
+                Span {
+                    topic: None,
+                    payload: 7..7
+                }
+            ]
+        );
+        assert_eq!(batch.bytes, "t/éabcbad".as_bytes());
+        assert!(well_formed().parse(0, 0).unwrap().results.is_empty());
+    }
+
+    /// Whatever a plugin returns, the host gets an error, never a panic or a read outside
+    /// the plugin's memory.
+    #[test]
+    fn malformed_results_are_refused() {
+        let m = well_formed();
+        assert!(error(m.parse(1004, 2)).contains("out of bounds"));
+        assert!(error(m.parse(0, 1 << 40)).contains("out of bounds"));
+        assert!(error(m.parse(usize::MAX - 3, 1)).contains("out of bounds"));
+        assert!(error(m.parse(2, 1)).contains("not aligned"));
+        assert!(error(well_formed().byte(0, 2).parse(0, 2)).contains("discriminant"));
+        assert!(error(well_formed().byte(64, 7).parse(0, 2)).contains("discriminant"));
+        // Outputs: out of bounds, misaligned, too many.
+        assert!(error(well_formed().word(4, 1020).parse(0, 1)).contains("out of bounds"));
+        assert!(error(well_formed().word(4, 66).parse(0, 1)).contains("not aligned"));
+        assert!(error(well_formed().word(8, u32::MAX).parse(0, 1)).contains("out of bounds"));
+        // Strings and payloads out of bounds, or not UTF-8.
+        assert!(error(well_formed().word(68, 1022).parse(0, 1)).contains("out of bounds"));
+        assert!(error(well_formed().word(72, u32::MAX).parse(0, 1)).contains("out of bounds"));
+        assert!(error(well_formed().word(80, 2000).parse(0, 1)).contains("out of bounds"));
+        assert!(error(well_formed().word(16, 1023).parse(0, 2)).contains("out of bounds"));
+        assert!(error(well_formed().byte(203, 0xff).parse(0, 1)).contains("utf-8"));
+        assert!(error(well_formed().byte(301, 0xc3).parse(0, 2)).contains("utf-8"));
+        // Payloads are bytes: anything goes.
+        assert!(well_formed().byte(220, 0xff).parse(0, 2).is_ok());
+    }
+
+    /// The fuel is charged as wasmtime charges it: an exhausted budget refuses the results.
+    #[test]
+    fn fuel_bounds_what_is_copied() {
+        let m = well_formed();
+        let needed =
+            2 * size_of::<Result<Vec<Output>, String>>() + 2 * size_of::<Output>() + 4 + 3 + 3;
+        assert!(m.parse_with_fuel(0, 2, needed).is_ok());
+        assert!(error(m.parse_with_fuel(0, 2, needed - 1)).contains("fuel"));
+    }
 }
