@@ -12,7 +12,8 @@
 //!   and a fresh one (with `init` again) serves the next message.
 //!
 //! No broker types here: a message is a [`RuleMessage`] (borrowed fields), results are
-//! [`Output`]s. Calls block the calling thread for up to the plugin's time limit: run them on
+//! [`Output`]s, or for a batch [`Verdicts`] (flat vectors a worker reuses, borrowed
+//! [`OutputRef`]s). Calls block the calling thread for up to the plugin's time limit: run them on
 //! pipeline worker threads, not on network threads (nor directly inside an async task).
 //!
 //! [`plugin_test`] and [`scaffold`] serve `edgegw plugin test` and `edgegw plugin new`;

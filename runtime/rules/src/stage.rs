@@ -205,9 +205,11 @@ impl Stage {
         match result {
             Ok(batch) if batch.results.len() == msgs.len() => {
                 state.kv.commit();
-                verdicts.push_batch(batch, |i, result| {
-                    self.check(result, msgs[i].topic).map(|_| ())
-                });
+                verdicts.push_batch(
+                    batch,
+                    |i, count| self.too_many(count, msgs[i].topic),
+                    |i, message| self.plugin_error(message, msgs[i].topic),
+                );
                 true
             }
             Ok(batch) => {
@@ -249,29 +251,31 @@ impl Stage {
         topic: &str,
     ) -> Result<Vec<Output>, RuleError> {
         match result {
-            Ok(outputs) => self.check(Ok(outputs.len()), topic).map(|_| outputs),
-            // `check` turns every plugin error into the stage's.
-            Err(message) => self.check(Err(message), topic).map(|_| Vec::new()),
+            Ok(outputs) => match self.too_many(outputs.len(), topic) {
+                Some(error) => Err(error),
+                None => Ok(outputs),
+            },
+            Err(message) => Err(self.plugin_error(message, topic)),
         }
     }
 
-    /// A returned result (the number of outputs, or the plugin's error message) as the
-    /// stage's verdict: the count if within the limit, or the error.
-    fn check(&self, result: Result<usize, String>, topic: &str) -> Result<usize, RuleError> {
-        let max_outputs = self.plugin.limits().max_outputs;
-        match result {
-            Ok(count) if count > max_outputs => Err(RuleError::TooManyOutputs {
-                plugin: self.plugin.name().to_owned(),
-                topic: topic.to_owned(),
-                count,
-                limit: max_outputs,
-            }),
-            Ok(count) => Ok(count),
-            Err(message) => Err(RuleError::Error {
-                plugin: self.plugin.name().to_owned(),
-                topic: topic.to_owned(),
-                message,
-            }),
+    /// The error for `count` outputs of one message, if that is over the limit.
+    fn too_many(&self, count: usize, topic: &str) -> Option<RuleError> {
+        let limit = self.plugin.limits().max_outputs;
+        (count > limit).then(|| RuleError::TooManyOutputs {
+            plugin: self.plugin.name().to_owned(),
+            topic: topic.to_owned(),
+            count,
+            limit,
+        })
+    }
+
+    /// The plugin's error `message` for a message on `topic`.
+    fn plugin_error(&self, message: String, topic: &str) -> RuleError {
+        RuleError::Error {
+            plugin: self.plugin.name().to_owned(),
+            topic: topic.to_owned(),
+            message,
         }
     }
 

@@ -135,13 +135,14 @@ impl Verdicts {
         start..self.bytes.len()
     }
 
-    /// Appends a batch's verdicts: `verdict` turns each message's lifted result (its index in
-    /// the batch, and its outputs' count or the plugin's error message) into its outputs
-    /// (`Ok`) or an error.
+    /// Appends a batch's verdicts. For message `i` of the batch, `too_many(i, count)` refuses
+    /// its outputs when there are too many, and `error(i, message)` makes the plugin's error
+    /// message the stage's error.
     pub(crate) fn push_batch(
         &mut self,
         batch: LiftedBatch,
-        mut verdict: impl FnMut(usize, Result<usize, String>) -> Result<(), RuleError>,
+        mut too_many: impl FnMut(usize, usize) -> Option<RuleError>,
+        mut error: impl FnMut(usize, String) -> RuleError,
     ) {
         let LiftedBatch {
             results,
@@ -163,22 +164,16 @@ impl Verdicts {
             payload: shift(&span.payload),
         }));
         for (i, result) in results.iter().enumerate() {
-            match result.clone() {
-                Lifted::Outputs(range) => {
-                    match verdict(i, Ok((range.end - range.start) as usize)) {
-                        Ok(()) => self.slots.push(Slot::Outputs(
-                            range.start as usize + output_base..range.end as usize + output_base,
-                        )),
-                        Err(error) => self.push_error(error),
-                    }
-                }
+            match result {
+                Lifted::Outputs(range) => match too_many(i, (range.end - range.start) as usize) {
+                    Some(refused) => self.push_error(refused),
+                    None => self.slots.push(Slot::Outputs(
+                        range.start as usize + output_base..range.end as usize + output_base,
+                    )),
+                },
                 Lifted::Error(range) => {
-                    let message = String::from_utf8_lossy(&self.bytes[shift(&range)]).into_owned();
-                    match verdict(i, Err(message)) {
-                        Err(error) => self.push_error(error),
-                        // Not reached: a plugin's error is the message's.
-                        Ok(()) => self.slots.push(Slot::Outputs(0..0)),
-                    }
+                    let message = String::from_utf8_lossy(&self.bytes[shift(range)]).into_owned();
+                    self.push_error(error(i, message));
                 }
             }
         }
