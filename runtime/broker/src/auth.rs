@@ -383,7 +383,7 @@ impl Authenticator {
         }
         let file = passwords.clone();
         let user = username.to_string();
-        let verdict = tokio::task::spawn_blocking(move || {
+        let verdict = ntex::rt::spawn_blocking(move || {
             let _permit = permit;
             file.verify(&user, &password)
         })

@@ -105,7 +105,7 @@ pub(crate) enum Qos2 {
 /// of one second's worth allowed after a quiet period.
 struct RateLimit {
     gate: tokio::sync::Mutex<()>,
-    next: Cell<tokio::time::Instant>,
+    next: Cell<std::time::Instant>,
     interval: std::time::Duration,
     throttled: metrics::Counter,
 }
@@ -117,9 +117,9 @@ impl RateLimit {
             gate: tokio::sync::Mutex::new(()),
             // Starting a second in the past allows an initial burst of `per_second`.
             next: Cell::new(
-                tokio::time::Instant::now()
+                std::time::Instant::now()
                     .checked_sub(std::time::Duration::from_secs(1))
-                    .unwrap_or_else(tokio::time::Instant::now),
+                    .unwrap_or_else(std::time::Instant::now),
             ),
             interval,
             throttled: metrics::counter!(edgegw_telemetry::names::BROKER_THROTTLED),
@@ -321,12 +321,15 @@ impl Conn {
     async fn throttle(&self) {
         let Some(rate) = &self.rate else { return };
         let _turn = rate.gate.lock().await;
-        let now = tokio::time::Instant::now();
+        let now = std::time::Instant::now();
         let slot = rate.next.get().max(now);
         rate.next.set(slot + rate.interval);
         if slot > now {
             rate.throttled.increment(1);
-            tokio::time::sleep_until(slot).await;
+            // The runtime's timer counts whole milliseconds: round up, never wake early
+            // (slots stay `interval` apart, so a late wake-up does not lower the rate).
+            let wait = (slot - now).as_micros().div_ceil(1000);
+            ntex::time::sleep(ntex::time::Millis(u32::try_from(wait).unwrap_or(u32::MAX))).await;
         }
     }
 

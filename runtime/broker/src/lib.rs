@@ -25,6 +25,7 @@ pub use session::{Credential, Delivery, Session};
 pub use tree::SubOptions;
 
 mod connection;
+mod driver;
 mod server;
 mod v3;
 mod v5;
@@ -33,6 +34,7 @@ mod websocket;
 pub use acl::{AclRule, AclSettings, Action as AclAction, Permission, Selector};
 pub use auth::{AuthSettings, PasswordFile, PasswordFileError};
 pub use connection::ConnectionLimits;
+pub use driver::IoDriver;
 pub use server::{BoundListener, Broker, BrokerSettings, ListenerSettings, TlsFiles};
 pub use websocket::WebSocketSettings;
 

@@ -799,16 +799,31 @@ impl Targets {
     }
 }
 
-/// Runs `f` after `delay` on the current tokio runtime (the connection's worker).
+/// Runs `f` after `delay` on the current thread's runtime: a connection's MQTT worker (ntex)
+/// or the gateway's tokio runtime (in-process clients, start-up).
 fn spawn_after(delay: Duration, f: impl FnOnce() + Send + 'static) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            handle.spawn(async move {
-                tokio::time::sleep(delay).await;
-                f();
-            });
-        }
-        Err(_) => tracing::error!("No runtime to schedule a session timer on; timer skipped."),
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            tokio::time::sleep(delay).await;
+            f();
+        });
+    } else if ntex::rt::System::try_current().is_some() {
+        let deadline = std::time::Instant::now() + delay;
+        ntex::rt::spawn(async move {
+            // ntex's timer takes whole milliseconds in a u32 (49 days): wait in steps of at
+            // most a day until the deadline, rounding up so it never fires early.
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let millis = left.as_micros().div_ceil(1000).min(86_400_000);
+                ntex::time::sleep(ntex::time::Millis(millis as u32)).await;
+            }
+            f();
+        });
+    } else {
+        tracing::error!("No runtime to schedule a session timer on; timer skipped.");
     }
 }
 

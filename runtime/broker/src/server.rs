@@ -57,6 +57,8 @@ pub struct BrokerSettings {
     pub auth: AuthSettings,
     /// ntex worker threads; 0 means one per core.
     pub workers: usize,
+    /// The kernel interface of the worker threads' I/O.
+    pub io_driver: crate::IoDriver,
 }
 
 /// A listener after binding.
@@ -142,71 +144,66 @@ impl Broker {
             next_client_number: std::sync::atomic::AtomicU64::new(1),
         });
         let limits = settings.limits;
+        let io_driver = settings.io_driver;
         let kept = shared.clone();
 
         let (started, server) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("edgegw-mqtt".into())
             .spawn(move || {
-                ntex::rt::System::new("edgegw-mqtt", ntex::rt::DefaultRuntime).block_on(
-                    async move {
-                        let mut builder = ntex::server::build()
-                            .workers(workers)
-                            .disable_signals()
-                            .max_connections(limits.max_connections.max(1))
-                            .graceful_shutdown_timeout(Seconds(5));
-                        let max_frame = websocket::max_frame_size(limits.max_packet_size);
-                        for (index, (socket, addr, tls, auth, ws)) in
-                            sockets.into_iter().enumerate()
-                        {
-                            let shared = shared.clone();
-                            let cfg = service_config(&limits, ws.is_some());
-                            let name = format!("mqtt-{index}");
-                            builder = match (tls, ws) {
-                                (None, None) => {
-                                    builder.listen(name, socket, cfg, async move |_| {
-                                        mqtt_service(shared.clone(), addr, auth)
-                                    })?
-                                }
-                                (Some(tls), None) => {
-                                    builder.listen(name, socket, cfg, async move |_| {
-                                        let shared = shared.clone();
-                                        ntex_tls::rustls::TlsAcceptor::new(tls.clone())
-                                            .map_err(move |error: std::io::Error| {
-                                                log_tls_error(addr, &error);
-                                                MqttError::<BrokerError>::from(error)
-                                            })
-                                            .and_then(mqtt_service(shared, addr, auth))
-                                    })?
-                                }
-                                (None, Some(ws)) => {
-                                    builder.listen(name, socket, cfg, async move |_| {
-                                        let mqtt = mqtt_service(shared.clone(), addr, auth);
-                                        websocket::service(mqtt, addr, ws.clone(), max_frame)
-                                    })?
-                                }
-                                (Some(tls), Some(ws)) => {
-                                    builder.listen(name, socket, cfg, async move |_| {
-                                        let mqtt = mqtt_service(shared.clone(), addr, auth);
-                                        ntex_tls::rustls::TlsAcceptor::new(tls.clone())
-                                            .map_err(move |error: std::io::Error| {
-                                                log_tls_error(addr, &error)
-                                            })
-                                            .and_then(websocket::service(
-                                                mqtt,
-                                                addr,
-                                                ws.clone(),
-                                                max_frame,
-                                            ))
-                                    })?
-                                }
-                            };
-                        }
-                        let server = builder.run();
-                        let _ = started.send(server.clone());
-                        server.await
-                    },
-                )
+                ntex::rt::System::new("edgegw-mqtt", io_driver).block_on(async move {
+                    let mut builder = ntex::server::build()
+                        .workers(workers)
+                        .disable_signals()
+                        .max_connections(limits.max_connections.max(1))
+                        .graceful_shutdown_timeout(Seconds(5));
+                    let max_frame = websocket::max_frame_size(limits.max_packet_size);
+                    for (index, (socket, addr, tls, auth, ws)) in sockets.into_iter().enumerate() {
+                        let shared = shared.clone();
+                        let cfg = service_config(&limits, ws.is_some());
+                        let name = format!("mqtt-{index}");
+                        builder = match (tls, ws) {
+                            (None, None) => builder.listen(name, socket, cfg, async move |_| {
+                                mqtt_service(shared.clone(), addr, auth)
+                            })?,
+                            (Some(tls), None) => {
+                                builder.listen(name, socket, cfg, async move |_| {
+                                    let shared = shared.clone();
+                                    ntex_tls::rustls::TlsAcceptor::new(tls.clone())
+                                        .map_err(move |error: std::io::Error| {
+                                            log_tls_error(addr, &error);
+                                            MqttError::<BrokerError>::from(error)
+                                        })
+                                        .and_then(mqtt_service(shared, addr, auth))
+                                })?
+                            }
+                            (None, Some(ws)) => {
+                                builder.listen(name, socket, cfg, async move |_| {
+                                    let mqtt = mqtt_service(shared.clone(), addr, auth);
+                                    websocket::service(mqtt, addr, ws.clone(), max_frame)
+                                })?
+                            }
+                            (Some(tls), Some(ws)) => {
+                                builder.listen(name, socket, cfg, async move |_| {
+                                    let mqtt = mqtt_service(shared.clone(), addr, auth);
+                                    ntex_tls::rustls::TlsAcceptor::new(tls.clone())
+                                        .map_err(move |error: std::io::Error| {
+                                            log_tls_error(addr, &error)
+                                        })
+                                        .and_then(websocket::service(
+                                            mqtt,
+                                            addr,
+                                            ws.clone(),
+                                            max_frame,
+                                        ))
+                                })?
+                            }
+                        };
+                    }
+                    let server = builder.run();
+                    let _ = started.send(server.clone());
+                    server.await
+                })
             })
             .map_err(BrokerError::Thread)?;
         let server = server.recv().map_err(|_| {

@@ -52,6 +52,9 @@ pub struct Gateway {
     /// Minimum time between two commits of the state file: bounds fsyncs per second.
     /// QoS 1/2 publishes that must be durable wait up to this long for their ack. 0s to 1s.
     pub commit_interval: Duration,
+    /// The kernel interface of the network threads (MQTT broker workers, uplinks): `epoll`
+    /// or `io_uring` (falls back to epoll, with a warning, where the kernel refuses it).
+    pub io_driver: IoDriver,
 }
 
 impl Default for Gateway {
@@ -60,8 +63,18 @@ impl Default for Gateway {
             id: "edgegw".into(),
             data_dir: PathBuf::from("./edgegw-data"),
             commit_interval: Duration::from_millis(10),
+            io_driver: IoDriver::Epoll,
         }
     }
+}
+
+/// `gateway.io_driver`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    #[default]
+    Epoll,
+    IoUring,
 }
 
 /// The MQTT 3.1.1 / 5.0 broker.

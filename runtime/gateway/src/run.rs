@@ -188,6 +188,7 @@ async fn serve(
         },
         auth,
         workers: 0,
+        io_driver: io_driver(config.gateway.io_driver),
     };
     // Uplinks before the listeners: their forward rules must see the first publish.
     let mut uplinks: Vec<edgegw_uplink::Uplink> = Vec::new();
@@ -341,6 +342,7 @@ fn uplink_settings(
     };
     let outbox = &uplink.outbox;
     Ok(edgegw_uplink::UplinkSettings {
+        io_driver: io_driver(config.gateway.io_driver),
         name: uplink.name.clone(),
         url: uplink.url.clone(),
         client_id: uplink
@@ -551,7 +553,12 @@ async fn reload(
     let mut uplink_settings_list = Vec::new();
     for uplink in &config.uplinks {
         match uplink_settings(&config, uplink) {
-            Ok(settings) => uplink_settings_list.push(settings),
+            // The network threads keep the driver they started with (`gateway` needs a
+            // restart), restarted uplinks too.
+            Ok(settings) => uplink_settings_list.push(edgegw_uplink::UplinkSettings {
+                io_driver: io_driver(running.gateway.io_driver),
+                ..settings
+            }),
             Err(error) => {
                 reloads("failed");
                 tracing::error!("Reload refused; everything keeps running as it was: {error:#}");
@@ -838,5 +845,12 @@ mod tests {
         assert!(seen("probe: dependency error"), "{events:?}");
         assert!(!seen("probe: dependency warning"), "{events:?}");
         assert!(!seen("probe: gateway debug"), "{events:?}");
+    }
+}
+
+fn io_driver(driver: edgegw_config::IoDriver) -> edgegw_broker::IoDriver {
+    match driver {
+        edgegw_config::IoDriver::Epoll => edgegw_broker::IoDriver::Epoll,
+        edgegw_config::IoDriver::IoUring => edgegw_broker::IoDriver::IoUring,
     }
 }

@@ -354,7 +354,8 @@ impl Task {
     pub fn run(self) {
         let name = format!("edgegw-uplink-{}", self.settings.name);
         let uplink = self.settings.name.clone();
-        let result = ntex::rt::System::new(&name, ntex::rt::DefaultRuntime).block_on(async move {
+        let driver = self.settings.io_driver;
+        let result = ntex::rt::System::new(&name, driver).block_on(async move {
             self.main().await;
             Ok::<(), std::io::Error>(())
         });
@@ -374,7 +375,7 @@ impl Task {
                 break;
             }
             let attempt = tokio::select! {
-                result = tokio::time::timeout(CONNECT_TIMEOUT, task.connect(&metrics)) => {
+                result = ntex::time::timeout(CONNECT_TIMEOUT, task.connect(&metrics)) => {
                     result.unwrap_or_else(|_| Err(format!("no CONNACK within {CONNECT_TIMEOUT:?}")))
                 }
                 () = task.cancel.cancelled() => break,
@@ -410,7 +411,7 @@ impl Task {
             // Jitter: between half and all of the backoff.
             let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                () = ntex::time::sleep(wait) => {}
                 () = task.cancel.cancelled() => break,
             }
             backoff = (backoff * 2).min(task.settings.reconnect_max);
@@ -421,11 +422,15 @@ impl Task {
         let endpoint = &self.endpoint;
         match &self.settings.tls.server_name {
             Some(name) if self.endpoint.tls && *name != endpoint.host => {
-                let addr = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
-                    .await
-                    .map_err(|e| format!("cannot resolve {}: {e}", endpoint.host))?
-                    .next()
-                    .ok_or_else(|| format!("{} resolves to no address", endpoint.host))?;
+                let (host, port) = (endpoint.host.clone(), endpoint.port);
+                let addr = ntex::rt::spawn_blocking(move || {
+                    std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                })
+                .await
+                .map_err(|e| format!("cannot resolve {}: {e}", endpoint.host))?
+                .map_err(|e| format!("cannot resolve {}: {e}", endpoint.host))?
+                .next()
+                .ok_or_else(|| format!("{} resolves to no address", endpoint.host))?;
                 Ok(Target {
                     name: name.clone(),
                     port: endpoint.port,
@@ -885,70 +890,69 @@ pub(crate) fn publish_direct(
     let topic = topic.to_string();
     let payload = payload.to_vec();
     let (outcome_tx, outcome_rx) = std::sync::mpsc::channel();
-    let result = ntex::rt::System::new("edgegw-uplink-direct", ntex::rt::DefaultRuntime).block_on(
-        async move {
-            let outcome = async {
-                let metrics = Rc::new(Metrics::new(&task.settings.name));
-                let task = Rc::new(task);
-                let connecting = Instant::now();
-                let (up, _closed) = task.connect(&metrics).await?;
-                let connected = connecting.elapsed();
-                let window = usize::from(task.settings.inflight.max(1)).min(up.credit().max(1));
-                let (done_tx, mut done_rx) = mpsc::channel::<Result<(), String>>(window);
-                let message = |f: Failure| match f {
-                    Failure::Disconnected(e) | Failure::Rejected(_, e) => e,
-                };
-                {
-                    let done = done_tx.clone();
-                    up.on_pubacks(move |result| {
-                        let _ = done.try_send(result.map_err(message));
+    let driver = task.settings.io_driver;
+    let result = ntex::rt::System::new("edgegw-uplink-direct", driver).block_on(async move {
+        let outcome = async {
+            let metrics = Rc::new(Metrics::new(&task.settings.name));
+            let task = Rc::new(task);
+            let connecting = Instant::now();
+            let (up, _closed) = task.connect(&metrics).await?;
+            let connected = connecting.elapsed();
+            let window = usize::from(task.settings.inflight.max(1)).min(up.credit().max(1));
+            let (done_tx, mut done_rx) = mpsc::channel::<Result<(), String>>(window);
+            let message = |f: Failure| match f {
+                Failure::Disconnected(e) | Failure::Rejected(_, e) => e,
+            };
+            {
+                let done = done_tx.clone();
+                up.on_pubacks(move |result| {
+                    let _ = done.try_send(result.map_err(message));
+                });
+            }
+            // The same paths as the forwarder: QoS 1 unawaited while the connection
+            // can take it and no task is pending, QoS 0 and 2 (and the rest) a task each.
+            let spawned = Rc::new(Cell::new(0usize));
+            let started = Instant::now();
+            let (mut sent, mut acked) = (0usize, 0usize);
+            while acked < count {
+                while sent < count && sent - acked < window {
+                    let unawaited = spawned.get() == 0 && up.unawaited(qos) && up.is_ready();
+                    let entry = OutboxEntry {
+                        seq: sent as u64 + 1,
+                        topic: topic.clone(),
+                        payload: payload.clone(),
+                        qos,
+                        retain: false,
+                        properties: Vec::new(),
+                        enqueued_ms: 0,
+                    };
+                    sent += 1;
+                    if unawaited {
+                        up.publish_unawaited(entry).map_err(message)?;
+                        continue;
+                    }
+                    spawned.set(spawned.get() + 1);
+                    let (up, done, spawned) = (up.clone(), done_tx.clone(), spawned.clone());
+                    ntex::rt::spawn(async move {
+                        let result = up.publish(entry).await.map_err(message);
+                        spawned.set(spawned.get() - 1);
+                        let _ = done.send(result).await;
                     });
                 }
-                // The same paths as the forwarder: QoS 1 unawaited while the connection
-                // can take it and no task is pending, QoS 0 and 2 (and the rest) a task each.
-                let spawned = Rc::new(Cell::new(0usize));
-                let started = Instant::now();
-                let (mut sent, mut acked) = (0usize, 0usize);
-                while acked < count {
-                    while sent < count && sent - acked < window {
-                        let unawaited = spawned.get() == 0 && up.unawaited(qos) && up.is_ready();
-                        let entry = OutboxEntry {
-                            seq: sent as u64 + 1,
-                            topic: topic.clone(),
-                            payload: payload.clone(),
-                            qos,
-                            retain: false,
-                            properties: Vec::new(),
-                            enqueued_ms: 0,
-                        };
-                        sent += 1;
-                        if unawaited {
-                            up.publish_unawaited(entry).map_err(message)?;
-                            continue;
-                        }
-                        spawned.set(spawned.get() + 1);
-                        let (up, done, spawned) = (up.clone(), done_tx.clone(), spawned.clone());
-                        ntex::rt::spawn(async move {
-                            let result = up.publish(entry).await.map_err(message);
-                            spawned.set(spawned.get() - 1);
-                            let _ = done.send(result).await;
-                        });
-                    }
-                    match done_rx.recv().await {
-                        Some(Ok(())) => acked += 1,
-                        Some(Err(error)) => return Err(error),
-                        None => return Err("publisher tasks ended".into()),
-                    }
+                match done_rx.recv().await {
+                    Some(Ok(())) => acked += 1,
+                    Some(Err(error)) => return Err(error),
+                    None => return Err("publisher tasks ended".into()),
                 }
-                let elapsed = started.elapsed();
-                up.close();
-                Ok((connected, elapsed))
             }
-            .await;
-            let _ = outcome_tx.send(outcome);
-            Ok::<(), std::io::Error>(())
-        },
-    );
+            let elapsed = started.elapsed();
+            up.close();
+            Ok((connected, elapsed))
+        }
+        .await;
+        let _ = outcome_tx.send(outcome);
+        Ok::<(), std::io::Error>(())
+    });
     result.map_err(|e| e.to_string())?;
     outcome_rx
         .recv()

@@ -86,6 +86,8 @@ pub struct UplinkSettings {
     pub max_packet_size: Option<u32>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The kernel interface of the client thread's I/O.
+    pub io_driver: edgegw_broker::IoDriver,
 }
 
 /// The parsed url.
@@ -343,6 +345,7 @@ fn connection_settings(settings: &UplinkSettings) -> String {
         max_packet_size,
         reconnect_min,
         reconnect_max,
+        io_driver,
     } = settings;
     let files: Vec<String> = [&tls.ca, &tls.cert, &tls.key]
         .into_iter()
@@ -357,7 +360,7 @@ fn connection_settings(settings: &UplinkSettings) -> String {
         })
         .collect();
     format!(
-        "{name:?}{url:?}{client_id:?}{username:?}{password:?}{protocol:?}{keepalive:?}{clean_start:?}{tls:?}{files:?}{subscribe:?}{inflight:?}{max_packet_size:?}{reconnect_min:?}{reconnect_max:?}"
+        "{name:?}{url:?}{client_id:?}{username:?}{password:?}{protocol:?}{keepalive:?}{clean_start:?}{tls:?}{files:?}{subscribe:?}{inflight:?}{max_packet_size:?}{reconnect_min:?}{reconnect_max:?}{io_driver:?}"
     )
 }
 
@@ -604,6 +607,7 @@ mod tests {
             max_packet_size: None,
             reconnect_min: std::time::Duration::from_millis(100),
             reconnect_max: std::time::Duration::from_secs(5),
+            io_driver: edgegw_broker::IoDriver::Epoll,
         };
         let before = super::connection_settings(&settings);
         assert_eq!(before, super::connection_settings(&settings));
