@@ -63,11 +63,19 @@ pub enum Profile {
 /// The identity plugin's component, for [`Profile::Pipeline`].
 pub static IDENTITY_WASM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
+/// edgegw's `gateway.io_driver` (`--io-driver`; default epoll).
+pub static EDGEGW_IO_DRIVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn edgegw_io_driver() -> &'static str {
+    EDGEGW_IO_DRIVER.get().map_or("epoll", String::as_str)
+}
+
 /// The limits each broker gets per profile, for the printout.
 pub fn describe_settings() -> Vec<String> {
     vec![
         format!(
-            "edgegw:    broker.limits max_inflight {MAX_INFLIGHT}, receive_maximum {MAX_INFLIGHT}, max_queued {MAX_QUEUED} (throughput); shipped defaults (max_queued 1000, max_inflight 32) for the flood; max_connections N+64 for idle; log warn"
+            "edgegw:    broker.limits max_inflight {MAX_INFLIGHT}, receive_maximum {MAX_INFLIGHT}, max_queued {MAX_QUEUED} (throughput); shipped defaults (max_queued 1000, max_inflight 32) for the flood; max_connections N+64 for idle; log warn; gateway.io_driver {}",
+            edgegw_io_driver()
         ),
         format!(
             "mosquitto: max_inflight_messages 0 (no limit: 2.0.11 strands acknowledged QoS 1/2 messages when a finite quota is used), max_queued_messages {MAX_QUEUED}, persistence false (throughput); defaults (max_queued_messages 1000, max_inflight_messages 20) for the flood"
@@ -140,8 +148,9 @@ impl Broker {
                     _ => String::new(),
                 };
                 let yaml = format!(
-                    "gateway:\n  id: bench\n  data_dir: \"{data}\"\nbroker:\n  listeners:\n    - bind: \"127.0.0.1:{port}\"\n{limits}{pipeline}metrics:\n  bind: \"127.0.0.1:0\"\nlog:\n  level: warn\n",
-                    data = dir.path().join("data").display()
+                    "gateway:\n  id: bench\n  data_dir: \"{data}\"\n  io_driver: {driver}\nbroker:\n  listeners:\n    - bind: \"127.0.0.1:{port}\"\n{limits}{pipeline}metrics:\n  bind: \"127.0.0.1:0\"\nlog:\n  level: warn\n",
+                    data = dir.path().join("data").display(),
+                    driver = edgegw_io_driver(),
                 );
                 let path = dir.path().join("gateway.yaml");
                 (yaml, vec!["run".into(), "-c".into(), path_str(&path)])

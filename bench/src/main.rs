@@ -64,6 +64,9 @@ struct Args {
     /// Use this edgegw binary instead of building target/release/edgegw.
     #[arg(long)]
     edgegw_bin: Option<PathBuf>,
+    /// edgegw's `gateway.io_driver`: epoll (default) or io_uring.
+    #[arg(long, default_value = "epoll", value_parser = ["epoll", "io_uring"])]
+    io_driver: String,
     /// Do not run `cargo build --release -p edgegw`; use the existing binary.
     #[arg(long)]
     no_build: bool,
@@ -277,6 +280,7 @@ fn find_brokers(args: &Args, root: &Path) -> Result<Vec<BrokerBin>> {
         .as_ref()
         .map(|s| s.split(',').map(|b| b.trim().to_lowercase()).collect());
     let want = |name: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|b| b == name));
+    let _ = broker::EDGEGW_IO_DRIVER.set(args.io_driver.clone());
     let mut bins = Vec::new();
     if want("edgegw") {
         let path = if let Some(path) = &args.edgegw_bin {

@@ -190,6 +190,7 @@ fn settings(addr: std::net::SocketAddr, pki: &edgegw_tests::pki::Pki) -> UplinkS
         max_packet_size: None,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
+        io_driver: edgegw_broker::IoDriver::Epoll,
     }
 }
 
