@@ -791,6 +791,14 @@ fn apply_pipelines_and_uplinks(
     Ok((count, restart))
 }
 
+/// `gateway.io_driver` for the broker and uplink threads.
+fn io_driver(driver: edgegw_config::IoDriver) -> edgegw_broker::IoDriver {
+    match driver {
+        edgegw_config::IoDriver::Epoll => edgegw_broker::IoDriver::Epoll,
+        edgegw_config::IoDriver::IoUring => edgegw_broker::IoDriver::IoUring,
+    }
+}
+
 /// The changed parts of the config that a reload does not apply, by key.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
@@ -845,12 +853,5 @@ mod tests {
         assert!(seen("probe: dependency error"), "{events:?}");
         assert!(!seen("probe: dependency warning"), "{events:?}");
         assert!(!seen("probe: gateway debug"), "{events:?}");
-    }
-}
-
-fn io_driver(driver: edgegw_config::IoDriver) -> edgegw_broker::IoDriver {
-    match driver {
-        edgegw_config::IoDriver::Epoll => edgegw_broker::IoDriver::Epoll,
-        edgegw_config::IoDriver::IoUring => edgegw_broker::IoDriver::IoUring,
     }
 }
