@@ -4,8 +4,8 @@
 //!
 //! Measured with the broker benchmark on one core (see README): epoll leads where many
 //! publishers send to few subscribers (fan-in, QoS 1 about 15% ahead), io_uring where
-//! one publisher's messages go to many subscribers (fan-out about 15% ahead) and it holds
-//! no read buffer for an idle connection (about 11 instead of 15 KiB per connection).
+//! one publisher's messages go to many subscribers (fan-out about 15% ahead) and it drops
+//! a connection's write page once sent (about 11 instead of 15 KiB per idle connection).
 
 use std::{any::Any, panic};
 
