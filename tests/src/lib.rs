@@ -76,9 +76,19 @@ impl Gateway {
     /// `"  limits:\n    max_queued: 5\n"`) and extra listeners (each a YAML list item,
     /// indented 4 spaces).
     pub fn start_with(broker_extra: &str, listeners_extra: &str) -> Self {
+        Self::start_with_gateway("", broker_extra, listeners_extra)
+    }
+
+    /// [`Gateway::start_with`] plus extra YAML under `gateway:` (indented 2 spaces, e.g.
+    /// `"  io_driver: io_uring\n"`).
+    pub fn start_with_gateway(
+        gateway_extra: &str,
+        broker_extra: &str,
+        listeners_extra: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
-            "gateway:\n  id: test\n  data_dir: {data}\nbroker:\n  listeners:\n    - bind: 127.0.0.1:0\n{listeners_extra}{broker_extra}metrics:\n  bind: 127.0.0.1:0\nlog:\n  level: debug\n  format: json\n",
+            "gateway:\n  id: test\n  data_dir: {data}\n{gateway_extra}broker:\n  listeners:\n    - bind: 127.0.0.1:0\n{listeners_extra}{broker_extra}metrics:\n  bind: 127.0.0.1:0\nlog:\n  level: debug\n  format: json\n",
             data = dir.path().join("data").display()
         );
         let path = dir.path().join("gateway.yaml");

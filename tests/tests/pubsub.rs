@@ -129,19 +129,27 @@ async fn every_qos_both_directions_v3_and_v5() {
 /// The same exchange with the broker's network threads on io_uring (`gateway.io_driver`).
 #[tokio::test]
 async fn every_qos_both_directions_over_io_uring() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = format!(
-        "gateway:\n  id: test\n  data_dir: {data}\n  io_driver: io_uring\nbroker:\n  listeners:\n    - bind: 127.0.0.1:0\nmetrics:\n  bind: 127.0.0.1:0\nlog:\n  level: debug\n  format: json\n",
-        data = dir.path().join("data").display()
-    );
-    let path = dir.path().join("gateway.yaml");
-    std::fs::write(&path, config).expect("write config");
-    let gw = Gateway::start_file(&path, dir);
+    let gw = Gateway::start_with_gateway("  io_driver: io_uring\n", "", "");
     every_qos_both_directions(&gw).await;
-    let fallback = gw
-        .logs()
+    let logs: Vec<String> = gw.logs().iter().map(|line| line.to_string()).collect();
+    let started = |driver: &str| {
+        logs.iter().any(|line| {
+            line.contains("Network event loop started.") && line.contains(&format!("\"{driver}\""))
+        })
+    };
+    let fallback = logs
         .iter()
-        .any(|line| line.to_string().contains("io_uring is not available"));
+        .any(|line| line.contains("io_uring is not available"));
+    // The key reaches the network threads: they start on io_uring, or on epoll only after
+    // saying why.
+    assert!(
+        started("io_uring") || (fallback && started("epoll")),
+        "no network event loop started on io_uring, nor a logged fallback: {logs:#?}"
+    );
+    assert!(
+        !started("io_uring") || !started("epoll") || fallback,
+        "{logs:#?}"
+    );
     if fallback {
         eprintln!(
             "NOTE: this kernel refuses io_uring; the broker fell back to epoll (as documented), \

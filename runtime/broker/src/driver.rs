@@ -29,7 +29,10 @@ impl IoDriver {
     fn reactor(self) -> std::io::Result<Box<dyn Reactor>> {
         if self == Self::IoUring {
             match ntex::rt::uring::Reactor::new(URING_ENTRIES) {
-                Ok(reactor) => return Ok(Box::new(reactor)),
+                Ok(reactor) => {
+                    tracing::debug!(driver = "io_uring", "Network event loop started.");
+                    return Ok(Box::new(reactor));
+                }
                 Err(error) => tracing::warn!(
                     %error,
                     "io_uring is not available; using epoll (set gateway.io_driver: epoll to \
@@ -37,7 +40,9 @@ impl IoDriver {
                 ),
             }
         }
-        Ok(Box::new(ntex::rt::polling::Reactor::new()?))
+        let reactor = ntex::rt::polling::Reactor::new()?;
+        tracing::debug!(driver = "epoll", "Network event loop started.");
+        Ok(Box::new(reactor))
     }
 }
 
