@@ -1012,6 +1012,77 @@ fn v5_qos2_unreceived_is_redelivered_with_dup_until_pubrec() {
     redelivery(2, true);
 }
 
+/// The broker checks a 3.1.1 client's acknowledgements against the delivery they name: a
+/// repeated PUBREC is answered with PUBREL again, acks for no delivery in flight are
+/// ignored (a PUBREC still gets its PUBREL), and an ack of the wrong kind for its delivery's
+/// QoS is a protocol violation that closes the connection while the session keeps the
+/// delivery for the next one.
+#[test]
+fn v3_acks_are_checked_against_their_delivery() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect_v3(&gw, "acks", false);
+    assert!(subscribe(&mut sub, false, 1, "acks/two", 2).is_empty());
+    assert!(subscribe(&mut sub, false, 2, "acks/one", 1).is_empty());
+    let (mut publisher, _) = connect_v3(&gw, "acks-pub", true);
+
+    publisher.send(&raw::publish_v3("acks/two", 2, 2, false, b"exactly"));
+    assert!(publisher.read_kind(raw::PUBREC, WAIT).0.is_some(), "PUBREC");
+    publisher.send(&raw::ack(raw::PUBREL, 2));
+    assert!(
+        publisher.read_kind(raw::PUBCOMP, WAIT).0.is_some(),
+        "PUBCOMP"
+    );
+    let two = next_publish(&mut sub, false, "QoS 2 delivery");
+    assert_eq!(two.qos, 2);
+    let id = two.packet_id.unwrap();
+    for round in ["PUBREL", "PUBREL again for a repeated PUBREC"] {
+        sub.send(&raw::ack(raw::PUBREC, id));
+        let (rel, others) = sub.read_kind(raw::PUBREL, WAIT);
+        assert!(others.is_empty(), "{round}: {others:?}");
+        assert_eq!(rel.expect(round).body[..2], id.to_be_bytes(), "{round}");
+    }
+    sub.send(&raw::ack(raw::PUBCOMP, id));
+    // Acks for nothing in flight: ignored, a PUBREC answered with PUBREL.
+    let unknown = id.wrapping_add(1000).max(1);
+    sub.send(&raw::ack(raw::PUBACK, unknown));
+    sub.send(&raw::ack(raw::PUBCOMP, unknown));
+    sub.send(&raw::ack(raw::PUBREC, unknown));
+    let (rel, others) = sub.read_kind(raw::PUBREL, WAIT);
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(
+        rel.expect("PUBREL for an unknown PUBREC").body[..2],
+        unknown.to_be_bytes()
+    );
+    ping(&mut sub);
+
+    // A PUBREC for a QoS 1 delivery: the connection is closed, the delivery stays queued
+    // in the session and comes again (DUP) on the next connection.
+    publisher.send(&raw::publish_v3("acks/one", 1, 3, false, b"at least"));
+    assert!(publisher.read_kind(raw::PUBACK, WAIT).0.is_some(), "PUBACK");
+    let one = next_publish(&mut sub, false, "QoS 1 delivery");
+    assert_eq!(one.qos, 1);
+    let errors = gw.metric(r#"edgegw_broker_protocol_errors_total{kind="violation"}"#);
+    sub.send(&raw::ack(raw::PUBREC, one.packet_id.unwrap()));
+    let mut seen = Vec::new();
+    assert!(sub.closed_within(WAIT, &mut seen), "still open: {seen:?}");
+    assert!(seen.iter().all(|p| p.kind() != raw::PUBREL), "{seen:?}");
+    let after = gw.wait_metric(
+        r#"edgegw_broker_protocol_errors_total{kind="violation"}"#,
+        WAIT,
+        |n| n > errors,
+    );
+    assert!(after > errors, "protocol violation not counted");
+    wait_connections(&gw, 1.0);
+    let (mut sub, present) = connect_v3(&gw, "acks", false);
+    assert!(present);
+    let again = next_publish(&mut sub, false, "QoS 1 delivery again");
+    assert!(again.dup, "{again:?}");
+    assert_eq!(again.packet_id, one.packet_id);
+    assert_eq!(again.payload, b"at least");
+    sub.send(&raw::ack(raw::PUBACK, one.packet_id.unwrap()));
+    ping(&mut sub);
+}
+
 /// Beyond withholding PUBREC: once PUBREC has arrived, what a reconnect owes is the PUBREL,
 /// not the PUBLISH again (MQTT 3.1.1 §4.4 [MQTT-4.4.0-1], 5.0 §4.4 [MQTT-4.4.0-1]).
 #[test]

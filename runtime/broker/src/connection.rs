@@ -25,7 +25,7 @@ use crate::{
     message::{Bytes, Message, Origin, QoS},
     metrics::{BrokerMetrics, DropReason, Protocol},
     router::{AttachOptions, Attached, Routed, Router, Will},
-    session::{Outgoing, Session, Superseded},
+    session::{AckKind, AckOutcome, Outgoing, Session, Superseded},
     topic::{self, Filter, TopicError},
     tree::SubOptions,
 };
@@ -250,6 +250,10 @@ pub(crate) struct Conn {
     pub user: Option<Arc<str>>,
     /// QoS 0 PUBLISHes waiting to be routed in order (see [`Qos0Lane`]).
     pub qos0: Qos0Lane,
+    /// Set when the broker writes this connection's deliveries itself rather than through
+    /// ntex's sink (MQTT 3.1.1): [`ReleaseGuard`] then takes every PUBACK, PUBREC and
+    /// PUBCOMP, and PUBRELs are written here.
+    pub own_acks: Option<ntex::io::IoRef>,
     finished: Cell<bool>,
     _slot: Slot,
 }
@@ -287,6 +291,7 @@ impl Conn {
             acl_generation: Cell::new(acl_generation),
             user,
             qos0,
+            own_acks: None,
             finished: Cell::new(false),
             _slot: slot,
         }
@@ -383,6 +388,34 @@ impl Conn {
         topic::validate_name(&message.topic)?;
         message.origin = Origin::Session(self.session.id);
         Ok(self.router().publish(message))
+    }
+
+    /// A PUBACK, PUBREC or PUBCOMP on a connection with [`Conn::own_acks`]: moves the
+    /// delivery on and answers a PUBREC with PUBREL. An ack that does not fit its delivery
+    /// closes the connection (as ntex would); one for no delivery in flight is ignored (a
+    /// late duplicate, as Mosquitto does), except that a PUBREC is still answered with
+    /// PUBREL so the client can finish its side.
+    pub fn take_ack(&self, io: &ntex::io::IoRef, kind: AckKind, packet_id: u16) {
+        if kind == AckKind::Pubcomp {
+            self.resent_releases.borrow_mut().remove(&packet_id);
+        }
+        match self.session.take_ack(packet_id, kind) {
+            AckOutcome::Done | AckOutcome::Unknown if kind == AckKind::Pubrec => {
+                let [hi, lo] = packet_id.to_be_bytes();
+                // Fails only when the connection is closing: the delivery stays in flight
+                // and its PUBREL goes again after a reconnect.
+                let _ = io.encode_slice(&[0x62, 0x02, hi, lo]);
+            }
+            AckOutcome::Done => {}
+            AckOutcome::Unknown => {
+                tracing::debug!(client_id = self.client_id(), packet_id, ack = ?kind, "Acknowledgement for no delivery in flight; ignored.");
+            }
+            AckOutcome::Unexpected => {
+                BrokerMetrics::protocol_error("violation");
+                tracing::warn!(client_id = self.client_id(), packet_id, ack = ?kind, "Closing connection: acknowledgement does not match its delivery's QoS or state.");
+                io.close();
+            }
+        }
     }
 
     /// Inbound QoS 2 duplicate detection across reconnects: a PUBLISH with DUP set whose
@@ -693,9 +726,12 @@ impl Drop for SentTally {
     }
 }
 
-/// Middleware in front of ntex-mqtt's packet handling: completes the QoS 2 deliveries whose
-/// PUBREL the writer re-sent after a reconnect, by taking their PUBCOMP (which ntex would
-/// treat as an unknown packet id and close the connection for).
+/// Middleware in front of ntex-mqtt's packet handling. On connections whose deliveries the
+/// broker writes itself ([`Conn::own_acks`], MQTT 3.1.1) it takes every PUBACK, PUBREC and
+/// PUBCOMP before ntex's service pipeline (ntex's per-packet pipeline and ack bookkeeping were
+/// a fifth of the broker's core in QoS 1 fan-out). Elsewhere it completes the QoS 2
+/// deliveries whose PUBREL the writer re-sent after a reconnect, by taking their PUBCOMP
+/// (which ntex would treat as an unknown packet id and close the connection for).
 pub(crate) struct ReleaseGuard;
 
 pub(crate) struct ReleaseGuardService<S> {
@@ -710,27 +746,36 @@ impl<S, St> ntex::service::Middleware<S, St> for ReleaseGuard {
     }
 }
 
-/// The packet id of a PUBCOMP, for both protocol versions.
-pub(crate) trait Completion {
-    fn completed(&self) -> Option<u16>;
+/// The client's acknowledgement of a delivery (PUBACK, PUBREC, PUBCOMP) with its packet id,
+/// for both protocol versions.
+pub(crate) trait Acknowledgement {
+    fn ack(&self) -> Option<(AckKind, u16)>;
 }
 
-impl Completion for ntex_mqtt::v3::codec::Decoded {
-    fn completed(&self) -> Option<u16> {
+impl Acknowledgement for ntex_mqtt::v3::codec::Decoded {
+    fn ack(&self) -> Option<(AckKind, u16)> {
+        use ntex_mqtt::v3::codec::Packet;
         match self {
-            Self::Packet(ntex_mqtt::v3::codec::Packet::PublishComplete { packet_id }, _) => {
-                Some(packet_id.get())
+            Self::Packet(Packet::PublishAck { packet_id }, _) => {
+                Some((AckKind::Puback, packet_id.get()))
+            }
+            Self::Packet(Packet::PublishReceived { packet_id }, _) => {
+                Some((AckKind::Pubrec, packet_id.get()))
+            }
+            Self::Packet(Packet::PublishComplete { packet_id }, _) => {
+                Some((AckKind::Pubcomp, packet_id.get()))
             }
             _ => None,
         }
     }
 }
 
-impl Completion for ntex_mqtt::v5::codec::Decoded {
-    fn completed(&self) -> Option<u16> {
+impl Acknowledgement for ntex_mqtt::v5::codec::Decoded {
+    fn ack(&self) -> Option<(AckKind, u16)> {
+        // v5 deliveries go through ntex's sink, which takes their PUBACK and PUBREC.
         match self {
             Self::Packet(ntex_mqtt::v5::codec::Packet::PublishComplete(ack), _) => {
-                Some(ack.packet_id.get())
+                Some((AckKind::Pubcomp, ack.packet_id.get()))
             }
             _ => None,
         }
@@ -741,7 +786,7 @@ impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for Rel
 where
     S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req>,
     S::Res: Default,
-    Req: Completion,
+    Req: Acknowledgement,
 {
     type Res = S::Res;
     type Error = S::Error;
@@ -755,9 +800,13 @@ where
         request: Req,
         ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
     ) -> Result<Self::Res, Self::Error> {
-        if let Some(id) = request.completed() {
+        if let Some((kind, id)) = request.ack() {
             let conn: &Conn = ctx.st();
-            if conn.resent_releases.borrow_mut().remove(&id) {
+            if let Some(io) = &conn.own_acks {
+                conn.take_ack(io, kind, id);
+                return Ok(S::Res::default());
+            }
+            if kind == AckKind::Pubcomp && conn.resent_releases.borrow_mut().remove(&id) {
                 conn.session.acknowledge(id);
                 return Ok(S::Res::default());
             }

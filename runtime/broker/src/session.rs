@@ -66,6 +66,26 @@ struct Inflight {
     state: InflightState,
 }
 
+/// A client's acknowledgement of a delivery in flight ([`Session::take_ack`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    Puback,
+    Pubrec,
+    Pubcomp,
+}
+
+/// What [`Session::take_ack`] made of an acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// It moved its delivery on (or repeated a PUBREC already taken).
+    Done,
+    /// No delivery with that packet id is in flight (e.g. a late re-send of an ack).
+    Unknown,
+    /// It does not fit its delivery (a PUBACK for QoS 2, a PUBREC for QoS 1, a PUBCOMP
+    /// before PUBREC): a protocol violation.
+    Unexpected,
+}
+
 /// The connection lost ownership of its session (takeover, session end, or its access
 /// revoked by a reload: see [`Session::is_revoked`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -578,17 +598,64 @@ impl Session {
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) for `packet_id`: the delivery is done.
     pub fn acknowledge(&self, packet_id: u16) {
-        let mut state = self.lock();
+        let state = self.lock();
         if let Some(i) = state.inflight.iter().position(|f| f.packet_id == packet_id) {
-            state.inflight_ids.remove(&packet_id);
-            if let Some(done) = state.inflight.remove(i)
-                && done.delivery.seq != 0
-            {
-                let seq = done.delivery.seq;
-                self.persist(&state, |client_id| Op::DeleteDelivery { client_id, seq });
-            }
-            drop(state);
+            self.complete(state, i);
+        }
+    }
+
+    /// Removes the in-flight delivery at `index`, waking the owning connection when that
+    /// frees window space for something queued.
+    fn complete(&self, mut state: MutexGuard<'_, State>, index: usize) {
+        let Some(done) = state.inflight.remove(index) else {
+            return;
+        };
+        state.inflight_ids.remove(&done.packet_id);
+        if done.delivery.seq != 0 {
+            let seq = done.delivery.seq;
+            self.persist(&state, |client_id| Op::DeleteDelivery { client_id, seq });
+        }
+        // With nothing queued the writer has nothing to send: the next enqueue wakes it.
+        // (Waking it for every ack cost a task switch per message in QoS 1 fan-out.)
+        let wake = !state.queue.is_empty();
+        drop(state);
+        drop(done);
+        if wake {
             self.notify.notify_one();
+        }
+    }
+
+    /// A client's PUBACK, PUBREC or PUBCOMP for `packet_id`, checked against the state of
+    /// the delivery in flight with that id: a PUBACK completes a QoS 1 delivery, a PUBREC
+    /// moves a QoS 2 delivery to waiting for PUBCOMP (again: a repeated PUBREC is answered
+    /// with PUBREL again), a PUBCOMP completes a QoS 2 delivery whose PUBREL was sent.
+    pub fn take_ack(&self, packet_id: u16, ack: AckKind) -> AckOutcome {
+        let mut state = self.lock();
+        let Some(i) = state.inflight.iter().position(|f| f.packet_id == packet_id) else {
+            return AckOutcome::Unknown;
+        };
+        let entry = &mut state.inflight[i];
+        let released = entry.state == InflightState::Released;
+        match (ack, entry.delivery.qos, released) {
+            (AckKind::Puback, QoS::AtLeastOnce, _) | (AckKind::Pubcomp, QoS::ExactlyOnce, true) => {
+                self.complete(state, i);
+                AckOutcome::Done
+            }
+            (AckKind::Pubrec, QoS::ExactlyOnce, true) => AckOutcome::Done,
+            (AckKind::Pubrec, QoS::ExactlyOnce, false) => {
+                entry.state = InflightState::Released;
+                let seq = entry.delivery.seq;
+                if seq != 0 {
+                    self.persist(&state, |client_id| Op::SetDeliveryState {
+                        client_id,
+                        seq,
+                        packet_id,
+                        released: true,
+                    });
+                }
+                AckOutcome::Done
+            }
+            _ => AckOutcome::Unexpected,
         }
     }
 

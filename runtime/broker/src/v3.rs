@@ -1,6 +1,6 @@
 //! MQTT 3.1.1 on ntex-mqtt.
 
-use std::{cell::RefCell, collections::HashSet, num::NonZeroU16, rc::Rc, sync::Arc};
+use std::{cell::RefCell, collections::HashSet, rc::Rc, sync::Arc};
 
 use edgegw_store::Ticket;
 use ntex::time::Seconds;
@@ -9,13 +9,11 @@ use ntex_mqtt::{Control, Reason, error::PayloadError, v3};
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{
-        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, with_payload,
-    },
+    connection::{Conn, Handled, Outbound, Qos2, SendResult, Shared, run_writer, with_payload},
     message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
-    session::{Outgoing, Session},
+    session::Outgoing,
     tree::SubOptions,
 };
 
@@ -95,7 +93,7 @@ pub(crate) async fn connect(
     let Some(attached) = shared.attach(options, &login) else {
         return Ok(connect.not_authorized());
     };
-    let conn = Conn::new(
+    let mut conn = Conn::new(
         shared.clone(),
         attached.session.clone(),
         attached.generation,
@@ -115,14 +113,13 @@ pub(crate) async fn connect(
         keep_alive,
         "Client connected."
     );
+    conn.own_acks = Some(connect.io().get_ref());
     let out = Sink {
         sink: connect.sink(),
-        session: attached.session.clone(),
         io: connect.io().get_ref(),
+        codec: v3::codec::Codec::new(),
         resent_releases: conn.resent_releases.clone(),
-        metrics: shared.router.metrics().clone(),
     };
-    out.install_ack_callback();
     ntex::rt::spawn(run_writer(
         out,
         attached.session.clone(),
@@ -307,36 +304,46 @@ pub(crate) async fn control(
     Ok(None)
 }
 
+/// The writer's side of a 3.1.1 connection. Deliveries are encoded straight into the
+/// connection's write buffer rather than through ntex's sink, whose per-message ack
+/// bookkeeping (a map entry and an ack queue per QoS 1 delivery, a task and channels per
+/// QoS 2 delivery) duplicated the session's in-flight window; their acks are taken by
+/// [`crate::connection::ReleaseGuard`] (see [`Conn::own_acks`]). The sink is still asked
+/// for write readiness and closes the connection.
 struct Sink {
     sink: v3::MqttSink,
-    session: Arc<Session>,
     io: ntex::io::IoRef,
+    codec: v3::codec::Codec,
     resent_releases: Rc<RefCell<HashSet<u16>>>,
-    metrics: Arc<BrokerMetrics>,
 }
 
 impl Sink {
-    fn install_ack_callback(&self) {
-        let session = self.session.clone();
-        self.sink.publish_ack_cb(move |packet_id, disconnected| {
-            if !disconnected {
-                session.acknowledge(packet_id.get());
+    fn send(&self, outgoing: Outgoing, qos: v3::codec::QoS) -> SendResult {
+        let message = &outgoing.delivery.message;
+        let payload = message.payload.clone();
+        let Ok(payload_size) = u32::try_from(payload.len()) else {
+            return SendResult::Rejected;
+        };
+        let packet = v3::codec::Publish {
+            dup: outgoing.dup,
+            retain: outgoing.delivery.retain,
+            qos,
+            topic: message.topic.clone(),
+            packet_id: outgoing.packet_id,
+            payload_size,
+        };
+        match self.io.encode(
+            v3::codec::Encoded::Publish(packet, Some(payload)),
+            &self.codec,
+        ) {
+            // A closing connection takes nothing and says Ok: the writer sees it closed
+            // next; an unsent QoS 1/2 delivery stays in flight for the next connection.
+            Ok(()) => SendResult::Sent,
+            Err(error) => {
+                tracing::debug!(%error, topic = %message.topic, "Message not sent to a 3.1.1 client; dropped.");
+                SendResult::Rejected
             }
-        });
-    }
-
-    fn builder(&self, outgoing: &Outgoing) -> v3::PublishBuilder {
-        let mut builder = self
-            .sink
-            .publish(outgoing.delivery.message.topic.clone())
-            .dup(outgoing.dup);
-        if outgoing.delivery.retain {
-            builder = builder.retain();
         }
-        if let Some(id) = outgoing.packet_id {
-            builder = builder.packet_id(id.get());
-        }
-        builder
     }
 }
 
@@ -354,36 +361,22 @@ impl Outbound for Sink {
     }
 
     async fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
-        let payload = outgoing.delivery.message.payload.clone();
-        match self.builder(&outgoing).send_at_most_once(payload).await {
-            Ok(()) => SendResult::Sent,
-            Err(error) => SendResult::from_error(&error),
+        // As ntex's sink would: wait while the write buffer is over its high watermark.
+        if !self.sink.is_ready() && !self.sink.ready().await {
+            return SendResult::Closed;
         }
+        self.send(outgoing, v3::codec::QoS::AtMostOnce)
     }
 
     fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult {
-        let payload = outgoing.delivery.message.payload.clone();
-        match self.builder(&outgoing).send_at_least_once_no_block(payload) {
-            Ok(()) => SendResult::Sent,
-            Err(error) => SendResult::from_error(&error),
-        }
+        self.send(outgoing, v3::codec::QoS::AtLeastOnce)
     }
 
     fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult {
-        let payload = outgoing.delivery.message.payload.clone();
-        let builder = self.builder(&outgoing);
-        let Some(id) = outgoing.packet_id.map(NonZeroU16::get) else {
+        if outgoing.packet_id.is_none() {
             return SendResult::Rejected;
-        };
-        ntex::rt::spawn(complete_qos2(
-            self.session.clone(),
-            id,
-            self.metrics.clone(),
-            builder.send_exactly_once(payload),
-            |_| true,
-            |received| received.release(),
-        ));
-        SendResult::Sent
+        }
+        self.send(outgoing, v3::codec::QoS::ExactlyOnce)
     }
 
     fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>) {
