@@ -1083,6 +1083,68 @@ fn v3_acks_are_checked_against_their_delivery() {
     ping(&mut sub);
 }
 
+/// MQTT 5: a PUBREC with a failure reason code ends its QoS 2 delivery without PUBREL (it
+/// is not sent again after a reconnect), a PUBREC for no delivery in flight is answered with
+/// PUBREL 0x92 (packet identifier not found), a normal PUBREC with a plain PUBREL.
+#[test]
+fn v5_pubrec_reason_codes_end_or_continue_the_flow() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect_v5(&gw, "acks5", false, &expiry(600));
+    assert!(subscribe(&mut sub, true, 1, "acks5/#", 2).is_empty());
+    let (mut publisher, _) = connect_v3(&gw, "acks5-pub", true);
+    let mut publish = |id: u16, payload: &[u8]| {
+        publisher.send(&raw::publish_v3("acks5/x", 2, id, false, payload));
+        assert!(publisher.read_kind(raw::PUBREC, WAIT).0.is_some(), "PUBREC");
+        publisher.send(&raw::ack(raw::PUBREL, id));
+        assert!(
+            publisher.read_kind(raw::PUBCOMP, WAIT).0.is_some(),
+            "PUBCOMP"
+        );
+    };
+
+    publish(1, b"refused");
+    let refused = next_publish(&mut sub, true, "first delivery");
+    assert_eq!(
+        (refused.qos, refused.payload.as_slice()),
+        (2, &b"refused"[..])
+    );
+    let [hi, lo] = refused.packet_id.unwrap().to_be_bytes();
+    // PUBREC, reason 0x80 (unspecified error): no PUBREL follows.
+    sub.send(&[0x50, 0x03, hi, lo, 0x80]);
+    ping(&mut sub);
+
+    let unknown = refused.packet_id.unwrap().wrapping_add(1000).max(1);
+    sub.send(&raw::ack(raw::PUBREC, unknown));
+    let (rel, others) = sub.read_kind(raw::PUBREL, WAIT);
+    assert!(others.is_empty(), "{others:?}");
+    let rel = rel.expect("PUBREL for an unknown packet id");
+    assert_eq!(rel.body[..2], unknown.to_be_bytes());
+    assert_eq!(rel.body.get(2), Some(&0x92), "reason code: {rel:?}");
+
+    publish(2, b"taken");
+    let taken = next_publish(&mut sub, true, "second delivery");
+    assert_eq!(taken.payload, b"taken");
+    let id = taken.packet_id.unwrap();
+    sub.send(&raw::ack(raw::PUBREC, id));
+    let (rel, others) = sub.read_kind(raw::PUBREL, WAIT);
+    assert!(others.is_empty(), "{others:?}");
+    let rel = rel.expect("PUBREL");
+    assert_eq!(rel.body[..2], id.to_be_bytes());
+    assert!(rel.body.len() == 2 || rel.body[2] == 0, "success: {rel:?}");
+    sub.send(&raw::ack(raw::PUBCOMP, id));
+    ping(&mut sub);
+    drop(sub);
+    wait_connections(&gw, 1.0);
+
+    // Nothing is owed after a reconnect: the refused delivery ended, the other completed.
+    let (mut sub, ack) = connect_v5(&gw, "acks5", false, &expiry(600));
+    assert!(ack.session_present);
+    let mut seen = Vec::new();
+    assert!(!sub.closed_within(QUIET, &mut seen), "closed");
+    assert!(seen.is_empty(), "owed nothing, got {seen:?}");
+    ping(&mut sub);
+}
+
 /// Beyond withholding PUBREC: once PUBREC has arrived, what a reconnect owes is the PUBREL,
 /// not the PUBLISH again (MQTT 3.1.1 §4.4 [MQTT-4.4.0-1], 5.0 §4.4 [MQTT-4.4.0-1]).
 #[test]

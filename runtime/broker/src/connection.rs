@@ -8,7 +8,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::{HashSet, VecDeque},
+    collections::VecDeque,
     future::Future,
     pin::Pin,
     rc::Rc,
@@ -239,9 +239,6 @@ pub(crate) struct Conn {
     pub closed: Rc<Notify>,
     /// Publish rate limit state, when `max_publish_rate` is set.
     rate: Option<RateLimit>,
-    /// Packet ids of PUBRELs the writer re-sent after a reconnect (ntex does not know
-    /// them); [`ReleaseGuard`] takes their PUBCOMP before ntex would reject it.
-    pub resent_releases: Rc<RefCell<HashSet<u16>>>,
     /// What this client may publish and subscribe to: resolved at CONNECT, and again after a
     /// reload moved the authenticator's generation past `acl_generation`.
     pub acl: RefCell<crate::acl::ClientAcl>,
@@ -250,10 +247,8 @@ pub(crate) struct Conn {
     pub user: Option<Arc<str>>,
     /// QoS 0 PUBLISHes waiting to be routed in order (see [`Qos0Lane`]).
     pub qos0: Qos0Lane,
-    /// Set when the broker writes this connection's deliveries itself rather than through
-    /// ntex's sink (MQTT 3.1.1): [`ReleaseGuard`] then takes every PUBACK, PUBREC and
-    /// PUBCOMP, and PUBRELs are written here.
-    pub own_acks: Option<ntex::io::IoRef>,
+    /// The connection's I/O: PUBRELs in answer to PUBREC are written here.
+    pub io: ntex::io::IoRef,
     finished: Cell<bool>,
     _slot: Slot,
 }
@@ -269,6 +264,7 @@ impl Conn {
         user: Option<Arc<str>>,
         acl: crate::acl::ClientAcl,
         acl_generation: u64,
+        io: ntex::io::IoRef,
         slot: Slot,
     ) -> Self {
         shared.router.metrics().connection_opened(protocol);
@@ -286,12 +282,11 @@ impl Conn {
             graceful: Cell::new(false),
             closed: Rc::new(Notify::new()),
             rate,
-            resent_releases: Rc::new(RefCell::new(HashSet::new())),
             acl: RefCell::new(acl),
             acl_generation: Cell::new(acl_generation),
             user,
             qos0,
-            own_acks: None,
+            io,
             finished: Cell::new(false),
             _slot: slot,
         }
@@ -390,21 +385,24 @@ impl Conn {
         Ok(self.router().publish(message))
     }
 
-    /// A PUBACK, PUBREC or PUBCOMP on a connection with [`Conn::own_acks`]: moves the
-    /// delivery on and answers a PUBREC with PUBREL. An ack that does not fit its delivery
-    /// closes the connection (as ntex would); one for no delivery in flight is ignored (a
-    /// late duplicate, as Mosquitto does), except that a PUBREC is still answered with
-    /// PUBREL so the client can finish its side.
-    pub fn take_ack(&self, io: &ntex::io::IoRef, kind: AckKind, packet_id: u16) {
-        if kind == AckKind::Pubcomp {
-            self.resent_releases.borrow_mut().remove(&packet_id);
-        }
+    /// The client's PUBACK, PUBREC or PUBCOMP: moves the delivery on and answers a PUBREC
+    /// with PUBREL. An ack that does not fit its delivery closes the connection (as ntex
+    /// would); one for no delivery in flight is ignored (a late duplicate, as Mosquitto
+    /// does), except that a PUBREC is still answered with PUBREL so the client can finish
+    /// its side (MQTT 5: with reason code 0x92, packet identifier not found).
+    pub fn take_ack(&self, kind: AckKind, packet_id: u16) {
+        let [hi, lo] = packet_id.to_be_bytes();
+        // Writing fails only when the connection is closing: the delivery stays in flight
+        // and its PUBREL goes again after a reconnect.
         match self.session.take_ack(packet_id, kind) {
-            AckOutcome::Done | AckOutcome::Unknown if kind == AckKind::Pubrec => {
-                let [hi, lo] = packet_id.to_be_bytes();
-                // Fails only when the connection is closing: the delivery stays in flight
-                // and its PUBREL goes again after a reconnect.
-                let _ = io.encode_slice(&[0x62, 0x02, hi, lo]);
+            AckOutcome::Done if kind == AckKind::Pubrec => {
+                let _ = self.io.encode_slice(&[0x62, 0x02, hi, lo]);
+            }
+            AckOutcome::Unknown if kind == AckKind::Pubrec => {
+                let _ = match self.protocol {
+                    Protocol::V311 => self.io.encode_slice(&[0x62, 0x02, hi, lo]),
+                    Protocol::V5 => self.io.encode_slice(&[0x62, 0x03, hi, lo, 0x92]),
+                };
             }
             AckOutcome::Done => {}
             AckOutcome::Unknown => {
@@ -413,7 +411,7 @@ impl Conn {
             AckOutcome::Unexpected => {
                 BrokerMetrics::protocol_error("violation");
                 tracing::warn!(client_id = self.client_id(), packet_id, ack = ?kind, "Closing connection: acknowledgement does not match its delivery's QoS or state.");
-                io.close();
+                self.io.close();
             }
         }
     }
@@ -487,12 +485,12 @@ pub(crate) trait Outbound {
     fn ready(&self) -> impl Future<Output = bool>;
     /// Sends QoS 0; false when the connection is gone.
     fn send_qos0(&mut self, outgoing: Outgoing) -> impl Future<Output = SendResult>;
-    /// Sends QoS 1 without waiting for the ack (the ack callback completes it).
+    /// Sends QoS 1 without waiting for the ack ([`Conn::take_ack`] completes it).
     fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult;
-    /// Sends QoS 2 (a task per message follows PUBREC/PUBREL/PUBCOMP).
+    /// Sends QoS 2 without waiting for PUBREC ([`Conn::take_ack`] follows the flow).
     fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult;
-    /// The connection's raw I/O and the set of PUBRELs re-sent outside ntex.
-    fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>);
+    /// The connection's raw I/O.
+    fn io(&self) -> &ntex::io::IoRef;
     /// Closes the connection because another connection took the session over.
     fn close_taken_over(&self);
     /// Closes the connection because a reload revoked the client's access.
@@ -505,50 +503,6 @@ pub(crate) enum SendResult {
     /// it is dropped, the connection continues.
     Rejected,
     Closed,
-}
-
-impl SendResult {
-    pub fn from_error(error: &ntex_mqtt::error::SendPacketError) -> Self {
-        use ntex_mqtt::error::SendPacketError as E;
-        match error {
-            E::Encode(_) => SendResult::Rejected,
-            E::Disconnected => SendResult::Closed,
-            other => {
-                tracing::error!(error = %other, "Unexpected send error; message dropped.");
-                SendResult::Rejected
-            }
-        }
-    }
-}
-
-/// Follows one outgoing QoS 2 delivery through PUBREC, PUBREL and PUBCOMP (a task per
-/// message: ntex has no callback form for QoS 2), keeping the session's in-flight state in
-/// step. `accepted` tells whether the PUBREC continues the flow.
-pub(crate) async fn complete_qos2<R, Release>(
-    session: Arc<Session>,
-    packet_id: u16,
-    metrics: Arc<BrokerMetrics>,
-    sent: impl Future<Output = Result<R, ntex_mqtt::error::SendPacketError>>,
-    accepted: impl FnOnce(&R) -> bool,
-    release: impl FnOnce(R) -> Release,
-) where
-    Release: Future<Output = Result<(), ntex_mqtt::error::SendPacketError>>,
-{
-    match sent.await {
-        Ok(received) if !accepted(&received) => session.acknowledge(packet_id),
-        Ok(received) => {
-            session.received(packet_id);
-            if release(received).await.is_ok() {
-                session.acknowledge(packet_id);
-            }
-        }
-        Err(ntex_mqtt::error::SendPacketError::Encode(_)) => {
-            session.acknowledge(packet_id);
-            metrics.dropped(DropReason::TooLarge, 1);
-        }
-        // Disconnected: the delivery stays in flight and is re-sent after a reconnect.
-        Err(_) => {}
-    }
 }
 
 /// The connection lost its session: to a newer connection, or by a reload's revocation.
@@ -577,12 +531,9 @@ pub(crate) async fn run_writer<O: Outbound>(
             && let Some(id) = outgoing.packet_id
         {
             // PUBREC arrived on an earlier connection: only PUBREL is owed
-            // [MQTT-4.4.0-1]. ntex has no API for a PUBREL it did not start, so write
-            // it raw; its PUBCOMP is taken by `ReleaseGuard`.
-            let (io, resent) = out.release_channel();
-            resent.borrow_mut().insert(id.get());
+            // [MQTT-4.4.0-1]; its PUBCOMP is taken by `ReleaseGuard`.
             let [hi, lo] = id.get().to_be_bytes();
-            return io.encode_slice(&[0x62, 0x02, hi, lo]).is_ok();
+            return out.io().encode_slice(&[0x62, 0x02, hi, lo]).is_ok();
         }
         let qos = outgoing.delivery.qos;
         let size = outgoing.delivery.message.payload.len();
@@ -726,12 +677,11 @@ impl Drop for SentTally {
     }
 }
 
-/// Middleware in front of ntex-mqtt's packet handling. On connections whose deliveries the
-/// broker writes itself ([`Conn::own_acks`], MQTT 3.1.1) it takes every PUBACK, PUBREC and
-/// PUBCOMP before ntex's service pipeline (ntex's per-packet pipeline and ack bookkeeping were
-/// a fifth of the broker's core in QoS 1 fan-out). Elsewhere it completes the QoS 2
-/// deliveries whose PUBREL the writer re-sent after a reconnect, by taking their PUBCOMP
-/// (which ntex would treat as an unknown packet id and close the connection for).
+/// Middleware in front of ntex-mqtt's packet handling: takes every PUBACK, PUBREC and
+/// PUBCOMP ([`Conn::take_ack`]) before ntex's service pipeline. The broker writes its
+/// deliveries itself rather than through ntex's sink (see [`Outbound`]), so ntex knows none
+/// of their packet ids; its per-packet pipeline and ack bookkeeping were a fifth of the
+/// broker's core in QoS 1 fan-out.
 pub(crate) struct ReleaseGuard;
 
 pub(crate) struct ReleaseGuardService<S> {
@@ -772,9 +722,21 @@ impl Acknowledgement for ntex_mqtt::v3::codec::Decoded {
 
 impl Acknowledgement for ntex_mqtt::v5::codec::Decoded {
     fn ack(&self) -> Option<(AckKind, u16)> {
-        // v5 deliveries go through ntex's sink, which takes their PUBACK and PUBREC.
+        use ntex_mqtt::v5::codec::Packet;
         match self {
-            Self::Packet(ntex_mqtt::v5::codec::Packet::PublishComplete(ack), _) => {
+            // Any reason code completes a QoS 1 delivery.
+            Self::Packet(Packet::PublishAck(ack), _) => {
+                Some((AckKind::Puback, ack.packet_id.get()))
+            }
+            Self::Packet(Packet::PublishReceived(ack), _) => {
+                let kind = if u8::from(ack.reason_code) < 0x80 {
+                    AckKind::Pubrec
+                } else {
+                    AckKind::PubrecRefused
+                };
+                Some((kind, ack.packet_id.get()))
+            }
+            Self::Packet(Packet::PublishComplete(ack), _) => {
                 Some((AckKind::Pubcomp, ack.packet_id.get()))
             }
             _ => None,
@@ -802,14 +764,8 @@ where
     ) -> Result<Self::Res, Self::Error> {
         if let Some((kind, id)) = request.ack() {
             let conn: &Conn = ctx.st();
-            if let Some(io) = &conn.own_acks {
-                conn.take_ack(io, kind, id);
-                return Ok(S::Res::default());
-            }
-            if kind == AckKind::Pubcomp && conn.resent_releases.borrow_mut().remove(&id) {
-                conn.session.acknowledge(id);
-                return Ok(S::Res::default());
-            }
+            conn.take_ack(kind, id);
+            return Ok(S::Res::default());
         }
         ctx.call(&self.inner, request).await
     }

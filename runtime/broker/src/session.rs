@@ -71,6 +71,8 @@ struct Inflight {
 pub enum AckKind {
     Puback,
     Pubrec,
+    /// A PUBREC with a failure reason code (MQTT 5): the QoS 2 delivery ends, no PUBREL.
+    PubrecRefused,
     Pubcomp,
 }
 
@@ -637,7 +639,9 @@ impl Session {
         let entry = &mut state.inflight[i];
         let released = entry.state == InflightState::Released;
         match (ack, entry.delivery.qos, released) {
-            (AckKind::Puback, QoS::AtLeastOnce, _) | (AckKind::Pubcomp, QoS::ExactlyOnce, true) => {
+            (AckKind::Puback, QoS::AtLeastOnce, _)
+            | (AckKind::Pubcomp | AckKind::PubrecRefused, QoS::ExactlyOnce, true)
+            | (AckKind::PubrecRefused, QoS::ExactlyOnce, false) => {
                 self.complete(state, i);
                 AckOutcome::Done
             }

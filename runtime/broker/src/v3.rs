@@ -1,6 +1,6 @@
 //! MQTT 3.1.1 on ntex-mqtt.
 
-use std::{cell::RefCell, collections::HashSet, rc::Rc, sync::Arc};
+use std::sync::Arc;
 
 use edgegw_store::Ticket;
 use ntex::time::Seconds;
@@ -93,7 +93,7 @@ pub(crate) async fn connect(
     let Some(attached) = shared.attach(options, &login) else {
         return Ok(connect.not_authorized());
     };
-    let mut conn = Conn::new(
+    let conn = Conn::new(
         shared.clone(),
         attached.session.clone(),
         attached.generation,
@@ -102,6 +102,7 @@ pub(crate) async fn connect(
         user.as_deref().map(Arc::from),
         acl,
         acl_generation,
+        connect.io().get_ref(),
         slot,
     );
     tracing::info!(
@@ -113,12 +114,10 @@ pub(crate) async fn connect(
         keep_alive,
         "Client connected."
     );
-    conn.own_acks = Some(connect.io().get_ref());
     let out = Sink {
         sink: connect.sink(),
         io: connect.io().get_ref(),
         codec: v3::codec::Codec::new(),
-        resent_releases: conn.resent_releases.clone(),
     };
     ntex::rt::spawn(run_writer(
         out,
@@ -308,13 +307,12 @@ pub(crate) async fn control(
 /// connection's write buffer rather than through ntex's sink, whose per-message ack
 /// bookkeeping (a map entry and an ack queue per QoS 1 delivery, a task and channels per
 /// QoS 2 delivery) duplicated the session's in-flight window; their acks are taken by
-/// [`crate::connection::ReleaseGuard`] (see [`Conn::own_acks`]). The sink is still asked
+/// [`crate::connection::ReleaseGuard`]. The sink is still asked
 /// for write readiness and closes the connection.
 struct Sink {
     sink: v3::MqttSink,
     io: ntex::io::IoRef,
     codec: v3::codec::Codec,
-    resent_releases: Rc<RefCell<HashSet<u16>>>,
 }
 
 impl Sink {
@@ -379,8 +377,8 @@ impl Outbound for Sink {
         self.send(outgoing, v3::codec::QoS::ExactlyOnce)
     }
 
-    fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>) {
-        (&self.io, &self.resent_releases)
+    fn io(&self) -> &ntex::io::IoRef {
+        &self.io
     }
 
     fn close_taken_over(&self) {

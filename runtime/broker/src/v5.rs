@@ -1,10 +1,8 @@
 //! MQTT 5.0 on ntex-mqtt: CONNECT, PUBLISH, SUBSCRIBE and friends, and the outbound sink.
 
 use std::{
-    cell::RefCell,
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     num::{NonZeroU16, NonZeroU32},
-    rc::Rc,
     sync::Arc,
     time::Instant,
 };
@@ -25,13 +23,11 @@ use ntex_mqtt::{
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{
-        Conn, Handled, Outbound, Qos2, SendResult, Shared, complete_qos2, run_writer, with_payload,
-    },
+    connection::{Conn, Handled, Outbound, Qos2, SendResult, Shared, run_writer, with_payload},
     message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
-    session::{Outgoing, Session},
+    session::Outgoing,
     tree::SubOptions,
 };
 
@@ -127,6 +123,7 @@ pub(crate) async fn connect(
         user.as_deref().map(Arc::from),
         acl,
         acl_generation,
+        connect.io().get_ref(),
         slot,
     );
     tracing::info!(
@@ -140,16 +137,19 @@ pub(crate) async fn connect(
     );
 
     // The writer starts sending only after CONNACK: ntex encodes it before this task yields.
+    let codec = codec::Codec::new();
+    // The client's maximum packet size (MQTT 5.0 §3.1.2.11.4): larger deliveries are
+    // dropped (counted as too large), the connection continues.
+    if let Some(size) = packet.max_packet_size {
+        codec.set_max_outbound_size(size.get());
+    }
     let out = Sink {
         sink: connect.sink(),
-        session: attached.session.clone(),
         io: connect.io().get_ref(),
-        resent_releases: conn.resent_releases.clone(),
+        codec,
         aliases: HashMap::new(),
         alias_max: packet.topic_alias_max,
-        metrics: shared.router.metrics().clone(),
     };
-    out.install_ack_callback();
     ntex::rt::spawn(run_writer(
         out,
         attached.session.clone(),
@@ -434,69 +434,85 @@ pub(crate) async fn control(
     }
 }
 
+/// The writer's side of a 5.0 connection. Deliveries are encoded straight into the
+/// connection's write buffer rather than through ntex's sink, whose per-message ack
+/// bookkeeping (a map entry and an ack queue per QoS 1 delivery, a task and channels per
+/// QoS 2 delivery) duplicated the session's in-flight window; their acks are taken by
+/// [`crate::connection::ReleaseGuard`]. The sink is still asked for write readiness and
+/// closes the connection with a reason.
 struct Sink {
     sink: v5::MqttSink,
-    session: Arc<Session>,
     io: ntex::io::IoRef,
-    resent_releases: Rc<RefCell<HashSet<u16>>>,
+    /// Encodes deliveries within the client's maximum packet size.
+    codec: codec::Codec,
     aliases: HashMap<ByteString, NonZeroU16>,
     alias_max: u16,
-    metrics: Arc<BrokerMetrics>,
 }
 
 impl Sink {
-    fn install_ack_callback(&self) {
-        let session = self.session.clone();
-        // Runs while ntex borrows the sink: only touch the session here.
-        self.sink.publish_ack_cb(move |ack, disconnected| {
-            if !disconnected {
-                session.acknowledge(ack.packet_id.get());
-            }
-        });
-    }
-
-    fn builder(&mut self, outgoing: &Outgoing) -> v5::PublishBuilder {
+    fn send(&mut self, outgoing: Outgoing, qos: codec::QoS) -> SendResult {
         let delivery = &outgoing.delivery;
         let message = &delivery.message;
+        let payload = message.payload.clone();
+        let Ok(payload_size) = u32::try_from(payload.len()) else {
+            return SendResult::Rejected;
+        };
         // Server-assigned topic aliases: the first message on a topic carries topic and
         // alias, later ones only the alias, while the client's alias maximum allows.
-        let (topic, alias) = match self.aliases.get(&message.topic) {
-            Some(alias) if !outgoing.dup => (ByteString::default(), Some(*alias)),
-            Some(alias) => (message.topic.clone(), Some(*alias)),
+        let (topic, alias, new_alias) = match self.aliases.get(&message.topic) {
+            Some(alias) if !outgoing.dup => (ByteString::default(), Some(*alias), false),
+            Some(alias) => (message.topic.clone(), Some(*alias), false),
             None if self.aliases.len() < usize::from(self.alias_max) => {
                 let alias = NonZeroU16::new(self.aliases.len() as u16 + 1);
                 if let Some(alias) = alias {
                     self.aliases.insert(message.topic.clone(), alias);
                 }
-                (message.topic.clone(), alias)
+                (message.topic.clone(), alias, alias.is_some())
             }
-            None => (message.topic.clone(), None),
+            None => (message.topic.clone(), None, false),
         };
         let properties = &message.properties;
-        let expiry = message.remaining_expiry(Instant::now());
-        let mut builder = self
-            .sink
-            .publish(topic)
-            .retain(delivery.retain)
-            .dup(outgoing.dup)
-            .properties(|p| {
-                p.topic_alias = alias;
-                p.subscription_ids = delivery
+        let packet = codec::Publish {
+            dup: outgoing.dup,
+            retain: delivery.retain,
+            qos,
+            packet_id: outgoing.packet_id,
+            topic,
+            payload_size,
+            properties: codec::PublishProperties {
+                topic_alias: alias,
+                correlation_data: properties.correlation_data.clone(),
+                message_expiry_interval: message.remaining_expiry(Instant::now()),
+                content_type: properties.content_type.clone(),
+                user_properties: properties.user_properties.clone(),
+                is_utf8_payload: properties.payload_format_utf8,
+                response_topic: properties.response_topic.clone(),
+                subscription_ids: delivery
                     .subscription_ids
                     .iter()
                     .filter_map(|id| NonZeroU32::new(*id))
-                    .collect();
-                p.message_expiry_interval = expiry;
-                p.is_utf8_payload = properties.payload_format_utf8;
-                p.content_type = properties.content_type.clone();
-                p.response_topic = properties.response_topic.clone();
-                p.correlation_data = properties.correlation_data.clone();
-                p.user_properties = properties.user_properties.clone();
-            });
-        if let Some(id) = outgoing.packet_id {
-            builder = builder.packet_id(id.get());
+                    .collect(),
+            },
+        };
+        match self
+            .io
+            .encode(codec::Encoded::Publish(packet, Some(payload)), &self.codec)
+        {
+            // A closing connection takes nothing and says Ok: the writer sees it closed
+            // next; an unsent QoS 1/2 delivery stays in flight for the next connection.
+            Ok(()) => SendResult::Sent,
+            Err(error) => {
+                // Most likely larger than the client's maximum packet size. An alias assigned
+                // by this message never reached the client: forget it (it was the last one
+                // assigned, so the next topic gets its number), else the next message on the
+                // topic would carry only an alias the client does not know.
+                if new_alias {
+                    self.aliases.remove(&message.topic);
+                }
+                tracing::debug!(%error, topic = %message.topic, "Message not sent to a 5.0 client; dropped.");
+                SendResult::Rejected
+            }
         }
-        builder
     }
 }
 
@@ -514,41 +530,26 @@ impl Outbound for Sink {
     }
 
     async fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
-        let payload = outgoing.delivery.message.payload.clone();
-        match self.builder(&outgoing).send_at_most_once(payload).await {
-            Ok(()) => SendResult::Sent,
-            Err(error) => SendResult::from_error(&error),
+        // As ntex's sink would: wait while the write buffer is over its high watermark.
+        if !self.sink.is_ready() && !self.sink.ready().await {
+            return SendResult::Closed;
         }
+        self.send(outgoing, codec::QoS::AtMostOnce)
     }
 
     fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult {
-        let payload = outgoing.delivery.message.payload.clone();
-        match self.builder(&outgoing).send_at_least_once_no_block(payload) {
-            Ok(()) => SendResult::Sent,
-            Err(error) => SendResult::from_error(&error),
-        }
+        self.send(outgoing, codec::QoS::AtLeastOnce)
     }
 
     fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult {
-        let payload = outgoing.delivery.message.payload.clone();
-        let builder = self.builder(&outgoing);
-        let Some(id) = outgoing.packet_id.map(NonZeroU16::get) else {
+        if outgoing.packet_id.is_none() {
             return SendResult::Rejected;
-        };
-        ntex::rt::spawn(complete_qos2(
-            self.session.clone(),
-            id,
-            self.metrics.clone(),
-            builder.send_exactly_once(payload),
-            // A PUBREC with a failure code ends the flow without PUBREL.
-            |received| u8::from(received.packet().reason_code) < 0x80,
-            |received| received.release(),
-        ));
-        SendResult::Sent
+        }
+        self.send(outgoing, codec::QoS::ExactlyOnce)
     }
 
-    fn release_channel(&self) -> (&ntex::io::IoRef, &RefCell<HashSet<u16>>) {
-        (&self.io, &self.resent_releases)
+    fn io(&self) -> &ntex::io::IoRef {
+        &self.io
     }
 
     fn close_taken_over(&self) {
