@@ -484,6 +484,39 @@ fn subscriber_maximum_packet_size_drops_larger_messages() {
     assert_eq!(p.payload, b"again");
 }
 
+/// A topic's first message, too large for the subscriber, must not leave behind a topic
+/// alias the subscriber never learnt: the next message on the topic carries its name.
+#[test]
+fn a_dropped_first_message_does_not_assign_its_topic_alias() {
+    let gw = Gateway::start();
+    let mut properties = prop::u32(0x27, 200);
+    properties.extend(prop::u16(0x22, 4));
+    let (mut sub, _) = connect5(&gw, "alias-mps-sub", true, 30, &properties);
+    subscribe5(&mut sub, 1, "amps/#", 1, &[], 1);
+    let (mut publisher, _) = connect5(&gw, "alias-mps-pub", true, 30, &[]);
+    assert_eq!(
+        publish5_qos1(&mut publisher, "amps/t", 1, &[], &[b'x'; 300]),
+        0x00
+    );
+    for (id, payload) in [(2, &b"small"[..]), (3, b"again")] {
+        assert_eq!(
+            publish5_qos1(&mut publisher, "amps/t", id, &[], payload),
+            0x00
+        );
+    }
+    let first = next_publish(&mut sub, true, WAIT).expect("the small message is delivered");
+    assert_eq!(
+        (first.topic.as_str(), first.payload.as_slice()),
+        ("amps/t", &b"small"[..]),
+        "the first message sent on the topic names it"
+    );
+    let alias = first.property(0x23).map(prop::as_u16);
+    assert!(alias.is_some(), "it sets the alias: {first:?}");
+    let second = next_publish(&mut sub, true, WAIT).expect("the next message");
+    assert_eq!(second.property(0x23).map(prop::as_u16), alias);
+    assert_eq!(second.payload, b"again");
+}
+
 // ---------------------------------------------------------------------------------------
 // Topic aliases.
 
