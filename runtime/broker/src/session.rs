@@ -601,7 +601,7 @@ impl Session {
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) for `packet_id`: the delivery is done.
     pub fn acknowledge(&self, packet_id: u16) {
         let state = self.lock();
-        if let Some(i) = state.inflight.iter().position(|f| f.packet_id == packet_id) {
+        if let Some(i) = inflight_index(&state.inflight, packet_id) {
             self.complete(state, i);
         }
     }
@@ -633,7 +633,7 @@ impl Session {
     /// with PUBREL again), a PUBCOMP completes a QoS 2 delivery whose PUBREL was sent.
     pub fn take_ack(&self, packet_id: u16, ack: AckKind) -> AckOutcome {
         let mut state = self.lock();
-        let Some(i) = state.inflight.iter().position(|f| f.packet_id == packet_id) else {
+        let Some(i) = inflight_index(&state.inflight, packet_id) else {
             return AckOutcome::Unknown;
         };
         let entry = &mut state.inflight[i];
@@ -660,24 +660,6 @@ impl Session {
                 AckOutcome::Done
             }
             _ => AckOutcome::Unexpected,
-        }
-    }
-
-    /// PUBREC for `packet_id`: the QoS 2 delivery now only needs PUBREL/PUBCOMP.
-    pub fn received(&self, packet_id: u16) {
-        let mut state = self.lock();
-        let mut seq = 0;
-        if let Some(f) = state.inflight.iter_mut().find(|f| f.packet_id == packet_id) {
-            f.state = InflightState::Released;
-            seq = f.delivery.seq;
-        }
-        if seq != 0 {
-            self.persist(&state, |client_id| Op::SetDeliveryState {
-                client_id,
-                seq,
-                packet_id,
-                released: true,
-            });
         }
     }
 
@@ -742,6 +724,26 @@ impl Session {
     }
 }
 
+/// Where the delivery with `packet_id` is in the in-flight window. Ids are handed out in
+/// sequence (1..=65535) and mostly completed in order, so it is usually exactly as far from
+/// the front as its id is from the front's id; otherwise (an ack out of order, a skipped id,
+/// a window restored from the state file) it is searched for. A linear search for every ack
+/// was 4–5% of the broker's core in QoS 2 fan-in, where the deliveries awaiting PUBCOMP sit
+/// in front of the one a PUBREC names.
+fn inflight_index(inflight: &VecDeque<Inflight>, packet_id: u16) -> Option<usize> {
+    let front = inflight.front()?.packet_id;
+    let distance = if packet_id >= front {
+        usize::from(packet_id - front)
+    } else {
+        // Wrapped past 65535 to 1 (0 is never used).
+        usize::from(packet_id) + usize::from(u16::MAX - front)
+    };
+    match inflight.get(distance) {
+        Some(f) if f.packet_id == packet_id => Some(distance),
+        _ => inflight.iter().position(|f| f.packet_id == packet_id),
+    }
+}
+
 /// The next free packet id (1..=65535), skipping ids still in flight.
 fn allocate_packet_id(state: &mut State) -> u16 {
     loop {
@@ -750,5 +752,47 @@ fn allocate_packet_id(state: &mut State) -> u16 {
         if !state.inflight_ids.contains(&id) {
             return id;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(ids: &[u16]) -> VecDeque<Inflight> {
+        let message = Arc::new(Message::new("t", crate::Bytes::new(), QoS::AtLeastOnce));
+        ids.iter()
+            .map(|&packet_id| Inflight {
+                packet_id,
+                delivery: Delivery {
+                    message: message.clone(),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    subscription_ids: Vec::new(),
+                    seq: 0,
+                },
+                state: InflightState::Sent,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finds_deliveries_in_flight_wherever_they_sit() {
+        for ids in [
+            vec![1, 2, 3, 4],
+            // Wrapping from 65535 to 1.
+            vec![65534, 65535, 1, 2],
+            // Completed out of order (6 gone), and skipped ids.
+            vec![4, 5, 7, 9],
+            // Restored from the state file in any order.
+            vec![9, 3, 65535, 4],
+        ] {
+            let window = window(&ids);
+            for (i, id) in ids.iter().enumerate() {
+                assert_eq!(inflight_index(&window, *id), Some(i), "{id} in {ids:?}");
+            }
+            assert_eq!(inflight_index(&window, 6), None, "{ids:?}");
+        }
+        assert_eq!(inflight_index(&VecDeque::new(), 1), None);
     }
 }
