@@ -483,8 +483,8 @@ pub(crate) trait Outbound {
     fn is_open(&self) -> bool;
     fn is_ready(&self) -> bool;
     fn ready(&self) -> impl Future<Output = bool>;
-    /// Sends QoS 0; false when the connection is gone.
-    fn send_qos0(&mut self, outgoing: Outgoing) -> impl Future<Output = SendResult>;
+    /// Sends QoS 0 (the writer waited for [`Outbound::is_ready`]).
+    fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult;
     /// Sends QoS 1 without waiting for the ack ([`Conn::take_ack`] completes it).
     fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult;
     /// Sends QoS 2 without waiting for PUBREC ([`Conn::take_ack`] follows the flow).
@@ -498,11 +498,12 @@ pub(crate) trait Outbound {
 }
 
 pub(crate) enum SendResult {
+    /// Written to the connection's buffer (or dropped because the connection is closing:
+    /// the writer sees it closed next, an unsent QoS 1/2 delivery stays in flight).
     Sent,
     /// The client cannot take this message (e.g. larger than its maximum packet size):
     /// it is dropped, the connection continues.
     Rejected,
-    Closed,
 }
 
 /// The connection lost its session: to a newer connection, or by a reload's revocation.
@@ -538,34 +539,25 @@ pub(crate) async fn run_writer<O: Outbound>(
         let qos = outgoing.delivery.qos;
         let size = outgoing.delivery.message.payload.len();
         let packet_id = outgoing.packet_id;
-        // A client that stops reading can hold the writer here: a reload revoking its
-        // access must still close it.
-        let result = match qos {
-            QoS::AtMostOnce => tokio::select! {
-                result = out.send_qos0(outgoing) => result,
+        // Wait while the write buffer is over its high watermark. A client that stops
+        // reading can hold the writer here: a reload revoking its access must still close
+        // it. (Only here: watching for revocation around every send registered and dropped
+        // a waiter per message, a tenth of the broker's core in QoS 0 fan-out.)
+        if !out.is_ready() {
+            tokio::select! {
+                ready = out.ready() => if !ready {
+                    return false;
+                },
                 () = session.revoked(generation) => {
                     out.close_revoked();
                     return false;
                 }
-            },
-            _ => {
-                if !out.is_ready() {
-                    tokio::select! {
-                        ready = out.ready() => if !ready {
-                            return false;
-                        },
-                        () = session.revoked(generation) => {
-                            out.close_revoked();
-                            return false;
-                        }
-                    }
-                }
-                if qos == QoS::AtLeastOnce {
-                    out.send_qos1(outgoing)
-                } else {
-                    out.send_qos2(outgoing)
-                }
             }
+        }
+        let result = match qos {
+            QoS::AtMostOnce => out.send_qos0(outgoing),
+            QoS::AtLeastOnce => out.send_qos1(outgoing),
+            QoS::ExactlyOnce => out.send_qos2(outgoing),
         };
         match result {
             SendResult::Sent => {
@@ -579,7 +571,6 @@ pub(crate) async fn run_writer<O: Outbound>(
                 metrics.dropped(DropReason::TooLarge, 1);
                 true
             }
-            SendResult::Closed => false,
         }
     };
 

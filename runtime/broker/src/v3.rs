@@ -358,11 +358,7 @@ impl Outbound for Sink {
         self.sink.ready().await
     }
 
-    async fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
-        // As ntex's sink would: wait while the write buffer is over its high watermark.
-        if !self.sink.is_ready() && !self.sink.ready().await {
-            return SendResult::Closed;
-        }
+    fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
         self.send(outgoing, v3::codec::QoS::AtMostOnce)
     }
 
