@@ -532,7 +532,7 @@ pub(crate) async fn run_writer<O: Outbound>(
             && let Some(id) = outgoing.packet_id
         {
             // PUBREC arrived on an earlier connection: only PUBREL is owed
-            // [MQTT-4.4.0-1]; its PUBCOMP is taken by `ReleaseGuard`.
+            // [MQTT-4.4.0-1]; its PUBCOMP is taken by `AckGuard`.
             let [hi, lo] = id.get().to_be_bytes();
             return out.io().encode_slice(&[0x62, 0x02, hi, lo]).is_ok();
         }
@@ -673,17 +673,17 @@ impl Drop for SentTally {
 /// deliveries itself rather than through ntex's sink (see [`Outbound`]), so ntex knows none
 /// of their packet ids; its per-packet pipeline and ack bookkeeping were a fifth of the
 /// broker's core in QoS 1 fan-out.
-pub(crate) struct ReleaseGuard;
+pub(crate) struct AckGuard;
 
-pub(crate) struct ReleaseGuardService<S> {
+pub(crate) struct AckGuardService<S> {
     inner: S,
 }
 
-impl<S, St> ntex::service::Middleware<S, St> for ReleaseGuard {
-    type Service = ReleaseGuardService<S>;
+impl<S, St> ntex::service::Middleware<S, St> for AckGuard {
+    type Service = AckGuardService<S>;
 
     fn create(&self, _: &St, inner: S) -> Self::Service {
-        ReleaseGuardService { inner }
+        AckGuardService { inner }
     }
 }
 
@@ -735,7 +735,7 @@ impl Acknowledgement for ntex_mqtt::v5::codec::Decoded {
     }
 }
 
-impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for ReleaseGuardService<S>
+impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for AckGuardService<S>
 where
     S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req>,
     S::Res: Default,

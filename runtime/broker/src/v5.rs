@@ -438,7 +438,7 @@ pub(crate) async fn control(
 /// connection's write buffer rather than through ntex's sink, whose per-message ack
 /// bookkeeping (a map entry and an ack queue per QoS 1 delivery, a task and channels per
 /// QoS 2 delivery) duplicated the session's in-flight window; their acks are taken by
-/// [`crate::connection::ReleaseGuard`]. The sink is still asked for write readiness and
+/// [`crate::connection::AckGuard`]. The sink is still asked for write readiness and
 /// closes the connection with a reason.
 struct Sink {
     sink: v5::MqttSink,
