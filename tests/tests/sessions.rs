@@ -134,6 +134,18 @@ fn publish_acked(c: &mut Raw, topic: &str, packet_id: u16, retain: bool, payload
     assert_eq!(ack.body[..2], packet_id.to_be_bytes(), "PUBACK packet id");
 }
 
+/// Publishes QoS 2 (MQTT 3.1.1) and completes the publisher's side: PUBREC, PUBREL, PUBCOMP.
+fn publish_exactly_once(c: &mut Raw, topic: &str, packet_id: u16, payload: &[u8]) {
+    c.send(&raw::publish_v3(topic, 2, packet_id, false, payload));
+    let (rec, others) = c.read_kind(raw::PUBREC, WAIT);
+    let rec = rec.unwrap_or_else(|| panic!("PUBREC for {topic}: {others:?}"));
+    assert_eq!(rec.body[..2], packet_id.to_be_bytes(), "PUBREC packet id");
+    c.send(&raw::ack(raw::PUBREL, packet_id));
+    let (comp, others) = c.read_kind(raw::PUBCOMP, WAIT);
+    let comp = comp.unwrap_or_else(|| panic!("PUBCOMP for {topic}: {others:?}"));
+    assert_eq!(comp.body[..2], packet_id.to_be_bytes(), "PUBCOMP packet id");
+}
+
 /// The next packet, which must be a PUBLISH (not acknowledged).
 fn next_publish(c: &mut Raw, v5: bool, what: &str) -> Publish {
     let p = c
@@ -944,12 +956,7 @@ fn redelivery(qos: u8, v5: bool) {
 
     // Received but not acknowledged, then the socket drops.
     if qos == 2 {
-        publisher.send(&raw::publish_v3("rd/1", 2, 1, false, b"hello"));
-        let (rec, _) = publisher.read_kind(raw::PUBREC, WAIT);
-        assert!(rec.is_some(), "PUBREC");
-        publisher.send(&raw::ack(raw::PUBREL, 1));
-        let (comp, _) = publisher.read_kind(raw::PUBCOMP, WAIT);
-        assert!(comp.is_some(), "PUBCOMP");
+        publish_exactly_once(&mut publisher, "rd/1", 1, b"hello");
     } else {
         publish_acked(&mut publisher, "rd/1", 1, false, b"hello");
     }
@@ -1025,13 +1032,7 @@ fn v3_acks_are_checked_against_their_delivery() {
     assert!(subscribe(&mut sub, false, 2, "acks/one", 1).is_empty());
     let (mut publisher, _) = connect_v3(&gw, "acks-pub", true);
 
-    publisher.send(&raw::publish_v3("acks/two", 2, 2, false, b"exactly"));
-    assert!(publisher.read_kind(raw::PUBREC, WAIT).0.is_some(), "PUBREC");
-    publisher.send(&raw::ack(raw::PUBREL, 2));
-    assert!(
-        publisher.read_kind(raw::PUBCOMP, WAIT).0.is_some(),
-        "PUBCOMP"
-    );
+    publish_exactly_once(&mut publisher, "acks/two", 2, b"exactly");
     let two = next_publish(&mut sub, false, "QoS 2 delivery");
     assert_eq!(two.qos, 2);
     let id = two.packet_id.unwrap();
@@ -1092,15 +1093,7 @@ fn v5_pubrec_reason_codes_end_or_continue_the_flow() {
     let (mut sub, _) = connect_v5(&gw, "acks5", false, &expiry(600));
     assert!(subscribe(&mut sub, true, 1, "acks5/#", 2).is_empty());
     let (mut publisher, _) = connect_v3(&gw, "acks5-pub", true);
-    let mut publish = |id: u16, payload: &[u8]| {
-        publisher.send(&raw::publish_v3("acks5/x", 2, id, false, payload));
-        assert!(publisher.read_kind(raw::PUBREC, WAIT).0.is_some(), "PUBREC");
-        publisher.send(&raw::ack(raw::PUBREL, id));
-        assert!(
-            publisher.read_kind(raw::PUBCOMP, WAIT).0.is_some(),
-            "PUBCOMP"
-        );
-    };
+    let mut publish = |id, payload| publish_exactly_once(&mut publisher, "acks5/x", id, payload);
 
     publish(1, b"refused");
     let refused = next_publish(&mut sub, true, "first delivery");
@@ -1153,13 +1146,7 @@ fn v3_qos2_pubrec_received_resumes_with_pubrel() {
     let (mut sub, _) = connect_v3(&gw, "rel", false);
     assert!(subscribe(&mut sub, false, 1, "rel/#", 2).is_empty());
     let (mut publisher, _) = connect_v3(&gw, "rel-pub", true);
-    publisher.send(&raw::publish_v3("rel/1", 2, 1, false, b"hello"));
-    assert!(publisher.read_kind(raw::PUBREC, WAIT).0.is_some(), "PUBREC");
-    publisher.send(&raw::ack(raw::PUBREL, 1));
-    assert!(
-        publisher.read_kind(raw::PUBCOMP, WAIT).0.is_some(),
-        "PUBCOMP"
-    );
+    publish_exactly_once(&mut publisher, "rel/1", 1, b"hello");
 
     let first = next_publish(&mut sub, false, "first delivery");
     let packet_id = first.packet_id.expect("packet id");
