@@ -1258,3 +1258,173 @@ fn v3_qos2_resent_after_reconnect_is_delivered_exactly_once() {
 fn v5_qos2_resent_after_reconnect_is_delivered_exactly_once() {
     exactly_once_inbound(true);
 }
+
+/// A publisher that got PUBREC before its connection dropped re-sends only PUBREL after
+/// reconnecting [MQTT-4.4.0-1]. That PUBREL must release the packet id the session kept:
+/// else a later new message re-sent with DUP under the same id (its first send lost with a
+/// dropped connection) would be taken for the old one and dropped.
+fn release_after_reconnect(v5: bool) {
+    let gw = Gateway::start();
+    let mut sub = watcher(&gw, "rr-sub", "rr/#");
+    let connect = |gw: &Gateway| {
+        if v5 {
+            let (c, ack) = connect_v5(gw, "rr-pub", false, &expiry(60));
+            (c, ack.session_present)
+        } else {
+            connect_v3(gw, "rr-pub", false)
+        }
+    };
+    let publish = |id: u16, dup: bool, payload: &[u8]| {
+        let mut p = if v5 {
+            raw::publish_v5("rr/t", 2, id, &[], payload)
+        } else {
+            raw::publish_v3("rr/t", 2, id, false, payload)
+        };
+        if dup {
+            p[0] |= 0x08;
+        }
+        p
+    };
+    let expect = |c: &mut Raw, kind: u8, id: u16| {
+        let (p, others) = c.read_kind(kind, WAIT);
+        let p = p.unwrap_or_else(|| panic!("packet type {kind}: {others:?}"));
+        assert!(others.is_empty(), "{others:?}");
+        assert_eq!(p.body[..2], id.to_be_bytes());
+        if v5 && p.body.len() > 2 {
+            assert!(p.body[2] < 0x80, "reason code {:#x}", p.body[2]);
+        }
+    };
+
+    let (mut publisher, _) = connect(&gw);
+    publisher.send(&publish(50, false, b"first"));
+    expect(&mut publisher, raw::PUBREC, 50);
+    drop(publisher); // PUBREL not sent yet
+    wait_connections(&gw, 1.0);
+
+    let (mut publisher, present) = connect(&gw);
+    assert!(present, "persistent session resumed");
+    publisher.send(&raw::ack(raw::PUBREL, 50));
+    expect(&mut publisher, raw::PUBCOMP, 50);
+    publisher.send(&publish(50, true, b"second"));
+    expect(&mut publisher, raw::PUBREC, 50);
+    publisher.send(&raw::ack(raw::PUBREL, 50));
+    expect(&mut publisher, raw::PUBCOMP, 50);
+    assert_eq!(
+        payloads(&drain(&mut sub, false, QUIET)),
+        vec!["first", "second"],
+        "v5={v5}"
+    );
+}
+
+#[test]
+fn v3_pubrel_after_reconnect_releases_the_packet_id() {
+    release_after_reconnect(false);
+}
+
+#[test]
+fn v5_pubrel_after_reconnect_releases_the_packet_id() {
+    release_after_reconnect(true);
+}
+
+/// Sends `packet` in two writes, cut in its payload: the broker reads the PUBLISH before its
+/// payload is complete, and ntex-mqtt streams the payload.
+fn send_split(c: &mut Raw, packet: &[u8]) {
+    let cut = packet.len() - 20;
+    c.send(&packet[..cut]);
+    std::thread::sleep(Duration::from_millis(30));
+    c.send(&packet[cut..]);
+}
+
+/// Reads acks of `kind` until every id in `ids` got one (in any order), and no other packet.
+fn expect_acks(c: &mut Raw, kind: u8, ids: impl IntoIterator<Item = u16>) {
+    let mut owed: std::collections::BTreeSet<u16> = ids.into_iter().collect();
+    while !owed.is_empty() {
+        let p = c
+            .read(WAIT)
+            .unwrap_or_else(|| panic!("packet type {kind:#x} owed for {owed:?}"));
+        assert_eq!(p.kind(), kind, "expected packet type {kind:#x}, got {p:?}");
+        let id = u16::from_be_bytes([p.body[0], p.body[1]]);
+        assert!(
+            owed.remove(&id),
+            "ack for {id} not owed (or twice): {owed:?}"
+        );
+    }
+}
+
+/// QoS 2 PUBLISHes whose payload arrives whole and ones whose payload is streamed (which take
+/// different paths in the broker) on one connection, their PUBRELs interleaved: each is
+/// routed once, in order, and every flow completes.
+#[test]
+fn v3_qos2_publishes_whole_or_streamed_complete_exactly_once() {
+    let gw = Gateway::start();
+    let mut sub = watcher(&gw, "mix-sub", "mix/#");
+    let (mut publisher, _) = connect_v3(&gw, "mix-pub", true);
+    let mut payload = |n: u16| {
+        let mut p = format!("{n:04}").into_bytes();
+        p.resize(200, b'.');
+        p
+    };
+    for round in 0..4u16 {
+        let ids: Vec<u16> = (1..=6).map(|i| round * 6 + i).collect();
+        for &id in &ids {
+            let packet = raw::publish_v3("mix/t", 2, id, false, &payload(id));
+            if id % 3 == 0 {
+                send_split(&mut publisher, &packet);
+            } else {
+                publisher.send(&packet);
+            }
+        }
+        expect_acks(&mut publisher, raw::PUBREC, ids.iter().copied());
+        // Released in reverse order.
+        for &id in ids.iter().rev() {
+            publisher.send(&raw::ack(raw::PUBREL, id));
+        }
+        expect_acks(&mut publisher, raw::PUBCOMP, ids.iter().copied());
+    }
+    let got = drain(&mut sub, false, QUIET);
+    let expected: Vec<String> = (1..=24)
+        .map(|n| String::from_utf8(payload(n)).unwrap())
+        .collect();
+    assert_eq!(payloads(&got), expected);
+}
+
+/// Until its PUBREL, a QoS 2 packet id gets PUBREC for any PUBLISH that reuses it, DUP or not,
+/// whole or streamed, and the message is not routed again [MQTT-4.3.3-2]; the connection
+/// goes on. A QoS 1 PUBLISH with that packet id is a protocol violation.
+#[test]
+fn v3_qos2_packet_id_before_its_pubrel() {
+    let gw = Gateway::start();
+    let mut sub = watcher(&gw, "reuse-sub", "reuse/#");
+    let (mut publisher, _) = connect_v3(&gw, "reuse-pub", true);
+    publisher.send(&raw::publish_v3("reuse/t", 2, 5, false, b"first"));
+    expect_acks(&mut publisher, raw::PUBREC, [5]);
+    publisher.send(&raw::publish_v3("reuse/t", 2, 5, false, b"not a new one"));
+    expect_acks(&mut publisher, raw::PUBREC, [5]);
+    let mut long = b"streamed re-send ".to_vec();
+    long.resize(300, b'.');
+    send_split(
+        &mut publisher,
+        &raw::publish_v3("reuse/t", 2, 5, true, &long),
+    );
+    expect_acks(&mut publisher, raw::PUBREC, [5]);
+    // The streamed payload was dropped whole: the next packets are read as usual.
+    ping(&mut publisher);
+    publisher.send(&raw::ack(raw::PUBREL, 5));
+    expect_acks(&mut publisher, raw::PUBCOMP, [5]);
+    publish_exactly_once(&mut publisher, "reuse/t", 5, b"second");
+    assert_eq!(
+        payloads(&drain(&mut sub, false, QUIET)),
+        vec!["first", "second"]
+    );
+
+    publisher.send(&raw::publish_v3("reuse/t", 2, 9, false, b"third"));
+    expect_acks(&mut publisher, raw::PUBREC, [9]);
+    publisher.send(&raw::publish_v3("reuse/t", 1, 9, false, b"clash"));
+    let mut seen = Vec::new();
+    assert!(
+        publisher.closed_within(WAIT, &mut seen),
+        "a QoS 1 PUBLISH reusing a QoS 2 packet id before its PUBREL must close the connection"
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+    assert_eq!(payloads(&drain(&mut sub, false, QUIET)), vec!["third"]);
+}

@@ -101,6 +101,48 @@ pub(crate) enum Qos2 {
     New(Option<edgegw_store::Ticket>),
 }
 
+/// Where an inbound QoS 1 or 2 packet id stands. A PUBLISH is either taken before ntex's
+/// service pipeline (the common case, see [`Inbound`]) or passed on to ntex-mqtt, which then
+/// follows its packet id itself; the broker keeps track of both so that a packet id's
+/// re-sends and PUBREL go where its PUBLISH went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InboundId {
+    /// Passed on to ntex-mqtt (QoS 1: until its handler returned; QoS 2: until PUBREL).
+    Ntex,
+    /// Taken, not acknowledged yet (waiting for the state file).
+    Waiting(QoS),
+    /// QoS 2 taken and PUBREC sent: waiting for PUBREL.
+    Received,
+}
+
+/// A PUBLISH taken before ntex's pipeline while its payload arrives in chunks: handled once
+/// the last one is read, before any later packet, so it keeps its place in the publisher's
+/// order. (ntex's own streaming hands the payload to a handler that runs when next polled:
+/// PUBLISHes read right after the last chunk were routed first.)
+pub(crate) struct Partial {
+    pub topic: crate::message::ByteString,
+    pub qos: QoS,
+    pub retain: bool,
+    pub dup: bool,
+    pub packet_id: Option<u16>,
+    pub payload: ntex_bytes::BytesMut,
+}
+
+/// What [`Inbound::take`] did with a packet.
+pub(crate) enum Taken<'a, R> {
+    /// Handled.
+    Done,
+    /// Handled once this completes (the connection reads on meanwhile).
+    Later(Pin<Box<dyn Future<Output = ()> + 'a>>),
+    /// For ntex's pipeline; `Some(id)`: that packet id is ntex's until the call returns.
+    Pass(R, Option<u16>),
+}
+
+/// An inbound packet the broker may handle itself before ntex-mqtt's service pipeline.
+pub(crate) trait Inbound: Sized {
+    fn take(self, conn: &Conn) -> Taken<'_, Self>;
+}
+
 /// A per-connection publish rate limit: publishes get slots `interval` apart, with a burst
 /// of one second's worth allowed after a quiet period.
 struct RateLimit {
@@ -247,8 +289,16 @@ pub(crate) struct Conn {
     pub user: Option<Arc<str>>,
     /// QoS 0 PUBLISHes waiting to be routed in order (see [`Qos0Lane`]).
     pub qos0: Qos0Lane,
-    /// The connection's I/O: PUBRELs in answer to PUBREC are written here.
+    /// The connection's I/O: acks the broker writes itself go here.
     pub io: ntex::io::IoRef,
+    /// Inbound QoS 1/2 packet ids in use (see [`InboundId`]); allocates on first use.
+    inbound: RefCell<std::collections::HashMap<u16, InboundId, foldhash::fast::RandomState>>,
+    /// PUBLISHes taken before ntex's pipeline that wait for the state file.
+    inbound_waiting: Cell<u16>,
+    /// The payload chunks of a streamed PUBLISH ignored as a re-send are dropped.
+    discard_chunks: Cell<bool>,
+    /// A taken PUBLISH whose payload is still arriving in chunks.
+    partial: RefCell<Option<Box<Partial>>>,
     finished: Cell<bool>,
     _slot: Slot,
 }
@@ -287,6 +337,10 @@ impl Conn {
             user,
             qos0,
             io,
+            inbound: RefCell::default(),
+            inbound_waiting: Cell::new(0),
+            discard_chunks: Cell::new(false),
+            partial: RefCell::new(None),
             finished: Cell::new(false),
             _slot: slot,
         }
@@ -391,18 +445,14 @@ impl Conn {
     /// does), except that a PUBREC is still answered with PUBREL so the client can finish
     /// its side (MQTT 5: with reason code 0x92, packet identifier not found).
     pub fn take_ack(&self, kind: AckKind, packet_id: u16) {
-        let [hi, lo] = packet_id.to_be_bytes();
         // Writing fails only when the connection is closing: the delivery stays in flight
         // and its PUBREL goes again after a reconnect.
         match self.session.take_ack(packet_id, kind) {
             AckOutcome::Done if kind == AckKind::Pubrec => {
-                let _ = self.io.encode_slice(&[0x62, 0x02, hi, lo]);
+                write_ack(&self.io, PUBREL, packet_id, false);
             }
             AckOutcome::Unknown if kind == AckKind::Pubrec => {
-                let _ = match self.protocol {
-                    Protocol::V311 => self.io.encode_slice(&[0x62, 0x02, hi, lo]),
-                    Protocol::V5 => self.io.encode_slice(&[0x62, 0x03, hi, lo, 0x92]),
-                };
+                write_ack(&self.io, PUBREL, packet_id, self.protocol == Protocol::V5);
             }
             AckOutcome::Done => {}
             AckOutcome::Unknown => {
@@ -414,6 +464,155 @@ impl Conn {
                 self.io.close();
             }
         }
+    }
+
+    /// Where an inbound packet id stands (`None`: not in use on this connection).
+    pub fn inbound_id(&self, packet_id: u16) -> Option<InboundId> {
+        self.inbound.borrow().get(&packet_id).copied()
+    }
+
+    /// Hands a packet id to ntex-mqtt (a PUBLISH passed on).
+    pub fn pass_inbound(&self, packet_id: u16) {
+        self.inbound.borrow_mut().insert(packet_id, InboundId::Ntex);
+    }
+
+    /// ntex-mqtt is done with a QoS 1 packet id passed on.
+    pub fn passed_done(&self, packet_id: u16) {
+        let mut inbound = self.inbound.borrow_mut();
+        if inbound.get(&packet_id) == Some(&InboundId::Ntex) {
+            inbound.remove(&packet_id);
+        }
+    }
+
+    /// Whether a PUBLISH may be taken before ntex's pipeline as far as waiting goes: no
+    /// publish rate limit (whose waits hold back ntex's reading) and fewer than
+    /// `receive_maximum` taken publishes waiting for the state file (beyond, ntex's
+    /// in-flight limits apply).
+    pub fn may_take_publish(&self) -> bool {
+        self.rate.is_none() && self.inbound_waiting.get() < self.shared.limits.receive_maximum
+    }
+
+    /// Drops the payload chunks that follow (a streamed PUBLISH ignored as a re-send).
+    pub fn discard_payload(&self) {
+        self.discard_chunks.set(true);
+    }
+
+    /// A payload chunk: true if it belongs to a PUBLISH being ignored (and is dropped).
+    pub fn discarded_chunk(&self, eof: bool) -> bool {
+        if !self.discard_chunks.get() {
+            return false;
+        }
+        if eof {
+            self.discard_chunks.set(false);
+        }
+        true
+    }
+
+    /// Starts collecting a taken PUBLISH's payload.
+    pub fn begin_partial(&self, partial: Partial) {
+        *self.partial.borrow_mut() = Some(Box::new(partial));
+    }
+
+    /// A payload chunk of a taken PUBLISH: `Err(chunk)` if none is being collected (the
+    /// chunk is ntex's), `Ok(Some(publish))` with its whole payload after the last one.
+    pub fn partial_chunk(&self, chunk: Bytes, eof: bool) -> Result<Option<Box<Partial>>, Bytes> {
+        let mut partial = self.partial.borrow_mut();
+        let Some(collecting) = partial.as_mut() else {
+            return Err(chunk);
+        };
+        collecting.payload.extend_from_slice(&chunk);
+        Ok(if eof { partial.take() } else { None })
+    }
+
+    /// A taken PUBLISH waits for the state file before its ack.
+    pub fn inbound_wait(&self, qos: QoS, packet_id: Option<u16>) {
+        if let Some(id) = packet_id {
+            self.inbound
+                .borrow_mut()
+                .insert(id, InboundId::Waiting(qos));
+        }
+        self.inbound_waiting.set(self.inbound_waiting.get() + 1);
+    }
+
+    /// Ends a taken PUBLISH: writes its ack (QoS 2: PUBREC, the packet id then waits for
+    /// PUBREL), or closes the connection if it failed (MQTT 3.1.1 has no negative ack; the
+    /// publisher re-sends after reconnecting). `waited`: it was [`Conn::inbound_wait`]ing.
+    pub fn publish_done(
+        &self,
+        qos: QoS,
+        packet_id: Option<u16>,
+        waited: bool,
+        result: Result<(), crate::BrokerError>,
+    ) {
+        if waited {
+            self.inbound_waiting.set(self.inbound_waiting.get() - 1);
+        }
+        match (result, packet_id) {
+            (Ok(()), Some(id)) if qos == QoS::ExactlyOnce => self.received_qos2(id),
+            (Ok(()), Some(id)) => {
+                if waited {
+                    self.inbound.borrow_mut().remove(&id);
+                }
+                write_ack(&self.io, PUBACK, id, false);
+            }
+            (Ok(()), None) => {}
+            (Err(error), id) => {
+                if let Some(id) = id {
+                    self.inbound.borrow_mut().remove(&id);
+                }
+                // As ntex does for a handler's error (then `control` sees the stop).
+                BrokerMetrics::protocol_error("violation");
+                tracing::warn!(client_id = self.client_id(), protocol = self.protocol.label(), %error, "Closing connection.");
+                self.io.close();
+            }
+        }
+    }
+
+    /// A QoS 2 PUBLISH is received (routed or a re-send): PUBREC; the id waits for PUBREL.
+    pub fn received_qos2(&self, packet_id: u16) {
+        self.inbound
+            .borrow_mut()
+            .insert(packet_id, InboundId::Received);
+        write_ack(&self.io, PUBREC, packet_id, false);
+    }
+
+    /// A PUBLISH whose packet id is in use that is neither a re-send nor allowed to reuse
+    /// it: closes the connection, as ntex does.
+    pub fn packet_id_in_use(&self, packet_id: u16) {
+        BrokerMetrics::protocol_error("violation");
+        tracing::warn!(
+            client_id = self.client_id(),
+            packet_id,
+            "Closing connection: PUBLISH with a packet id still in use."
+        );
+        self.io.close();
+    }
+
+    /// The client's PUBREL. True: the packet id is ntex's, pass the PUBREL on. Else it is
+    /// answered here with PUBCOMP, also for a packet id this connection does not know: the
+    /// PUBLISH came on an earlier connection of the session (the client re-sends PUBREL
+    /// after reconnecting [MQTT-4.4.0-1]), and the session releases it.
+    pub fn take_release(&self, packet_id: u16) -> bool {
+        let state = self.inbound.borrow_mut().remove(&packet_id);
+        match state {
+            Some(InboundId::Ntex) => return true,
+            Some(InboundId::Waiting(_)) => {
+                BrokerMetrics::protocol_error("violation");
+                tracing::warn!(
+                    client_id = self.client_id(),
+                    packet_id,
+                    "Closing connection: PUBREL before PUBREC."
+                );
+                self.io.close();
+            }
+            Some(InboundId::Received) | None => {
+                let known = self.session.inbound_qos2_release(packet_id);
+                // MQTT 5 tells the client when there was nothing to release.
+                let not_found = !known && self.protocol == Protocol::V5;
+                write_ack(&self.io, PUBCOMP, packet_id, not_found);
+            }
+        }
+        false
     }
 
     /// Inbound QoS 2 duplicate detection across reconnects: a PUBLISH with DUP set whose
@@ -483,12 +682,9 @@ pub(crate) trait Outbound {
     fn is_open(&self) -> bool;
     fn is_ready(&self) -> bool;
     fn ready(&self) -> impl Future<Output = bool>;
-    /// Sends QoS 0 (the writer waited for [`Outbound::is_ready`]).
-    fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult;
-    /// Sends QoS 1 without waiting for the ack ([`Conn::take_ack`] completes it).
-    fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult;
-    /// Sends QoS 2 without waiting for PUBREC ([`Conn::take_ack`] follows the flow).
-    fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult;
+    /// Writes one delivery at its QoS (the writer waited for [`Outbound::is_ready`]),
+    /// without waiting for its ack: [`Conn::take_ack`] follows QoS 1 and 2 flows.
+    fn send(&mut self, outgoing: Outgoing) -> SendResult;
     /// The connection's raw I/O.
     fn io(&self) -> &ntex::io::IoRef;
     /// Closes the connection because another connection took the session over.
@@ -504,6 +700,25 @@ pub(crate) enum SendResult {
     /// The client cannot take this message (e.g. larger than its maximum packet size):
     /// it is dropped, the connection continues.
     Rejected,
+}
+
+/// Packet types of the acks the broker writes itself.
+pub(crate) const PUBACK: u8 = 0x40;
+pub(crate) const PUBREC: u8 = 0x50;
+pub(crate) const PUBREL: u8 = 0x62;
+pub(crate) const PUBCOMP: u8 = 0x70;
+
+/// Writes an ack (`PUBACK`, `PUBREC`, `PUBREL`, `PUBCOMP`) for `packet_id`, with MQTT 5's
+/// reason code 0x92 (packet identifier not found) if `not_found`. False if the connection
+/// is closing.
+pub(crate) fn write_ack(io: &ntex::io::IoRef, kind: u8, packet_id: u16, not_found: bool) -> bool {
+    let [hi, lo] = packet_id.to_be_bytes();
+    let written = if not_found {
+        io.encode_slice(&[kind, 0x03, hi, lo, 0x92])
+    } else {
+        io.encode_slice(&[kind, 0x02, hi, lo])
+    };
+    written.is_ok()
 }
 
 /// The connection lost its session: to a newer connection, or by a reload's revocation.
@@ -533,8 +748,7 @@ pub(crate) async fn run_writer<O: Outbound>(
         {
             // PUBREC arrived on an earlier connection: only PUBREL is owed
             // [MQTT-4.4.0-1]; its PUBCOMP is taken by `AckGuard`.
-            let [hi, lo] = id.get().to_be_bytes();
-            return out.io().encode_slice(&[0x62, 0x02, hi, lo]).is_ok();
+            return write_ack(out.io(), PUBREL, id.get(), false);
         }
         let qos = outgoing.delivery.qos;
         let size = outgoing.delivery.message.payload.len();
@@ -554,12 +768,7 @@ pub(crate) async fn run_writer<O: Outbound>(
                 }
             }
         }
-        let result = match qos {
-            QoS::AtMostOnce => out.send_qos0(outgoing),
-            QoS::AtLeastOnce => out.send_qos1(outgoing),
-            QoS::ExactlyOnce => out.send_qos2(outgoing),
-        };
-        match result {
+        match out.send(outgoing) {
             SendResult::Sent => {
                 tally.add(qos, size);
                 true
@@ -669,7 +878,8 @@ impl Drop for SentTally {
 }
 
 /// Middleware in front of ntex-mqtt's packet handling: takes every PUBACK, PUBREC and
-/// PUBCOMP ([`Conn::take_ack`]) before ntex's service pipeline. The broker writes its
+/// PUBCOMP ([`Conn::take_ack`]) before ntex's service pipeline, and on MQTT 3.1.1 also
+/// PUBLISH and PUBREL where it can (see [`Inbound`]). The broker writes its
 /// deliveries itself rather than through ntex's sink (see [`Outbound`]), so ntex knows none
 /// of their packet ids; its per-packet pipeline and ack bookkeeping were a fifth of the
 /// broker's core in QoS 1 fan-out.
@@ -687,51 +897,43 @@ impl<S, St> ntex::service::Middleware<S, St> for AckGuard {
     }
 }
 
-/// The client's acknowledgement of a delivery (PUBACK, PUBREC, PUBCOMP) with its packet id,
-/// for both protocol versions.
-pub(crate) trait Acknowledgement {
-    fn ack(&self) -> Option<(AckKind, u16)>;
-}
-
-impl Acknowledgement for ntex_mqtt::v3::codec::Decoded {
-    fn ack(&self) -> Option<(AckKind, u16)> {
-        use ntex_mqtt::v3::codec::Packet;
-        match self {
-            Self::Packet(Packet::PublishAck { packet_id }, _) => {
-                Some((AckKind::Puback, packet_id.get()))
-            }
-            Self::Packet(Packet::PublishReceived { packet_id }, _) => {
-                Some((AckKind::Pubrec, packet_id.get()))
-            }
-            Self::Packet(Packet::PublishComplete { packet_id }, _) => {
-                Some((AckKind::Pubcomp, packet_id.get()))
-            }
-            _ => None,
-        }
-    }
-}
-
-impl Acknowledgement for ntex_mqtt::v5::codec::Decoded {
-    fn ack(&self) -> Option<(AckKind, u16)> {
+/// MQTT 5: acks are taken here; PUBLISH and the rest go through ntex's pipeline. The packet
+/// ids of QoS 2 PUBLISHes passed on are noted so that a PUBREL for a PUBLISH received on an
+/// earlier connection of the session (which ntex would answer without telling the broker)
+/// releases it in the session ([`Conn::take_release`]).
+impl Inbound for ntex_mqtt::v5::codec::Decoded {
+    fn take(self, conn: &Conn) -> Taken<'_, Self> {
         use ntex_mqtt::v5::codec::Packet;
-        match self {
-            // Any reason code completes a QoS 1 delivery.
-            Self::Packet(Packet::PublishAck(ack), _) => {
-                Some((AckKind::Puback, ack.packet_id.get()))
+        let (kind, packet_id) = match &self {
+            Self::Publish(publish, ..) => {
+                if publish.qos == ntex_mqtt::QoS::ExactlyOnce
+                    && let Some(id) = publish.packet_id
+                {
+                    conn.pass_inbound(id.get());
+                }
+                return Taken::Pass(self, None);
             }
+            Self::Packet(Packet::PublishRelease(release), _) => {
+                if conn.take_release(release.packet_id.get()) {
+                    return Taken::Pass(self, None);
+                }
+                return Taken::Done;
+            }
+            // Any reason code completes a QoS 1 delivery.
+            Self::Packet(Packet::PublishAck(ack), _) => (AckKind::Puback, ack.packet_id),
             Self::Packet(Packet::PublishReceived(ack), _) => {
                 let kind = if u8::from(ack.reason_code) < 0x80 {
                     AckKind::Pubrec
                 } else {
                     AckKind::PubrecRefused
                 };
-                Some((kind, ack.packet_id.get()))
+                (kind, ack.packet_id)
             }
-            Self::Packet(Packet::PublishComplete(ack), _) => {
-                Some((AckKind::Pubcomp, ack.packet_id.get()))
-            }
-            _ => None,
-        }
+            Self::Packet(Packet::PublishComplete(ack), _) => (AckKind::Pubcomp, ack.packet_id),
+            _ => return Taken::Pass(self, None),
+        };
+        conn.take_ack(kind, packet_id.get());
+        Taken::Done
     }
 }
 
@@ -739,7 +941,7 @@ impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for Ack
 where
     S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req>,
     S::Res: Default,
-    Req: Acknowledgement,
+    Req: Inbound,
 {
     type Res = S::Res;
     type Error = S::Error;
@@ -753,12 +955,24 @@ where
         request: Req,
         ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
     ) -> Result<Self::Res, Self::Error> {
-        if let Some((kind, id)) = request.ack() {
-            let conn: &Conn = ctx.st();
-            conn.take_ack(kind, id);
-            return Ok(S::Res::default());
+        let conn: &Conn = ctx.st();
+        match request.take(conn) {
+            Taken::Done => Ok(S::Res::default()),
+            Taken::Later(handled) => {
+                handled.await;
+                Ok(S::Res::default())
+            }
+            Taken::Pass(request, owned) => {
+                // Boxed: ntex boxes this call's future per packet and moves it around;
+                // holding the rest of the pipeline's future (3.4 KiB) inline would make
+                // every taken packet pay for its size.
+                let result = Box::pin(ctx.call(&self.inner, request)).await;
+                if let Some(id) = owned {
+                    conn.passed_done(id);
+                }
+                result
+            }
         }
-        ctx.call(&self.inner, request).await
     }
 }
 
@@ -782,6 +996,14 @@ impl<'a, T> Handled<'a, T> {
 
     pub fn later(future: impl Future<Output = T> + 'a) -> Self {
         Self::Later(Box::pin(future))
+    }
+
+    /// The result if it is there, else the future.
+    pub fn now(self) -> Result<T, Pin<Box<dyn Future<Output = T> + 'a>>> {
+        match self {
+            Self::Ready(value) => Ok(value.expect("`Handled` taken after it completed")),
+            Self::Later(future) => Err(future),
+        }
     }
 }
 

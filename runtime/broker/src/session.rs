@@ -680,15 +680,17 @@ impl Session {
         (new, ticket)
     }
 
-    /// Inbound PUBREL.
-    pub fn inbound_qos2_release(&self, packet_id: u16) {
+    /// Inbound PUBREL. False if the packet id was not received.
+    pub fn inbound_qos2_release(&self, packet_id: u16) -> bool {
         let mut state = self.lock();
-        if state.inbound_qos2.remove(&packet_id) {
+        let known = state.inbound_qos2.remove(&packet_id);
+        if known {
             self.persist(&state, |client_id| Op::DeleteInbound {
                 client_id,
                 packet_id,
             });
         }
+        known
     }
 
     /// Adds a subscription record; returns true when it replaced one for the same filter.

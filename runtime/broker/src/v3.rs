@@ -4,15 +4,20 @@ use std::sync::Arc;
 
 use edgegw_store::Ticket;
 use ntex::time::Seconds;
+use ntex_bytes::BytesMut;
 use ntex_mqtt::{Control, Reason, error::PayloadError, v3};
 
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Handled, Outbound, Qos2, SendResult, Shared, run_writer, with_payload},
+    connection::{
+        Conn, Handled, Inbound, InboundId, Outbound, Partial, Qos2, SendResult, Shared, Taken,
+        run_writer, with_payload,
+    },
     message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
+    session::AckKind,
     session::Outgoing,
     tree::SubOptions,
 };
@@ -183,6 +188,171 @@ pub(crate) fn publish(
     })
 }
 
+/// MQTT 3.1.1 packets taken before ntex's service pipeline ([`crate::connection::AckGuard`]):
+/// acks of deliveries, PUBLISHes (payloads that arrive in chunks are collected here, see
+/// [`Partial`]) and their PUBRELs. ntex would box each packet's trip through its pipeline
+/// (3.5 KiB moved and allocated per packet) and keep its own packet id map beside the
+/// session's. The rest goes through ntex and [`publish`]/[`protocol`]: SUBSCRIBE and the
+/// like, and PUBLISHes under a publish rate limit (whose waits hold back ntex's reading),
+/// beyond `receive_maximum` publishes waiting for the state file, or behind the QoS 0 lane.
+/// ntex follows the packet ids of PUBLISHes passed on: their re-sends and PUBRELs go there.
+impl Inbound for v3::codec::Decoded {
+    fn take(self, conn: &Conn) -> Taken<'_, Self> {
+        use v3::codec::{Decoded, Packet};
+        let (kind, packet_id) = match self {
+            Decoded::Publish(publish, payload, size) => {
+                return take_publish(conn, publish, payload, size);
+            }
+            Decoded::PayloadChunk(_, eof) if conn.discarded_chunk(eof) => return Taken::Done,
+            Decoded::PayloadChunk(chunk, eof) => {
+                return match conn.partial_chunk(chunk, eof) {
+                    Ok(None) => Taken::Done,
+                    Ok(Some(partial)) => {
+                        let Partial {
+                            topic,
+                            qos,
+                            retain,
+                            dup,
+                            packet_id,
+                            payload,
+                        } = *partial;
+                        handle_publish(conn, topic, payload.freeze(), qos, retain, dup, packet_id)
+                    }
+                    Err(chunk) => Taken::Pass(Decoded::PayloadChunk(chunk, eof), None),
+                };
+            }
+            Decoded::Packet(Packet::PublishAck { packet_id }, _) => (AckKind::Puback, packet_id),
+            Decoded::Packet(Packet::PublishReceived { packet_id }, _) => {
+                (AckKind::Pubrec, packet_id)
+            }
+            Decoded::Packet(Packet::PublishComplete { packet_id }, _) => {
+                (AckKind::Pubcomp, packet_id)
+            }
+            Decoded::Packet(Packet::PublishRelease { packet_id }, size) => {
+                if conn.take_release(packet_id.get()) {
+                    return Taken::Pass(
+                        Decoded::Packet(Packet::PublishRelease { packet_id }, size),
+                        None,
+                    );
+                }
+                return Taken::Done;
+            }
+            other => return Taken::Pass(other, None),
+        };
+        conn.take_ack(kind, packet_id.get());
+        Taken::Done
+    }
+}
+
+/// A PUBLISH: handled here (at once, or after its last payload chunk) or passed on to ntex
+/// (see [`Inbound`]). The checks on its packet id are those ntex makes, on this
+/// connection's ids.
+fn take_publish(
+    conn: &Conn,
+    publish: v3::codec::Publish,
+    payload: Bytes,
+    size: u32,
+) -> Taken<'_, v3::codec::Decoded> {
+    let qos = QoS::from(publish.qos);
+    let whole = publish.payload_size as usize == payload.len();
+    let packet_id = publish.packet_id.map(|id| id.get());
+    if let Some(id) = packet_id {
+        match conn.inbound_id(id) {
+            None => {}
+            Some(InboundId::Ntex) => {
+                return Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), None);
+            }
+            // A re-send while the first is being handled: the first one's ack acks both.
+            Some(InboundId::Waiting(first)) if publish.dup && first == qos => {
+                if !whole {
+                    conn.discard_payload();
+                }
+                return Taken::Done;
+            }
+            // Until PUBREL, a PUBLISH with the packet id gets PUBREC and is not routed,
+            // DUP or not [MQTT-4.3.3-2].
+            Some(InboundId::Received) if qos == QoS::ExactlyOnce => {
+                if !whole {
+                    conn.discard_payload();
+                }
+                conn.received_qos2(id);
+                return Taken::Done;
+            }
+            Some(_) => {
+                conn.packet_id_in_use(id);
+                return Taken::Done;
+            }
+        }
+    }
+    if !conn.may_take_publish() || (qos == QoS::AtMostOnce && !conn.qos0.is_idle()) {
+        return match packet_id {
+            Some(id) => {
+                conn.pass_inbound(id);
+                let owned = (qos == QoS::AtLeastOnce).then_some(id);
+                Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), owned)
+            }
+            None => Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), None),
+        };
+    }
+    if !whole {
+        conn.begin_partial(Partial {
+            topic: publish.topic,
+            qos,
+            retain: publish.retain,
+            dup: publish.dup,
+            packet_id,
+            payload: BytesMut::from(&payload[..]),
+        });
+        return Taken::Done;
+    }
+    handle_publish(
+        conn,
+        publish.topic,
+        payload,
+        qos,
+        publish.retain,
+        publish.dup,
+        packet_id,
+    )
+}
+
+/// A taken PUBLISH with its whole payload.
+fn handle_publish<'a>(
+    conn: &'a Conn,
+    topic: ByteString,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    dup: bool,
+    packet_id: Option<u16>,
+) -> Taken<'a, v3::codec::Decoded> {
+    let mut inbound = None;
+    if qos == QoS::ExactlyOnce
+        && let Some(id) = packet_id
+    {
+        match conn.begin_qos2(id, dup) {
+            Qos2::Duplicate => {
+                conn.received_qos2(id);
+                return Taken::Done;
+            }
+            Qos2::New(ticket) => inbound = ticket,
+        }
+    }
+    match accept(conn, topic, Ok(payload), qos, retain, inbound).now() {
+        Ok(result) => {
+            conn.publish_done(qos, packet_id, false, result);
+            Taken::Done
+        }
+        Err(later) => {
+            conn.inbound_wait(qos, packet_id);
+            Taken::Later(Box::pin(async move {
+                let result = later.await;
+                conn.publish_done(qos, packet_id, true, result);
+            }))
+        }
+    }
+}
+
 /// A PUBLISH with its whole payload.
 fn accept(
     conn: &Conn,
@@ -316,7 +486,11 @@ struct Sink {
 }
 
 impl Sink {
-    fn send(&self, outgoing: Outgoing, qos: v3::codec::QoS) -> SendResult {
+    fn encode(&self, outgoing: Outgoing) -> SendResult {
+        let qos = ntex_mqtt::QoS::from(outgoing.delivery.qos);
+        if qos != ntex_mqtt::QoS::AtMostOnce && outgoing.packet_id.is_none() {
+            return SendResult::Rejected;
+        }
         let message = &outgoing.delivery.message;
         let payload = message.payload.clone();
         let Ok(payload_size) = u32::try_from(payload.len()) else {
@@ -358,19 +532,8 @@ impl Outbound for Sink {
         self.sink.ready().await
     }
 
-    fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
-        self.send(outgoing, v3::codec::QoS::AtMostOnce)
-    }
-
-    fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult {
-        self.send(outgoing, v3::codec::QoS::AtLeastOnce)
-    }
-
-    fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult {
-        if outgoing.packet_id.is_none() {
-            return SendResult::Rejected;
-        }
-        self.send(outgoing, v3::codec::QoS::ExactlyOnce)
+    fn send(&mut self, outgoing: Outgoing) -> SendResult {
+        self.encode(outgoing)
     }
 
     fn io(&self) -> &ntex::io::IoRef {

@@ -450,7 +450,11 @@ struct Sink {
 }
 
 impl Sink {
-    fn send(&mut self, outgoing: Outgoing, qos: codec::QoS) -> SendResult {
+    fn encode(&mut self, outgoing: Outgoing) -> SendResult {
+        let qos = ntex_mqtt::QoS::from(outgoing.delivery.qos);
+        if qos != ntex_mqtt::QoS::AtMostOnce && outgoing.packet_id.is_none() {
+            return SendResult::Rejected;
+        }
         let delivery = &outgoing.delivery;
         let message = &delivery.message;
         let payload = message.payload.clone();
@@ -529,19 +533,8 @@ impl Outbound for Sink {
         self.sink.ready().await
     }
 
-    fn send_qos0(&mut self, outgoing: Outgoing) -> SendResult {
-        self.send(outgoing, codec::QoS::AtMostOnce)
-    }
-
-    fn send_qos1(&mut self, outgoing: Outgoing) -> SendResult {
-        self.send(outgoing, codec::QoS::AtLeastOnce)
-    }
-
-    fn send_qos2(&mut self, outgoing: Outgoing) -> SendResult {
-        if outgoing.packet_id.is_none() {
-            return SendResult::Rejected;
-        }
-        self.send(outgoing, codec::QoS::ExactlyOnce)
+    fn send(&mut self, outgoing: Outgoing) -> SendResult {
+        self.encode(outgoing)
     }
 
     fn io(&self) -> &ntex::io::IoRef {
