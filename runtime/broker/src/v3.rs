@@ -122,7 +122,6 @@ pub(crate) async fn connect(
     let out = Sink {
         sink: connect.sink(),
         io: connect.io().get_ref(),
-        codec: v3::codec::Codec::new(),
     };
     ntex::rt::spawn(run_writer(
         out,
@@ -482,41 +481,66 @@ pub(crate) async fn control(
 struct Sink {
     sink: v3::MqttSink,
     io: ntex::io::IoRef,
-    codec: v3::codec::Codec,
 }
 
-impl Sink {
-    fn encode(&self, outgoing: Outgoing) -> SendResult {
-        let qos = ntex_mqtt::QoS::from(outgoing.delivery.qos);
-        if qos != ntex_mqtt::QoS::AtMostOnce && outgoing.packet_id.is_none() {
-            return SendResult::Rejected;
-        }
-        let message = &outgoing.delivery.message;
-        let payload = message.payload.clone();
-        let Ok(payload_size) = u32::try_from(payload.len()) else {
-            return SendResult::Rejected;
-        };
-        let packet = v3::codec::Publish {
-            dup: outgoing.dup,
-            retain: outgoing.delivery.retain,
-            qos,
-            topic: message.topic.clone(),
-            packet_id: outgoing.packet_id,
-            payload_size,
-        };
-        match self.io.encode(
-            v3::codec::Encoded::Publish(packet, Some(payload)),
-            &self.codec,
-        ) {
-            // A closing connection takes nothing and says Ok: the writer sees it closed
-            // next; an unsent QoS 1/2 delivery stays in flight for the next connection.
-            Ok(()) => SendResult::Sent,
-            Err(error) => {
-                tracing::debug!(%error, topic = %message.topic, "Message not sent to a 3.1.1 client; dropped.");
-                SendResult::Rejected
-            }
+/// The largest remaining length MQTT's variable byte integer can express.
+const MAX_REMAINING: usize = 268_435_455;
+
+/// Payloads up to this size are copied into the write buffer, larger ones are appended as
+/// a page of their own without a copy (as ntex's own `BytePages::append` decides).
+const COPY_LIMIT: usize = 4096;
+
+/// Encodes a PUBLISH of a delivery as MQTT 3.1.1 does into `buf`, straight from the
+/// message: ntex's codec wants a packet that holds clones of topic and payload (two
+/// reference counts up and down per delivery) and checks it again; the writer's messages
+/// are already valid. False (nothing written) when it cannot be encoded: larger than a
+/// packet can be, or QoS 1/2 without a packet id.
+fn encode_publish(buf: &mut ntex_bytes::BytePages, outgoing: &Outgoing) -> bool {
+    use ntex_bytes::BufMut;
+    let delivery = &outgoing.delivery;
+    let message = &delivery.message;
+    let topic = message.topic.as_bytes();
+    let payload = &message.payload;
+    let packet_id = match (delivery.qos, outgoing.packet_id) {
+        (QoS::AtMostOnce, _) => None,
+        (_, Some(id)) => Some(id.get()),
+        (_, None) => return false,
+    };
+    let Ok(topic_len) = u16::try_from(topic.len()) else {
+        return false;
+    };
+    let remaining = 2 + topic.len() + if packet_id.is_some() { 2 } else { 0 } + payload.len();
+    if remaining > MAX_REMAINING {
+        return false;
+    }
+    let mut header = [0u8; 7];
+    header[0] = 0x30
+        | (u8::from(outgoing.dup) << 3)
+        | (delivery.qos.as_u8() << 1)
+        | u8::from(delivery.retain);
+    let mut n = 1;
+    let mut left = remaining;
+    loop {
+        let byte = (left % 128) as u8;
+        left /= 128;
+        header[n] = if left > 0 { byte | 0x80 } else { byte };
+        n += 1;
+        if left == 0 {
+            break;
         }
     }
+    header[n..n + 2].copy_from_slice(&topic_len.to_be_bytes());
+    buf.put_slice(&header[..n + 2]);
+    buf.put_slice(topic);
+    if let Some(id) = packet_id {
+        buf.put_slice(&id.to_be_bytes());
+    }
+    if payload.len() <= COPY_LIMIT {
+        buf.put_slice(payload);
+    } else {
+        buf.append(payload.clone());
+    }
+    true
 }
 
 impl Outbound for Sink {
@@ -532,8 +556,13 @@ impl Outbound for Sink {
         self.sink.ready().await
     }
 
-    fn send(&mut self, outgoing: Outgoing) -> SendResult {
-        self.encode(outgoing)
+    fn encode(&mut self, buf: &mut ntex_bytes::BytePages, outgoing: &Outgoing) -> SendResult {
+        if encode_publish(buf, outgoing) {
+            SendResult::Sent
+        } else {
+            tracing::debug!(topic = %outgoing.delivery.message.topic, "Message cannot be encoded for a 3.1.1 client; dropped.");
+            SendResult::Rejected
+        }
     }
 
     fn io(&self) -> &ntex::io::IoRef {
@@ -545,5 +574,93 @@ impl Outbound for Sink {
     }
     fn close_revoked(&self) {
         self.sink.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{num::NonZeroU16, sync::Arc};
+
+    use ntex::codec::Encoder;
+    use ntex_bytes::BytePages;
+
+    use super::*;
+    use crate::session::Delivery;
+
+    fn outgoing(topic: &str, payload: usize, qos: QoS, retain: bool, dup: bool) -> Outgoing {
+        let payload: Vec<u8> = (0..payload).map(|i| (i % 251) as u8).collect();
+        Outgoing {
+            delivery: Delivery {
+                message: Arc::new(Message::new(topic, payload, qos)),
+                qos,
+                retain,
+                subscription_ids: Vec::new(),
+                seq: 0,
+            },
+            packet_id: (qos != QoS::AtMostOnce).then(|| NonZeroU16::new(0x1234).unwrap()),
+            dup,
+            release_only: false,
+        }
+    }
+
+    /// The bytes ntex-mqtt's own codec writes for the same PUBLISH.
+    fn ntex_encoding(o: &Outgoing) -> Vec<u8> {
+        let message = &o.delivery.message;
+        let packet = v3::codec::Publish {
+            dup: o.dup,
+            retain: o.delivery.retain,
+            qos: o.delivery.qos.into(),
+            topic: message.topic.clone(),
+            packet_id: o.packet_id,
+            payload_size: message.payload.len() as u32,
+        };
+        let mut buf = BytePages::default();
+        v3::codec::Codec::new()
+            .encode(
+                v3::codec::Encoded::Publish(packet, Some(message.payload.clone())),
+                &mut buf,
+            )
+            .unwrap();
+        buf.freeze().to_vec()
+    }
+
+    #[test]
+    fn publishes_are_encoded_as_ntex_encodes_them() {
+        // Remaining lengths around each step of the variable byte integer (127/128,
+        // 16383/16384), payloads copied and appended (around 4096), every flag.
+        let long_topic = "t/".repeat(40);
+        let payloads = [
+            0, 1, 100, 121, 122, 125, 126, 4095, 4096, 4097, 16_000, 16_380, 20_000,
+        ];
+        for topic in ["a", "sensors/x/temp", long_topic.as_str()] {
+            for payload in payloads {
+                for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                    for (retain, dup) in
+                        [(false, false), (true, false), (false, true), (true, true)]
+                    {
+                        let dup = dup && qos != QoS::AtMostOnce;
+                        let o = outgoing(topic, payload, qos, retain, dup);
+                        let mut buf = BytePages::default();
+                        assert!(encode_publish(&mut buf, &o));
+                        assert_eq!(
+                            buf.freeze().to_vec(),
+                            ntex_encoding(&o),
+                            "topic {topic}, payload {payload}, {qos:?}, retain {retain}, dup {dup}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_publish_that_cannot_be_encoded_writes_nothing() {
+        let mut o = outgoing("t", 10, QoS::AtLeastOnce, false, false);
+        o.packet_id = None;
+        let mut buf = BytePages::default();
+        assert!(!encode_publish(&mut buf, &o));
+        let o = outgoing(&"x".repeat(70_000), 10, QoS::AtMostOnce, false, false);
+        assert!(!encode_publish(&mut buf, &o));
+        assert!(buf.freeze().is_empty());
     }
 }

@@ -450,7 +450,7 @@ struct Sink {
 }
 
 impl Sink {
-    fn encode(&mut self, outgoing: Outgoing) -> SendResult {
+    fn encode_into(&mut self, buf: &mut ntex_bytes::BytePages, outgoing: &Outgoing) -> SendResult {
         let qos = ntex_mqtt::QoS::from(outgoing.delivery.qos);
         if qos != ntex_mqtt::QoS::AtMostOnce && outgoing.packet_id.is_none() {
             return SendResult::Rejected;
@@ -498,12 +498,11 @@ impl Sink {
                     .collect(),
             },
         };
-        match self
-            .io
-            .encode(codec::Encoded::Publish(packet, Some(payload)), &self.codec)
-        {
-            // A closing connection takes nothing and says Ok: the writer sees it closed
-            // next; an unsent QoS 1/2 delivery stays in flight for the next connection.
+        match ntex::codec::Encoder::encode(
+            &self.codec,
+            codec::Encoded::Publish(packet, Some(payload)),
+            buf,
+        ) {
             Ok(()) => SendResult::Sent,
             Err(error) => {
                 // Most likely larger than the client's maximum packet size. An alias assigned
@@ -533,8 +532,8 @@ impl Outbound for Sink {
         self.sink.ready().await
     }
 
-    fn send(&mut self, outgoing: Outgoing) -> SendResult {
-        self.encode(outgoing)
+    fn encode(&mut self, buf: &mut ntex_bytes::BytePages, outgoing: &Outgoing) -> SendResult {
+        self.encode_into(buf, outgoing)
     }
 
     fn io(&self) -> &ntex::io::IoRef {
