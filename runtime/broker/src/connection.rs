@@ -970,8 +970,17 @@ where
     type Error = S::Error;
 
     ntex::forward_bind!(ntex_mqtt::Session<T, Conn>, inner);
-    ntex::forward_ready!(ntex_mqtt::Session<T, Conn>, inner);
     ntex::forward_shutdown!(ntex_mqtt::Session<T, Conn>, inner);
+
+    /// Boxed: ntex's per-packet call future holds the pipeline's readiness future inline,
+    /// and the layers below make it large; as a box it is one pointer, allocated only when
+    /// readiness is actually awaited (ntex checks it once before a run of calls).
+    async fn ready(
+        &self,
+        ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
+    ) -> Result<(), Self::Error> {
+        Box::pin(ctx.ready(&self.inner)).await
+    }
 
     async fn call(
         &self,
