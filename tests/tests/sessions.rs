@@ -1428,3 +1428,36 @@ fn v3_qos2_packet_id_before_its_pubrel() {
     assert!(seen.is_empty(), "{seen:?}");
     assert_eq!(payloads(&drain(&mut sub, false, QUIET)), vec!["third"]);
 }
+
+/// PUBACKs go out in the order of their PUBLISHes [MQTT-4.6.0-2], also when the first one
+/// waits for the state file (a persistent subscriber's copy) and the next one, which nobody
+/// subscribes to, is done at once.
+#[test]
+fn v3_pubacks_follow_publish_order_when_one_waits_for_the_state_file() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect_v3(&gw, "order-sub", false);
+    subscribe(&mut sub, false, 1, "durable/#", 1);
+    let (mut publisher, _) = connect_v3(&gw, "order-pub", true);
+    for round in 0..5u16 {
+        let first = round * 2 + 1;
+        let mut both = raw::publish_v3("durable/t", 1, first, false, b"kept");
+        both.extend(raw::publish_v3(
+            "nobody/t",
+            1,
+            first + 1,
+            false,
+            b"not kept",
+        ));
+        publisher.send(&both);
+        for id in [first, first + 1] {
+            let p = publisher.read(WAIT).expect("PUBACK");
+            assert_eq!(p.kind(), raw::PUBACK, "{p:?}");
+            assert_eq!(
+                p.body[..2],
+                id.to_be_bytes(),
+                "PUBACKs out of PUBLISH order in round {round}"
+            );
+        }
+    }
+    assert_eq!(drain(&mut sub, false, QUIET).len(), 5);
+}

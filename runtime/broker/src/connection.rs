@@ -126,21 +126,56 @@ pub(crate) struct Partial {
     pub dup: bool,
     pub packet_id: Option<u16>,
     pub payload: ntex_bytes::BytesMut,
+    /// Answers the PUBLISH's own call, which holds its place in ntex's ordered acks.
+    pub answer: tokio::sync::oneshot::Sender<Result<Option<InboundAck>, crate::BrokerError>>,
+}
+
+/// The ack a taken PUBLISH is answered with (ntex writes it in packet order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InboundAck {
+    Puback(u16),
+    Pubrec(u16),
 }
 
 /// What [`Inbound::take`] did with a packet.
-pub(crate) enum Taken<'a, R> {
-    /// Handled.
-    Done,
+pub(crate) enum Taken<'a, R: Inbound> {
+    /// Handled: the call's response (an ack ntex writes in packet order, or an error that
+    /// closes the connection as ntex's own would).
+    Done(Result<R::Res, R::Error>),
     /// Handled once this completes (the connection reads on meanwhile).
-    Later(Pin<Box<dyn Future<Output = ()> + 'a>>),
-    /// For ntex's pipeline; `Some(id)`: that packet id is ntex's until the call returns.
-    Pass(R, Option<u16>),
+    Later(Answering<'a, R>),
+    /// For ntex's pipeline.
+    Pass(R, Passed),
+}
+
+/// The answer of a packet handled later.
+pub(crate) type Answering<'a, R> =
+    Pin<Box<dyn Future<Output = Result<<R as Inbound>::Res, <R as Inbound>::Error>> + 'a>>;
+
+/// A packet passed on to ntex, to account for once its call returns.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Passed {
+    /// A PUBLISH (see [`Conn::pass_publish`]).
+    pub publish: bool,
+    /// A QoS 1 packet id that is ntex's until the call returns.
+    pub qos1_id: Option<u16>,
 }
 
 /// An inbound packet the broker may handle itself before ntex-mqtt's service pipeline.
 pub(crate) trait Inbound: Sized {
+    type Res: Default;
+    type Error;
     fn take(self, conn: &Conn) -> Taken<'_, Self>;
+}
+
+/// What a PUBREL found ([`Conn::take_release`]).
+pub(crate) enum Release {
+    /// The packet id is ntex's: pass the PUBREL on.
+    Ntex,
+    /// Answered here with PUBCOMP.
+    Answered,
+    /// The PUBLISH is still being handled: a protocol violation.
+    BeforePubrec,
 }
 
 /// A per-connection publish rate limit: publishes get slots `interval` apart, with a burst
@@ -295,6 +330,8 @@ pub(crate) struct Conn {
     inbound: RefCell<std::collections::HashMap<u16, InboundId, foldhash::fast::RandomState>>,
     /// PUBLISHes taken before ntex's pipeline that wait for the state file.
     inbound_waiting: Cell<u16>,
+    /// PUBLISHes passed on to ntex whose calls have not returned.
+    passed_publishes: Cell<u32>,
     /// The payload chunks of a streamed PUBLISH ignored as a re-send are dropped.
     discard_chunks: Cell<bool>,
     /// A taken PUBLISH whose payload is still arriving in chunks.
@@ -339,6 +376,7 @@ impl Conn {
             io,
             inbound: RefCell::default(),
             inbound_waiting: Cell::new(0),
+            passed_publishes: Cell::new(0),
             discard_chunks: Cell::new(false),
             partial: RefCell::new(None),
             finished: Cell::new(false),
@@ -471,25 +509,45 @@ impl Conn {
         self.inbound.borrow().get(&packet_id).copied()
     }
 
-    /// Hands a packet id to ntex-mqtt (a PUBLISH passed on).
-    pub fn pass_inbound(&self, packet_id: u16) {
-        self.inbound.borrow_mut().insert(packet_id, InboundId::Ntex);
-    }
-
-    /// ntex-mqtt is done with a QoS 1 packet id passed on.
-    pub fn passed_done(&self, packet_id: u16) {
-        let mut inbound = self.inbound.borrow_mut();
-        if inbound.get(&packet_id) == Some(&InboundId::Ntex) {
-            inbound.remove(&packet_id);
+    /// Passes a PUBLISH on to ntex-mqtt, which then follows its packet id.
+    pub fn pass_publish(&self, qos: QoS, packet_id: Option<u16>) -> Passed {
+        self.passed_publishes.set(self.passed_publishes.get() + 1);
+        if let Some(id) = packet_id {
+            self.inbound.borrow_mut().insert(id, InboundId::Ntex);
+        }
+        Passed {
+            publish: true,
+            qos1_id: packet_id.filter(|_| qos == QoS::AtLeastOnce),
         }
     }
 
-    /// Whether a PUBLISH may be taken before ntex's pipeline as far as waiting goes: no
-    /// publish rate limit (whose waits hold back ntex's reading) and fewer than
-    /// `receive_maximum` taken publishes waiting for the state file (beyond, ntex's
-    /// in-flight limits apply).
+    /// Notes a QoS 2 packet id passed on to ntex (MQTT 5), so its PUBREL goes there.
+    pub fn pass_qos2_id(&self, packet_id: u16) {
+        self.inbound.borrow_mut().insert(packet_id, InboundId::Ntex);
+    }
+
+    /// ntex's call for a packet passed on returned.
+    pub fn passed_done(&self, passed: Passed) {
+        if passed.publish {
+            self.passed_publishes.set(self.passed_publishes.get() - 1);
+        }
+        if let Some(id) = passed.qos1_id {
+            let mut inbound = self.inbound.borrow_mut();
+            if inbound.get(&id) == Some(&InboundId::Ntex) {
+                inbound.remove(&id);
+            }
+        }
+    }
+
+    /// Whether a PUBLISH may be taken before ntex's pipeline: no publish rate limit (whose
+    /// waits hold back ntex's reading), fewer than `receive_maximum` taken publishes
+    /// waiting for the state file (beyond, ntex's in-flight limits apply), and no PUBLISH
+    /// passed on to ntex still in its pipeline (which may hold it for an in-flight slot: a
+    /// taken one would be routed before it).
     pub fn may_take_publish(&self) -> bool {
-        self.rate.is_none() && self.inbound_waiting.get() < self.shared.limits.receive_maximum
+        self.rate.is_none()
+            && self.inbound_waiting.get() < self.shared.limits.receive_maximum
+            && self.passed_publishes.get() == 0
     }
 
     /// Drops the payload chunks that follow (a streamed PUBLISH ignored as a re-send).
@@ -534,8 +592,8 @@ impl Conn {
         self.inbound_waiting.set(self.inbound_waiting.get() + 1);
     }
 
-    /// Ends a taken PUBLISH: writes its ack (QoS 2: PUBREC, the packet id then waits for
-    /// PUBREL), or closes the connection if it failed (MQTT 3.1.1 has no negative ack; the
+    /// Ends a taken PUBLISH: its ack (QoS 2: PUBREC, the packet id then waits for PUBREL),
+    /// or its error, which closes the connection (MQTT 3.1.1 has no negative ack; the
     /// publisher re-sends after reconnecting). `waited`: it was [`Conn::inbound_wait`]ing.
     pub fn publish_done(
         &self,
@@ -543,76 +601,55 @@ impl Conn {
         packet_id: Option<u16>,
         waited: bool,
         result: Result<(), crate::BrokerError>,
-    ) {
+    ) -> Result<Option<InboundAck>, crate::BrokerError> {
         if waited {
             self.inbound_waiting.set(self.inbound_waiting.get() - 1);
         }
         match (result, packet_id) {
-            (Ok(()), Some(id)) if qos == QoS::ExactlyOnce => self.received_qos2(id),
+            (Ok(()), Some(id)) if qos == QoS::ExactlyOnce => Ok(Some(self.received_qos2(id))),
             (Ok(()), Some(id)) => {
                 if waited {
                     self.inbound.borrow_mut().remove(&id);
                 }
-                write_ack(&self.io, PUBACK, id, false);
+                Ok(Some(InboundAck::Puback(id)))
             }
-            (Ok(()), None) => {}
+            (Ok(()), None) => Ok(None),
             (Err(error), id) => {
                 if let Some(id) = id {
                     self.inbound.borrow_mut().remove(&id);
                 }
-                // As ntex does for a handler's error (then `control` sees the stop).
-                BrokerMetrics::protocol_error("violation");
-                tracing::warn!(client_id = self.client_id(), protocol = self.protocol.label(), %error, "Closing connection.");
-                self.io.close();
+                Err(error)
             }
         }
     }
 
-    /// A QoS 2 PUBLISH is received (routed or a re-send): PUBREC; the id waits for PUBREL.
-    pub fn received_qos2(&self, packet_id: u16) {
+    /// A QoS 2 PUBLISH is received (routed or a re-send): answered with PUBREC, the packet
+    /// id waits for PUBREL.
+    pub fn received_qos2(&self, packet_id: u16) -> InboundAck {
         self.inbound
             .borrow_mut()
             .insert(packet_id, InboundId::Received);
-        write_ack(&self.io, PUBREC, packet_id, false);
+        InboundAck::Pubrec(packet_id)
     }
 
-    /// A PUBLISH whose packet id is in use that is neither a re-send nor allowed to reuse
-    /// it: closes the connection, as ntex does.
-    pub fn packet_id_in_use(&self, packet_id: u16) {
-        BrokerMetrics::protocol_error("violation");
-        tracing::warn!(
-            client_id = self.client_id(),
-            packet_id,
-            "Closing connection: PUBLISH with a packet id still in use."
-        );
-        self.io.close();
-    }
-
-    /// The client's PUBREL. True: the packet id is ntex's, pass the PUBREL on. Else it is
-    /// answered here with PUBCOMP, also for a packet id this connection does not know: the
-    /// PUBLISH came on an earlier connection of the session (the client re-sends PUBREL
-    /// after reconnecting [MQTT-4.4.0-1]), and the session releases it.
-    pub fn take_release(&self, packet_id: u16) -> bool {
+    /// The client's PUBREL: passed on if the packet id is ntex's, else answered here with
+    /// PUBCOMP (PUBREL is not one of the packets whose answers ntex orders), also for a
+    /// packet id this connection does not know: the PUBLISH came on an earlier connection of
+    /// the session (the client re-sends PUBREL after reconnecting [MQTT-4.4.0-1]), and the
+    /// session releases it.
+    pub fn take_release(&self, packet_id: u16) -> Release {
         let state = self.inbound.borrow_mut().remove(&packet_id);
         match state {
-            Some(InboundId::Ntex) => return true,
-            Some(InboundId::Waiting(_)) => {
-                BrokerMetrics::protocol_error("violation");
-                tracing::warn!(
-                    client_id = self.client_id(),
-                    packet_id,
-                    "Closing connection: PUBREL before PUBREC."
-                );
-                self.io.close();
-            }
+            Some(InboundId::Ntex) => Release::Ntex,
+            Some(InboundId::Waiting(_)) => Release::BeforePubrec,
             Some(InboundId::Received) | None => {
                 let known = self.session.inbound_qos2_release(packet_id);
                 // MQTT 5 tells the client when there was nothing to release.
                 let not_found = !known && self.protocol == Protocol::V5;
                 write_ack(&self.io, PUBCOMP, packet_id, not_found);
+                Release::Answered
             }
         }
-        false
     }
 
     /// Inbound QoS 2 duplicate detection across reconnects: a PUBLISH with DUP set whose
@@ -702,13 +739,12 @@ pub(crate) enum SendResult {
     Rejected,
 }
 
-/// Packet types of the acks the broker writes itself.
-pub(crate) const PUBACK: u8 = 0x40;
-pub(crate) const PUBREC: u8 = 0x50;
+/// Packet types of the acks the broker writes itself (PUBACK and PUBREC of taken PUBLISHes
+/// are answers of their calls instead: ntex writes those in packet order).
 pub(crate) const PUBREL: u8 = 0x62;
 pub(crate) const PUBCOMP: u8 = 0x70;
 
-/// Writes an ack (`PUBACK`, `PUBREC`, `PUBREL`, `PUBCOMP`) for `packet_id`, with MQTT 5's
+/// Writes an ack (`PUBREL`, `PUBCOMP`) for `packet_id`, with MQTT 5's
 /// reason code 0x92 (packet identifier not found) if `not_found`. False if the connection
 /// is closing.
 pub(crate) fn write_ack(io: &ntex::io::IoRef, kind: u8, packet_id: u16, not_found: bool) -> bool {
@@ -925,6 +961,9 @@ impl<S, St> ntex::service::Middleware<S, St> for AckGuard {
 /// earlier connection of the session (which ntex would answer without telling the broker)
 /// releases it in the session ([`Conn::take_release`]).
 impl Inbound for ntex_mqtt::v5::codec::Decoded {
+    type Res = Option<ntex_mqtt::v5::codec::Packet>;
+    type Error = ntex_mqtt::error::DispatcherError<crate::BrokerError>;
+
     fn take(self, conn: &Conn) -> Taken<'_, Self> {
         use ntex_mqtt::v5::codec::Packet;
         let (kind, packet_id) = match &self {
@@ -932,15 +971,16 @@ impl Inbound for ntex_mqtt::v5::codec::Decoded {
                 if publish.qos == ntex_mqtt::QoS::ExactlyOnce
                     && let Some(id) = publish.packet_id
                 {
-                    conn.pass_inbound(id.get());
+                    conn.pass_qos2_id(id.get());
                 }
-                return Taken::Pass(self, None);
+                return Taken::Pass(self, Passed::default());
             }
             Self::Packet(Packet::PublishRelease(release), _) => {
-                if conn.take_release(release.packet_id.get()) {
-                    return Taken::Pass(self, None);
-                }
-                return Taken::Done;
+                // MQTT 5 PUBLISHes are never taken: no PUBREL comes before its PUBREC here.
+                return match conn.take_release(release.packet_id.get()) {
+                    Release::Ntex => Taken::Pass(self, Passed::default()),
+                    Release::Answered | Release::BeforePubrec => Taken::Done(Ok(None)),
+                };
             }
             // Any reason code completes a QoS 1 delivery.
             Self::Packet(Packet::PublishAck(ack), _) => (AckKind::Puback, ack.packet_id),
@@ -953,17 +993,16 @@ impl Inbound for ntex_mqtt::v5::codec::Decoded {
                 (kind, ack.packet_id)
             }
             Self::Packet(Packet::PublishComplete(ack), _) => (AckKind::Pubcomp, ack.packet_id),
-            _ => return Taken::Pass(self, None),
+            _ => return Taken::Pass(self, Passed::default()),
         };
         conn.take_ack(kind, packet_id.get());
-        Taken::Done
+        Taken::Done(Ok(None))
     }
 }
 
 impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for AckGuardService<S>
 where
-    S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req>,
-    S::Res: Default,
+    S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req, Res = Req::Res, Error = Req::Error>,
     Req: Inbound,
 {
     type Res = S::Res;
@@ -989,19 +1028,14 @@ where
     ) -> Result<Self::Res, Self::Error> {
         let conn: &Conn = ctx.st();
         match request.take(conn) {
-            Taken::Done => Ok(S::Res::default()),
-            Taken::Later(handled) => {
-                handled.await;
-                Ok(S::Res::default())
-            }
-            Taken::Pass(request, owned) => {
+            Taken::Done(result) => result,
+            Taken::Later(handled) => handled.await,
+            Taken::Pass(request, passed) => {
                 // Boxed: ntex boxes this call's future per packet and moves it around;
                 // holding the rest of the pipeline's future (3.4 KiB) inline would make
                 // every taken packet pay for its size.
                 let result = Box::pin(ctx.call(&self.inner, request)).await;
-                if let Some(id) = owned {
-                    conn.passed_done(id);
-                }
+                conn.passed_done(passed);
                 result
             }
         }

@@ -61,6 +61,8 @@ pub enum BrokerError {
     Store(String),
     #[error("invalid topic: {0}")]
     Topic(#[from] topic::TopicError),
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
 }
 
 impl From<std::convert::Infallible> for BrokerError {

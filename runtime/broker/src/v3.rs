@@ -1,18 +1,22 @@
 //! MQTT 3.1.1 on ntex-mqtt.
 
-use std::sync::Arc;
+use std::{future::Future, num::NonZeroU16, pin::Pin, sync::Arc};
 
 use edgegw_store::Ticket;
 use ntex::time::Seconds;
 use ntex_bytes::BytesMut;
-use ntex_mqtt::{Control, Reason, error::PayloadError, v3};
+use ntex_mqtt::{
+    Control, Reason,
+    error::{DispatcherError, PayloadError, SpecViolation},
+    v3,
+};
 
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
-        Conn, Handled, Inbound, InboundId, Outbound, Partial, Qos2, SendResult, Shared, Taken,
-        run_writer, with_payload,
+        Conn, Handled, Inbound, InboundAck, InboundId, Outbound, Partial, Passed, Qos2, Release,
+        SendResult, Shared, Taken, run_writer, with_payload,
     },
     message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -196,28 +200,23 @@ pub(crate) fn publish(
 /// beyond `receive_maximum` publishes waiting for the state file, or behind the QoS 0 lane.
 /// ntex follows the packet ids of PUBLISHes passed on: their re-sends and PUBRELs go there.
 impl Inbound for v3::codec::Decoded {
+    type Res = Option<v3::codec::Packet>;
+    type Error = DispatcherError<BrokerError>;
+
     fn take(self, conn: &Conn) -> Taken<'_, Self> {
         use v3::codec::{Decoded, Packet};
         let (kind, packet_id) = match self {
             Decoded::Publish(publish, payload, size) => {
                 return take_publish(conn, publish, payload, size);
             }
-            Decoded::PayloadChunk(_, eof) if conn.discarded_chunk(eof) => return Taken::Done,
+            Decoded::PayloadChunk(_, eof) if conn.discarded_chunk(eof) => {
+                return Taken::Done(Ok(None));
+            }
             Decoded::PayloadChunk(chunk, eof) => {
                 return match conn.partial_chunk(chunk, eof) {
-                    Ok(None) => Taken::Done,
-                    Ok(Some(partial)) => {
-                        let Partial {
-                            topic,
-                            qos,
-                            retain,
-                            dup,
-                            packet_id,
-                            payload,
-                        } = *partial;
-                        handle_publish(conn, topic, payload.freeze(), qos, retain, dup, packet_id)
-                    }
-                    Err(chunk) => Taken::Pass(Decoded::PayloadChunk(chunk, eof), None),
+                    Ok(None) => Taken::Done(Ok(None)),
+                    Ok(Some(partial)) => last_chunk(conn, *partial),
+                    Err(chunk) => Taken::Pass(Decoded::PayloadChunk(chunk, eof), Passed::default()),
                 };
             }
             Decoded::Packet(Packet::PublishAck { packet_id }, _) => (AckKind::Puback, packet_id),
@@ -228,18 +227,40 @@ impl Inbound for v3::codec::Decoded {
                 (AckKind::Pubcomp, packet_id)
             }
             Decoded::Packet(Packet::PublishRelease { packet_id }, size) => {
-                if conn.take_release(packet_id.get()) {
-                    return Taken::Pass(
+                return match conn.take_release(packet_id.get()) {
+                    Release::Ntex => Taken::Pass(
                         Decoded::Packet(Packet::PublishRelease { packet_id }, size),
-                        None,
-                    );
-                }
-                return Taken::Done;
+                        Passed::default(),
+                    ),
+                    Release::Answered => Taken::Done(Ok(None)),
+                    Release::BeforePubrec => Taken::Done(Err(DispatcherError::Service(
+                        BrokerError::Protocol("PUBREL before PUBREC"),
+                    ))),
+                };
             }
-            other => return Taken::Pass(other, None),
+            other => return Taken::Pass(other, Passed::default()),
         };
         conn.take_ack(kind, packet_id.get());
-        Taken::Done
+        Taken::Done(Ok(None))
+    }
+}
+
+/// The answer to a taken PUBLISH's call: its ack, which ntex writes in packet order
+/// [MQTT-4.6.0-2], or its error, which closes the connection.
+fn answer(
+    result: Result<Option<InboundAck>, BrokerError>,
+) -> Result<Option<v3::codec::Packet>, DispatcherError<BrokerError>> {
+    use v3::codec::Packet;
+    let id = |id: u16| NonZeroU16::new(id).expect("packet ids of QoS 1 and 2 are not 0");
+    match result {
+        Ok(None) => Ok(None),
+        Ok(Some(InboundAck::Puback(packet_id))) => Ok(Some(Packet::PublishAck {
+            packet_id: id(packet_id),
+        })),
+        Ok(Some(InboundAck::Pubrec(packet_id))) => Ok(Some(Packet::PublishReceived {
+            packet_id: id(packet_id),
+        })),
+        Err(error) => Err(DispatcherError::Service(error)),
     }
 }
 
@@ -255,18 +276,24 @@ fn take_publish(
     let qos = QoS::from(publish.qos);
     let whole = publish.payload_size as usize == payload.len();
     let packet_id = publish.packet_id.map(|id| id.get());
+    if publish.topic.contains(['#', '+']) {
+        return Taken::Done(Err(SpecViolation::Pub_3_3_2_2.into()));
+    }
     if let Some(id) = packet_id {
         match conn.inbound_id(id) {
             None => {}
             Some(InboundId::Ntex) => {
-                return Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), None);
+                return Taken::Pass(
+                    v3::codec::Decoded::Publish(publish, payload, size),
+                    Passed::default(),
+                );
             }
             // A re-send while the first is being handled: the first one's ack acks both.
             Some(InboundId::Waiting(first)) if publish.dup && first == qos => {
                 if !whole {
                     conn.discard_payload();
                 }
-                return Taken::Done;
+                return Taken::Done(Ok(None));
             }
             // Until PUBREL, a PUBLISH with the packet id gets PUBREC and is not routed,
             // DUP or not [MQTT-4.3.3-2].
@@ -274,37 +301,37 @@ fn take_publish(
                 if !whole {
                     conn.discard_payload();
                 }
-                conn.received_qos2(id);
-                return Taken::Done;
+                return Taken::Done(answer(Ok(Some(conn.received_qos2(id)))));
             }
             Some(_) => {
-                conn.packet_id_in_use(id);
-                return Taken::Done;
+                return Taken::Done(Err(SpecViolation::PacketId_2_2_1_3_Pub.into()));
             }
         }
     }
     if !conn.may_take_publish() || (qos == QoS::AtMostOnce && !conn.qos0.is_idle()) {
-        return match packet_id {
-            Some(id) => {
-                conn.pass_inbound(id);
-                let owned = (qos == QoS::AtLeastOnce).then_some(id);
-                Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), owned)
-            }
-            None => Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), None),
-        };
+        let passed = conn.pass_publish(qos, packet_id);
+        return Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), passed);
     }
     if !whole {
+        // Handled at the last chunk; this call answers it, in its place among the acks.
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        let mut collected = BytesMut::with_capacity(publish.payload_size as usize);
+        collected.extend_from_slice(&payload);
         conn.begin_partial(Partial {
             topic: publish.topic,
             qos,
             retain: publish.retain,
             dup: publish.dup,
             packet_id,
-            payload: BytesMut::from(&payload[..]),
+            payload: collected,
+            answer: answer_tx,
         });
-        return Taken::Done;
+        // No answer: the connection closed before the last chunk.
+        return Taken::Later(Box::pin(async move {
+            answer(answer_rx.await.unwrap_or(Ok(None)))
+        }));
     }
-    handle_publish(
+    match handle_publish(
         conn,
         publish.topic,
         payload,
@@ -312,8 +339,41 @@ fn take_publish(
         publish.retain,
         publish.dup,
         packet_id,
-    )
+    ) {
+        Ok(result) => Taken::Done(answer(result)),
+        Err(later) => Taken::Later(Box::pin(async move { answer(later.await) })),
+    }
 }
+
+/// The last payload chunk of a taken PUBLISH: handles it now (before any later packet) and
+/// answers its PUBLISH's call.
+fn last_chunk(conn: &Conn, partial: Partial) -> Taken<'_, v3::codec::Decoded> {
+    let Partial {
+        topic,
+        qos,
+        retain,
+        dup,
+        packet_id,
+        payload,
+        answer,
+    } = partial;
+    match handle_publish(conn, topic, payload.freeze(), qos, retain, dup, packet_id) {
+        Ok(result) => {
+            let _ = answer.send(result);
+            Taken::Done(Ok(None))
+        }
+        Err(later) => Taken::Later(Box::pin(async move {
+            let _ = answer.send(later.await);
+            Ok(None)
+        })),
+    }
+}
+
+/// What handling a taken PUBLISH gives: its ack (or error) at once, or once it is durable.
+type Handling<'a> = Result<
+    Result<Option<InboundAck>, BrokerError>,
+    Pin<Box<dyn Future<Output = Result<Option<InboundAck>, BrokerError>> + 'a>>,
+>;
 
 /// A taken PUBLISH with its whole payload.
 fn handle_publish<'a>(
@@ -324,29 +384,23 @@ fn handle_publish<'a>(
     retain: bool,
     dup: bool,
     packet_id: Option<u16>,
-) -> Taken<'a, v3::codec::Decoded> {
+) -> Handling<'a> {
     let mut inbound = None;
     if qos == QoS::ExactlyOnce
         && let Some(id) = packet_id
     {
         match conn.begin_qos2(id, dup) {
-            Qos2::Duplicate => {
-                conn.received_qos2(id);
-                return Taken::Done;
-            }
+            Qos2::Duplicate => return Ok(Ok(Some(conn.received_qos2(id)))),
             Qos2::New(ticket) => inbound = ticket,
         }
     }
     match accept(conn, topic, Ok(payload), qos, retain, inbound).now() {
-        Ok(result) => {
-            conn.publish_done(qos, packet_id, false, result);
-            Taken::Done
-        }
+        Ok(result) => Ok(conn.publish_done(qos, packet_id, false, result)),
         Err(later) => {
             conn.inbound_wait(qos, packet_id);
-            Taken::Later(Box::pin(async move {
+            Err(Box::pin(async move {
                 let result = later.await;
-                conn.publish_done(qos, packet_id, true, result);
+                conn.publish_done(qos, packet_id, true, result)
             }))
         }
     }
