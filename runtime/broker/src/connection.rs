@@ -168,6 +168,16 @@ pub(crate) trait Inbound: Sized {
     fn take(self, conn: &Conn) -> Taken<'_, Self>;
 }
 
+/// An outstanding answer of a taken PUBLISH ([`Conn::answer_pending`]).
+pub(crate) struct AnswerPending<'a>(&'a Conn);
+
+impl Drop for AnswerPending<'_> {
+    fn drop(&mut self) {
+        let pending = &self.0.pending_answers;
+        pending.set(pending.get() - 1);
+    }
+}
+
 /// What a PUBREL found ([`Conn::take_release`]).
 pub(crate) enum Release {
     /// The packet id is ntex's: pass the PUBREL on.
@@ -332,6 +342,8 @@ pub(crate) struct Conn {
     inbound_waiting: Cell<u16>,
     /// PUBLISHes passed on to ntex whose calls have not returned.
     passed_publishes: Cell<u32>,
+    /// Taken PUBLISHes whose calls have not answered yet (see [`Conn::ack_now`]).
+    pending_answers: Cell<u32>,
     /// The payload chunks of a streamed PUBLISH ignored as a re-send are dropped.
     discard_chunks: Cell<bool>,
     /// A taken PUBLISH whose payload is still arriving in chunks.
@@ -377,6 +389,7 @@ impl Conn {
             inbound: RefCell::default(),
             inbound_waiting: Cell::new(0),
             passed_publishes: Cell::new(0),
+            pending_answers: Cell::new(0),
             discard_chunks: Cell::new(false),
             partial: RefCell::new(None),
             finished: Cell::new(false),
@@ -623,6 +636,28 @@ impl Conn {
         }
     }
 
+    /// Writes a taken PUBLISH's ack now if no earlier PUBLISH's answer is outstanding (none
+    /// taken waits, none passed on is in ntex's pipeline): then ntex's ordered response
+    /// queue is empty and would write it at once too; going through it costs a codec
+    /// encode per ack. False: the call must answer with it (ntex orders it).
+    pub fn ack_now(&self, ack: InboundAck) -> bool {
+        if self.pending_answers.get() != 0 || self.passed_publishes.get() != 0 {
+            return false;
+        }
+        match ack {
+            InboundAck::Puback(id) => write_ack(&self.io, PUBACK, id, false),
+            InboundAck::Pubrec(id) => write_ack(&self.io, PUBREC, id, false),
+        };
+        true
+    }
+
+    /// Marks a taken PUBLISH's answer as outstanding until the guard drops (when its call
+    /// answers).
+    pub fn answer_pending(&self) -> AnswerPending<'_> {
+        self.pending_answers.set(self.pending_answers.get() + 1);
+        AnswerPending(self)
+    }
+
     /// A QoS 2 PUBLISH is received (routed or a re-send): answered with PUBREC, the packet
     /// id waits for PUBREL.
     pub fn received_qos2(&self, packet_id: u16) -> InboundAck {
@@ -739,12 +774,13 @@ pub(crate) enum SendResult {
     Rejected,
 }
 
-/// Packet types of the acks the broker writes itself (PUBACK and PUBREC of taken PUBLISHes
-/// are answers of their calls instead: ntex writes those in packet order).
+/// Packet types of the acks the broker writes itself.
+pub(crate) const PUBACK: u8 = 0x40;
+pub(crate) const PUBREC: u8 = 0x50;
 pub(crate) const PUBREL: u8 = 0x62;
 pub(crate) const PUBCOMP: u8 = 0x70;
 
-/// Writes an ack (`PUBREL`, `PUBCOMP`) for `packet_id`, with MQTT 5's
+/// Writes an ack (`PUBACK`, `PUBREC`, `PUBREL`, `PUBCOMP`) for `packet_id`, with MQTT 5's
 /// reason code 0x92 (packet identifier not found) if `not_found`. False if the connection
 /// is closing.
 pub(crate) fn write_ack(io: &ntex::io::IoRef, kind: u8, packet_id: u16, not_found: bool) -> bool {

@@ -245,6 +245,18 @@ impl Inbound for v3::codec::Decoded {
     }
 }
 
+/// A taken PUBLISH handled at once: its ack written now when nothing before it is
+/// outstanding ([`Conn::ack_now`]), else its call's answer.
+fn respond(
+    conn: &Conn,
+    result: Result<Option<InboundAck>, BrokerError>,
+) -> Taken<'_, v3::codec::Decoded> {
+    match result {
+        Ok(Some(ack)) if conn.ack_now(ack) => Taken::Done(Ok(None)),
+        result => Taken::Done(answer(result)),
+    }
+}
+
 /// The answer to a taken PUBLISH's call: its ack, which ntex writes in packet order
 /// [MQTT-4.6.0-2], or its error, which closes the connection.
 fn answer(
@@ -301,7 +313,7 @@ fn take_publish(
                 if !whole {
                     conn.discard_payload();
                 }
-                return Taken::Done(answer(Ok(Some(conn.received_qos2(id)))));
+                return respond(conn, Ok(Some(conn.received_qos2(id))));
             }
             Some(_) => {
                 return Taken::Done(Err(SpecViolation::PacketId_2_2_1_3_Pub.into()));
@@ -326,9 +338,12 @@ fn take_publish(
             payload: collected,
             answer: answer_tx,
         });
-        // No answer: the connection closed before the last chunk.
+        let pending = conn.answer_pending();
         return Taken::Later(Box::pin(async move {
-            answer(answer_rx.await.unwrap_or(Ok(None)))
+            // No answer: the connection closed before the last chunk.
+            let result = answer_rx.await.unwrap_or(Ok(None));
+            drop(pending);
+            answer(result)
         }));
     }
     match handle_publish(
@@ -340,8 +355,15 @@ fn take_publish(
         publish.dup,
         packet_id,
     ) {
-        Ok(result) => Taken::Done(answer(result)),
-        Err(later) => Taken::Later(Box::pin(async move { answer(later.await) })),
+        Ok(result) => respond(conn, result),
+        Err(later) => {
+            let pending = conn.answer_pending();
+            Taken::Later(Box::pin(async move {
+                let result = later.await;
+                drop(pending);
+                answer(result)
+            }))
+        }
     }
 }
 
