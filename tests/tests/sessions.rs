@@ -1186,37 +1186,39 @@ fn v3_qos2_pubrec_received_resumes_with_pubrel() {
 // 5. Exactly once inbound
 // ---------------------------------------------------------------------------------------
 
+/// A PUBLISH as MQTT 3.1.1 or 5 (no properties), DUP set if `dup`.
+fn publish_either(v5: bool, topic: &str, qos: u8, id: u16, dup: bool, payload: &[u8]) -> Vec<u8> {
+    if v5 {
+        let mut p = raw::publish_v5(topic, qos, id, &[], payload);
+        if dup {
+            p[0] |= 0x08;
+        }
+        p
+    } else {
+        raw::publish_v3(topic, qos, id, dup, payload)
+    }
+}
+
+/// Reads the ack `kind` for packet `id`, with nothing before it; on MQTT 5 its reason code
+/// must be a success.
+fn expect_ack(c: &mut Raw, v5: bool, kind: u8, id: u16) {
+    let (p, others) = c.read_kind(kind, WAIT);
+    let p = p.unwrap_or_else(|| panic!("packet type {kind}: {others:?}"));
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(p.body[..2], id.to_be_bytes());
+    if v5 && p.body.len() > 2 {
+        assert!(p.body[2] < 0x80, "reason code {:#x}", p.body[2]);
+    }
+}
+
 fn exactly_once_inbound(v5: bool) {
     let gw = Gateway::start();
     let mut sub = watcher(&gw, "eo-sub", "eo/#");
-    let connect = |gw: &Gateway| {
-        if v5 {
-            let (c, ack) = connect_v5(gw, "eo-pub", false, &expiry(60));
-            (c, ack.session_present)
-        } else {
-            connect_v3(gw, "eo-pub", false)
-        }
-    };
+    let connect = |gw: &Gateway| connect_persistent(gw, "eo-pub", v5);
     let publish = |qos: u8, id: u16, dup: bool, payload: &[u8]| {
-        if v5 {
-            let mut p = raw::publish_v5("eo/t", qos, id, &[], payload);
-            if dup {
-                p[0] |= 0x08;
-            }
-            p
-        } else {
-            raw::publish_v3("eo/t", qos, id, dup, payload)
-        }
+        publish_either(v5, "eo/t", qos, id, dup, payload)
     };
-    let expect = |c: &mut Raw, kind: u8, id: u16| {
-        let (p, others) = c.read_kind(kind, WAIT);
-        let p = p.unwrap_or_else(|| panic!("packet type {kind}: {others:?}"));
-        assert!(others.is_empty(), "{others:?}");
-        assert_eq!(p.body[..2], id.to_be_bytes());
-        if v5 && p.body.len() > 2 {
-            assert!(p.body[2] < 0x80, "reason code {:#x}", p.body[2]);
-        }
-    };
+    let expect = |c: &mut Raw, kind: u8, id: u16| expect_ack(c, v5, kind, id);
 
     let (mut publisher, present) = connect(&gw);
     assert!(!present);
@@ -1266,34 +1268,10 @@ fn v5_qos2_resent_after_reconnect_is_delivered_exactly_once() {
 fn release_after_reconnect(v5: bool) {
     let gw = Gateway::start();
     let mut sub = watcher(&gw, "rr-sub", "rr/#");
-    let connect = |gw: &Gateway| {
-        if v5 {
-            let (c, ack) = connect_v5(gw, "rr-pub", false, &expiry(60));
-            (c, ack.session_present)
-        } else {
-            connect_v3(gw, "rr-pub", false)
-        }
-    };
-    let publish = |id: u16, dup: bool, payload: &[u8]| {
-        let mut p = if v5 {
-            raw::publish_v5("rr/t", 2, id, &[], payload)
-        } else {
-            raw::publish_v3("rr/t", 2, id, false, payload)
-        };
-        if dup {
-            p[0] |= 0x08;
-        }
-        p
-    };
-    let expect = |c: &mut Raw, kind: u8, id: u16| {
-        let (p, others) = c.read_kind(kind, WAIT);
-        let p = p.unwrap_or_else(|| panic!("packet type {kind}: {others:?}"));
-        assert!(others.is_empty(), "{others:?}");
-        assert_eq!(p.body[..2], id.to_be_bytes());
-        if v5 && p.body.len() > 2 {
-            assert!(p.body[2] < 0x80, "reason code {:#x}", p.body[2]);
-        }
-    };
+    let connect = |gw: &Gateway| connect_persistent(gw, "rr-pub", v5);
+    let publish =
+        |id: u16, dup: bool, payload: &[u8]| publish_either(v5, "rr/t", 2, id, dup, payload);
+    let expect = |c: &mut Raw, kind: u8, id: u16| expect_ack(c, v5, kind, id);
 
     let (mut publisher, _) = connect(&gw);
     publisher.send(&publish(50, false, b"first"));
@@ -1359,7 +1337,7 @@ fn v3_qos2_publishes_whole_or_streamed_complete_exactly_once() {
     let gw = Gateway::start();
     let mut sub = watcher(&gw, "mix-sub", "mix/#");
     let (mut publisher, _) = connect_v3(&gw, "mix-pub", true);
-    let mut payload = |n: u16| {
+    let payload = |n: u16| {
         let mut p = format!("{n:04}").into_bytes();
         p.resize(200, b'.');
         p
