@@ -534,6 +534,16 @@ impl Conn {
         }
     }
 
+    /// Passes a re-send of a PUBLISH ntex follows (its id is [`InboundId::Ntex`]) back to
+    /// ntex, counted like [`Conn::pass_publish`]; the id stays as the first one left it.
+    pub fn pass_resend(&self) -> Passed {
+        self.passed_publishes.set(self.passed_publishes.get() + 1);
+        Passed {
+            publish: true,
+            qos1_id: None,
+        }
+    }
+
     /// Notes a QoS 2 packet id passed on to ntex (MQTT 5), so its PUBREL goes there.
     pub fn pass_qos2_id(&self, packet_id: u16) {
         self.inbound.borrow_mut().insert(packet_id, InboundId::Ntex);

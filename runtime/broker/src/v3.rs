@@ -294,11 +294,11 @@ fn take_publish(
     if let Some(id) = packet_id {
         match conn.inbound_id(id) {
             None => {}
+            // ntex follows the id; counted as passed, so that no PUBLISH read after it is
+            // taken (and routed or acked) before ntex is done with it.
             Some(InboundId::Ntex) => {
-                return Taken::Pass(
-                    v3::codec::Decoded::Publish(publish, payload, size),
-                    Passed::default(),
-                );
+                let passed = conn.pass_resend();
+                return Taken::Pass(v3::codec::Decoded::Publish(publish, payload, size), passed);
             }
             // A re-send while the first is being handled: the first one's ack acks both.
             Some(InboundId::Waiting(first)) if publish.dup && first == qos => {
@@ -368,7 +368,8 @@ fn take_publish(
 }
 
 /// The last payload chunk of a taken PUBLISH: handles it now (before any later packet) and
-/// answers its PUBLISH's call.
+/// answers its PUBLISH's call with the ack. An error fails this call (the dispatcher stops
+/// at once, reading nothing more) and the PUBLISH's call answers nothing.
 fn last_chunk(conn: &Conn, partial: Partial) -> Taken<'_, v3::codec::Decoded> {
     let Partial {
         topic,
@@ -379,15 +380,19 @@ fn last_chunk(conn: &Conn, partial: Partial) -> Taken<'_, v3::codec::Decoded> {
         payload,
         answer,
     } = partial;
-    match handle_publish(conn, topic, payload.freeze(), qos, retain, dup, packet_id) {
-        Ok(result) => {
-            let _ = answer.send(result);
-            Taken::Done(Ok(None))
+    let finish = move |result| match result {
+        Err(error) => {
+            let _ = answer.send(Ok(None));
+            Err(DispatcherError::Service(error))
         }
-        Err(later) => Taken::Later(Box::pin(async move {
-            let _ = answer.send(later.await);
+        ack => {
+            let _ = answer.send(ack);
             Ok(None)
-        })),
+        }
+    };
+    match handle_publish(conn, topic, payload.freeze(), qos, retain, dup, packet_id) {
+        Ok(result) => Taken::Done(finish(result)),
+        Err(later) => Taken::Later(Box::pin(async move { finish(later.await) })),
     }
 }
 
