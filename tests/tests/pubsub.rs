@@ -162,20 +162,20 @@ async fn every_qos_both_directions(gw: &Gateway) {
     for sub_qos in 0..=2u8 {
         // A v3 subscriber and a v5 subscriber at this QoS; publishers of both versions at
         // every QoS. Delivery QoS is min(publish, granted).
-        let (s3, mut e3) = v3::client(&gw, &format!("s3-{sub_qos}"));
+        let (s3, mut e3) = v3::client(gw, &format!("s3-{sub_qos}"));
         s3.subscribe(format!("q/{sub_qos}"), v3::qos(sub_qos))
             .await
             .unwrap();
         assert_eq!(v3::suback(&mut e3).await.return_codes.len(), 1);
-        let (s5, mut e5) = v5::client(&gw, &format!("s5-{sub_qos}"));
+        let (s5, mut e5) = v5::client(gw, &format!("s5-{sub_qos}"));
         s5.subscribe(format!("q/{sub_qos}"), v5::qos(sub_qos))
             .await
             .unwrap();
         v5::suback(&mut e5).await;
 
-        let (p3, pe3) = v3::client(&gw, &format!("p3-{sub_qos}"));
+        let (p3, pe3) = v3::client(gw, &format!("p3-{sub_qos}"));
         let _d3 = v3::drive(pe3);
-        let (p5, pe5) = v5::client(&gw, &format!("p5-{sub_qos}"));
+        let (p5, pe5) = v5::client(gw, &format!("p5-{sub_qos}"));
         let _d5 = v5::drive(pe5);
         for pub_qos in 0..=2u8 {
             let payload = format!("v3 {pub_qos}->{sub_qos}");

@@ -186,7 +186,7 @@ async fn a_node_over_ble_packets_publishes_and_receives_control_messages() {
     // messages: more than the gateway keeps unacknowledged (8), so the node's PUBACKs must
     // get through for the last ones to arrive.
     let long = format!("toggle{}", " ".repeat(40));
-    let mut commands = vec![("on", Led::On), ("off", Led::Off)].repeat(5);
+    let mut commands = [("on", Led::On), ("off", Led::Off)].repeat(5);
     commands.extend([("on", Led::On), (long.as_str(), Led::Toggle)]);
     for (payload, expected) in commands {
         control.publish(BrokerMessage::new(
