@@ -357,7 +357,7 @@ async fn run_step(bin: &BrokerBin, step: &Step, timing: Timing, idle: usize) -> 
     let result = match step {
         Step::Flow(sc) => tokio::time::timeout(limit, load::run_flow(&mut broker, sc, timing))
             .await
-            .map(|r| r.map(Measured::Flow)),
+            .map(|r| r.map(|o| Measured::Flow(Box::new(o)))),
         Step::Flood => tokio::time::timeout(limit, load::run_flood(&mut broker, timing.duration))
             .await
             .map(|r| r.map(Measured::Flood)),
