@@ -305,6 +305,28 @@ fn keepalive_zero_is_never_timed_out() {
     assert_eq!(c5.read(WAIT).expect("v5 PINGRESP").kind(), raw::PINGRESP);
 }
 
+/// PINGREQ is answered before ntex's pipeline; it must still count as the client's
+/// activity for the keepalive, in both versions.
+#[test]
+fn pinging_client_outlives_its_keepalive() {
+    let gw = Gateway::start();
+    let mut c3 = Raw::connect(gw.mqtt);
+    c3.send(&raw::connect_v3("pinging-3", true, 2));
+    assert_eq!(c3.read(WAIT).expect("CONNACK").body, vec![0, 0]);
+    let (mut c5, _) = connect5(&gw, "pinging-5", true, 2, &[]);
+    // 6 s: twice the 3 s a silent client gets.
+    for round in 0..6 {
+        for (c, version) in [(&mut c3, 3), (&mut c5, 5)] {
+            c.send(&raw::pingreq());
+            let pong = c
+                .read(WAIT)
+                .unwrap_or_else(|| panic!("v{version}: no PINGRESP in round {round}"));
+            assert_eq!(pong.kind(), raw::PINGRESP, "v{version}: {pong:?}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 #[test]
 fn v3_keepalive_above_the_maximum_is_refused() {
     let gw = Gateway::start_with("  limits:\n    max_keepalive: 10s\n", "");

@@ -646,6 +646,16 @@ impl Conn {
         }
     }
 
+    /// Answers a PINGREQ with PINGRESP, written at once (MQTT orders only the acks of
+    /// PUBLISHes). ntex's pipeline would box a call per ping and grow its readiness
+    /// bookkeeping on a connection that otherwise only idles. The writer is woken so that it
+    /// gives the write page back once the PINGRESP has gone out ([`release_write_pages`]).
+    pub fn pong(&self) {
+        use ntex_bytes::BufMut;
+        let _ = self.io.with_write_src(|buf| buf.put_slice(&[0xd0, 0x00]));
+        self.session.wake();
+    }
+
     /// Writes a taken PUBLISH's ack now if no earlier PUBLISH's answer is outstanding (none
     /// taken waits, none passed on is in ntex's pipeline): then ntex's ordered response
     /// queue is empty and would write it at once too; going through it costs a codec
@@ -809,6 +819,36 @@ fn put_ack(buf: &mut ntex_bytes::BytePages, kind: u8, packet_id: u16, not_found:
     }
 }
 
+/// Gives an idle connection's write pages back once what was written has gone out. ntex
+/// keeps a write buffer's current page (4 KiB) for the next write; on a connection that
+/// waits for minutes between a CONNACK or PINGRESP and its next packet, that page was most
+/// of its memory. Waits at most two turns of the thread for the write to go out (with
+/// epoll, ntex writes on its next turn); a connection still writing after that keeps it.
+pub(crate) async fn release_write_pages(io: &ntex::io::IoRef) {
+    for turn in 0..3 {
+        // With TLS, the wire side (ciphertext) and the application side (plaintext) each
+        // keep a page; without, they are the same buffer.
+        if io.with_write_dst(drop_spare_page) {
+            let _ = io.with_write_src(drop_spare_page);
+            return;
+        }
+        if turn < 2 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Drops the current page of an empty write buffer (true), or leaves a buffer that still
+/// holds data alone (false).
+fn drop_spare_page(buf: &mut ntex_bytes::BytePages) -> bool {
+    if !buf.is_empty() {
+        return false;
+    }
+    let mut spare = ntex_bytes::BytePages::new(buf.page_size());
+    spare.try_get_current_from(buf);
+    true
+}
+
 /// About how many bytes the writer puts into the write buffer before it checks the high
 /// watermark again.
 const RUN_BYTES: usize = 16 * 1024;
@@ -929,6 +969,7 @@ pub(crate) async fn run_writer<O: Outbound>(
             return;
         }
         if batch.is_empty() {
+            release_write_pages(out.io()).await;
             tokio::select! {
                 () = session.wait() => {}
                 () = closed.notified() => return,
@@ -1039,6 +1080,10 @@ impl Inbound for ntex_mqtt::v5::codec::Decoded {
                 (kind, ack.packet_id)
             }
             Self::Packet(Packet::PublishComplete(ack), _) => (AckKind::Pubcomp, ack.packet_id),
+            Self::Packet(Packet::PingRequest, _) => {
+                conn.pong();
+                return Taken::Done(Ok(None));
+            }
             _ => return Taken::Pass(self, Passed::default()),
         };
         conn.take_ack(kind, packet_id.get());

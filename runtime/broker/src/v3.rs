@@ -192,7 +192,7 @@ pub(crate) fn publish(
 }
 
 /// MQTT 3.1.1 packets taken before ntex's service pipeline ([`crate::connection::AckGuard`]):
-/// acks of deliveries, PUBLISHes (payloads that arrive in chunks are collected here, see
+/// acks of deliveries, PINGREQ, PUBLISHes (payloads that arrive in chunks are collected here, see
 /// [`Partial`]) and their PUBRELs. ntex would box each packet's trip through its pipeline
 /// (3.5 KiB moved and allocated per packet) and keep its own packet id map beside the
 /// session's. The rest goes through ntex and [`publish`]/[`protocol`]: SUBSCRIBE and the
@@ -237,6 +237,10 @@ impl Inbound for v3::codec::Decoded {
                         BrokerError::Protocol("PUBREL before PUBREC"),
                     ))),
                 };
+            }
+            Decoded::Packet(Packet::PingRequest, _) => {
+                conn.pong();
+                return Taken::Done(Ok(None));
             }
             other => return Taken::Pass(other, Passed::default()),
         };
