@@ -825,12 +825,20 @@ fn put_ack(buf: &mut ntex_bytes::BytePages, kind: u8, packet_id: u16, not_found:
 /// of its memory. Waits at most two turns of the thread for the write to go out (with
 /// epoll, ntex writes on its next turn); a connection still writing after that keeps it.
 pub(crate) async fn release_write_pages(io: &ntex::io::IoRef) {
+    let empty = |buf: &mut ntex_bytes::BytePages| buf.is_empty();
     for turn in 0..3 {
-        // With TLS, the wire side (ciphertext) and the application side (plaintext) each
-        // keep a page; without, they are the same buffer.
-        if io.with_write_dst(drop_spare_page) {
-            let _ = io.with_write_src(drop_spare_page);
-            return;
+        // With a filter (TLS, WebSocket) the application side and the wire side each keep
+        // a page (a layer between them, as in WebSocket over TLS, keeps its own); without,
+        // they are the same buffer. Both must be empty: the filter moves what the
+        // application side holds to the wire side on ntex's write turn.
+        match io.with_write_src(empty) {
+            Err(_) => return, // closing
+            Ok(true) if io.with_write_dst(empty) => {
+                io.with_write_dst(drop_spare_page);
+                let _ = io.with_write_src(drop_spare_page);
+                return;
+            }
+            Ok(_) => {}
         }
         if turn < 2 {
             tokio::task::yield_now().await;
@@ -838,15 +846,12 @@ pub(crate) async fn release_write_pages(io: &ntex::io::IoRef) {
     }
 }
 
-/// Drops the current page of an empty write buffer (true), or leaves a buffer that still
-/// holds data alone (false).
-fn drop_spare_page(buf: &mut ntex_bytes::BytePages) -> bool {
-    if !buf.is_empty() {
-        return false;
+/// Drops the current page of an empty write buffer.
+fn drop_spare_page(buf: &mut ntex_bytes::BytePages) {
+    if buf.is_empty() {
+        let mut spare = ntex_bytes::BytePages::new(buf.page_size());
+        spare.try_get_current_from(buf);
     }
-    let mut spare = ntex_bytes::BytePages::new(buf.page_size());
-    spare.try_get_current_from(buf);
-    true
 }
 
 /// About how many bytes the writer puts into the write buffer before it checks the high
