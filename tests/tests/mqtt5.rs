@@ -305,6 +305,43 @@ fn keepalive_zero_is_never_timed_out() {
     assert_eq!(c5.read(WAIT).expect("v5 PINGRESP").kind(), raw::PINGRESP);
 }
 
+/// With `max_inflight: 2` a QoS 1 subscriber has at most two deliveries unacknowledged;
+/// each PUBACK lets the next queued one go (the writer waits at the full window and the
+/// ack wakes it), in order, until all arrived.
+#[test]
+fn full_inflight_window_is_refilled_by_each_ack() {
+    let gw = Gateway::start_with("  limits:\n    max_inflight: 2\n", "");
+    let mut sub = connect3(&gw, "window-sub");
+    subscribe3(&mut sub, 1, "window/t", 1);
+    let mut publisher = connect3(&gw, "window-pub");
+    for i in 0..10u16 {
+        publisher.send(&raw::publish_v3("window/t", 1, i + 1, false, &[i as u8]));
+        let (ack, _) = publisher.read_kind(raw::PUBACK, WAIT);
+        assert!(ack.is_some(), "no PUBACK for publish {i}");
+    }
+    let mut next = 0u8;
+    let mut unacked = Vec::new();
+    while next < 10 {
+        // Two arrive without acks; a third must not.
+        while unacked.len() < 2 && next < 10 {
+            let p = sub
+                .read(WAIT)
+                .unwrap_or_else(|| panic!("delivery {next} did not arrive"));
+            let publish = raw::Publish::parse(&p, false);
+            assert_eq!(publish.payload, vec![next], "out of order: {publish:?}");
+            unacked.push(publish.packet_id.expect("QoS 1"));
+            next += 1;
+        }
+        if next < 10 {
+            assert!(
+                sub.read(Duration::from_millis(300)).is_none(),
+                "a third delivery went out with two unacknowledged (max_inflight 2)"
+            );
+        }
+        sub.send(&raw::ack(raw::PUBACK, unacked.remove(0)));
+    }
+}
+
 /// PINGREQ is answered before ntex's pipeline; it must still count as the client's
 /// activity for the keepalive, in both versions.
 #[test]

@@ -120,6 +120,10 @@ struct State {
     /// Packet ids of `inflight`, so allocating an id is O(1) even with a wide window.
     inflight_ids: PacketIds,
     next_packet_id: u16,
+    /// The writer stopped at a full in-flight window with deliveries queued: the ack that
+    /// frees a slot wakes it (no other ack needs to: a writer that is not blocked there
+    /// comes back for the queue by itself).
+    window_blocked: bool,
     generation: u64,
     subscriptions: HashMap<String, (Filter, SubOptions)>,
     /// Inbound QoS 2 packet ids received (PUBREC sent) and not yet released.
@@ -523,7 +527,8 @@ impl Session {
         max: usize,
         out: &mut Vec<Outgoing>,
     ) -> Result<(), Superseded> {
-        let now = Instant::now();
+        // Read the clock only for a message that can expire (MQTT 5 expiry interval).
+        let mut now = None;
         let mut taken = 0usize;
         let mut expired = 0u64;
         {
@@ -535,7 +540,11 @@ impl Session {
                 let Some(front) = state.queue.front() else {
                     break;
                 };
-                if front.message.is_expired(now) {
+                if front.message.properties.message_expiry_secs.is_some()
+                    && front
+                        .message
+                        .is_expired(*now.get_or_insert_with(Instant::now))
+                {
                     let seq = front.seq;
                     state.queue.pop_front();
                     taken += 1;
@@ -546,6 +555,7 @@ impl Session {
                     continue;
                 }
                 if front.qos != QoS::AtMostOnce && state.inflight.len() >= window {
+                    state.window_blocked = true;
                     break;
                 }
                 let Some(delivery) = state.queue.pop_front() else {
@@ -617,9 +627,14 @@ impl Session {
             let seq = done.delivery.seq;
             self.persist(&state, |client_id| Op::DeleteDelivery { client_id, seq });
         }
-        // With nothing queued the writer has nothing to send: the next enqueue wakes it.
-        // (Waking it for every ack cost a task switch per message in QoS 1 fan-out.)
-        let wake = !state.queue.is_empty();
+        // Only a writer stopped at the full window waits for this: with nothing queued the
+        // next enqueue wakes it, and one not blocked by the window comes back by itself.
+        // (Waking it for every ack cost a task switch per message in QoS 1 fan-out, and a
+        // `Notify` permit per ack after that.)
+        let wake = state.window_blocked && !state.queue.is_empty();
+        if wake {
+            state.window_blocked = false;
+        }
         drop(state);
         drop(done);
         if wake {
