@@ -120,9 +120,11 @@ struct State {
     /// Packet ids of `inflight`, so allocating an id is O(1) even with a wide window.
     inflight_ids: PacketIds,
     next_packet_id: u16,
-    /// The writer stopped at a full in-flight window with deliveries queued: the ack that
-    /// frees a slot wakes it (no other ack needs to: a writer that is not blocked there
-    /// comes back for the queue by itself).
+    /// The writer stopped at a full in-flight window with deliveries queued, and has not
+    /// looked again since: every ack wakes it until it does (no other ack needs to: a
+    /// writer not blocked there comes back for the queue by itself). Cleared only by
+    /// `next_outgoing`, so a wake taken by the previous connection's writer during a
+    /// takeover is followed by more.
     window_blocked: bool,
     generation: u64,
     subscriptions: HashMap<String, (Filter, SubOptions)>,
@@ -495,7 +497,8 @@ impl Session {
         self.notify.notified().await;
     }
 
-    /// Wakes the owning connection (e.g. after an ack freed window space).
+    /// Wakes the owning connection's writer (e.g. to give its write page back after a
+    /// PINGRESP).
     pub fn wake(&self) {
         self.notify.notify_one();
     }
@@ -536,6 +539,7 @@ impl Session {
             if state.generation != generation || state.ended || self.is_revoked(generation) {
                 return Err(Superseded);
             }
+            state.window_blocked = false;
             while out.len() < max {
                 let Some(front) = state.queue.front() else {
                     break;
@@ -632,9 +636,6 @@ impl Session {
         // (Waking it for every ack cost a task switch per message in QoS 1 fan-out, and a
         // `Notify` permit per ack after that.)
         let wake = state.window_blocked && !state.queue.is_empty();
-        if wake {
-            state.window_blocked = false;
-        }
         drop(state);
         drop(done);
         if wake {
