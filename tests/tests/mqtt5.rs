@@ -97,8 +97,13 @@ fn connect5(gw: &Gateway, id: &str, clean: bool, keep_alive: u16, props: &[u8]) 
 }
 
 fn connect3(gw: &Gateway, id: &str) -> Raw {
+    connect3_keepalive(gw, id, 30)
+}
+
+/// A clean 3.1.1 connection with this keepalive (seconds), its CONNACK checked.
+fn connect3_keepalive(gw: &Gateway, id: &str, keep_alive: u16) -> Raw {
     let mut c = Raw::connect(gw.mqtt);
-    c.send(&raw::connect_v3(id, true, 30));
+    c.send(&raw::connect_v3(id, true, keep_alive));
     let ack = c.read(WAIT).unwrap_or_else(|| panic!("{id}: no CONNACK"));
     assert_eq!(ack.kind(), raw::CONNACK, "{id}: {ack:?}");
     assert_eq!(ack.body, vec![0, 0], "{id}: CONNACK");
@@ -256,9 +261,7 @@ fn connack_announces_limits_and_server_keep_alive() {
 #[test]
 fn silent_v3_client_is_disconnected_after_one_and_a_half_keepalives() {
     let gw = Gateway::start();
-    let mut c = Raw::connect(gw.mqtt);
-    c.send(&raw::connect_v3("silent", true, 2));
-    assert_eq!(c.read(WAIT).expect("CONNACK").body, vec![0, 0]);
+    let mut c = connect3_keepalive(&gw, "silent", 2);
     let start = Instant::now();
     let mut seen = Vec::new();
     let closed = c.closed_within(Duration::from_secs(8), &mut seen);
@@ -277,9 +280,7 @@ fn silent_v3_client_is_disconnected_after_one_and_a_half_keepalives() {
 #[test]
 fn keepalive_zero_is_never_timed_out() {
     let gw = Gateway::start();
-    let mut c = Raw::connect(gw.mqtt);
-    c.send(&raw::connect_v3("no-keepalive", true, 0));
-    assert_eq!(c.read(WAIT).expect("CONNACK").body, vec![0, 0]);
+    let mut c = connect3_keepalive(&gw, "no-keepalive", 0);
     let mut seen = Vec::new();
     assert!(
         !c.closed_within(Duration::from_secs(4), &mut seen),
@@ -347,9 +348,7 @@ fn full_inflight_window_is_refilled_by_each_ack() {
 #[test]
 fn pinging_client_outlives_its_keepalive() {
     let gw = Gateway::start();
-    let mut c3 = Raw::connect(gw.mqtt);
-    c3.send(&raw::connect_v3("pinging-3", true, 2));
-    assert_eq!(c3.read(WAIT).expect("CONNACK").body, vec![0, 0]);
+    let mut c3 = connect3_keepalive(&gw, "pinging-3", 2);
     let (mut c5, _) = connect5(&gw, "pinging-5", true, 2, &[]);
     // 6 s: twice the 3 s a silent client gets.
     for round in 0..6 {

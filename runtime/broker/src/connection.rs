@@ -524,13 +524,12 @@ impl Conn {
 
     /// Passes a PUBLISH on to ntex-mqtt, which then follows its packet id.
     pub fn pass_publish(&self, qos: QoS, packet_id: Option<u16>) -> Passed {
-        self.passed_publishes.set(self.passed_publishes.get() + 1);
         if let Some(id) = packet_id {
             self.inbound.borrow_mut().insert(id, InboundId::Ntex);
         }
         Passed {
-            publish: true,
             qos1_id: packet_id.filter(|_| qos == QoS::AtLeastOnce),
+            ..self.pass_resend()
         }
     }
 
