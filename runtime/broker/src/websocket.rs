@@ -189,11 +189,15 @@ impl Upgrader {
         }
         let response = response.build().drop_body();
 
-        let (ack, io, _request, codec) = upgrade.handle();
-        if let Err(error) = io
+        let (ack, io, request, codec) = upgrade.handle();
+        // The request (its head and header map, 2.5 KiB) and the HTTP codec are done with:
+        // held to the end of this call, they would stay as long as the MQTT connection.
+        drop(request);
+        let sent = io
             .send(h1::Message::Item((response, BodySize::Empty)), &codec)
-            .await
-        {
+            .await;
+        drop(codec);
+        if let Err(error) = sent {
             tracing::debug!(listener = %self.listener, ?error, "WebSocket client left during the handshake.");
             return ack;
         }
