@@ -866,8 +866,25 @@ fn close_superseded(out: &impl Outbound, session: &Session, generation: u64) {
     }
 }
 
+/// Starts the connection's writer ([`run_writer`]) as a task of its own. Boxed: ntex's
+/// task wrapper holds the future it is given twice (as it was passed in and pinned inside
+/// its own future), so the writer's state (about 450 bytes) was in every idle
+/// connection's task twice; as a box, the task holds two pointers.
+pub(crate) fn spawn_writer<O: Outbound + 'static>(
+    out: O,
+    session: Arc<Session>,
+    generation: u64,
+    window: usize,
+    closed: Rc<Notify>,
+    metrics: Arc<BrokerMetrics>,
+) {
+    ntex::rt::spawn_detached(Box::pin(run_writer(
+        out, session, generation, window, closed, metrics,
+    )));
+}
+
 /// Drains the session into the connection until either ends.
-pub(crate) async fn run_writer<O: Outbound>(
+async fn run_writer<O: Outbound>(
     mut out: O,
     session: Arc<Session>,
     generation: u64,

@@ -16,7 +16,7 @@ use crate::{
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
         Conn, Handled, Inbound, InboundAck, InboundId, Outbound, Partial, Passed, Qos2, Release,
-        SendResult, Shared, Taken, run_writer, with_payload,
+        SendResult, Shared, Taken, spawn_writer, with_payload,
     },
     message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -127,14 +127,14 @@ pub(crate) async fn connect(
         sink: connect.sink(),
         io: connect.io().get_ref(),
     };
-    ntex::rt::spawn(run_writer(
+    spawn_writer(
         out,
         attached.session.clone(),
         attached.generation,
         usize::from(limits.max_inflight),
         conn.closed.clone(),
         shared.router.metrics().clone(),
-    ));
+    );
     let ack = connect
         .ack(conn, attached.session_present)
         .max_send(Some(limits.max_inflight));

@@ -23,7 +23,7 @@ use ntex_mqtt::{
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Handled, Outbound, Qos2, SendResult, Shared, run_writer, with_payload},
+    connection::{Conn, Handled, Outbound, Qos2, SendResult, Shared, spawn_writer, with_payload},
     message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
@@ -150,14 +150,14 @@ pub(crate) async fn connect(
         aliases: HashMap::new(),
         alias_max: packet.topic_alias_max,
     };
-    ntex::rt::spawn(run_writer(
+    spawn_writer(
         out,
         attached.session.clone(),
         attached.generation,
         window,
         conn.closed.clone(),
         shared.router.metrics().clone(),
-    ));
+    );
 
     let session_present = attached.session_present;
     let ack = connect
