@@ -134,7 +134,8 @@ struct State {
     expiry_secs: u32,
     ended: bool,
     /// A will waiting for its delay (or the session's end), from the last connection.
-    pending_will: Option<Message>,
+    /// Boxed: rarely there, and inline it made every session 88 bytes larger.
+    pending_will: Option<Box<Message>>,
     /// Written to the state file (a store exists and the session outlives connections).
     persisted: bool,
     /// It was persisted at some point, so its end must be written (clean sessions, the
@@ -475,7 +476,7 @@ impl Session {
     }
 
     pub(crate) fn set_pending_will(&self, will: Message) {
-        self.lock().pending_will = Some(will);
+        self.lock().pending_will = Some(Box::new(will));
     }
 
     /// Takes the pending will if the session still belongs to connection `generation`
@@ -484,7 +485,7 @@ impl Session {
         let mut state = self.lock();
         match generation {
             Some(g) if g != state.generation => None,
-            _ => state.pending_will.take(),
+            _ => state.pending_will.take().map(|will| *will),
         }
     }
 
