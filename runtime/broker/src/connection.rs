@@ -869,7 +869,9 @@ fn close_superseded(out: &impl Outbound, session: &Session, generation: u64) {
 /// Starts the connection's writer ([`run_writer`]) as a task of its own. Boxed: ntex's
 /// task wrapper holds the future it is given twice (as it was passed in and pinned inside
 /// its own future), so the writer's state (about 450 bytes) was in every idle
-/// connection's task twice; as a box, the task holds two pointers.
+/// connection's task twice; as a box, the task holds two pointers. ntex's task records
+/// name the connect handler that called this as where the task was spawned.
+#[track_caller]
 pub(crate) fn spawn_writer<O: Outbound + 'static>(
     out: O,
     session: Arc<Session>,
