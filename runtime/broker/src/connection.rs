@@ -649,6 +649,14 @@ impl Conn {
     /// PUBLISHes). ntex's pipeline would box a call per ping and grow its readiness
     /// bookkeeping on a connection that otherwise only idles. The writer is woken so that it
     /// gives the write page back once the PINGRESP has gone out ([`release_write_pages`]).
+    /// A SUBACK or UNSUBACK is on its way out through ntex: wakes the writer, so that once
+    /// it has left the writer gives the write page back (`release_write_pages`); else an
+    /// idle subscriber kept the 4 KiB page of its SUBACK. Called before the handler
+    /// returns its ack, which ntex writes before the writer task runs.
+    pub fn acked_control(&self) {
+        self.session.wake();
+    }
+
     pub fn pong(&self) {
         use ntex_bytes::BufMut;
         let _ = self.io.with_write_src(|buf| buf.put_slice(&[0xd0, 0x00]));

@@ -506,12 +506,14 @@ pub(crate) async fn protocol(
                     }
                 }
             }
+            conn.acked_control();
             subscribe.ack()
         }
         v3::ProtocolMessage::Unsubscribe(unsubscribe) => {
             for topic in unsubscribe.iter() {
                 let _ = conn.unsubscribe(topic);
             }
+            conn.acked_control();
             unsubscribe.ack()
         }
         v3::ProtocolMessage::Disconnect(disconnect) => {

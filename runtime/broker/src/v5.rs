@@ -360,6 +360,7 @@ pub(crate) async fn protocol(
                     }
                 }
             }
+            conn.acked_control();
             subscribe.ack()
         }
         v5::ProtocolMessage::Unsubscribe(mut unsubscribe) => {
@@ -370,6 +371,7 @@ pub(crate) async fn protocol(
                     Err(_) => item.fail(UnsubscribeAckReason::TopicFilterInvalid),
                 }
             }
+            conn.acked_control();
             unsubscribe.ack()
         }
         v5::ProtocolMessage::Disconnect(disconnect) => {
