@@ -645,22 +645,22 @@ impl Conn {
         }
     }
 
-    /// Answers a PINGREQ with PINGRESP, written at once (MQTT orders only the acks of
-    /// PUBLISHes). ntex's pipeline would box a call per ping and grow its readiness
-    /// bookkeeping on a connection that otherwise only idles. The writer is woken so that it
-    /// gives the write page back once the PINGRESP has gone out ([`release_write_pages`]).
-    /// A SUBACK or UNSUBACK is on its way out through ntex: wakes the writer, so that once
-    /// it has left the writer gives the write page back (`release_write_pages`); else an
-    /// idle subscriber kept the 4 KiB page of its SUBACK. Called before the handler
-    /// returns its ack, which ntex writes before the writer task runs.
-    pub fn acked_control(&self) {
+    /// A reply written outside the writer (PINGRESP, or a SUBACK or UNSUBACK that ntex
+    /// writes when the handler returns, before the writer task runs) is on its way out:
+    /// wakes the writer, which finds nothing to send and gives the write page back once the
+    /// reply has left ([`release_write_pages`]). Else an idle client kept the 4 KiB page of
+    /// its last reply.
+    pub fn reply_written(&self) {
         self.session.wake();
     }
 
+    /// Answers a PINGREQ with PINGRESP, written at once (MQTT orders only the acks of
+    /// PUBLISHes). ntex's pipeline would box a call per ping and grow its readiness
+    /// bookkeeping on a connection that otherwise only idles.
     pub fn pong(&self) {
         use ntex_bytes::BufMut;
         let _ = self.io.with_write_src(|buf| buf.put_slice(&[0xd0, 0x00]));
-        self.session.wake();
+        self.reply_written();
     }
 
     /// Writes a taken PUBLISH's ack now if no earlier PUBLISH's answer is outstanding (none

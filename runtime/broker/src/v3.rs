@@ -506,14 +506,14 @@ pub(crate) async fn protocol(
                     }
                 }
             }
-            conn.acked_control();
+            conn.reply_written();
             subscribe.ack()
         }
         v3::ProtocolMessage::Unsubscribe(unsubscribe) => {
             for topic in unsubscribe.iter() {
                 let _ = conn.unsubscribe(topic);
             }
-            conn.acked_control();
+            conn.reply_written();
             unsubscribe.ack()
         }
         v3::ProtocolMessage::Disconnect(disconnect) => {

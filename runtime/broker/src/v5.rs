@@ -360,7 +360,7 @@ pub(crate) async fn protocol(
                     }
                 }
             }
-            conn.acked_control();
+            conn.reply_written();
             subscribe.ack()
         }
         v5::ProtocolMessage::Unsubscribe(mut unsubscribe) => {
@@ -371,7 +371,7 @@ pub(crate) async fn protocol(
                     Err(_) => item.fail(UnsubscribeAckReason::TopicFilterInvalid),
                 }
             }
-            conn.acked_control();
+            conn.reply_written();
             unsubscribe.ack()
         }
         v5::ProtocolMessage::Disconnect(disconnect) => {
