@@ -1439,3 +1439,87 @@ fn v3_pubacks_follow_publish_order_when_one_waits_for_the_state_file() {
     }
     assert_eq!(drain(&mut sub, false, QUIET).len(), 5);
 }
+
+/// The broker takes PUBACKs and PUBCOMPs out of the bytes it reads, ahead of the packet
+/// decoder: acks split byte by byte and mixed with other packets still complete their
+/// deliveries (nothing is re-sent after a reconnect), and the other packets are answered.
+#[test]
+fn acks_split_byte_by_byte_among_other_packets_complete_their_deliveries() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect_v3(&gw, "split-acks", false);
+    subscribe(&mut sub, false, 1, "split/#", 2);
+    let (mut publisher, _) = connect_v3(&gw, "split-pub", true);
+    for i in 0..12u16 {
+        let qos = if i % 3 == 2 { 2 } else { 1 };
+        if qos == 1 {
+            publish_acked(&mut publisher, "split/t", i + 1, false, &[b'a' + i as u8]);
+        } else {
+            publish_exactly_once(&mut publisher, "split/t", i + 1, &[b'a' + i as u8]);
+        }
+    }
+    let mut qos2 = Vec::new();
+    let mut bytes = Vec::new();
+    let mut pings = 0;
+    for i in 0..12 {
+        let p = next_publish(&mut sub, false, "delivery");
+        match p.qos {
+            1 => bytes.extend(raw::ack(raw::PUBACK, p.packet_id.unwrap())),
+            2 => {
+                // PUBREC goes through the decoder; its PUBREL is answered below.
+                sub.send(&raw::ack(raw::PUBREC, p.packet_id.unwrap()));
+                qos2.push(p.packet_id.unwrap());
+            }
+            q => panic!("QoS {q}"),
+        }
+        if i % 4 == 0 {
+            bytes.extend(raw::pingreq());
+            pings += 1;
+        }
+    }
+    for _ in &qos2 {
+        let (rel, others) = sub.read_kind(raw::PUBREL, WAIT);
+        let rel = rel.unwrap_or_else(|| panic!("PUBREL: {others:?}"));
+        assert!(others.is_empty(), "{others:?}");
+        let id = u16::from_be_bytes([rel.body[0], rel.body[1]]);
+        bytes.extend(raw::ack(raw::PUBCOMP, id));
+    }
+    for byte in bytes {
+        sub.send(&[byte]);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for _ in 0..pings {
+        let p = sub.read(WAIT).expect("PINGRESP");
+        assert_eq!(p.kind(), raw::PINGRESP, "{p:?}");
+    }
+    ping(&mut sub);
+    drop(sub);
+    wait_connections(&gw, 1.0);
+    let (mut sub, present) = connect_v3(&gw, "split-acks", false);
+    assert!(present);
+    assert_silent(&mut sub, QUIET, "every delivery was acknowledged");
+}
+
+/// A subscriber that only sends PUBACKs sends no PINGREQ (any packet counts for the
+/// keepalive), so it must not be timed out while its acks are taken ahead of the decoder.
+#[test]
+fn a_client_sending_only_pubacks_is_not_timed_out() {
+    let gw = Gateway::start();
+    let mut sub = Raw::connect(gw.mqtt);
+    // Keepalive 1 s: the broker closes after 2 s without a packet.
+    sub.send(&raw::connect_v3("acks-only", true, 1));
+    assert_eq!(read_connack(&mut sub, false).code, 0);
+    subscribe(&mut sub, false, 1, "ka/#", 1);
+    let (mut publisher, _) = connect_v3(&gw, "ka-pub", true);
+    let start = Instant::now();
+    let mut id = 0u16;
+    while start.elapsed() < Duration::from_secs(5) {
+        id += 1;
+        publish_acked(&mut publisher, "ka/t", id, false, b"x");
+        let p = next_publish(&mut sub, false, "delivery");
+        ack(&mut sub, &p);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Still connected: it answers a PINGREQ now.
+    ping(&mut sub);
+    assert_eq!(connections(&gw), 2.0);
+}

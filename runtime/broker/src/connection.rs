@@ -367,6 +367,7 @@ impl Conn {
         slot: Slot,
     ) -> Self {
         shared.router.metrics().connection_opened(protocol);
+        crate::acks::attach(&io, &session);
         let qos0 = Qos0Lane::new(usize::from(shared.limits.receive_maximum));
         let rate = match shared.limits.max_publish_rate {
             0 => None,

@@ -24,6 +24,7 @@ pub use router::{
 pub use session::{Credential, Delivery, Session};
 pub use tree::SubOptions;
 
+mod acks;
 mod connection;
 mod driver;
 mod server;

@@ -23,6 +23,7 @@ use ntex_mqtt::{MqttError, MqttServer, MqttServiceConfig, v3, v5};
 
 use crate::{
     BrokerError,
+    acks::WithAcks,
     auth::{AuthSettings, Authenticator, ListenerAuth},
     connection::{ConnectionLimits, Shared},
     metrics::BrokerMetrics,
@@ -163,9 +164,11 @@ impl Broker {
                         let cfg = service_config(&limits, ws.is_some());
                         let name = format!("mqtt-{index}");
                         builder = match (tls, ws) {
-                            (None, None) => builder.listen(name, socket, cfg, async move |_| {
-                                mqtt_service(shared.clone(), addr, auth)
-                            })?,
+                            (None, None) => {
+                                builder.listen(name, socket, cfg, async move |_| WithAcks {
+                                    inner: mqtt_service(shared.clone(), addr, auth),
+                                })?
+                            }
                             (Some(tls), None) => {
                                 builder.listen(name, socket, cfg, async move |_| {
                                     let shared = shared.clone();
@@ -174,7 +177,9 @@ impl Broker {
                                             log_tls_error(addr, &error);
                                             MqttError::<BrokerError>::from(error)
                                         })
-                                        .and_then(mqtt_service(shared, addr, auth))
+                                        .and_then(WithAcks {
+                                            inner: mqtt_service(shared, addr, auth),
+                                        })
                                 })?
                             }
                             (None, Some(ws)) => {

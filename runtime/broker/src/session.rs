@@ -76,6 +76,17 @@ pub enum AckKind {
     Pubcomp,
 }
 
+/// An acknowledgement read ahead of ntex's dispatcher, for [`Session::complete_acks`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadAck {
+    pub kind: AckKind,
+    pub packet_id: u16,
+    /// Where the packet starts in the read buffer.
+    pub at: usize,
+    /// Set when it completed its delivery.
+    pub taken: bool,
+}
+
 /// What [`Session::take_ack`] made of an acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckOutcome {
@@ -624,24 +635,67 @@ impl Session {
     /// Removes the in-flight delivery at `index`, waking the owning connection when that
     /// frees window space for something queued.
     fn complete(&self, mut state: MutexGuard<'_, State>, index: usize) {
-        let Some(done) = state.inflight.remove(index) else {
+        let Some(done) = self.remove_inflight(&mut state, index) else {
             return;
         };
-        state.inflight_ids.remove(&done.packet_id);
-        if done.delivery.seq != 0 {
-            let seq = done.delivery.seq;
-            self.persist(&state, |client_id| Op::DeleteDelivery { client_id, seq });
-        }
-        // Only a writer stopped at the full window waits for this: with nothing queued the
-        // next enqueue wakes it, and one not blocked by the window comes back by itself.
-        // (Waking it for every ack cost a task switch per message in QoS 1 fan-out, and a
-        // `Notify` permit per ack after that.)
-        let wake = state.window_blocked && !state.queue.is_empty();
+        let wake = Self::window_freed(&state);
         drop(state);
         drop(done);
         if wake {
             self.notify.notify_one();
         }
+    }
+
+    fn remove_inflight(&self, state: &mut State, index: usize) -> Option<Inflight> {
+        let done = state.inflight.remove(index)?;
+        state.inflight_ids.remove(&done.packet_id);
+        if done.delivery.seq != 0 {
+            let seq = done.delivery.seq;
+            self.persist(state, |client_id| Op::DeleteDelivery { client_id, seq });
+        }
+        Some(done)
+    }
+
+    /// Whether completing deliveries should wake the writer. Only a writer stopped at the
+    /// full window waits for this: with nothing queued the next enqueue wakes it, and one
+    /// not blocked by the window comes back by itself. (Waking it for every ack cost a task
+    /// switch per message in QoS 1 fan-out, and a `Notify` permit per ack after that.)
+    fn window_freed(state: &State) -> bool {
+        state.window_blocked && !state.queue.is_empty()
+    }
+
+    /// PUBACKs and PUBCOMPs read together (`crate::acks`), under one lock: each that
+    /// completes its delivery as [`Session::take_ack`] would (a PUBACK for a QoS 1
+    /// delivery, a PUBCOMP for a QoS 2 one whose PUBREL was sent) does so and is marked
+    /// `taken`; the others are left untouched for `take_ack` to judge. Returns how many
+    /// were taken.
+    pub(crate) fn complete_acks(&self, acks: &mut [ReadAck]) -> usize {
+        let mut state = self.lock();
+        let mut taken = 0;
+        for ack in acks.iter_mut() {
+            let Some(i) = inflight_index(&state.inflight, ack.packet_id) else {
+                continue;
+            };
+            let entry = &state.inflight[i];
+            let completes = match ack.kind {
+                AckKind::Puback => entry.delivery.qos == QoS::AtLeastOnce,
+                AckKind::Pubcomp => {
+                    entry.delivery.qos == QoS::ExactlyOnce && entry.state == InflightState::Released
+                }
+                AckKind::Pubrec | AckKind::PubrecRefused => false,
+            };
+            if completes {
+                self.remove_inflight(&mut state, i);
+                ack.taken = true;
+                taken += 1;
+            }
+        }
+        let wake = taken > 0 && Self::window_freed(&state);
+        drop(state);
+        if wake {
+            self.notify.notify_one();
+        }
+        taken
     }
 
     /// A client's PUBACK, PUBREC or PUBCOMP for `packet_id`, checked against the state of

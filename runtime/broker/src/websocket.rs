@@ -203,6 +203,7 @@ impl Upgrader {
         }
         let io = ws::WsTransport::create(io, ws::Codec::new().max_size(self.max_frame));
         // The MQTT service logs and counts its own failures (see `server::mqtt_service`).
+        let io = io.add_filter(crate::acks::AckFilter::new());
         let _ = self.mqtt.call(io.boxed()).await;
         ack
     }

@@ -1,0 +1,540 @@
+//! Acks read in bulk: a filter layer under ntex-mqtt's dispatcher (on every connection,
+//! above TLS and WebSocket) that takes the client's PUBACKs and PUBCOMPs out of the bytes
+//! read, before they are decoded.
+//!
+//! In QoS 1 fan-out nearly every packet a subscriber sends is a PUBACK, and each cost a
+//! decode, a turn of ntex's dispatcher, a boxed call future through the service pipeline
+//! and a session lock (about a third of the broker's core). Here the acks of one read are
+//! checked against the session under one lock ([`Session::complete_acks`]) and those that
+//! complete their delivery are cut out of the stream; everything else passes through
+//! unchanged, in order, for the dispatcher and `AckGuard` to handle as before (an ack for
+//! nothing in flight, one of the wrong kind, a PUBREC, which needs a PUBREL written).
+//!
+//! The layer follows the packet framing from the first byte (fixed header: type, then the
+//! remaining length), so it only looks at packet starts. Until the connection has a session
+//! (its CONNECT accepted, [`attach`]) nothing is taken. Taking an ack early only frees its
+//! window slot earlier: MQTT orders acks among themselves per direction, not against the
+//! client's other packets. A malformed length stops the layer: the rest passes through and
+//! ntex's decoder reports the error.
+//!
+//! Keepalive: ntex restarts the keepalive timer on each packet it decodes, and a client
+//! that only sends PUBACKs sends no PINGREQ (any packet counts as activity). So when the
+//! dispatcher has been given no packet for a second, the next ack is left in the stream.
+
+use std::{
+    any::{Any, TypeId},
+    cell::{Cell, OnceCell},
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ntex::io::{FilterBuf, FilterLayer};
+use ntex_bytes::BytesMut;
+
+use crate::session::{AckKind, ReadAck, Session};
+
+/// The longest the dispatcher goes without a packet while acks are being taken here.
+const PASS_EVERY: Duration = Duration::from_secs(1);
+
+/// Acks looked up per lock of the session.
+const BATCH: usize = 64;
+
+/// The layer; one per connection.
+pub(crate) struct AckFilter {
+    session: SessionSlot,
+    /// Bytes of the current packet still to pass through.
+    skip: Cell<usize>,
+    /// The framing could not be followed (bad remaining length): pass everything.
+    lost: Cell<bool>,
+    /// When a packet was last left for the dispatcher.
+    last_passed: Cell<Option<Instant>>,
+}
+
+/// The connection's session, set once its CONNECT is accepted.
+#[derive(Clone, Default)]
+pub(crate) struct SessionSlot(Rc<OnceCell<Arc<Session>>>);
+
+impl std::fmt::Debug for AckFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckFilter")
+            .field("attached", &self.session.0.get().is_some())
+            .field("skip", &self.skip.get())
+            .field("lost", &self.lost.get())
+            .finish()
+    }
+}
+
+impl AckFilter {
+    pub fn new() -> Self {
+        Self {
+            session: SessionSlot::default(),
+            skip: Cell::new(0),
+            lost: Cell::new(false),
+            last_passed: Cell::new(None),
+        }
+    }
+}
+
+/// Lets the connection's filter take acks for `session` from now on (a no-op on a
+/// connection without the layer).
+pub(crate) fn attach(io: &ntex::io::IoRef, session: &Arc<Session>) {
+    if let Some(slot) = io.query::<SessionSlot>().into_inner() {
+        let _ = slot.0.set(session.clone());
+    }
+}
+
+/// A packet's fixed header at the start of `bytes`: its length and the remaining length.
+/// `None` when incomplete, `Err` when the remaining length is malformed.
+fn fixed_header(bytes: &[u8]) -> Result<Option<(usize, usize)>, ()> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&byte) = bytes.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((2 + i, remaining)));
+        }
+    }
+    Err(())
+}
+
+/// The ack kind of a packet that starts with `first` and has two bytes of remaining
+/// length (a packet id; MQTT 5 success without reason code).
+fn ack_kind(first: u8) -> Option<AckKind> {
+    match first {
+        0x40 => Some(AckKind::Puback),
+        0x70 => Some(AckKind::Pubcomp),
+        _ => None,
+    }
+}
+
+impl FilterLayer for AckFilter {
+    fn query(&self, id: TypeId) -> Option<Box<dyn Any>> {
+        (id == TypeId::of::<SessionSlot>()).then(|| Box::new(self.session.clone()) as Box<dyn Any>)
+    }
+
+    fn process_read_buf(&self, buf: &FilterBuf<'_>) -> std::io::Result<()> {
+        buf.with_read_buffers(|src, dst| {
+            let Some(src) = src else {
+                return;
+            };
+            if src.is_empty() {
+                return;
+            }
+            if self.lost.get() {
+                pass_all(src, dst);
+                return;
+            }
+            let session = self.session.0.get().map(Arc::as_ref);
+            let now = session.map(|_| ntex::time::now());
+            let owed = now.is_some_and(|now| {
+                self.last_passed
+                    .get()
+                    .is_none_or(|last| now.duration_since(last) >= PASS_EVERY)
+            });
+            if self.process(session, owed, src, dst) {
+                self.last_passed.set(now);
+            }
+        });
+        Ok(())
+    }
+
+    fn process_write_buf(&self, buf: &FilterBuf<'_>) -> std::io::Result<()> {
+        // Moved as is: pages, no copies.
+        buf.with_write_buffers(|src, dst| src.move_to(dst));
+        Ok(())
+    }
+}
+
+/// Moves all of `src` to the end of `dst`.
+fn pass_all(src: &mut BytesMut, dst: &mut BytesMut) {
+    if dst.is_empty() {
+        std::mem::swap(src, dst);
+    } else {
+        dst.extend_from_slice(src);
+        src.clear();
+    }
+}
+
+impl AckFilter {
+    /// Moves what `src` holds of whole packet starts to `dst`, without the acks `session`
+    /// takes; when `owed`, the first ack is left in the stream. Returns whether any packet
+    /// was left for the dispatcher.
+    fn process(
+        &self,
+        session: Option<&Session>,
+        mut owed: bool,
+        src: &mut BytesMut,
+        dst: &mut BytesMut,
+    ) -> bool {
+        let bytes: &[u8] = src;
+        let len = bytes.len();
+        let mut acks = [ReadAck {
+            kind: AckKind::Puback,
+            packet_id: 0,
+            at: 0,
+            taken: false,
+        }; BATCH];
+        let mut passed_any = false;
+        let mut pos = 0;
+        // Everything before `copied` is in `dst` or cut out.
+        let mut copied = 0;
+        let mut whole = true;
+        loop {
+            // One batch: scan up to BATCH acks, then take them under one lock.
+            let mut found = 0;
+            let mut skip = self.skip.get();
+            while pos < len {
+                if skip > 0 {
+                    let step = skip.min(len - pos);
+                    pos += step;
+                    skip -= step;
+                    continue;
+                }
+                let (header, remaining) = match fixed_header(&bytes[pos..]) {
+                    Ok(Some(header)) => header,
+                    Ok(None) => break,
+                    Err(()) => {
+                        self.lost.set(true);
+                        pos = len;
+                        break;
+                    }
+                };
+                if remaining == 2
+                    && session.is_some()
+                    && let Some(kind) = ack_kind(bytes[pos])
+                {
+                    if pos + 4 > len {
+                        break; // wait for the whole ack
+                    }
+                    if owed {
+                        // Left for the dispatcher (keepalive).
+                        owed = false;
+                        passed_any = true;
+                    } else {
+                        acks[found] = ReadAck {
+                            kind,
+                            packet_id: u16::from_be_bytes([bytes[pos + 2], bytes[pos + 3]]),
+                            at: pos,
+                            taken: false,
+                        };
+                        found += 1;
+                        pos += 4;
+                        if found == BATCH {
+                            break;
+                        }
+                        continue;
+                    }
+                } else {
+                    passed_any = true;
+                    owed = false;
+                }
+                skip = header + remaining;
+            }
+            self.skip.set(skip);
+            let end = pos;
+            let taken = match session {
+                Some(session) if found > 0 => session.complete_acks(&mut acks[..found]),
+                _ => 0,
+            };
+            if taken < found {
+                passed_any = true;
+            }
+            if taken > 0 {
+                whole = false;
+                for ack in acks[..found].iter().filter(|ack| ack.taken) {
+                    dst.extend_from_slice(&bytes[copied..ack.at]);
+                    copied = ack.at + 4;
+                }
+            }
+            if found < BATCH || pos >= len {
+                // Scanned to the end, or to an incomplete packet start.
+                if whole && end == len {
+                    pass_all(src, dst);
+                    return passed_any;
+                }
+                dst.extend_from_slice(&bytes[copied..end]);
+                copied = end;
+                break;
+            }
+        }
+        src.advance_to(copied);
+        passed_any
+    }
+}
+
+/// Puts the layer on each connection before `inner` (the MQTT service) runs it.
+pub(crate) struct WithAcks<S> {
+    pub inner: S,
+}
+
+impl<F, S> ntex::service::Service<(), ntex::io::Io<F>> for WithAcks<S>
+where
+    F: ntex::io::Filter,
+    S: ntex::service::Service<(), ntex::io::IoBoxed>,
+{
+    type Res = S::Res;
+    type Error = S::Error;
+
+    ntex::forward_bind!((), inner);
+    ntex::forward_ready!((), inner);
+    ntex::forward_shutdown!((), inner);
+
+    async fn call(
+        &self,
+        io: ntex::io::Io<F>,
+        ctx: ntex::service::Ctx<'_, Self, ()>,
+    ) -> Result<S::Res, S::Error> {
+        ctx.call(&self.inner, io.add_filter(AckFilter::new()).boxed())
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        message::{Message, QoS},
+        router::{AttachOptions, Router, RouterLimits},
+        session::Credential,
+        topic::Filter,
+        tree::SubOptions,
+    };
+
+    const PINGREQ: [u8; 2] = [0xc0, 0x00];
+
+    fn ack(first: u8, id: u16) -> Vec<u8> {
+        let [hi, lo] = id.to_be_bytes();
+        vec![first, 0x02, hi, lo]
+    }
+
+    fn publish(topic: &str, payload_len: usize) -> Vec<u8> {
+        let body_len = 2 + topic.len() + payload_len;
+        let mut out = vec![0x30];
+        let mut n = body_len;
+        loop {
+            let byte = (n % 128) as u8;
+            n /= 128;
+            out.push(if n > 0 { byte | 0x80 } else { byte });
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend((0..payload_len).map(|i| i as u8));
+        out
+    }
+
+    /// Feeds `stream` in `chunks` as the transport would (appending to what the layer left
+    /// in its source) and returns what reached the application side.
+    fn feed(
+        filter: &AckFilter,
+        session: Option<&Session>,
+        stream: &[u8],
+        chunks: &[usize],
+    ) -> Vec<u8> {
+        let mut src = BytesMut::new();
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        for &size in chunks.iter().chain(std::iter::once(&usize::MAX)) {
+            let end = at.saturating_add(size).min(stream.len());
+            src.extend_from_slice(&stream[at..end]);
+            at = end;
+            let mut dst = BytesMut::new();
+            if !src.is_empty() {
+                filter.process(session, false, &mut src, &mut dst);
+            }
+            // The dispatcher takes everything (it keeps partial packets, but here only
+            // the bytes matter).
+            out.extend_from_slice(&dst);
+            if at == stream.len() && size == usize::MAX {
+                break;
+            }
+        }
+        assert!(src.is_empty(), "left in the source: {src:?}");
+        out
+    }
+
+    /// A session with `n` QoS `qos` deliveries in flight; returns it with their ids.
+    fn in_flight(router: &Router, qos: QoS, n: usize) -> (Arc<Session>, Vec<u16>) {
+        let attached = router.attach(AttachOptions {
+            client_id: "acks".into(),
+            clean_start: true,
+            session_expiry_secs: 0,
+            owner: None,
+            credential: Credential::Anonymous,
+        });
+        router.subscribe(
+            &attached.session,
+            &Filter::parse("t").unwrap(),
+            SubOptions::qos(qos),
+        );
+        for i in 0..n {
+            router.publish(Message::new("t", format!("{i}").into_bytes(), qos));
+        }
+        let mut out = Vec::new();
+        attached
+            .session
+            .next_outgoing(attached.generation, n, n, &mut out)
+            .unwrap();
+        let ids = out.iter().map(|o| o.packet_id.unwrap().get()).collect();
+        (attached.session, ids)
+    }
+
+    fn router() -> Router {
+        Router::new(RouterLimits {
+            max_queued: 1000,
+            max_session_expiry_secs: 60,
+        })
+    }
+
+    #[test]
+    fn reads_fixed_headers() {
+        assert_eq!(fixed_header(&[0x40, 0x02]), Ok(Some((2, 2))));
+        assert_eq!(fixed_header(&[0x30, 0x80, 0x01]), Ok(Some((3, 128))));
+        assert_eq!(
+            fixed_header(&[0x30, 0xff, 0xff, 0xff, 0x7f]),
+            Ok(Some((5, 268_435_455)))
+        );
+        assert_eq!(fixed_header(&[0x30]), Ok(None));
+        assert_eq!(fixed_header(&[0x30, 0x80]), Ok(None));
+        assert_eq!(fixed_header(&[0x30, 0xff, 0xff, 0xff, 0xff]), Err(()));
+    }
+
+    #[test]
+    fn without_a_session_every_byte_passes_in_order_however_it_is_split() {
+        let mut stream = Vec::new();
+        stream.extend(publish("a/b", 3));
+        stream.extend(ack(0x40, 1));
+        stream.extend(PINGREQ);
+        stream.extend(publish("big", 300)); // two bytes of remaining length
+        stream.extend(ack(0x70, 2));
+        stream.extend(ack(0x40, 3));
+        for first in 0..=stream.len() {
+            let filter = AckFilter::new();
+            assert_eq!(
+                feed(&filter, None, &stream, &[first]),
+                stream,
+                "split at {first}"
+            );
+        }
+        let filter = AckFilter::new();
+        assert_eq!(
+            feed(&filter, None, &stream, &[1; 400]),
+            stream,
+            "byte by byte"
+        );
+    }
+
+    #[test]
+    fn acks_that_complete_deliveries_are_taken_out_the_rest_pass_in_order() {
+        let router = router();
+        let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 5);
+        let mut stream = Vec::new();
+        let mut expected = Vec::new();
+        stream.extend(ack(0x40, ids[0]));
+        stream.extend(PINGREQ);
+        expected.extend(PINGREQ);
+        stream.extend(ack(0x40, ids[1]));
+        let big = publish("t", 200);
+        stream.extend(&big);
+        expected.extend(&big);
+        // Nothing in flight under this id: left for AckGuard (which ignores it).
+        stream.extend(ack(0x40, 999));
+        expected.extend(ack(0x40, 999));
+        // The wrong kind for a QoS 1 delivery: left for AckGuard (which closes).
+        stream.extend(ack(0x70, ids[2]));
+        expected.extend(ack(0x70, ids[2]));
+        stream.extend(ack(0x40, ids[2]));
+        stream.extend(ack(0x40, ids[3]));
+        let filter = AckFilter::new();
+        assert_eq!(feed(&filter, Some(&session), &stream, &[1; 400]), expected);
+        assert_eq!(
+            session.inflight_len(),
+            1,
+            "only the fifth is still in flight"
+        );
+
+        // Split in two at every point.
+        for first in 0..=stream.len() {
+            let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 5);
+            let stream: Vec<u8> = [ack(0x40, ids[0]), PINGREQ.to_vec(), ack(0x40, ids[1])].concat();
+            let filter = AckFilter::new();
+            assert_eq!(
+                feed(&filter, Some(&session), &stream, &[first]),
+                PINGREQ,
+                "split at {first}"
+            );
+            assert_eq!(session.inflight_len(), 3, "split at {first}");
+        }
+    }
+
+    #[test]
+    fn more_acks_than_one_batch_in_one_read() {
+        let router = router();
+        let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 3 * BATCH + 5);
+        let stream: Vec<u8> = ids.iter().flat_map(|&id| ack(0x40, id)).collect();
+        let filter = AckFilter::new();
+        assert!(feed(&filter, Some(&session), &stream, &[]).is_empty());
+        assert_eq!(session.inflight_len(), 0);
+    }
+
+    #[test]
+    fn pubcomp_is_taken_only_after_pubrec() {
+        let router = router();
+        let (session, ids) = in_flight(&router, QoS::ExactlyOnce, 2);
+        // Before PUBREC: for AckGuard, which closes the connection.
+        let filter = AckFilter::new();
+        let stream = ack(0x70, ids[0]);
+        assert_eq!(feed(&filter, Some(&session), &stream, &[]), stream);
+        // A PUBACK for a QoS 2 delivery is not taken either.
+        let stream = ack(0x40, ids[1]);
+        assert_eq!(feed(&filter, Some(&session), &stream, &[]), stream);
+        assert_eq!(
+            session.take_ack(ids[0], AckKind::Pubrec),
+            crate::session::AckOutcome::Done
+        );
+        assert!(feed(&filter, Some(&session), &ack(0x70, ids[0]), &[]).is_empty());
+        assert_eq!(session.inflight_len(), 1);
+    }
+
+    #[test]
+    fn an_owed_packet_leaves_the_first_ack_for_the_dispatcher() {
+        let router = router();
+        let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 2);
+        let filter = AckFilter::new();
+        let mut src = BytesMut::new();
+        src.extend_from_slice(&[ack(0x40, ids[0]), ack(0x40, ids[1])].concat());
+        let mut dst = BytesMut::new();
+        assert!(filter.process(Some(&session), true, &mut src, &mut dst));
+        assert_eq!(&dst[..], &ack(0x40, ids[0])[..]);
+        assert_eq!(session.inflight_len(), 1);
+        assert!(src.is_empty());
+
+        // Not owed, all taken: nothing was passed.
+        let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 1);
+        let mut src = BytesMut::new();
+        src.extend_from_slice(&ack(0x40, ids[0]));
+        let mut dst = BytesMut::new();
+        assert!(!filter.process(Some(&session), false, &mut src, &mut dst));
+        assert!(dst.is_empty());
+    }
+
+    #[test]
+    fn a_malformed_length_stops_taking_acks() {
+        let router = router();
+        let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 1);
+        let filter = AckFilter::new();
+        let stream = [vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x01], ack(0x40, ids[0])].concat();
+        let mut src = BytesMut::new();
+        src.extend_from_slice(&stream);
+        let mut dst = BytesMut::new();
+        filter.process(Some(&session), false, &mut src, &mut dst);
+        assert_eq!(&dst[..], &stream[..]);
+        assert!(filter.lost.get());
+        assert_eq!(session.inflight_len(), 1);
+    }
+}
