@@ -19,7 +19,8 @@
 //!
 //! Keepalive: ntex restarts the keepalive timer on each packet it decodes, and a client
 //! that only sends PUBACKs sends no PINGREQ (any packet counts as activity). So when the
-//! dispatcher has been given no packet for a second, the next ack is left in the stream.
+//! dispatcher has been given no packet for half a second, the next ack is left in the
+//! stream.
 
 use std::{
     any::{Any, TypeId},
@@ -34,8 +35,11 @@ use ntex_bytes::BytesMut;
 
 use crate::session::{AckKind, ReadAck, Session};
 
-/// The longest the dispatcher goes without a packet while acks are being taken here.
-const PASS_EVERY: Duration = Duration::from_secs(1);
+/// The longest the dispatcher goes without a packet while acks are being taken here, plus
+/// the time to the client's next ack. The shortest keepalive (1 s) allows 2 s: a client
+/// acking at intervals under 0.5 s gets a packet to the dispatcher within 1 s, one acking
+/// less often has every ack passed.
+const PASS_EVERY: Duration = Duration::from_millis(500);
 
 /// Acks looked up per lock of the session.
 const BATCH: usize = 64;
@@ -202,7 +206,11 @@ impl AckFilter {
                         break;
                     }
                 };
-                if remaining == 2
+                // Two bytes of remaining length in one byte of length: the four-byte form.
+                // (MQTT 3.1.1 lets a length be encoded longer than needed, `40 82 00 ..`;
+                // such a packet passes whole, it is not taken apart as four bytes.)
+                if header == 2
+                    && remaining == 2
                     && session.is_some()
                     && let Some(kind) = ack_kind(bytes[pos])
                 {
@@ -521,6 +529,62 @@ mod tests {
         let mut dst = BytesMut::new();
         assert!(!filter.process(Some(&session), false, &mut src, &mut dst));
         assert!(dst.is_empty());
+    }
+
+    #[test]
+    fn an_ack_with_a_longer_length_encoding_passes_whole() {
+        let router = router();
+        // Each split of the nine bytes, with the whole stream last.
+        for first in 0..=9 {
+            let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 2);
+            let [hi, lo] = ids[1].to_be_bytes();
+            // A PUBACK for the second delivery, its length in two bytes (valid in 3.1.1).
+            // Read as a four-byte ack it would be one for id 0x00hi.
+            let long = vec![0x40, 0x82, 0x00, hi, lo];
+            let stream = [long.clone(), ack(0x40, ids[0])].concat();
+            let filter = AckFilter::new();
+            assert_eq!(
+                feed(&filter, Some(&session), &stream, &[first]),
+                long,
+                "split at {first}"
+            );
+            assert_eq!(session.inflight_len(), 1, "split at {first}");
+        }
+    }
+
+    /// Through ntex: the layer on an `Io`, the session attached by query, what the
+    /// dispatcher's decoder gets, and the first ack left for the keepalive.
+    #[test]
+    fn on_a_connection_acks_are_taken_before_the_decoder() {
+        use ntex::io::{Io, testing::IoTest};
+        use ntex_mqtt::v3::codec::{Codec, Decoded, Packet};
+
+        let router = router();
+        let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 3);
+        ntex::rt::System::new("acks-test", crate::IoDriver::Epoll).block_on(async move {
+            let (client, server) = IoTest::create();
+            let io = Io::new(server, ntex::SharedCfg::default()).add_filter(AckFilter::new());
+            attach(&io.get_ref(), &session);
+            let codec = Codec::new();
+            let next = async || match io.recv(&codec).await {
+                Ok(Some(Decoded::Packet(packet, _))) => packet,
+                other => panic!("expected a packet, got {other:?}"),
+            };
+            // Nothing passed yet: the first ack is left for the dispatcher, the second taken.
+            client.write([ack(0x40, ids[0]), ack(0x40, ids[1]), PINGREQ.to_vec()].concat());
+            assert_eq!(
+                next().await,
+                Packet::PublishAck {
+                    packet_id: ids[0].try_into().unwrap()
+                }
+            );
+            assert_eq!(next().await, Packet::PingRequest);
+            assert_eq!(session.inflight_len(), 2, "ids[0] is left for AckGuard");
+            // Within half a second of a packet passed: taken.
+            client.write([ack(0x40, ids[2]), PINGREQ.to_vec()].concat());
+            assert_eq!(next().await, Packet::PingRequest);
+            assert_eq!(session.inflight_len(), 1);
+        });
     }
 
     #[test]

@@ -685,6 +685,8 @@ impl Session {
                 AckKind::Pubrec | AckKind::PubrecRefused => false,
             };
             if completes {
+                // Dropped under the lock (`complete` drops after it): one lock per read
+                // of up to 64 acks, and holding them for later would need a buffer.
                 self.remove_inflight(&mut state, i);
                 ack.taken = true;
                 taken += 1;
