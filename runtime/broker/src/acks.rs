@@ -478,16 +478,25 @@ mod tests {
         );
 
         // Split in two at every point.
-        for first in 0..=stream.len() {
-            let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 5);
-            let stream: Vec<u8> = [ack(0x40, ids[0]), PINGREQ.to_vec(), ack(0x40, ids[1])].concat();
+        split_everywhere(5, 3, |ids| {
+            let stream = [ack(0x40, ids[0]), PINGREQ.to_vec(), ack(0x40, ids[1])].concat();
+            (stream, PINGREQ.to_vec())
+        });
+    }
+
+    /// For each split of the stream `make` gives for a fresh session with `n` QoS 1
+    /// deliveries in flight: the application side gets what `make` expects, and `left`
+    /// deliveries stay in flight.
+    fn split_everywhere(n: usize, left: usize, make: impl Fn(&[u16]) -> (Vec<u8>, Vec<u8>)) {
+        let router = router();
+        let len = make(&in_flight(&router, QoS::AtLeastOnce, n).1).0.len();
+        for first in 0..=len {
+            let (session, ids) = in_flight(&router, QoS::AtLeastOnce, n);
+            let (stream, expected) = make(&ids);
             let filter = AckFilter::new();
-            assert_eq!(
-                feed(&filter, Some(&session), &stream, &[first]),
-                PINGREQ,
-                "split at {first}"
-            );
-            assert_eq!(session.inflight_len(), 3, "split at {first}");
+            let passed = feed(&filter, Some(&session), &stream, &[first]);
+            assert_eq!(passed, expected, "split at {first}");
+            assert_eq!(session.inflight_len(), left, "split at {first}");
         }
     }
 
@@ -544,23 +553,13 @@ mod tests {
 
     #[test]
     fn an_ack_with_a_longer_length_encoding_passes_whole() {
-        let router = router();
-        // Each split of the nine bytes, with the whole stream last.
-        for first in 0..=9 {
-            let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 2);
+        split_everywhere(2, 1, |ids| {
             let [hi, lo] = ids[1].to_be_bytes();
             // A PUBACK for the second delivery, its length in two bytes (valid in 3.1.1).
             // Read as a four-byte ack it would be one for id 0x00hi.
             let long = vec![0x40, 0x82, 0x00, hi, lo];
-            let stream = [long.clone(), ack(0x40, ids[0])].concat();
-            let filter = AckFilter::new();
-            assert_eq!(
-                feed(&filter, Some(&session), &stream, &[first]),
-                long,
-                "split at {first}"
-            );
-            assert_eq!(session.inflight_len(), 1, "split at {first}");
-        }
+            ([long.clone(), ack(0x40, ids[0])].concat(), long)
+        });
     }
 
     /// Through ntex: the layer on an `Io`, the session attached by query, what the
