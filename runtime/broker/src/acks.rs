@@ -188,9 +188,8 @@ impl AckFilter {
         }; BATCH];
         let mut passed_any = false;
         let mut pos = 0;
-        // Everything before `copied` is in `dst` or cut out.
+        // Everything before `copied` is in `dst` or cut out (0: nothing cut out yet).
         let mut copied = 0;
-        let mut whole = true;
         loop {
             // One batch: scan up to BATCH acks, then take them under one lock.
             let mut found = 0;
@@ -247,7 +246,6 @@ impl AckFilter {
                 skip = header + remaining;
             }
             self.skip.set(skip);
-            let end = pos;
             let taken = match session {
                 Some(session) if found > 0 => session.complete_acks(&mut acks[..found]),
                 _ => 0,
@@ -256,7 +254,6 @@ impl AckFilter {
                 passed_any = true;
             }
             if taken > 0 {
-                whole = false;
                 for ack in acks[..found].iter().filter(|ack| ack.taken) {
                     dst.extend_from_slice(&bytes[copied..ack.at]);
                     copied = ack.at + 4;
@@ -264,12 +261,12 @@ impl AckFilter {
             }
             if found < BATCH || pos >= len {
                 // Scanned to the end, or to an incomplete packet start.
-                if whole && end == len {
+                if copied == 0 && pos == len {
                     pass_all(src, dst);
                     return passed_any;
                 }
-                dst.extend_from_slice(&bytes[copied..end]);
-                copied = end;
+                dst.extend_from_slice(&bytes[copied..pos]);
+                copied = pos;
                 break;
             }
         }

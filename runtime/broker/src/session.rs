@@ -66,6 +66,20 @@ struct Inflight {
     state: InflightState,
 }
 
+impl Inflight {
+    /// Whether `ack` ends this delivery: a PUBACK for QoS 1, a PUBCOMP for QoS 2 once its
+    /// PUBREL was sent, a refusing PUBREC (MQTT 5) for QoS 2.
+    fn completed_by(&self, ack: AckKind) -> bool {
+        let released = self.state == InflightState::Released;
+        matches!(
+            (ack, self.delivery.qos, released),
+            (AckKind::Puback, QoS::AtLeastOnce, _)
+                | (AckKind::Pubcomp, QoS::ExactlyOnce, true)
+                | (AckKind::PubrecRefused, QoS::ExactlyOnce, _)
+        )
+    }
+}
+
 /// A client's acknowledgement of a delivery in flight ([`Session::take_ack`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckKind {
@@ -665,8 +679,8 @@ impl Session {
     }
 
     /// PUBACKs and PUBCOMPs read together (`crate::acks`), under one lock: each that
-    /// completes its delivery as [`Session::take_ack`] would (a PUBACK for a QoS 1
-    /// delivery, a PUBCOMP for a QoS 2 one whose PUBREL was sent) does so and is marked
+    /// completes its delivery as [`Session::take_ack`] would
+    /// ([`Inflight::completed_by`]) does so and is marked
     /// `taken`; the others are left untouched for `take_ack` to judge. Returns how many
     /// were taken.
     pub(crate) fn complete_acks(&self, acks: &mut [ReadAck]) -> usize {
@@ -676,15 +690,7 @@ impl Session {
             let Some(i) = inflight_index(&state.inflight, ack.packet_id) else {
                 continue;
             };
-            let entry = &state.inflight[i];
-            let completes = match ack.kind {
-                AckKind::Puback => entry.delivery.qos == QoS::AtLeastOnce,
-                AckKind::Pubcomp => {
-                    entry.delivery.qos == QoS::ExactlyOnce && entry.state == InflightState::Released
-                }
-                AckKind::Pubrec | AckKind::PubrecRefused => false,
-            };
-            if completes {
+            if state.inflight[i].completed_by(ack.kind) {
                 // Dropped under the lock (`complete` drops after it): one lock per read
                 // of up to 64 acks, and holding them for later would need a buffer.
                 self.remove_inflight(&mut state, i);
@@ -710,14 +716,12 @@ impl Session {
             return AckOutcome::Unknown;
         };
         let entry = &mut state.inflight[i];
+        if entry.completed_by(ack) {
+            self.complete(state, i);
+            return AckOutcome::Done;
+        }
         let released = entry.state == InflightState::Released;
         match (ack, entry.delivery.qos, released) {
-            (AckKind::Puback, QoS::AtLeastOnce, _)
-            | (AckKind::Pubcomp | AckKind::PubrecRefused, QoS::ExactlyOnce, true)
-            | (AckKind::PubrecRefused, QoS::ExactlyOnce, false) => {
-                self.complete(state, i);
-                AckOutcome::Done
-            }
             (AckKind::Pubrec, QoS::ExactlyOnce, true) => AckOutcome::Done,
             (AckKind::Pubrec, QoS::ExactlyOnce, false) => {
                 entry.state = InflightState::Released;

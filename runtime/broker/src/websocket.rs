@@ -202,8 +202,8 @@ impl Upgrader {
             return ack;
         }
         let io = ws::WsTransport::create(io, ws::Codec::new().max_size(self.max_frame));
-        // The MQTT service logs and counts its own failures (see `server::mqtt_service`).
         let io = io.add_filter(crate::acks::AckFilter::new());
+        // The MQTT service logs and counts its own failures (see `server::mqtt_service`).
         let _ = self.mqtt.call(io.boxed()).await;
         ack
     }
