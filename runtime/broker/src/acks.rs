@@ -289,15 +289,26 @@ where
     type Error = S::Error;
 
     ntex::forward_bind!((), inner);
-    ntex::forward_ready!((), inner);
     ntex::forward_shutdown!((), inner);
+
+    /// Boxed: the MQTT service's readiness future is 1.0–1.3 KiB. Each layer around a
+    /// service holds that service's readiness check inline in its own call future, so
+    /// unboxed it was in every connection's future for the connection's whole life,
+    /// although it is only used before the call starts.
+    async fn ready(&self, ctx: ntex::service::Ctx<'_, Self, ()>) -> Result<(), S::Error> {
+        Box::pin(ctx.ready(&self.inner)).await
+    }
 
     async fn call(
         &self,
         io: ntex::io::Io<F>,
         ctx: ntex::service::Ctx<'_, Self, ()>,
     ) -> Result<S::Res, S::Error> {
-        ctx.call(&self.inner, io.add_filter(AckFilter::new()).boxed())
+        // Without `ctx.call`'s readiness check, for the same reason: `ready` above checked
+        // the MQTT service, whose readiness never changes (it only forwards that of the
+        // CONNECT handler, a plain function).
+        #[allow(deprecated)]
+        ctx.call_nowait(&self.inner, io.add_filter(AckFilter::new()).boxed())
             .await
     }
 }
