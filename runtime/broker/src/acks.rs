@@ -275,15 +275,21 @@ impl AckFilter {
     }
 }
 
-/// Puts the layer on each connection before `inner` (the MQTT service) runs it.
+/// Puts the layer on each connection before `inner` (the MQTT service) runs it, and logs
+/// what the MQTT service failed with.
 pub(crate) struct WithAcks<S> {
     pub inner: S,
+    pub listener: std::net::SocketAddr,
 }
 
 impl<F, S> ntex::service::Service<(), ntex::io::Io<F>> for WithAcks<S>
 where
     F: ntex::io::Filter,
-    S: ntex::service::Service<(), ntex::io::IoBoxed>,
+    S: ntex::service::Service<
+            (),
+            ntex::io::IoBoxed,
+            Error = ntex_mqtt::MqttError<crate::BrokerError>,
+        >,
 {
     type Res = S::Res;
     type Error = S::Error;
@@ -308,8 +314,13 @@ where
         // the MQTT service, whose readiness never changes (it only forwards that of the
         // CONNECT handler, a plain function).
         #[allow(deprecated)]
-        ctx.call_nowait(&self.inner, io.add_filter(AckFilter::new()).boxed())
-            .await
+        let result = ctx
+            .call_nowait(&self.inner, io.add_filter(AckFilter::new()).boxed())
+            .await;
+        if let Err(error) = &result {
+            crate::server::log_handshake_error(self.listener, error);
+        }
+        result
     }
 }
 

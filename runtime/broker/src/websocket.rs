@@ -203,8 +203,9 @@ impl Upgrader {
         }
         let io = ws::WsTransport::create(io, ws::Codec::new().max_size(self.max_frame));
         let io = io.add_filter(crate::acks::AckFilter::new());
-        // The MQTT service logs and counts its own failures (see `server::mqtt_service`).
-        let _ = self.mqtt.call(io.boxed()).await;
+        if let Err(error) = self.mqtt.call(io.boxed()).await {
+            crate::server::log_handshake_error(self.listener, &error);
+        }
         ack
     }
 }
