@@ -483,6 +483,25 @@ fn text_frames_close_the_connection() {
     );
 }
 
+/// A malformed first packet over WebSocket is logged and counted as one over TCP is: the
+/// upgrade logs what the MQTT service failed with.
+#[test]
+fn a_malformed_first_packet_over_websocket_is_logged_and_counted() {
+    let gw = gateway();
+    let metric = "edgegw_broker_protocol_errors_total{kind=\"malformed\"}";
+    let before = gw.metric(metric);
+    let (mut client, _) = ws_connect(&ws_url(&gw, "/mqtt"), gw.ws.unwrap());
+    client.send(b"\xff\xff\xff\xff\x7f");
+    assert!(client.read().is_none(), "no CONNACK: the connection ends");
+    let counted = gw.wait_metric(metric, WAIT, |v| v >= before + 1.0);
+    assert_eq!(counted, before + 1.0);
+    assert!(gw.wait_log(WAIT, |line| {
+        message(line) == Some("Connection closed at CONNECT: protocol error.")
+            && line["level"] == "WARN"
+            && line["fields"]["kind"] == "malformed"
+    }));
+}
+
 /// Sends `request` on a new TCP connection; returns everything the listener answered
 /// before closing (panics when it does not close within the wait).
 fn http_exchange(addr: SocketAddr, request: &str) -> String {
