@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 
 use crate::{
     auth::Login,
+    inflight::{InFlight, Turn},
     message::{Bytes, Message, Origin, QoS},
     metrics::{BrokerMetrics, DropReason, Protocol},
     router::{AttachOptions, Attached, Routed, Router, Will},
@@ -1063,17 +1064,41 @@ impl Drop for SentTally {
 /// deliveries itself rather than through ntex's sink (see [`Outbound`]), so ntex knows none
 /// of their packet ids; its per-packet pipeline and ack bookkeeping were a fifth of the
 /// broker's core in QoS 1 fan-out.
-pub(crate) struct AckGuard;
+///
+/// It is the only middleware (`replace_middlewares`): it also enforces the limits ntex-mqtt's
+/// own middleware did on the packets passed on ([`InFlight`]).
+pub(crate) struct AckGuard {
+    /// PUBLISHes passed on and handled at once (0: no limit).
+    max_slots: u16,
+}
+
+impl AckGuard {
+    /// MQTT 3.1.1: at most `receive_maximum` PUBLISHes passed on are handled at once.
+    pub fn v3(receive_maximum: u16) -> Self {
+        Self {
+            max_slots: receive_maximum,
+        }
+    }
+
+    /// MQTT 5: ntex-mqtt enforces the Receive Maximum itself (DISCONNECT 0x93).
+    pub fn v5() -> Self {
+        Self { max_slots: 0 }
+    }
+}
 
 pub(crate) struct AckGuardService<S> {
     inner: S,
+    inflight: InFlight,
 }
 
 impl<S, St> ntex::service::Middleware<S, St> for AckGuard {
     type Service = AckGuardService<S>;
 
     fn create(&self, _: &St, inner: S) -> Self::Service {
-        AckGuardService { inner }
+        AckGuardService {
+            inner,
+            inflight: InFlight::new(self.max_slots, crate::inflight::MAX_RECEIVE_SIZE),
+        }
     }
 }
 
@@ -1128,12 +1153,16 @@ impl Inbound for ntex_mqtt::v5::codec::Decoded {
 impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for AckGuardService<S>
 where
     S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req, Res = Req::Res, Error = Req::Error>,
-    Req: Inbound,
+    Req: Inbound + ntex_mqtt::SizedRequest,
 {
     type Res = S::Res;
     type Error = S::Error;
 
-    ntex::forward_bind!(ntex_mqtt::Session<T, Conn>, inner);
+    fn bind(&self, ctx: ntex::service::BindCtx<'_>) {
+        ctx.subscribe(self.inflight.changed());
+        ctx.bind::<_, ntex_mqtt::Session<T, Conn>, Req>(&self.inner);
+    }
+
     ntex::forward_shutdown!(ntex_mqtt::Session<T, Conn>, inner);
 
     /// Boxed: ntex's per-packet call future holds the pipeline's readiness future inline,
@@ -1143,6 +1172,9 @@ where
         &self,
         ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
     ) -> Result<(), Self::Error> {
+        if !self.inflight.is_open() {
+            self.inflight.open().await;
+        }
         Box::pin(ctx.ready(&self.inner)).await
     }
 
@@ -1156,10 +1188,18 @@ where
             Taken::Done(result) => result,
             Taken::Later(handled) => handled.await,
             Taken::Pass(request, passed) => {
+                let entry = self.inflight.enter(&request);
+                let slot = match entry.turn() {
+                    Turn::Now(slot) => slot,
+                    // Boxed, like the call below: waiting is rare.
+                    Turn::Wait => Box::pin(entry.wait_turn()).await,
+                };
                 // Boxed: ntex boxes this call's future per packet and moves it around;
                 // holding the rest of the pipeline's future (3.4 KiB) inline would make
                 // every taken packet pay for its size.
                 let result = Box::pin(ctx.call(&self.inner, request)).await;
+                drop(slot);
+                drop(entry);
                 conn.passed_done(passed);
                 result
             }

@@ -27,6 +27,7 @@ pub use tree::SubOptions;
 mod acks;
 mod connection;
 mod driver;
+mod inflight;
 mod server;
 mod v3;
 mod v5;

@@ -326,15 +326,16 @@ fn mqtt_service<R: RequestState<IoBoxed, State = ()>>(
     shared: Arc<Shared>,
     auth: ListenerAuth,
 ) -> impl Service<(), R, Res = (), Error = MqttError<BrokerError>> {
+    let receive_maximum = shared.limits.receive_maximum;
     let (s3, s5) = (shared.clone(), shared);
     MqttServer::new()
         .v3(v3::MqttServer::new(crate::v3::publish)
-            .middleware(crate::connection::AckGuard)
+            .replace_middlewares(crate::connection::AckGuard::v3(receive_maximum))
             .protocol(crate::v3::protocol)
             .control(crate::v3::control)
             .build(async move |c: v3::Connect| crate::v3::connect(s3.clone(), auth, c).await))
         .v5(v5::MqttServer::new(crate::v5::publish)
-            .middleware(crate::connection::AckGuard)
+            .replace_middlewares(crate::connection::AckGuard::v5())
             .protocol(crate::v5::protocol)
             .control(crate::v5::control)
             .build(async move |c: v5::Connect| crate::v5::connect(s5.clone(), auth, c).await))
