@@ -567,9 +567,9 @@ impl Conn {
 
     /// Whether a PUBLISH may be taken before ntex's pipeline: no publish rate limit (whose
     /// waits hold back ntex's reading), fewer than `receive_maximum` taken publishes
-    /// waiting for the state file (beyond, ntex's in-flight limits apply), and no PUBLISH
-    /// passed on to ntex still in its pipeline (which may hold it for an in-flight slot: a
-    /// taken one would be routed before it).
+    /// waiting for the state file (beyond, the in-flight limits of `AckGuard` apply,
+    /// `inflight.rs`), and no PUBLISH passed on still waiting for a slot or in ntex's
+    /// pipeline (a taken one would be routed before it).
     pub fn may_take_publish(&self) -> bool {
         self.rate.is_none()
             && self.inbound_waiting.get() < self.shared.limits.receive_maximum
@@ -833,27 +833,100 @@ fn put_ack(buf: &mut ntex_bytes::BytePages, kind: u8, packet_id: u16, not_found:
 /// Gives an idle connection's write pages back once what was written has gone out. ntex
 /// keeps a write buffer's current page (4 KiB) for the next write; on a connection that
 /// waits for minutes between a CONNACK or PINGRESP and its next packet, that page was most
-/// of its memory. Waits at most two turns of the thread for the write to go out (with
-/// epoll, ntex writes on its next turn); a connection still writing after that keeps it.
-pub(crate) async fn release_write_pages(io: &ntex::io::IoRef) {
-    let empty = |buf: &mut ntex_bytes::BytePages| buf.is_empty();
-    for turn in 0..3 {
+/// of its memory.
+///
+/// Pages are given back now if the write has gone out, else by the thread's sweep
+/// ([`spare_pages`]) within 100 ms of it going out. (Waiting here for a turn or two of the
+/// thread was not enough when many connections write at once, as when a message goes to
+/// thousands of subscribers: ntex writes them after the thread's turn, and nearly every
+/// such subscriber kept its page, 17 KiB per idle connection after a burst of 64 messages
+/// instead of 10.)
+pub(crate) fn release_write_pages(io: &ntex::io::IoRef) {
+    if spare_pages::release(io) == spare_pages::Released::Busy {
+        spare_pages::later(io);
+    }
+}
+
+/// Write pages given back once a connection's writes have gone out.
+// `IoRef` hashes and compares by the connection's identity, not its state.
+#[allow(clippy::mutable_key_type)]
+mod spare_pages {
+    use std::{cell::RefCell, collections::HashSet};
+
+    use ntex::io::IoRef;
+
+    /// How often the sweep looks at the connections left to it.
+    const EVERY: ntex::time::Millis = ntex::time::Millis(100);
+
+    thread_local! {
+        /// Connections whose pages are to be given back, and whether this thread's
+        /// sweep task runs (it ends when none are left).
+        static PENDING: RefCell<(HashSet<IoRef>, bool)> = RefCell::new((HashSet::new(), false));
+    }
+
+    #[derive(PartialEq, Eq, Debug)]
+    pub(super) enum Released {
+        /// Given back, or nothing to give back.
+        Done,
+        /// Output still waits to go out.
+        Busy,
+        /// The connection is closing.
+        Closing,
+    }
+
+    /// Drops the current pages of an empty write buffer.
+    pub(super) fn release(io: &IoRef) -> Released {
+        let empty = |buf: &mut ntex_bytes::BytePages| buf.is_empty();
         // With a filter (TLS, WebSocket) the application side and the wire side each keep
         // a page (a layer between them, as in WebSocket over TLS, keeps its own); without,
         // they are the same buffer. Both must be empty: the filter moves what the
         // application side holds to the wire side on ntex's write turn.
         match io.with_write_src(empty) {
-            Err(_) => return, // closing
+            Err(_) => Released::Closing,
             Ok(true) if io.with_write_dst(empty) => {
-                io.with_write_dst(drop_spare_page);
-                let _ = io.with_write_src(drop_spare_page);
+                io.with_write_dst(super::drop_spare_page);
+                let _ = io.with_write_src(super::drop_spare_page);
+                Released::Done
+            }
+            Ok(_) => Released::Busy,
+        }
+    }
+
+    /// Leaves `io` to the sweep (once: a connection is in the set at most once).
+    pub(super) fn later(io: &IoRef) {
+        let start = PENDING.with_borrow_mut(|(pending, sweeping)| {
+            pending.insert(io.clone());
+            !std::mem::replace(sweeping, true)
+        });
+        if start {
+            ntex::rt::spawn_detached(sweep());
+        }
+    }
+
+    /// Every [`EVERY`], gives back the pages of the connections left to it whose output
+    /// has gone out; ends when none are left.
+    async fn sweep() {
+        loop {
+            ntex::time::sleep(EVERY).await;
+            let mut pending = PENDING.with_borrow_mut(|(pending, _)| std::mem::take(pending));
+            pending.retain(|io| release(io) == Released::Busy);
+            let done = PENDING.with_borrow_mut(|(left, sweeping)| {
+                left.extend(pending);
+                if left.is_empty() {
+                    *sweeping = false;
+                }
+                !*sweeping
+            });
+            if done {
                 return;
             }
-            Ok(_) => {}
         }
-        if turn < 2 {
-            tokio::task::yield_now().await;
-        }
+    }
+
+    /// How many connections wait for the sweep on this thread (tests).
+    #[cfg(test)]
+    pub(super) fn pending() -> usize {
+        PENDING.with_borrow(|(pending, _)| pending.len())
     }
 }
 
@@ -898,136 +971,145 @@ pub(crate) fn spawn_writer<O: Outbound + 'static>(
 }
 
 /// Drains the session into the connection until either ends.
-async fn run_writer<O: Outbound>(
+///
+/// An `async` block rather than an `async fn`: an `async fn`'s state keeps its arguments
+/// twice (as passed, and moved into its body's locals), 56 bytes of every idle writer.
+#[allow(clippy::manual_async_fn)]
+fn run_writer<O: Outbound>(
     mut out: O,
     session: Arc<Session>,
     generation: u64,
     window: usize,
     closed: Rc<Notify>,
     metrics: Arc<BrokerMetrics>,
-) {
-    // Sent-message metrics are added up per batch: per-message atomic updates of shared
-    // counters showed up in profiles of fan-out.
-    let mut tally = SentTally::new(metrics.clone());
-    // Writes in runs, each in one access to the connection's write buffer (an access per
-    // delivery, with ntex's write-state upkeep each time, was a tenth of the broker's core
-    // in QoS 0 fan-out), of about `RUN_BYTES`; between runs it waits while the buffer is
-    // over its high watermark. A client that stops reading can hold the writer there: a
-    // reload revoking its access must still close it. (Only there: watching for revocation
-    // around every send registered and dropped a waiter per message, a tenth of the
-    // broker's core in QoS 0 fan-out.) False when the connection is closing: deliveries
-    // not written stay in flight for the next connection.
-    //
-    // Called boxed: inline, its state would make every idle connection's writer task as
-    // large as the busiest moment of a send.
-    let send_all = async |out: &mut O,
-                          list: &mut dyn Iterator<Item = Outgoing>,
-                          tally: &mut SentTally|
-           -> bool {
-        loop {
-            if !out.is_ready() {
-                tokio::select! {
-                    ready = out.ready() => if !ready {
-                        return false;
-                    },
-                    () = session.revoked(generation) => {
-                        out.close_revoked();
-                        return false;
+) -> impl Future<Output = ()> {
+    async move {
+        // Writes in runs, each in one access to the connection's write buffer (an access per
+        // delivery, with ntex's write-state upkeep each time, was a tenth of the broker's core
+        // in QoS 0 fan-out), of about `RUN_BYTES`; between runs it waits while the buffer is
+        // over its high watermark. A client that stops reading can hold the writer there: a
+        // reload revoking its access must still close it. (Only there: watching for revocation
+        // around every send registered and dropped a waiter per message, a tenth of the
+        // broker's core in QoS 0 fan-out.) False when the connection is closing: deliveries
+        // not written stay in flight for the next connection.
+        //
+        // Called boxed: inline, its state would make every idle connection's writer task as
+        // large as the busiest moment of a send.
+        let send_all = async |out: &mut O,
+                              list: &mut dyn Iterator<Item = Outgoing>,
+                              tally: &mut SentTally<'_>|
+               -> bool {
+            loop {
+                if !out.is_ready() {
+                    tokio::select! {
+                        ready = out.ready() => if !ready {
+                            return false;
+                        },
+                        () = session.revoked(generation) => {
+                            out.close_revoked();
+                            return false;
+                        }
                     }
                 }
-            }
-            let io = out.io().clone();
-            let run = io.with_write_src(|buf| {
-                let mut written = 0;
-                while written < RUN_BYTES {
-                    let Some(outgoing) = list.next() else {
-                        return true;
-                    };
-                    if outgoing.release_only
-                        && let Some(id) = outgoing.packet_id
-                    {
-                        // PUBREC arrived on an earlier connection: only PUBREL is owed
-                        // [MQTT-4.4.0-1]; its PUBCOMP is taken by `AckGuard`.
-                        put_ack(buf, PUBREL, id.get(), false);
-                        written += 4;
-                        continue;
-                    }
-                    let qos = outgoing.delivery.qos;
-                    let size = outgoing.delivery.message.payload.len();
-                    match out.encode(buf, &outgoing) {
-                        SendResult::Sent => {
-                            tally.add(qos, size);
-                            written += size + outgoing.delivery.message.topic.len() + 8;
+                let io = out.io().clone();
+                let run = io.with_write_src(|buf| {
+                    let mut written = 0;
+                    while written < RUN_BYTES {
+                        let Some(outgoing) = list.next() else {
+                            return true;
+                        };
+                        if outgoing.release_only
+                            && let Some(id) = outgoing.packet_id
+                        {
+                            // PUBREC arrived on an earlier connection: only PUBREL is owed
+                            // [MQTT-4.4.0-1]; its PUBCOMP is taken by `AckGuard`.
+                            put_ack(buf, PUBREL, id.get(), false);
+                            written += 4;
+                            continue;
                         }
-                        SendResult::Rejected => {
-                            if let Some(id) = outgoing.packet_id {
-                                session.acknowledge(id.get());
+                        let qos = outgoing.delivery.qos;
+                        let size = outgoing.delivery.message.payload.len();
+                        match out.encode(buf, &outgoing) {
+                            SendResult::Sent => {
+                                tally.add(qos, size);
+                                written += size + outgoing.delivery.message.topic.len() + 8;
                             }
-                            metrics.dropped(DropReason::TooLarge, 1);
+                            SendResult::Rejected => {
+                                if let Some(id) = outgoing.packet_id {
+                                    session.acknowledge(id.get());
+                                }
+                                metrics.dropped(DropReason::TooLarge, 1);
+                            }
                         }
                     }
+                    false
+                });
+                match run {
+                    Ok(true) => return true,
+                    Ok(false) => {}
+                    Err(_) => return false,
                 }
-                false
-            });
-            match run {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(_) => return false,
             }
-        }
-    };
+        };
 
-    match session.take_redelivery(generation) {
-        Ok(list) => {
-            if !Box::pin(send_all(&mut out, &mut list.into_iter(), &mut tally)).await {
+        // Sent-message metrics are added up per batch (a tally that lives only while the batch
+        // is written, not while the writer idles): per-message atomic updates of shared
+        // counters showed up in profiles of fan-out.
+        match session.take_redelivery(generation) {
+            Ok(list) => {
+                let mut tally = SentTally::new(&metrics);
+                if !Box::pin(send_all(&mut out, &mut list.into_iter(), &mut tally)).await {
+                    return;
+                }
+            }
+            Err(Superseded) => {
+                close_superseded(&out, &session, generation);
                 return;
             }
         }
-        Err(Superseded) => {
-            close_superseded(&out, &session, generation);
-            return;
-        }
-    }
-    // Grows on first use: an idle connection should cost as little as possible.
-    let mut batch = Vec::new();
-    loop {
-        if !out.is_open() {
-            return;
-        }
-        if session
-            .next_outgoing(generation, window, 64, &mut batch)
-            .is_err()
-        {
-            if out.is_open() {
-                close_superseded(&out, &session, generation);
+        // Grows on first use, and is given back whenever the writer goes idle: an idle
+        // connection should cost as little as possible (a batch of 64 deliveries is 3.5 KiB).
+        let mut batch = Vec::new();
+        loop {
+            if !out.is_open() {
+                return;
             }
-            return;
-        }
-        if batch.is_empty() {
-            release_write_pages(out.io()).await;
-            tokio::select! {
-                () = session.wait() => {}
-                () = closed.notified() => return,
+            if session
+                .next_outgoing(generation, window, 64, &mut batch)
+                .is_err()
+            {
+                if out.is_open() {
+                    close_superseded(&out, &session, generation);
+                }
+                return;
             }
-            continue;
+            if batch.is_empty() {
+                batch = Vec::new();
+                release_write_pages(out.io());
+                tokio::select! {
+                    () = session.wait() => {}
+                    () = closed.notified() => return,
+                }
+                continue;
+            }
+            let mut tally = SentTally::new(&metrics);
+            if !Box::pin(send_all(&mut out, &mut batch.drain(..), &mut tally)).await {
+                return;
+            }
         }
-        if !Box::pin(send_all(&mut out, &mut batch.drain(..), &mut tally)).await {
-            return;
-        }
-        tally.flush();
     }
 }
 
-/// Messages and payload bytes written since the last flush, by QoS; flushed into the
-/// shared counters per batch and when the writer ends.
-struct SentTally {
-    metrics: Arc<BrokerMetrics>,
+/// Messages and payload bytes written in a batch, by QoS; added to the shared counters
+/// when dropped.
+struct SentTally<'a> {
+    metrics: &'a BrokerMetrics,
     messages: [u64; 3],
     bytes: [u64; 3],
 }
 
-impl SentTally {
-    fn new(metrics: Arc<BrokerMetrics>) -> Self {
+impl<'a> SentTally<'a> {
+    fn new(metrics: &'a BrokerMetrics) -> Self {
         Self {
             metrics,
             messages: [0; 3],
@@ -1052,7 +1134,7 @@ impl SentTally {
     }
 }
 
-impl Drop for SentTally {
+impl Drop for SentTally<'_> {
     fn drop(&mut self) {
         self.flush();
     }
@@ -1277,4 +1359,61 @@ pub(crate) fn with_payload<'a, T: 'a>(
         let payload = body.read_all().await;
         next(payload).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use ntex::io::{Io, testing::IoTest};
+    use ntex_bytes::BufMut;
+
+    use super::*;
+
+    /// Waits (up to 5 s) until no connection waits for this thread's sweep.
+    async fn swept() -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while spare_pages::pending() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            ntex::time::sleep(ntex::time::Millis(20)).await;
+        }
+        true
+    }
+
+    /// An idle writer finds its output not yet written (ntex writes on its next turn): the
+    /// connection is left to the sweep, which gives its pages back once the output has
+    /// gone out, and forgets a connection that closed.
+    #[test]
+    fn write_pages_still_in_use_are_given_back_by_the_sweep() {
+        ntex::rt::System::new("pages-test", crate::IoDriver::Epoll).block_on(async {
+            let (client, server) = IoTest::create();
+            client.remote_buffer_cap(1024);
+            let io = Io::new(server, ntex::SharedCfg::default());
+            io.with_write_src(|buf| buf.put_slice(b"PUBLISH")).unwrap();
+            release_write_pages(&io.get_ref());
+            assert_eq!(spare_pages::pending(), 1, "the output has not gone out");
+            release_write_pages(&io.get_ref());
+            assert_eq!(spare_pages::pending(), 1, "once per connection");
+            assert_eq!(client.read().await.unwrap(), &b"PUBLISH"[..]);
+            assert!(swept().await, "given back after the write");
+            assert!(io.with_write_src(|buf| buf.is_empty()).unwrap());
+
+            // A connection whose output cannot go out stays until it closes.
+            let (client, server) = IoTest::create();
+            client.remote_buffer_cap(0);
+            let io = Io::new(server, ntex::SharedCfg::default());
+            io.with_write_src(|buf| buf.put_slice(b"PUBLISH")).unwrap();
+            release_write_pages(&io.get_ref());
+            ntex::time::sleep(ntex::time::Millis(300)).await;
+            assert_eq!(spare_pages::pending(), 1, "still writing");
+            client.close().await;
+            io.terminate();
+            assert!(
+                swept().await,
+                "a closed connection is dropped from the sweep"
+            );
+        });
+    }
 }

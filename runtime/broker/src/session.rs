@@ -566,6 +566,8 @@ impl Session {
                 return Err(Superseded);
             }
             state.window_blocked = false;
+            // One allocation for the batch (the writer gives it back when it goes idle).
+            out.reserve(state.queue.len().min(max.saturating_sub(out.len())));
             while out.len() < max {
                 let Some(front) = state.queue.front() else {
                     break;
