@@ -833,100 +833,27 @@ fn put_ack(buf: &mut ntex_bytes::BytePages, kind: u8, packet_id: u16, not_found:
 /// Gives an idle connection's write pages back once what was written has gone out. ntex
 /// keeps a write buffer's current page (4 KiB) for the next write; on a connection that
 /// waits for minutes between a CONNACK or PINGRESP and its next packet, that page was most
-/// of its memory.
-///
-/// Pages are given back now if the write has gone out, else by the thread's sweep
-/// ([`spare_pages`]) within 100 ms of it going out. (Waiting here for a turn or two of the
-/// thread was not enough when many connections write at once, as when a message goes to
-/// thousands of subscribers: ntex writes them after the thread's turn, and nearly every
-/// such subscriber kept its page, 17 KiB per idle connection after a burst of 64 messages
-/// instead of 10.)
-pub(crate) fn release_write_pages(io: &ntex::io::IoRef) {
-    if spare_pages::release(io) == spare_pages::Released::Busy {
-        spare_pages::later(io);
-    }
-}
-
-/// Write pages given back once a connection's writes have gone out.
-// `IoRef` hashes and compares by the connection's identity, not its state.
-#[allow(clippy::mutable_key_type)]
-mod spare_pages {
-    use std::{cell::RefCell, collections::HashSet};
-
-    use ntex::io::IoRef;
-
-    /// How often the sweep looks at the connections left to it.
-    const EVERY: ntex::time::Millis = ntex::time::Millis(100);
-
-    thread_local! {
-        /// Connections whose pages are to be given back, and whether this thread's
-        /// sweep task runs (it ends when none are left).
-        static PENDING: RefCell<(HashSet<IoRef>, bool)> = RefCell::new((HashSet::new(), false));
-    }
-
-    #[derive(PartialEq, Eq, Debug)]
-    pub(super) enum Released {
-        /// Given back, or nothing to give back.
-        Done,
-        /// Output still waits to go out.
-        Busy,
-        /// The connection is closing.
-        Closing,
-    }
-
-    /// Drops the current pages of an empty write buffer.
-    pub(super) fn release(io: &IoRef) -> Released {
-        let empty = |buf: &mut ntex_bytes::BytePages| buf.is_empty();
+/// of its memory. Waits at most two turns of the thread for the write to go out (with
+/// epoll, ntex writes on its next turn); a connection still writing after that keeps it.
+pub(crate) async fn release_write_pages(io: &ntex::io::IoRef) {
+    let empty = |buf: &mut ntex_bytes::BytePages| buf.is_empty();
+    for turn in 0..3 {
         // With a filter (TLS, WebSocket) the application side and the wire side each keep
         // a page (a layer between them, as in WebSocket over TLS, keeps its own); without,
         // they are the same buffer. Both must be empty: the filter moves what the
         // application side holds to the wire side on ntex's write turn.
         match io.with_write_src(empty) {
-            Err(_) => Released::Closing,
+            Err(_) => return, // closing
             Ok(true) if io.with_write_dst(empty) => {
-                io.with_write_dst(super::drop_spare_page);
-                let _ = io.with_write_src(super::drop_spare_page);
-                Released::Done
-            }
-            Ok(_) => Released::Busy,
-        }
-    }
-
-    /// Leaves `io` to the sweep (once: a connection is in the set at most once).
-    pub(super) fn later(io: &IoRef) {
-        let start = PENDING.with_borrow_mut(|(pending, sweeping)| {
-            pending.insert(io.clone());
-            !std::mem::replace(sweeping, true)
-        });
-        if start {
-            ntex::rt::spawn_detached(sweep());
-        }
-    }
-
-    /// Every [`EVERY`], gives back the pages of the connections left to it whose output
-    /// has gone out; ends when none are left.
-    async fn sweep() {
-        loop {
-            ntex::time::sleep(EVERY).await;
-            let mut pending = PENDING.with_borrow_mut(|(pending, _)| std::mem::take(pending));
-            pending.retain(|io| release(io) == Released::Busy);
-            let done = PENDING.with_borrow_mut(|(left, sweeping)| {
-                left.extend(pending);
-                if left.is_empty() {
-                    *sweeping = false;
-                }
-                !*sweeping
-            });
-            if done {
+                io.with_write_dst(drop_spare_page);
+                let _ = io.with_write_src(drop_spare_page);
                 return;
             }
+            Ok(_) => {}
         }
-    }
-
-    /// How many connections wait for the sweep on this thread (tests).
-    #[cfg(test)]
-    pub(super) fn pending() -> usize {
-        PENDING.with_borrow(|(pending, _)| pending.len())
+        if turn < 2 {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -1085,7 +1012,7 @@ fn run_writer<O: Outbound>(
             }
             if batch.is_empty() {
                 batch = Vec::new();
-                release_write_pages(out.io());
+                release_write_pages(out.io()).await;
                 tokio::select! {
                     () = session.wait() => {}
                     () = closed.notified() => return,
@@ -1359,61 +1286,4 @@ pub(crate) fn with_payload<'a, T: 'a>(
         let payload = body.read_all().await;
         next(payload).await
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use ntex::io::{Io, testing::IoTest};
-    use ntex_bytes::BufMut;
-
-    use super::*;
-
-    /// Waits (up to 5 s) until no connection waits for this thread's sweep.
-    async fn swept() -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while spare_pages::pending() > 0 {
-            if Instant::now() > deadline {
-                return false;
-            }
-            ntex::time::sleep(ntex::time::Millis(20)).await;
-        }
-        true
-    }
-
-    /// An idle writer finds its output not yet written (ntex writes on its next turn): the
-    /// connection is left to the sweep, which gives its pages back once the output has
-    /// gone out, and forgets a connection that closed.
-    #[test]
-    fn write_pages_still_in_use_are_given_back_by_the_sweep() {
-        ntex::rt::System::new("pages-test", crate::IoDriver::Epoll).block_on(async {
-            let (client, server) = IoTest::create();
-            client.remote_buffer_cap(1024);
-            let io = Io::new(server, ntex::SharedCfg::default());
-            io.with_write_src(|buf| buf.put_slice(b"PUBLISH")).unwrap();
-            release_write_pages(&io.get_ref());
-            assert_eq!(spare_pages::pending(), 1, "the output has not gone out");
-            release_write_pages(&io.get_ref());
-            assert_eq!(spare_pages::pending(), 1, "once per connection");
-            assert_eq!(client.read().await.unwrap(), &b"PUBLISH"[..]);
-            assert!(swept().await, "given back after the write");
-            assert!(io.with_write_src(|buf| buf.is_empty()).unwrap());
-
-            // A connection whose output cannot go out stays until it closes.
-            let (client, server) = IoTest::create();
-            client.remote_buffer_cap(0);
-            let io = Io::new(server, ntex::SharedCfg::default());
-            io.with_write_src(|buf| buf.put_slice(b"PUBLISH")).unwrap();
-            release_write_pages(&io.get_ref());
-            ntex::time::sleep(ntex::time::Millis(300)).await;
-            assert_eq!(spare_pages::pending(), 1, "still writing");
-            client.close().await;
-            io.terminate();
-            assert!(
-                swept().await,
-                "a closed connection is dropped from the sweep"
-            );
-        });
-    }
 }
