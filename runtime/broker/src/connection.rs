@@ -664,6 +664,7 @@ impl Conn {
     pub fn pong(&self) {
         use ntex_bytes::BufMut;
         let _ = self.io.with_write_src(|buf| buf.put_slice(&[0xd0, 0x00]));
+        self.session.trim_idle();
         self.reply_written();
     }
 
