@@ -273,9 +273,8 @@ impl Session {
             });
         }
         state.inbound_qos2.extend(inbound_qos2);
-        for (filter, options) in subscriptions {
-            upsert(&mut state.subscriptions, &filter, options);
-        }
+        // One row per filter (the table's key): no scan for duplicates.
+        state.subscriptions.extend(subscriptions);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -597,8 +596,6 @@ impl Session {
                 return Err(Superseded);
             }
             state.window_blocked = false;
-            // One allocation for the batch (the writer gives it back when it goes idle).
-            out.reserve(state.queue.len().min(max.saturating_sub(out.len())));
             while out.len() < max {
                 let Some(front) = state.queue.front() else {
                     break;
@@ -646,6 +643,12 @@ impl Session {
                     });
                     NonZeroU16::new(id)
                 };
+                if out.capacity() == 0 {
+                    // One allocation for the batch, made only when there is something to
+                    // send (the writer gives it back when it goes idle, and is woken per
+                    // message while its window is full).
+                    out.reserve(state.queue.len().saturating_add(1).min(max - out.len()));
+                }
                 out.push(Outgoing {
                     delivery,
                     packet_id,
