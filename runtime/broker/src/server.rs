@@ -263,6 +263,10 @@ fn service_config(limits: &ConnectionLimits, websocket: bool) -> SharedCfg {
         MqttServiceConfig::new()
             .set_max_qos(ntex_mqtt::QoS::ExactlyOnce)
             .set_max_size(limits.max_packet_size)
+            // Announced as MQTT 5's Receive Maximum and enforced there by ntex-mqtt; on
+            // 3.1.1 `AckGuard` enforces it (`AckGuard::v3` in `mqtt_service`, the same
+            // value). `set_max_receive_size` is not set: only ntex-mqtt's own in-flight
+            // middleware read it, replaced by `AckGuard` (`inflight::MAX_RECEIVE_SIZE`).
             .set_max_receive(limits.receive_maximum)
             .set_max_send(limits.max_inflight)
             .set_max_topic_alias(limits.topic_alias_maximum)
