@@ -1182,9 +1182,7 @@ where
         &self,
         ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
     ) -> Result<(), Self::Error> {
-        if !self.inflight.is_open() {
-            self.inflight.open().await;
-        }
+        self.inflight.open().await;
         Box::pin(ctx.ready(&self.inner)).await
     }
 

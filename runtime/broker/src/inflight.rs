@@ -93,7 +93,7 @@ impl InFlight {
         self.streaming.get().is_some() || self.max_size == 0 || self.size.get() <= self.max_size
     }
 
-    /// Ready once reading may go on.
+    /// Ready once reading may go on (at once when it may now).
     pub async fn open(&self) {
         poll_fn(|cx: &mut Context<'_>| {
             if self.is_open() {
@@ -509,9 +509,7 @@ mod tests {
             }
 
             async fn ready(&self, _: Ctx<'_, Self, ()>) -> Result<(), ()> {
-                if !self.0.is_open() {
-                    self.0.open().await;
-                }
+                self.0.open().await;
                 Ok(())
             }
 

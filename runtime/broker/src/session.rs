@@ -809,10 +809,9 @@ impl Session {
     /// Adds a subscription record; returns true when it replaced one for the same filter.
     pub(crate) fn record_subscription(&self, filter: &Filter, options: SubOptions) -> bool {
         let mut state = self.lock();
-        let key = filter.to_string();
         self.persist(&state, |client_id| Op::PutSubscription {
             client_id,
-            filter: key.clone(),
+            filter: filter.to_string(),
             record: crate::persist::encode_options(&options),
         });
         upsert(&mut state.subscriptions, filter, options)
