@@ -978,11 +978,11 @@ mod tests {
         for outgoing in out.drain(..) {
             session.take_ack(outgoing.packet_id.unwrap().get(), AckKind::Puback);
         }
-        let [queue, inflight, ids, _] = session.capacities();
-        assert!(
-            queue >= 32 && inflight >= 32 && ids >= 32,
-            "the burst's room"
-        );
+        // The id set's reported capacity after removals depends on the hash seed (removed
+        // entries may leave tombstones that hashbrown does not count as room): only the
+        // queues' room is a fixed precondition here.
+        let [queue, inflight, _, _] = session.capacities();
+        assert!(queue >= 32 && inflight >= 32, "the burst's room");
         session.trim_idle();
         assert_eq!(session.capacities(), [0, 0, 0, 0]);
     }
