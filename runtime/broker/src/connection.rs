@@ -1013,6 +1013,13 @@ fn run_writer<O: Outbound>(
             }
             if batch.is_empty() {
                 batch = Vec::new();
+                // Written now, not on ntex's write turn: that turn writes connections in the
+                // order their output was queued, so a publisher's PUBACK (queued while its
+                // PUBLISH was routed) went out before the subscribers' deliveries, a loopback
+                // write ahead of them on the way to every subscriber. Under load this is still
+                // one write per connection and turn (syscalls per read measured unchanged).
+                // An error means the connection is closing; that is seen above.
+                let _ = out.io().send_buf();
                 release_write_pages(out.io()).await;
                 tokio::select! {
                     () = session.wait() => {}
