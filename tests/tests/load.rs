@@ -182,3 +182,244 @@ fn publish_rate_limit_delays_but_keeps_every_message_in_order() {
     );
     assert!(gw.metric("edgegw_broker_publishes_throttled_total") >= 90.0);
 }
+
+/// Bytes waiting in the kernel on a loopback TCP connection, from `/proc/net/tcp`: those
+/// `local`'s socket has sent but the peer has not acknowledged (its send queue), and those
+/// the peer's socket has received but its process has not read (its receive queue).
+fn kernel_queues(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> (u64, u64) {
+    let key = |addr: std::net::SocketAddr| match addr {
+        // The kernel prints the address's bytes as one native-endian word.
+        std::net::SocketAddr::V4(a) => {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            )
+        }
+        std::net::SocketAddr::V6(_) => panic!("the test gateway listens on IPv4"),
+    };
+    let (local, peer) = (key(local), key(peer));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let (mut send_queue, mut receive_queue) = (None, None);
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (tx, rx) = fields[4].split_once(':').expect("tx_queue:rx_queue");
+        if fields[1] == local && fields[2] == peer {
+            send_queue = Some(u64::from_str_radix(tx, 16).unwrap());
+        } else if fields[1] == peer && fields[2] == local {
+            receive_queue = Some(u64::from_str_radix(rx, 16).unwrap());
+        }
+    }
+    (
+        send_queue.expect("the client's socket in /proc/net/tcp"),
+        receive_queue.expect("the broker's socket in /proc/net/tcp"),
+    )
+}
+
+/// While PUBLISHes passed to their handlers are held (here by `max_publish_rate`), the
+/// broker stops reading from the connection, so what the client sends waits in the kernel
+/// rather than in the broker; reading resumes as the handlers finish, and nothing is lost,
+/// repeated or reordered on the way.
+///
+/// The 1 KiB PUBLISHes often end up split across two reads, so ntex streams their payloads:
+/// before `Conn::in_order`, a streamed one was routed after the whole one read right behind
+/// it (pairs swapped about every 126 messages). The bound on what the broker reads holds
+/// with `AckGuard`'s 65,535-byte limit switched off too (ntex's own read backpressure stops
+/// it first here); that limit is checked by the unit tests in `inflight.rs`.
+#[test]
+fn publishes_held_back_bound_what_is_read_and_are_routed_in_order() {
+    use std::{
+        io::{ErrorKind, Read},
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    /// `inflight::MAX_RECEIVE_SIZE`: bytes of passed packets in hand above which reading
+    /// pauses.
+    const MAX_RECEIVE_SIZE: i64 = 65_535;
+    /// What else the broker may hold read but unhandled: ntex's read buffer (32 KiB
+    /// backpressure watermark, plus one read of up to 64 KiB past it), the ack layer's and
+    /// the decoder's buffers, and PUBACKs of handled messages still on their way.
+    const READ_SLACK: i64 = 256 * 1024;
+    /// 1.5 MiB of 1 KiB QoS 1 PUBLISHes, at 250 a second after a burst of 250: about
+    /// 5 s of handling, many times what the broker may hold read.
+    const MESSAGES: usize = 1_500;
+    const RATE: usize = 250;
+    const DEADLINE: Duration = Duration::from_secs(120);
+
+    let gw = Gateway::start_with(&format!("  limits:\n    max_publish_rate: {RATE}\n"), "");
+    let started = Instant::now();
+    let mut sub = connect(&gw, "pause-sub");
+    sub.send(&raw::subscribe_v3(1, "pause/x", 1));
+    assert!(sub.read_kind(raw::SUBACK, WAIT).0.is_some());
+    // The subscriber acknowledges every delivery and keeps the sequence numbers, up to
+    // the last message (`MESSAGES`, sent once all before it are acknowledged).
+    let subscriber = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        while got.last() != Some(&(MESSAGES as u64)) && got.len() <= MESSAGES {
+            let p = sub.read(WAIT).expect("a delivery within 10 s");
+            let publish = Publish::parse(&p, false);
+            assert_eq!(publish.qos, 1);
+            assert!(!publish.dup, "a delivery re-sent");
+            sub.send(&raw::ack(raw::PUBACK, publish.packet_id.unwrap()));
+            got.push(u64::from_be_bytes(publish.payload[..8].try_into().unwrap()));
+        }
+        got
+    });
+
+    let message = |seq: usize| {
+        let mut payload = vec![b'p'; 1024];
+        payload[..8].copy_from_slice(&(seq as u64).to_be_bytes());
+        raw::publish_v3("pause/x", 1, (seq % 65_535) as u16 + 1, false, &payload)
+    };
+    let packet_len = message(0).len();
+    let flood: Vec<u8> = (0..MESSAGES).flat_map(message).collect();
+
+    // A small send buffer (the kernel's default grows to 4 MiB): what the broker leaves
+    // unread soon fills it, and a send would block.
+    let mut publisher = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(64 * 1024).unwrap();
+            let stream = socket.connect(gw.mqtt).await.unwrap();
+            stream.into_std().unwrap()
+        });
+    publisher.set_nonblocking(false).unwrap();
+    publisher.set_nodelay(true).unwrap();
+    publisher
+        .write_all(&raw::connect_v3("pause-pub", true, 0))
+        .unwrap();
+    let mut connack = [0u8; 4];
+    publisher.set_read_timeout(Some(WAIT)).unwrap();
+    publisher.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK");
+    let (local, peer) = (publisher.local_addr().unwrap(), gw.mqtt);
+    publisher.set_nonblocking(true).unwrap();
+
+    // PUBACKs, counted as they arrive (in packet order: ids 1, 2, ...).
+    let acked = Arc::new(AtomicUsize::new(0));
+    let acks = {
+        let acked = acked.clone();
+        let mut stream = publisher.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut pending = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while acked.load(Ordering::SeqCst) <= MESSAGES && started.elapsed() < DEADLINE {
+                match stream.read(&mut chunk) {
+                    Ok(0) => panic!("the broker closed the publisher's connection"),
+                    Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    Err(e) => panic!("reading PUBACKs: {e}"),
+                }
+                let whole = pending.len() / 4 * 4;
+                for ack in pending[..whole].chunks(4) {
+                    let n = acked.load(Ordering::SeqCst);
+                    let id = (n % 65_535) as u16 + 1;
+                    let [hi, lo] = id.to_be_bytes();
+                    assert_eq!(ack, [0x40, 2, hi, lo], "PUBACK {n} in order");
+                    acked.store(n + 1, Ordering::SeqCst);
+                }
+                pending.drain(..whole);
+            }
+        })
+    };
+
+    // The bytes the broker has read and not yet handled (acknowledged), at most: sent,
+    // less what waits in the kernel, less what the PUBACKs account for.
+    let mut sent = 0usize;
+    let mut most_held: i64 = 0;
+    let mut most_waiting = 0u64;
+    let mut most_unread = 0u64;
+    let mut sample = |sent: usize| {
+        let (send_queue, receive_queue) = kernel_queues(local, peer);
+        let read = sent as i64 - send_queue as i64 - receive_queue as i64;
+        let handled = (acked.load(Ordering::SeqCst) * packet_len) as i64;
+        most_held = most_held.max(read - handled);
+        most_waiting = most_waiting.max(send_queue + receive_queue);
+        most_unread = most_unread.max(receive_queue);
+    };
+    let mut blocked = 0u32;
+    while sent < flood.len() {
+        assert!(started.elapsed() < DEADLINE, "sending took over 120 s");
+        let end = flood.len().min(sent + 64 * 1024);
+        match publisher.write(&flood[sent..end]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                blocked += 1;
+                sample(sent);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("sending: {e}"),
+        }
+    }
+    // Reading resumes as the handlers finish: every message is acknowledged.
+    while acked.load(Ordering::SeqCst) < MESSAGES {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{} of {MESSAGES} PUBACKs after 120 s",
+            acked.load(Ordering::SeqCst)
+        );
+        sample(sent);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sample(sent);
+    assert_eq!(
+        kernel_queues(local, peer),
+        (0, 0),
+        "the broker read everything"
+    );
+    // The last message, after every other one is acknowledged: the subscriber stops there.
+    let last = message(MESSAGES);
+    let mut at = 0;
+    while at < last.len() {
+        assert!(started.elapsed() < DEADLINE);
+        match publisher.write(&last[at..]) {
+            Ok(n) => at += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("sending: {e}"),
+        }
+    }
+    acks.join().expect("PUBACKs in order");
+    assert_eq!(acked.load(Ordering::SeqCst), MESSAGES + 1, "every PUBACK");
+    let got = subscriber.join().expect("deliveries");
+    eprintln!(
+        "sent {} bytes, blocked {blocked} times; at most {most_held} bytes read and \
+         unhandled, {most_waiting} waiting in the kernel, {most_unread} unread in the broker's \
+         socket; {:?}",
+        flood.len(),
+        started.elapsed()
+    );
+    assert!(
+        blocked > 0,
+        "the publisher's sends never blocked: the broker read everything at once"
+    );
+    assert!(
+        most_held <= MAX_RECEIVE_SIZE + READ_SLACK,
+        "the broker read {most_held} bytes more than it handled, over the {MAX_RECEIVE_SIZE} \
+         it may hold (plus {READ_SLACK} of buffers)"
+    );
+    let out_of_place: Vec<(usize, u64)> = got
+        .iter()
+        .enumerate()
+        .filter(|&(at, &seq)| seq != at as u64)
+        .map(|(at, &seq)| (at, seq))
+        .take(20)
+        .collect();
+    assert!(
+        got.len() == MESSAGES + 1 && out_of_place.is_empty(),
+        "every message exactly once, in order: {} of {} delivered; (position, message) out \
+         of place: {out_of_place:?}",
+        got.len(),
+        MESSAGES + 1
+    );
+}

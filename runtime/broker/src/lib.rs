@@ -28,6 +28,7 @@ mod acks;
 mod connection;
 mod driver;
 mod inflight;
+mod order;
 mod server;
 mod v3;
 mod v5;

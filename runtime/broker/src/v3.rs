@@ -16,7 +16,7 @@ use crate::{
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
         Conn, Handled, Inbound, InboundAck, InboundId, Outbound, Partial, Passed, Qos2, Release,
-        SendResult, Shared, Taken, spawn_writer, with_payload,
+        SendResult, Shared, Taken, spawn_writer,
     },
     message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -186,7 +186,7 @@ pub(crate) fn publish(
         }
         return conn.qos0.after_room(|| Ok(()));
     }
-    with_payload(body, move |payload| {
+    conn.in_order(body, move |payload| {
         accept(conn, topic, payload, qos, retain, inbound)
     })
 }
@@ -455,7 +455,7 @@ fn accept(
         return Handled::ready(Ok(()));
     }
     let message = Message::new(topic, payload, qos).with_retain(retain);
-    conn.after_throttle(move || route(conn, message, inbound))
+    route(conn, message, inbound)
 }
 
 /// Routes a PUBLISH; the result once it is durable. MQTT 3.1.1 has no negative PUBACK: an

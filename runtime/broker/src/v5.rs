@@ -23,7 +23,7 @@ use ntex_mqtt::{
 use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
-    connection::{Conn, Handled, Outbound, Qos2, SendResult, Shared, spawn_writer, with_payload},
+    connection::{Conn, Handled, Outbound, Qos2, SendResult, Shared, spawn_writer},
     message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
     router::{AttachOptions, Will},
@@ -252,7 +252,7 @@ pub(crate) fn publish(
     let message = Message::new(topic, Bytes::new(), qos)
         .with_retain(retain)
         .with_properties(properties);
-    with_payload(body, move |payload| {
+    conn.in_order(body, move |payload| {
         accept(conn, publish, message, payload, inbound)
     })
 }
@@ -285,7 +285,7 @@ fn accept(
             .ack()
             .reason_code(PublishAckReason::PayloadFormatInvalid)));
     }
-    conn.after_throttle(move || route(conn, publish, message, inbound))
+    route(conn, publish, message, inbound)
 }
 
 /// Routes a PUBLISH; its acknowledgement once it is durable (retained, queued for
