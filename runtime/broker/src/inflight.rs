@@ -532,4 +532,247 @@ mod tests {
             assert!(matches!(poll(ready.as_mut(), &waker), Poll::Ready(Ok(()))));
         });
     }
+
+    /// `AckGuardService` itself, built by `AckGuard` as ntex-mqtt builds it and run in a
+    /// pipeline over a real ntex-mqtt session (from a CONNECT read from an in-memory
+    /// connection): its `bind` subscribes the in-flight notifier and binds the service it
+    /// wraps, and its `ready` waits while reading is paused and for that service.
+    #[test]
+    fn the_ack_guard_tells_its_pipeline_when_reading_pauses_and_resumes() {
+        use std::{
+            cell::RefCell,
+            sync::atomic::{AtomicU64, AtomicUsize},
+        };
+
+        use ntex::{
+            io::{Io, testing::IoTest},
+            service::{BindCtx, Ctx, Middleware, Pipeline, Service},
+        };
+        use ntex_mqtt::v3;
+
+        use crate::{
+            BrokerError,
+            auth::{AuthSettings, Authenticator},
+            connection::{
+                AckGuard, AckGuardService, Conn, ConnectionLimits, Inbound, Passed, Shared, Taken,
+            },
+            metrics::Protocol,
+            router::{AttachOptions, Router, RouterLimits},
+            session::Credential,
+        };
+
+        /// A packet the guard passes on, of the given encoded size.
+        struct Passing(u32);
+
+        impl SizedRequest for Passing {
+            fn size(&self) -> u32 {
+                self.0
+            }
+            fn has_more_chunks(&self) -> bool {
+                false
+            }
+        }
+
+        impl Inbound for Passing {
+            type Res = ();
+            type Error = ();
+            fn take(self, _: &Conn) -> Taken<'_, Self> {
+                Taken::Pass(self, Passed::default())
+            }
+        }
+
+        /// The handler behind the guard: holds each call until released, and has a
+        /// readiness source of its own.
+        struct Held {
+            released: Cell<bool>,
+            waker: Cell<Option<Waker>>,
+            changed: ReadyNotifier,
+            ready: Cell<bool>,
+            ready_waker: Cell<Option<Waker>>,
+        }
+
+        struct Handler(Rc<Held>);
+
+        impl<T> Service<ntex_mqtt::Session<T, Conn>, Passing> for Handler {
+            type Res = ();
+            type Error = ();
+
+            fn bind(&self, ctx: BindCtx<'_>) {
+                ctx.subscribe(&self.0.changed);
+            }
+
+            async fn ready(&self, _: Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>) -> Result<(), ()> {
+                poll_fn(|cx: &mut Context<'_>| {
+                    if self.0.ready.get() {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        self.0.ready_waker.set(Some(cx.waker().clone()));
+                        Poll::Pending
+                    }
+                })
+                .await
+            }
+
+            async fn call(
+                &self,
+                _: Passing,
+                _: Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
+            ) -> Result<(), ()> {
+                poll_fn(|cx: &mut Context<'_>| {
+                    if self.0.released.get() {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        self.0.waker.set(Some(cx.waker().clone()));
+                        Poll::Pending
+                    }
+                })
+                .await
+            }
+        }
+
+        /// The `v3::Session<Conn>` ntex-mqtt makes for a CONNECT (it has no public
+        /// constructor): from the handshake of its server over an in-memory connection.
+        async fn session(client: &IoTest, server: IoTest) -> v3::Session<Conn> {
+            let shared = Arc::new(Shared {
+                router: Router::new(RouterLimits {
+                    max_queued: 10,
+                    max_session_expiry_secs: 0,
+                }),
+                limits: ConnectionLimits {
+                    max_connections: 1,
+                    max_packet_size: 1 << 20,
+                    max_keepalive_secs: 600,
+                    receive_maximum: 16,
+                    max_inflight: 16,
+                    topic_alias_maximum: 0,
+                    max_publish_rate: 0,
+                },
+                auth: Authenticator::new(AuthSettings::default()),
+                connections: AtomicUsize::new(0),
+                next_client_number: AtomicU64::new(1),
+            });
+            let captured: Rc<RefCell<Option<v3::Session<Conn>>>> = Rc::default();
+            let keep = captured.clone();
+            let mqtt = v3::MqttServer::new(async |_: v3::Publish| Ok::<_, BrokerError>(())).build(
+                async move |connect: v3::Connect| {
+                    let attached = shared.router.attach(AttachOptions {
+                        client_id: "guard".into(),
+                        clean_start: true,
+                        session_expiry_secs: 0,
+                        owner: None,
+                        credential: Credential::Anonymous,
+                    });
+                    let conn = Conn::new(
+                        shared.clone(),
+                        attached.session,
+                        attached.generation,
+                        Protocol::V311,
+                        None,
+                        None,
+                        shared.auth.acl_for(None, "guard"),
+                        shared.auth.generation(),
+                        connect.io().get_ref(),
+                        shared.reserve_slot().expect("a connection slot"),
+                    );
+                    let (ack, session) = connect.ack_and_session(conn, false);
+                    *keep.borrow_mut() = Some(session);
+                    Ok::<_, BrokerError>(ack)
+                },
+            );
+            let mqtt = Pipeline::new((), mqtt);
+            let io = Io::new(server, ntex::SharedCfg::default());
+            ntex::rt::spawn(async move {
+                let _ = mqtt.call(io.boxed()).await;
+            });
+            // CONNECT: MQTT 3.1.1, clean session, keepalive 60 s, client id "guard".
+            let mut connect = vec![0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5];
+            connect.extend_from_slice(b"guard");
+            client.write(connect);
+            for _ in 0..5_000 {
+                if let Some(session) = captured.borrow_mut().take() {
+                    return session;
+                }
+                ntex::time::sleep(ntex::time::Millis(1)).await;
+            }
+            panic!("no session from the handshake within 5 s");
+        }
+
+        ntex::rt::System::new("ack-guard-test", crate::IoDriver::Epoll).block_on(async {
+            let (client, server) = IoTest::create();
+            let session = session(&client, server).await;
+            let held = Rc::new(Held {
+                released: Cell::new(false),
+                waker: Cell::new(None),
+                changed: ReadyNotifier::new(),
+                ready: Cell::new(true),
+                ready_waker: Cell::new(None),
+            });
+            let guard: AckGuardService<Handler> =
+                Middleware::create(&AckGuard::v3(16), &session, Handler(held.clone()));
+            let pipeline = Pipeline::new(session, guard);
+            pipeline.ready().await.unwrap();
+            assert!(pipeline.is_ready());
+            let (wakes, waker) = waker();
+
+            // Within the limit: reading goes on.
+            let mut small = pin!(pipeline.call(Passing(MAX_RECEIVE_SIZE as u32)));
+            assert!(
+                poll(small.as_mut(), &waker).is_pending(),
+                "held by the handler"
+            );
+            assert!(pipeline.is_ready(), "{MAX_RECEIVE_SIZE} bytes in hand");
+
+            // One byte more in hand: the guard's notifier tells the pipeline (bound in
+            // `bind`), and its `ready` waits.
+            let mut big = pin!(pipeline.call(Passing(1)));
+            assert!(
+                poll(big.as_mut(), &waker).is_pending(),
+                "held by the handler"
+            );
+            assert!(
+                !pipeline.is_ready(),
+                "the pipeline must learn that reading paused"
+            );
+            let mut ready = pin!(pipeline.ready());
+            assert!(
+                poll(ready.as_mut(), &waker).is_pending(),
+                "not ready while {} bytes are in hand",
+                MAX_RECEIVE_SIZE + 1
+            );
+            assert!(poll(ready.as_mut(), &waker).is_pending());
+
+            // The handler returns: the bytes leave, reading resumes.
+            let before = wakes.0.load(Ordering::SeqCst);
+            held.released.set(true);
+            if let Some(w) = held.waker.take() {
+                w.wake();
+            }
+            assert!(matches!(poll(small.as_mut(), &waker), Poll::Ready(Ok(()))));
+            assert!(
+                wakes.0.load(Ordering::SeqCst) > before,
+                "the paused readiness check is woken"
+            );
+            assert!(matches!(poll(ready.as_mut(), &waker), Poll::Ready(Ok(()))));
+            assert!(pipeline.is_ready());
+            assert!(matches!(poll(big.as_mut(), &waker), Poll::Ready(Ok(()))));
+
+            // `bind` bound the handler too: its readiness change reaches the pipeline, and
+            // the guard's `ready` waits for it.
+            held.ready.set(false);
+            held.changed.notify();
+            assert!(!pipeline.is_ready(), "the handler's notifier is subscribed");
+            let mut ready = pin!(pipeline.ready());
+            assert!(
+                poll(ready.as_mut(), &waker).is_pending(),
+                "waits for the handler"
+            );
+            held.ready.set(true);
+            held.changed.notify();
+            if let Some(w) = held.ready_waker.take() {
+                w.wake();
+            }
+            assert!(matches!(poll(ready.as_mut(), &waker), Poll::Ready(Ok(()))));
+            drop(client);
+        });
+    }
 }
