@@ -245,6 +245,9 @@ struct Queued0 {
     message: Message,
     /// Whole (read at once) or streamed by ntex.
     body: ntex_mqtt::Payload,
+    /// Its place in [`Conn::in_order`]'s order, taken when it was queued while PUBLISHes
+    /// waited there or under a publish rate limit: it is routed on that turn.
+    turn: Option<u64>,
 }
 
 impl Qos0Lane {
@@ -267,11 +270,12 @@ impl Qos0Lane {
 
     /// Queues a message (its payload left empty) with ntex's payload for it. True when the
     /// caller must start the drain task ([`Conn::drain_qos0`]).
-    pub fn push(&self, message: Message, body: ntex_mqtt::Payload) -> bool {
-        if self.stopped.get() {
-            return false;
-        }
-        self.queue.borrow_mut().push_back(Queued0 { message, body });
+    fn push(&self, message: Message, body: ntex_mqtt::Payload, turn: Option<u64>) -> bool {
+        self.queue.borrow_mut().push_back(Queued0 {
+            message,
+            body,
+            turn,
+        });
         !self.draining.replace(true)
     }
 
@@ -432,7 +436,7 @@ impl Conn {
         {
             return with_payload(body, next);
         }
-        let ticket = self.order.get_or_init(Box::default).ticket();
+        let ticket = self.order().ticket();
         Handled::later(async move {
             ticket.turn().await;
             self.throttle().await;
@@ -446,11 +450,17 @@ impl Conn {
     }
 
     /// Waits for this connection's slot under `max_publish_rate` (no-op when unlimited).
-    /// Called only on a PUBLISH's turn in [`Conn::in_order`], one at a time.
+    /// Called only on a PUBLISH's turn in the order of [`Conn::in_order`] (handlers, and
+    /// the QoS 0 lane for what it queued under the limit), so slots follow packet order.
     async fn throttle(&self) {
         let Some(rate) = &self.rate else { return };
         let now = std::time::Instant::now();
-        let slot = rate.next.get().max(now);
+        // Slots up to a second in the past are taken at once: the burst of one second's
+        // worth after a quiet period. (`max(now)` alone would pace even the first ones.)
+        let earliest = now
+            .checked_sub(std::time::Duration::from_secs(1))
+            .unwrap_or(now);
+        let slot = rate.next.get().max(earliest);
         rate.next.set(slot + rate.interval);
         if slot > now {
             rate.throttled.increment(1);
@@ -461,8 +471,27 @@ impl Conn {
         }
     }
 
+    /// Queues a QoS 0 message (its payload left empty) in the lane with ntex's payload for
+    /// it ([`Qos0Lane`]). True when the caller must start the drain task
+    /// ([`Conn::drain_qos0`]). While PUBLISHes wait in [`Conn::in_order`] or a publish rate
+    /// limit applies, it takes its place in that order too: the drain task routes it on its
+    /// turn (and takes its rate-limit slot then), so it neither overtakes those waiting
+    /// nor is overtaken by those called after it.
+    pub fn push_qos0(&self, message: Message, body: ntex_mqtt::Payload) -> bool {
+        if self.qos0.stopped.get() {
+            return false;
+        }
+        let turn = (self.rate.is_some() || self.order.get().is_some_and(|order| !order.idle()))
+            .then(|| self.order().take());
+        self.qos0.push(message, body, turn)
+    }
+
+    fn order(&self) -> &Order {
+        self.order.get_or_init(Box::default)
+    }
+
     /// Routes the QoS 0 lane in order until it is empty; run by one task per connection,
-    /// started by the handler whose [`Qos0Lane::push`] said so. `valid` applies the
+    /// started by the handler whose [`Conn::push_qos0`] said so. `valid` applies the
     /// protocol's checks to a message with its whole payload (false: dropped, it logs why);
     /// `refused` handles a topic name the router refuses and says whether the connection is
     /// being closed for it (then nothing after it is routed).
@@ -474,7 +503,12 @@ impl Conn {
         let lane = &self.qos0;
         loop {
             let next = lane.queue.borrow_mut().pop_front();
-            let Some(Queued0 { mut message, body }) = next else {
+            let Some(Queued0 {
+                mut message,
+                body,
+                turn,
+            }) = next
+            else {
                 lane.draining.set(false);
                 if lane.finish_when_drained.get() {
                     self.finish();
@@ -484,6 +518,8 @@ impl Conn {
             if lane.len() == lane.max_queued {
                 lane.room.notify_waiters();
             }
+            // Dropped (ending its turn) when the message is routed or dropped.
+            let ticket = turn.map(|number| self.order().resume(number));
             match body.read_all().await {
                 Ok(payload) => message.payload = payload,
                 Err(error) => {
@@ -495,12 +531,20 @@ impl Conn {
             if !self.may_publish(&message.topic) || !valid(&message) {
                 continue;
             }
+            if let Some(ticket) = &ticket {
+                ticket.turn().await;
+            }
             self.throttle().await;
             if let Err(error) = self.route(message)
                 && refused(error)
             {
                 lane.stopped.set(true);
-                lane.queue.borrow_mut().clear();
+                let dropped = std::mem::take(&mut *lane.queue.borrow_mut());
+                for queued in dropped {
+                    if let Some(number) = queued.turn {
+                        drop(self.order().resume(number));
+                    }
+                }
                 lane.room.notify_waiters();
             }
         }
@@ -1037,7 +1081,10 @@ fn run_writer<O: Outbound>(
                 // PUBLISH was routed) went out before the subscribers' deliveries, a loopback
                 // write ahead of them on the way to every subscriber. Under load this is still
                 // one write per connection and turn (syscalls per read measured unchanged).
-                // An error means the connection is closing; that is seen above.
+                // This writes in place only while ntex's direct writes are on (its default
+                // `write_buf_threshold` > 0); else it only schedules the write turn, as the
+                // write into the buffer did. An error means the connection is closing;
+                // that is seen above.
                 let _ = out.io().send_buf();
                 release_write_pages(out.io()).await;
                 tokio::select! {

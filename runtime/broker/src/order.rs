@@ -31,8 +31,21 @@ impl Order {
 
     /// The next turn, in the order handlers are called.
     pub fn ticket(&self) -> Ticket<'_> {
+        let number = self.take();
+        self.resume(number)
+    }
+
+    /// The next turn as a bare number, for a place kept where a [`Ticket`] cannot be (a
+    /// message queued in the connection's QoS 0 lane); [`Order::resume`] makes it a ticket.
+    pub fn take(&self) -> u64 {
         let number = self.issued.get();
         self.issued.set(number + 1);
+        number
+    }
+
+    /// The ticket for a number from [`Order::take`]; each number is resumed exactly once.
+    pub fn resume(&self, number: u64) -> Ticket<'_> {
+        debug_assert!(number < self.issued.get());
         Ticket {
             order: self,
             number,

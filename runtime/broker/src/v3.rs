@@ -165,7 +165,7 @@ pub(crate) fn publish(
     if qos == QoS::AtMostOnce && !(body.is_fixed() && conn.qos0.is_idle()) {
         // Never wait for a streamed QoS 0 payload here (see `Qos0Lane`).
         let message = Message::new(topic, Bytes::new(), qos).with_retain(retain);
-        if conn.qos0.push(message, body) {
+        if conn.push_qos0(message, body) {
             let session = session.clone();
             ntex::rt::spawn(async move {
                 let sink = session.sink().clone();

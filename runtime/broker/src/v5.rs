@@ -224,7 +224,7 @@ pub(crate) fn publish(
         let message = Message::new(topic, Bytes::new(), qos)
             .with_retain(retain)
             .with_properties(properties);
-        if conn.qos0.push(message, body) {
+        if conn.push_qos0(message, body) {
             let session = session.clone();
             ntex::rt::spawn(async move {
                 let client_id = session.client_id().to_owned();
