@@ -1179,3 +1179,40 @@ fn a_publish_split_across_segments_is_not_overtaken_by_the_next() {
         );
     }
 }
+
+/// A QoS 2 PUBLISH cut short by its connection ending (its payload never arrived whole) is
+/// not routed, and must not count as received: the client re-sends it (DUP) after
+/// reconnecting, and that copy is routed. Recorded at the start, the re-send looked like a
+/// duplicate, got its PUBREC and the message was lost.
+#[test]
+fn a_qos2_publish_cut_short_is_routed_when_sent_again() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect5(&gw, "cut-sub", true, 30, &[]);
+    subscribe5(&mut sub, 1, "cut/t", 2, &[], 2);
+    let expiry = prop::u32(0x11, 300);
+    let (mut publisher, _) = connect5(&gw, "cut-pub", false, 30, &expiry);
+    let whole = raw::publish_v5("cut/t", 2, 7, &[], &[7u8; 1024]);
+    publisher.send(&whole[..500]);
+    // ntex has read the PUBLISH's head and called its handler; then the connection ends.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(publisher);
+    std::thread::sleep(Duration::from_millis(100));
+
+    let (mut publisher, connack) = connect5(&gw, "cut-pub", false, 30, &expiry);
+    assert_eq!(connack.body[0] & 1, 1, "session present");
+    let mut again = whole.clone();
+    again[0] |= 0x08; // DUP
+    publisher.send(&again);
+    let (rec, others) = publisher.read_kind(raw::PUBREC, WAIT);
+    let rec = rec.unwrap_or_else(|| panic!("no PUBREC; got {others:?}"));
+    assert_eq!(&rec.body[..2], &7u16.to_be_bytes(), "PUBREC packet id");
+    publisher.send(&raw::ack(raw::PUBREL, 7));
+    assert!(
+        publisher.read_kind(raw::PUBCOMP, WAIT).0.is_some(),
+        "no PUBCOMP"
+    );
+    let delivered =
+        next_publish(&mut sub, true, WAIT).expect("the message sent again is delivered");
+    assert_eq!(delivered.payload, vec![7u8; 1024]);
+    assert_quiet(&mut sub, true, Duration::from_millis(300), "one copy only");
+}
