@@ -430,10 +430,7 @@ impl Conn {
         body: ntex_mqtt::Payload,
         next: impl FnOnce(Result<Bytes, ntex_mqtt::error::PayloadError>) -> Handled<'a, T> + 'a,
     ) -> Handled<'a, T> {
-        if body.is_fixed()
-            && self.rate.is_none()
-            && self.order.get().is_none_or(|order| order.idle())
-        {
+        if body.is_fixed() && !self.keeps_order() {
             return with_payload(body, next);
         }
         let ticket = self.order().ticket();
@@ -481,9 +478,15 @@ impl Conn {
         if self.qos0.stopped.get() {
             return false;
         }
-        let turn = (self.rate.is_some() || self.order.get().is_some_and(|order| !order.idle()))
-            .then(|| self.order().take());
+        let turn = self.keeps_order().then(|| self.order().take());
         self.qos0.push(message, body, turn)
+    }
+
+    /// A PUBLISH must take a place in the order rather than be routed at once: earlier ones
+    /// wait for their turn, or a publish rate limit applies (slots are handed out in turn).
+    #[inline]
+    fn keeps_order(&self) -> bool {
+        self.rate.is_some() || self.order.get().is_some_and(|order| !order.idle())
     }
 
     fn order(&self) -> &Order {
@@ -783,9 +786,15 @@ impl Conn {
     }
 
     /// Inbound QoS 2 duplicate detection across reconnects: a PUBLISH with DUP set whose
-    /// packet id was already received (and not released) must not be routed again.
-    pub fn begin_qos2(&self, packet_id: u16, dup: bool) -> Qos2 {
-        match self.session.inbound_qos2_begin(packet_id) {
+    /// packet id was already received (and not released) must not be routed again. Call it
+    /// when the message is routed (whole, on its turn): an id recorded for a PUBLISH cut
+    /// short by the connection ending would make the client's re-send look like a
+    /// duplicate, and it would be lost. Not QoS 2 (or no id): `New` with no ticket.
+    pub fn begin_qos2(&self, qos: QoS, packet_id: Option<u16>, dup: bool) -> Qos2 {
+        let Some(id) = packet_id.filter(|_| qos == QoS::ExactlyOnce) else {
+            return Qos2::New(None);
+        };
+        match self.session.inbound_qos2_begin(id) {
             (false, _) if dup => Qos2::Duplicate,
             (_, ticket) => Qos2::New(ticket),
         }

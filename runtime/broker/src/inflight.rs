@@ -602,15 +602,7 @@ mod tests {
             }
 
             async fn ready(&self, _: Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>) -> Result<(), ()> {
-                poll_fn(|cx: &mut Context<'_>| {
-                    if self.0.ready.get() {
-                        Poll::Ready(Ok(()))
-                    } else {
-                        self.0.ready_waker.set(Some(cx.waker().clone()));
-                        Poll::Pending
-                    }
-                })
-                .await
+                until(&self.0.ready, &self.0.ready_waker).await
             }
 
             async fn call(
@@ -618,16 +610,21 @@ mod tests {
                 _: Passing,
                 _: Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
             ) -> Result<(), ()> {
-                poll_fn(|cx: &mut Context<'_>| {
-                    if self.0.released.get() {
-                        Poll::Ready(Ok(()))
-                    } else {
-                        self.0.waker.set(Some(cx.waker().clone()));
-                        Poll::Pending
-                    }
-                })
-                .await
+                until(&self.0.released, &self.0.waker).await
             }
+        }
+
+        /// Ready once `flag` is set; the waker to wake then is left in `waker`.
+        async fn until(flag: &Cell<bool>, waker: &Cell<Option<Waker>>) -> Result<(), ()> {
+            poll_fn(|cx: &mut Context<'_>| {
+                if flag.get() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await
         }
 
         /// The `v3::Session<Conn>` ntex-mqtt makes for a CONNECT (it has no public

@@ -150,13 +150,7 @@ pub(crate) fn publish(
     let conn: &Conn = session;
     let packet = publish.packet();
     let qos: QoS = packet.qos.into();
-    // A QoS 2 packet id is recorded as received only when its message is routed (on its
-    // turn, with its whole payload): recorded earlier, a PUBLISH cut short by the connection
-    // ending would make the client's re-send look like a duplicate, and it would be lost.
-    let qos2 = packet
-        .packet_id
-        .filter(|_| qos == QoS::ExactlyOnce)
-        .map(|id| (id.get(), packet.dup));
+    let (packet_id, dup) = (packet.packet_id.map(|id| id.get()), packet.dup);
     let topic = packet.topic.clone();
     let retain = packet.retain;
     let body = publish.take_payload();
@@ -185,13 +179,10 @@ pub(crate) fn publish(
         return conn.qos0.after_room(|| Ok(()));
     }
     conn.in_order(body, move |payload| {
-        let mut inbound = None;
-        if let Some((id, dup)) = qos2 {
-            match conn.begin_qos2(id, dup) {
-                Qos2::Duplicate => return Handled::ready(Ok(())),
-                Qos2::New(ticket) => inbound = ticket,
-            }
-        }
+        let inbound = match conn.begin_qos2(qos, packet_id, dup) {
+            Qos2::Duplicate => return Handled::ready(Ok(())),
+            Qos2::New(ticket) => ticket,
+        };
         accept(conn, topic, payload, qos, retain, inbound)
     })
 }
@@ -421,15 +412,14 @@ fn handle_publish<'a>(
     dup: bool,
     packet_id: Option<u16>,
 ) -> Handling<'a> {
-    let mut inbound = None;
-    if qos == QoS::ExactlyOnce
-        && let Some(id) = packet_id
-    {
-        match conn.begin_qos2(id, dup) {
-            Qos2::Duplicate => return Ok(Ok(Some(conn.received_qos2(id)))),
-            Qos2::New(ticket) => inbound = ticket,
+    let inbound = match conn.begin_qos2(qos, packet_id, dup) {
+        // Only a QoS 2 PUBLISH with its packet id is a duplicate.
+        Qos2::Duplicate => {
+            let id = packet_id.expect("a QoS 2 duplicate has a packet id");
+            return Ok(Ok(Some(conn.received_qos2(id))));
         }
-    }
+        Qos2::New(ticket) => ticket,
+    };
     match accept(conn, topic, Ok(payload), qos, retain, inbound).now() {
         Ok(result) => Ok(conn.publish_done(qos, packet_id, false, result)),
         Err(later) => {

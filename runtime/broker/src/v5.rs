@@ -198,13 +198,7 @@ pub(crate) fn publish(
     let conn: &Conn = session;
     let packet = publish.packet();
     let qos: QoS = packet.qos.into();
-    // A QoS 2 packet id is recorded as received only when its message is routed (on its
-    // turn, with its whole payload): recorded earlier, a PUBLISH cut short by the connection
-    // ending would make the client's re-send look like a duplicate, and it would be lost.
-    let qos2 = packet
-        .packet_id
-        .filter(|_| qos == QoS::ExactlyOnce)
-        .map(|id| (id.get(), packet.dup));
+    let (packet_id, dup) = (packet.packet_id.map(|id| id.get()), packet.dup);
     let topic = packet.topic.clone();
     let retain = packet.retain;
     let p = &packet.properties;
@@ -251,13 +245,10 @@ pub(crate) fn publish(
         .with_retain(retain)
         .with_properties(properties);
     conn.in_order(body, move |payload| {
-        let mut inbound = None;
-        if let Some((id, dup)) = qos2 {
-            match conn.begin_qos2(id, dup) {
-                Qos2::Duplicate => return Handled::ready(Ok(publish.ack())),
-                Qos2::New(ticket) => inbound = ticket,
-            }
-        }
+        let inbound = match conn.begin_qos2(qos, packet_id, dup) {
+            Qos2::Duplicate => return Handled::ready(Ok(publish.ack())),
+            Qos2::New(ticket) => ticket,
+        };
         accept(conn, publish, message, payload, inbound)
     })
 }
