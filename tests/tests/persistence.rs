@@ -253,3 +253,51 @@ fn clean_sessions_do_not_write_the_state_file() {
     gw.wait_metric("edgegw_broker_sessions", WAIT, |v| v == 0.0);
     assert_eq!(gw.metric("edgegw_store_ops_total"), 0.0);
 }
+
+/// A publisher whose messages must be made durable gets `receive_maximum` of them into one
+/// commit: 250 QoS 1 PUBLISHes sent at once, each queued for an offline persistent session,
+/// are acknowledged after at most two commits (the first can take only what was read when
+/// the writer woke). ntex-mqtt's response queue held 64 answers by default and stopped
+/// reading beyond, so each commit took at most 64 and these 250 needed at least four.
+#[test]
+fn a_publisher_waiting_for_commits_gets_receive_maximum_into_one() {
+    const COUNT: u16 = 250;
+    let gw = Gateway::start_with_gateway(
+        "  commit_interval: 1s\n",
+        "  limits:\n    receive_maximum: 300\n",
+        "",
+    );
+    let (mut sub, _) = connect_v3(&gw, "durable-sub", false);
+    subscribe(&mut sub, "d/t", 1);
+    sub.send(&raw::disconnect());
+    assert!(
+        sub.closed_within(WAIT, &mut Vec::new()),
+        "DISCONNECT closes"
+    );
+    let (mut publisher, _) = connect_v3(&gw, "durable-pub", true);
+    settle(&gw, &mut publisher);
+
+    let commits = gw.metric("edgegw_store_commits_total");
+    let burst: Vec<u8> = (1..=COUNT)
+        .flat_map(|id| raw::publish_v3("d/t", 1, id, false, &[b'x'; 100]))
+        .collect();
+    publisher.send(&burst);
+    for id in 1..=COUNT {
+        let (ack, _) = publisher.read_kind(raw::PUBACK, WAIT);
+        assert_eq!(ack.expect("PUBACK").body, id.to_be_bytes());
+    }
+    let used = gw.metric("edgegw_store_commits_total") - commits;
+    assert!(
+        used <= 2.0,
+        "{COUNT} publishes took {used} commits of the state file"
+    );
+
+    // They are all queued for the persistent session.
+    let (mut sub, present) = connect_v3(&gw, "durable-sub", false);
+    assert!(present, "session present");
+    for id in 1..=COUNT {
+        let p = next_publish(&mut sub);
+        assert_eq!(p.payload, vec![b'x'; 100], "message {id}");
+        sub.send(&raw::ack(raw::PUBACK, p.packet_id.expect("QoS 1")));
+    }
+}
