@@ -444,8 +444,11 @@ fn writer(mut connection: Connection, shared: Arc<Shared>, options: StoreOptions
             (std::mem::take(&mut pending.ops), batch)
         };
         let count = ops.len();
-        let result = apply(&mut connection, &ops);
+        // The interval runs from one commit's start to the next: measured from its end, a
+        // commit's own time (its fsync) was added to every interval, and a client waiting
+        // for each commit got about a quarter fewer of them per second.
         last_commit = Instant::now();
+        let result = apply(&mut connection, &ops);
         shared.metrics.pending.decrement(count as f64);
         shared.metrics.ops.increment(count as u64);
         match result {

@@ -800,6 +800,8 @@ impl Writer {
         if acks_only && synchronous != "OFF" {
             let _ = self.connection.pragma_update(None, "synchronous", "OFF");
         }
+        // The interval runs from one commit's start to the next (as in the state file).
+        let started = Instant::now();
         let result = self.apply(&appends, through, over, cutoff);
         if acks_only && synchronous != "OFF" {
             let _ = self
@@ -807,7 +809,7 @@ impl Writer {
                 .pragma_update(None, "synchronous", synchronous);
         }
         if !acks_only {
-            self.last_commit = Instant::now();
+            self.last_commit = started;
         }
         match result {
             Ok((delta, oldest)) => {
