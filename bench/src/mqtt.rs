@@ -1,7 +1,11 @@
-//! Hand-encoded MQTT 3.1.1 packets and a streaming decoder: only what the load generator
-//! needs, written for speed (a PUBLISH is one template copy plus three patched fields).
+//! Hand-encoded MQTT 3.1.1 (or, with `--mqtt5`, 5.0) packets and a streaming decoder: only
+//! what the load generator needs, written for speed (a PUBLISH is one template copy plus
+//! three patched fields).
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use tokio::{io::AsyncReadExt, net::TcpStream};
 
@@ -12,6 +16,23 @@ pub const PUBACK: u8 = 0x40;
 pub const PUBREC: u8 = 0x50;
 pub const PUBREL: u8 = 0x62;
 pub const PUBCOMP: u8 = 0x70;
+
+static MQTT5: AtomicBool = AtomicBool::new(false);
+
+/// Speak MQTT 5.0 (every packet without properties) instead of 3.1.1; set before any
+/// connection is made.
+pub fn set_mqtt5(on: bool) {
+    MQTT5.store(on, Ordering::Relaxed);
+}
+
+pub fn is_mqtt5() -> bool {
+    MQTT5.load(Ordering::Relaxed)
+}
+
+/// The protocol the load generator speaks, for reports.
+pub fn protocol_name() -> &'static str {
+    if is_mqtt5() { "MQTT 5.0" } else { "MQTT 3.1.1" }
+}
 
 fn put_len(buf: &mut Vec<u8>, mut len: usize) {
     loop {
@@ -32,21 +53,34 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(s.as_bytes());
 }
 
-/// CONNECT, protocol level 4 (3.1.1), no will, no credentials.
+/// CONNECT, protocol level 4 (3.1.1) or 5, no will, no credentials. MQTT 5: clean start
+/// as asked, and a session that outlives the connection (expiry 0xFFFFFFFF) when not
+/// clean, as a 3.1.1 persistent session does.
 pub fn connect(buf: &mut Vec<u8>, client_id: &str, clean_session: bool, keep_alive: u16) {
+    let v5 = is_mqtt5();
+    let properties: &[u8] = match (v5, clean_session) {
+        (false, _) => &[],
+        (true, true) => &[0],
+        (true, false) => &[5, 0x11, 0xFF, 0xFF, 0xFF, 0xFF],
+    };
     buf.push(0x10);
-    put_len(buf, 10 + 2 + client_id.len());
+    put_len(buf, 10 + properties.len() + 2 + client_id.len());
     put_str(buf, "MQTT");
-    buf.push(4);
+    buf.push(if v5 { 5 } else { 4 });
     buf.push(if clean_session { 0x02 } else { 0x00 });
     buf.extend_from_slice(&keep_alive.to_be_bytes());
+    buf.extend_from_slice(properties);
     put_str(buf, client_id);
 }
 
 pub fn subscribe(buf: &mut Vec<u8>, packet_id: u16, filter: &str, qos: u8) {
+    let v5 = is_mqtt5();
     buf.push(0x82);
-    put_len(buf, 2 + 2 + filter.len() + 1);
+    put_len(buf, 2 + usize::from(v5) + 2 + filter.len() + 1);
     buf.extend_from_slice(&packet_id.to_be_bytes());
+    if v5 {
+        buf.push(0); // no properties
+    }
     put_str(buf, filter);
     buf.push(qos);
 }
@@ -92,12 +126,19 @@ impl PublishTemplate {
         let mut bytes = Vec::with_capacity(8 + topic.len() + PAYLOAD_LEN);
         bytes.push(0x30 | (qos << 1));
         let id_len = if qos > 0 { 2 } else { 0 };
-        put_len(&mut bytes, 2 + topic.len() + id_len + PAYLOAD_LEN);
+        let v5 = is_mqtt5();
+        put_len(
+            &mut bytes,
+            2 + topic.len() + id_len + usize::from(v5) + PAYLOAD_LEN,
+        );
         put_str(&mut bytes, topic);
         let id_at = (qos > 0).then(|| {
             bytes.extend_from_slice(&[0, 0]);
             bytes.len() - 2
         });
+        if v5 {
+            bytes.push(0); // no properties
+        }
         let payload_at = bytes.len();
         bytes.extend_from_slice(&publisher.to_le_bytes());
         bytes.resize(payload_at + PAYLOAD_LEN, b'.');
@@ -141,6 +182,18 @@ pub enum Packet<'a> {
 
 fn malformed(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("malformed {what}"))
+}
+
+/// MQTT 5: the length of the properties at the front of `body`, with its own bytes.
+fn properties_len(body: &[u8], what: &str) -> io::Result<usize> {
+    let mut len = 0usize;
+    for (i, &byte) in body.iter().take(4).enumerate() {
+        len |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(i + 1 + len);
+        }
+    }
+    Err(malformed(what))
 }
 
 fn id_of(body: &[u8], what: &str) -> io::Result<u16> {
@@ -191,6 +244,12 @@ pub fn parse(buf: &[u8]) -> io::Result<Option<(Packet<'_>, usize)>> {
                 )?;
                 at += 2;
             }
+            if is_mqtt5() {
+                at += properties_len(
+                    body.get(at..).ok_or_else(|| malformed("PUBLISH"))?,
+                    "PUBLISH",
+                )?;
+            }
             let payload = body.get(at..).ok_or_else(|| malformed("PUBLISH"))?;
             Packet::Publish { qos, id, payload }
         }
@@ -198,9 +257,15 @@ pub fn parse(buf: &[u8]) -> io::Result<Option<(Packet<'_>, usize)>> {
         5 => Packet::PubRec(id_of(body, "PUBREC")?),
         6 => Packet::PubRel(id_of(body, "PUBREL")?),
         7 => Packet::PubComp(id_of(body, "PUBCOMP")?),
-        9 => Packet::SubAck {
-            codes: body.get(2..).ok_or_else(|| malformed("SUBACK"))?,
-        },
+        9 => {
+            let mut at = 2;
+            if is_mqtt5() {
+                at += properties_len(body.get(2..).unwrap_or_default(), "SUBACK")?;
+            }
+            Packet::SubAck {
+                codes: body.get(at..).ok_or_else(|| malformed("SUBACK"))?,
+            }
+        }
         _ => Packet::Other,
     };
     Ok(Some((packet, total)))
@@ -275,9 +340,17 @@ impl Reader {
 mod tests {
     use super::*;
 
+    /// The protocol is a process-wide setting: tests that change or read it take turns.
+    static PROTOCOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn publish_round_trips_through_the_decoder() {
-        for qos in 0..=2 {
+        let _turn = PROTOCOL.lock().unwrap_or_else(|e| e.into_inner());
+        for (v5, qos) in [false, true]
+            .into_iter()
+            .flat_map(|v5| (0..=2).map(move |q| (v5, q)))
+        {
+            set_mqtt5(v5);
             let t = PublishTemplate::new("bench/fanin/3", qos, 3);
             let mut buf = Vec::new();
             t.write(&mut buf, 77, 123_456, 999);
@@ -303,10 +376,49 @@ mod tests {
             );
             assert!(parse(&buf[..used - 1]).unwrap().is_none());
         }
+        set_mqtt5(false);
+    }
+
+    #[test]
+    fn mqtt5_suback_and_publish_with_properties() {
+        let _turn = PROTOCOL.lock().unwrap_or_else(|e| e.into_inner());
+        set_mqtt5(true);
+        // SUBACK: packet id 1, properties (a reason string "ok"), granted QoS 1.
+        let suback = [0x90, 9, 0, 1, 5, 0x1F, 0, 2, b'o', b'k', 1];
+        let (packet, _) = parse(&suback).unwrap().unwrap();
+        assert!(
+            matches!(packet, Packet::SubAck { codes: [1] }),
+            "{packet:?}"
+        );
+        // PUBLISH QoS 1 with a subscription identifier property (0x0B, 7).
+        let publish = [0x32, 9, 0, 1, b't', 0, 42, 2, 0x0B, 7, b'p'];
+        let (packet, _) = parse(&publish).unwrap().unwrap();
+        assert!(
+            matches!(
+                packet,
+                Packet::Publish {
+                    qos: 1,
+                    id: 42,
+                    payload: b"p"
+                }
+            ),
+            "{packet:?}"
+        );
+        // CONNECT: protocol level 5, empty properties before the client id.
+        let mut connect_v5 = Vec::new();
+        connect(&mut connect_v5, "c", true, 60);
+        assert_eq!(
+            connect_v5,
+            [
+                0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 1, b'c'
+            ]
+        );
+        set_mqtt5(false);
     }
 
     #[test]
     fn long_remaining_length() {
+        let _turn = PROTOCOL.lock().unwrap_or_else(|e| e.into_inner());
         let mut buf = Vec::new();
         put_len(&mut buf, 321);
         assert_eq!(buf, [0xC1, 0x02]);

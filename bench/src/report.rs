@@ -463,9 +463,10 @@ pub fn markdown(
     let _ = writeln!(md, "### Results\n");
     let _ = writeln!(
         md,
-        "`cargo run --release -p edgegw-bench` — {}. Each broker pinned to core {} (`taskset`), the load generator (one thread, hand-encoded MQTT 3.1.1, batched writes) to core {}; a fresh broker per scenario; {:.1} s warm-up + {:.1} s measured; 100-byte payloads; QoS 1/2 publishers keep up to {} unacknowledged; the latency scenario's load generator spins rather than sleeps, so each message leaves on schedule (not in timer-tick bursts) and is timestamped as it arrives (its CPU share there is 100% by design; the notes give how late its sends left); at most {} messages on their way to any one subscriber (end-to-end flow control, so brokers are measured at their sustained, CPU-bound rate); idle scenario opens {} connections.\n",
+        "`cargo run --release -p edgegw-bench` — {}. Each broker pinned to core {} (`taskset`), the load generator (one thread, hand-encoded {}, batched writes) to core {}; a fresh broker per scenario; {:.1} s warm-up + {:.1} s measured; 100-byte payloads; QoS 1/2 publishers keep up to {} unacknowledged; the latency scenario's load generator spins rather than sleeps, so each message leaves on schedule (not in timer-tick bursts) and is timestamped as it arrives (its CPU share there is 100% by design; the notes give how late its sends left); at most {} messages on their way to any one subscriber (end-to-end flow control, so brokers are measured at their sustained, CPU-bound rate); idle scenario opens {} connections.\n",
         machine(),
         broker::BROKER_CORE,
+        crate::mqtt::protocol_name(),
         broker::LOAD_CORE,
         timing.warmup.as_secs_f64(),
         timing.duration.as_secs_f64(),
