@@ -1216,3 +1216,70 @@ fn a_qos2_publish_cut_short_is_routed_when_sent_again() {
     assert_eq!(delivered.payload, vec![7u8; 1024]);
     assert_quiet(&mut sub, true, Duration::from_millis(300), "one copy only");
 }
+
+/// An MQTT 5 QoS 1 PUBLISH handled before ntex's pipeline keeps what ntex would enforce
+/// while it waits for the state file: its packet id stays in use, so a re-send with DUP is
+/// acknowledged once, by the first one's PUBACK [MQTT-4.3.2-5], and a new PUBLISH with the
+/// id gets 0x91 (Packet Identifier in use) and is not routed. Its PUBACK comes once the
+/// message is durable, and the retained message survives kill -9.
+#[test]
+fn a_v5_publish_waiting_for_the_state_file_holds_its_packet_id() {
+    let gw = Gateway::start_with_gateway("  commit_interval: 1s\n", "", "");
+    let mut sub = connect3(&gw, "hold-sub");
+    subscribe3(&mut sub, 1, "hold/#", 0);
+    let (mut c, _) = connect5(&gw, "hold-pub", true, 30, &[]);
+    let retained = |id: u16, payload: &[u8], dup: bool| {
+        let mut p = raw::publish_v5("hold/r", 1, id, &[], payload);
+        p[0] |= 0x01 | if dup { 0x08 } else { 0 };
+        p
+    };
+    // A first durable PUBLISH: the next commit is a whole interval after its own.
+    c.send(&retained(1, b"first", false));
+    let (ack, _) = c.read_kind(raw::PUBACK, WAIT);
+    assert_eq!(&ack.expect("PUBACK 1").body[..2], &1u16.to_be_bytes());
+
+    let mut burst = retained(7, b"kept", false);
+    burst.extend(retained(7, b"kept", true));
+    burst.extend(raw::publish_v5("hold/other", 1, 7, &[], b"not routed"));
+    c.send(&burst);
+    let mut acks = Vec::new();
+    while let Some(p) = c.read(Duration::from_secs(3)) {
+        assert_eq!(p.kind(), raw::PUBACK, "{p:?}");
+        acks.push((u16::from_be_bytes([p.body[0], p.body[1]]), reason_at(&p, 2)));
+    }
+    assert_eq!(
+        acks,
+        [(7, 0x00), (7, 0x91)],
+        "PUBACKs (id, reason) after the burst"
+    );
+
+    // Routed once; the PUBLISH answered 0x91 not at all.
+    c.send(&raw::publish_v5("hold/end", 0, 0, &[], b"end"));
+    let mut got = Vec::new();
+    while let Some(p) = next_publish(&mut sub, false, WAIT) {
+        let end = p.topic == "hold/end";
+        got.push((p.topic, p.payload));
+        if end {
+            break;
+        }
+    }
+    let expected: Vec<(String, Vec<u8>)> = [
+        ("hold/r", &b"first"[..]),
+        ("hold/r", b"kept"),
+        ("hold/end", b"end"),
+    ]
+    .iter()
+    .map(|(t, p)| (t.to_string(), p.to_vec()))
+    .collect();
+    assert_eq!(got, expected);
+
+    drop((c, sub));
+    let gw = gw.kill_and_restart();
+    let mut late = connect3(&gw, "hold-late");
+    subscribe3(&mut late, 1, "hold/#", 0);
+    let p = next_publish(&mut late, false, WAIT).expect("retained after kill -9");
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.retain),
+        ("hold/r", &b"kept"[..], true)
+    );
+}

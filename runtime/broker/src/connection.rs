@@ -613,11 +613,6 @@ impl Conn {
         }
     }
 
-    /// Notes a QoS 2 packet id passed on to ntex (MQTT 5), so its PUBREL goes there.
-    pub fn pass_qos2_id(&self, packet_id: u16) {
-        self.inbound.borrow_mut().insert(packet_id, InboundId::Ntex);
-    }
-
     /// ntex's call for a packet passed on returned.
     pub fn passed_done(&self, passed: Passed) {
         if passed.publish {
@@ -746,6 +741,24 @@ impl Conn {
             InboundAck::Puback(id) => write_ack(&self.io, PUBACK, id, false),
             InboundAck::Pubrec(id) => write_ack(&self.io, PUBREC, id, false),
         };
+        true
+    }
+
+    /// MQTT 5: [`Conn::ack_now`] for a PUBACK with a reason code (0: success, written in the
+    /// short form without one).
+    pub fn puback_now(&self, packet_id: u16, reason: u8) -> bool {
+        if self.pending_answers.get() != 0 || self.passed_publishes.get() != 0 {
+            return false;
+        }
+        let [hi, lo] = packet_id.to_be_bytes();
+        let _ = self.io.with_write_src(|buf| {
+            use ntex_bytes::BufMut;
+            if reason == 0 {
+                buf.put_slice(&[PUBACK, 0x02, hi, lo]);
+            } else {
+                buf.put_slice(&[PUBACK, 0x03, hi, lo, reason]);
+            }
+        });
         true
     }
 
@@ -1194,10 +1207,11 @@ impl<S, St> ntex::service::Middleware<S, St> for AckGuard {
     }
 }
 
-/// MQTT 5: acks are taken here; PUBLISH and the rest go through ntex's pipeline. The packet
-/// ids of QoS 2 PUBLISHes passed on are noted so that a PUBREL for a PUBLISH received on an
-/// earlier connection of the session (which ntex would answer without telling the broker)
-/// releases it in the session ([`Conn::take_release`]).
+/// MQTT 5: acks, PINGREQ and most PUBLISHes are taken here ([`crate::v5::take_publish`]);
+/// the rest goes through ntex's pipeline. The packet ids of PUBLISHes passed on are noted
+/// (QoS 2 ones until their PUBREL), so that a PUBREL for a PUBLISH received on an earlier
+/// connection of the session (which ntex would answer without telling the broker) releases
+/// it in the session ([`Conn::take_release`]).
 impl Inbound for ntex_mqtt::v5::codec::Decoded {
     type Res = Option<ntex_mqtt::v5::codec::Packet>;
     type Error = ntex_mqtt::error::DispatcherError<crate::BrokerError>;
@@ -1205,13 +1219,11 @@ impl Inbound for ntex_mqtt::v5::codec::Decoded {
     fn take(self, conn: &Conn) -> Taken<'_, Self> {
         use ntex_mqtt::v5::codec::Packet;
         let (kind, packet_id) = match &self {
-            Self::Publish(publish, ..) => {
-                if publish.qos == ntex_mqtt::QoS::ExactlyOnce
-                    && let Some(id) = publish.packet_id
-                {
-                    conn.pass_qos2_id(id.get());
-                }
-                return Taken::Pass(self, Passed::default());
+            Self::Publish(..) => {
+                let Self::Publish(publish, payload, size) = self else {
+                    unreachable!("matched above")
+                };
+                return crate::v5::take_publish(conn, publish, payload, size);
             }
             Self::Packet(Packet::PublishRelease(release), _) => {
                 // MQTT 5 PUBLISHes are never taken: no PUBREL comes before its PUBREC here.
