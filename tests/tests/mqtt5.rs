@@ -1220,7 +1220,8 @@ fn a_qos2_publish_cut_short_is_routed_when_sent_again() {
 /// An MQTT 5 QoS 1 PUBLISH handled before ntex's pipeline keeps what ntex would enforce
 /// while it waits for the state file: its packet id stays in use, so a re-send with DUP is
 /// acknowledged once, by the first one's PUBACK [MQTT-4.3.2-5], and a new PUBLISH with the
-/// id gets 0x91 (Packet Identifier in use) and is not routed. Its PUBACK comes once the
+/// id gets 0x91 (Packet Identifier in use: PUBACK, or PUBREC for QoS 2, which ntex handles)
+/// and is not routed, and a PUBREL for it closes the connection. Its PUBACK comes once the
 /// message is durable, and the retained message survives kill -9.
 #[test]
 fn a_v5_publish_waiting_for_the_state_file_holds_its_packet_id() {
@@ -1241,16 +1242,25 @@ fn a_v5_publish_waiting_for_the_state_file_holds_its_packet_id() {
     let mut burst = retained(7, b"kept", false);
     burst.extend(retained(7, b"kept", true));
     burst.extend(raw::publish_v5("hold/other", 1, 7, &[], b"not routed"));
+    // Not one the broker takes itself (QoS 2): ntex does not know the id either.
+    burst.extend(raw::publish_v5("hold/q2", 2, 7, &[], b"not routed"));
     c.send(&burst);
     let mut acks = Vec::new();
     while let Some(p) = c.read(Duration::from_secs(3)) {
-        assert_eq!(p.kind(), raw::PUBACK, "{p:?}");
-        acks.push((u16::from_be_bytes([p.body[0], p.body[1]]), reason_at(&p, 2)));
+        acks.push((
+            p.kind(),
+            u16::from_be_bytes([p.body[0], p.body[1]]),
+            reason_at(&p, 2),
+        ));
     }
     assert_eq!(
         acks,
-        [(7, 0x00), (7, 0x91)],
-        "PUBACKs (id, reason) after the burst"
+        [
+            (raw::PUBACK, 7, 0x00),
+            (raw::PUBACK, 7, 0x91),
+            (raw::PUBREC, 7, 0x91)
+        ],
+        "acks (kind, id, reason) after the burst"
     );
 
     // Routed once; the PUBLISH answered 0x91 not at all.
@@ -1273,10 +1283,22 @@ fn a_v5_publish_waiting_for_the_state_file_holds_its_packet_id() {
     .collect();
     assert_eq!(got, expected);
 
+    // A PUBREL for the id of a PUBLISH still waiting for the state file is a protocol
+    // error: the connection closes, no PUBCOMP.
+    let mut pair = raw::publish_v5("hold/s", 1, 8, &[], b"second");
+    pair[0] |= 0x01; // retained: it waits for the state file
+    pair.extend(raw::ack(raw::PUBREL, 8));
+    c.send(&pair);
+    let seen = expect_closed(&mut c, "PUBREL before PUBREC");
+    assert!(
+        seen.iter().all(|p| p.kind() != raw::PUBCOMP),
+        "no PUBCOMP: {seen:?}"
+    );
+
     drop((c, sub));
     let gw = gw.kill_and_restart();
     let mut late = connect3(&gw, "hold-late");
-    subscribe3(&mut late, 1, "hold/#", 0);
+    subscribe3(&mut late, 1, "hold/r", 0);
     let p = next_publish(&mut late, false, WAIT).expect("retained after kill -9");
     assert_eq!(
         (p.topic.as_str(), &p.payload[..], p.retain),

@@ -1225,11 +1225,20 @@ impl Inbound for ntex_mqtt::v5::codec::Decoded {
                 };
                 return crate::v5::take_publish(conn, publish, payload, size);
             }
+            Self::PayloadChunk(_, eof) if conn.discarded_chunk(*eof) => {
+                return Taken::Done(Ok(None));
+            }
             Self::Packet(Packet::PublishRelease(release), _) => {
-                // MQTT 5 PUBLISHes are never taken: no PUBREL comes before its PUBREC here.
                 return match conn.take_release(release.packet_id.get()) {
                     Release::Ntex => Taken::Pass(self, Passed::default()),
-                    Release::Answered | Release::BeforePubrec => Taken::Done(Ok(None)),
+                    Release::Answered => Taken::Done(Ok(None)),
+                    // The id is a taken QoS 1 PUBLISH's, still waiting for the state file
+                    // (ntex closes the connection the same way for its own).
+                    Release::BeforePubrec => {
+                        Taken::Done(Err(ntex_mqtt::error::DispatcherError::Service(
+                            crate::BrokerError::Protocol("PUBREL before PUBREC"),
+                        )))
+                    }
                 };
             }
             // Any reason code completes a QoS 1 delivery.

@@ -289,23 +289,30 @@ pub(crate) fn take_publish(
             .is_some_and(|t| t.contains(['#', '+']));
     let id_state = packet_id.and_then(|id| conn.inbound_id(id));
     match id_state {
-        // A re-send while the first is waiting for the state file: the first one's ack acks
-        // both [MQTT-4.3.2-5].
-        Some(InboundId::Waiting(first)) if publish.dup && first == qos && plain => {
-            return Taken::Done(Ok(None));
-        }
-        // In use by a taken PUBLISH still waiting: ntex does not know the id.
-        Some(InboundId::Waiting(_)) if plain => {
+        // The id is a taken PUBLISH's, still waiting for the state file; ntex does not know
+        // it, so it is answered here as ntex answers for its own, whatever this PUBLISH
+        // carries. A streamed payload's chunks are dropped.
+        Some(InboundId::Waiting(first)) => {
+            if payload.len() as u32 != publish.payload_size {
+                conn.discard_payload();
+            }
+            // A re-send: the first one's ack acks both [MQTT-4.3.2-5].
+            if publish.dup && first == qos {
+                return Taken::Done(Ok(None));
+            }
             let ack = codec::PublishAck {
                 packet_id: publish.packet_id.expect("an id in use"),
                 reason_code: PublishAckReason::PacketIdentifierInUse,
                 ..Default::default()
             };
-            return Taken::Done(Ok(Some(codec::Packet::PublishAck(ack))));
+            return Taken::Done(Ok(Some(if qos == QoS::ExactlyOnce {
+                codec::Packet::PublishReceived(ack)
+            } else {
+                codec::Packet::PublishAck(ack)
+            })));
         }
         None => {}
-        // ntex follows the id (or it waits for the state file and this PUBLISH is not one
-        // to take): ntex decides.
+        // ntex follows the id: ntex decides.
         Some(_) => {
             let passed = conn.pass_resend();
             return Taken::Pass(codec::Decoded::Publish(publish, payload, size), passed);
