@@ -58,16 +58,26 @@ pub(crate) struct AckFilter {
     lost: Cell<bool>,
     /// When a packet was last left for the dispatcher.
     last_passed: Cell<Option<Instant>>,
+    /// A connection resumed from hibernation: the CONNACK answering its replayed CONNECT
+    /// (the first bytes written) is dropped.
+    drop_connack: Cell<bool>,
 }
 
-/// The connection's session, set once its CONNECT is accepted.
+/// The connection's session, set once its CONNECT is accepted, and how many reads the
+/// layer has seen (hibernation looks for a connection that read nothing for a while).
 #[derive(Clone, Default)]
-pub(crate) struct SessionSlot(Rc<OnceCell<Arc<Session>>>);
+pub(crate) struct SessionSlot(Rc<SlotInner>);
+
+#[derive(Default)]
+pub(crate) struct SlotInner {
+    session: OnceCell<Arc<Session>>,
+    reads: Cell<u32>,
+}
 
 impl std::fmt::Debug for AckFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AckFilter")
-            .field("attached", &self.session.0.get().is_some())
+            .field("attached", &self.session.0.session.get().is_some())
             .field("skip", &self.skip.get())
             .field("lost", &self.lost.get())
             .finish()
@@ -81,15 +91,49 @@ impl AckFilter {
             skip: Cell::new(0),
             lost: Cell::new(false),
             last_passed: Cell::new(None),
+            drop_connack: Cell::new(false),
         }
     }
+
+    /// The layer of a connection resumed from hibernation (see `drop_connack`).
+    pub fn resumed() -> Self {
+        let filter = Self::new();
+        filter.drop_connack.set(true);
+        filter
+    }
+}
+
+impl AckFilter {
+    /// Starts following the framing after `bytes`, read before the layer was added: inside
+    /// the last packet if it is incomplete. A fixed header cut short there leaves the
+    /// framing unknown: then the layer takes nothing (acks go to `AckGuard`).
+    fn follow(&self, bytes: &[u8]) {
+        let mut pos = 0;
+        while pos < bytes.len() {
+            match fixed_header(&bytes[pos..]) {
+                Ok(Some((header, remaining))) => pos += header + remaining,
+                Ok(None) | Err(()) => {
+                    self.lost.set(true);
+                    return;
+                }
+            }
+        }
+        self.skip.set(pos - bytes.len());
+    }
+}
+
+/// Reads the connection's filter has seen (0 without the layer).
+pub(crate) fn reads(io: &ntex::io::IoRef) -> u32 {
+    io.query::<SessionSlot>()
+        .into_inner()
+        .map_or(0, |slot| slot.0.reads.get())
 }
 
 /// Lets the connection's filter take acks for `session` from now on (a no-op on a
 /// connection without the layer).
 pub(crate) fn attach(io: &ntex::io::IoRef, session: &Arc<Session>) {
     if let Some(slot) = io.query::<SessionSlot>().into_inner() {
-        let _ = slot.0.set(session.clone());
+        let _ = slot.0.session.set(session.clone());
     }
 }
 
@@ -125,6 +169,8 @@ impl FilterLayer for AckFilter {
     }
 
     fn process_read_buf(&self, buf: &FilterBuf<'_>) -> std::io::Result<()> {
+        let reads = &self.session.0.reads;
+        reads.set(reads.get().wrapping_add(1));
         buf.with_read_buffers(|src, dst| {
             let Some(src) = src else {
                 return;
@@ -136,7 +182,7 @@ impl FilterLayer for AckFilter {
                 pass_all(src, dst);
                 return;
             }
-            let session = self.session.0.get().map(Arc::as_ref);
+            let session = self.session.0.session.get().map(Arc::as_ref);
             let now = session.map(|_| ntex::time::now());
             let owed = now.is_some_and(|now| {
                 self.last_passed
@@ -152,7 +198,16 @@ impl FilterLayer for AckFilter {
 
     fn process_write_buf(&self, buf: &FilterBuf<'_>) -> std::io::Result<()> {
         // Moved as is: pages, no copies.
-        buf.with_write_buffers(|src, dst| src.move_to(dst));
+        buf.with_write_buffers(|src, dst| {
+            if self.drop_connack.get() && src.len() >= 4 {
+                self.drop_connack.set(false);
+                // MQTT 3.1.1 CONNACK: 20 02 flags code.
+                if src.iter().next().and_then(|page| page.first()) == Some(&0x20) {
+                    src.advance_to(4);
+                }
+            }
+            src.move_to(dst)
+        });
         Ok(())
     }
 }
@@ -313,10 +368,28 @@ where
         // Without `ctx.call`'s readiness check, for the same reason: `ready` above checked
         // the MQTT service, whose readiness never changes (it only forwards that of the
         // CONNECT handler, a plain function).
+        let prefill = crate::hibernate::take_prefill(&io);
+        let filter = if prefill.is_some() {
+            AckFilter::resumed()
+        } else {
+            AckFilter::new()
+        };
+        // The transport may have read bytes before the layer is in place: it follows the
+        // packet framing from where they end.
+        io.with_read_dst(|buf| filter.follow(buf));
+        let io = io.add_filter(filter);
+        if let Some(prefill) = prefill {
+            // The replayed CONNECT, as if read before anything the client sent: the
+            // transport may already have read some of that.
+            io.with_read_dst(|buf| {
+                let mut replayed = BytesMut::with_capacity(prefill.len() + buf.len());
+                replayed.extend_from_slice(&prefill);
+                replayed.extend_from_slice(buf);
+                *buf = replayed;
+            });
+        }
         #[allow(deprecated)]
-        let result = ctx
-            .call_nowait(&self.inner, io.add_filter(AckFilter::new()).boxed())
-            .await;
+        let result = ctx.call_nowait(&self.inner, io.boxed()).await;
         if let Err(error) = &result {
             crate::server::log_handshake_error(self.listener, error);
         }

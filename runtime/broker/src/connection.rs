@@ -44,6 +44,9 @@ pub struct ConnectionLimits {
     /// PUBLISH packets per second one connection may send; 0 = unlimited. Faster
     /// publishers are slowed down (their packets wait), never disconnected.
     pub max_publish_rate: u32,
+    /// An MQTT 3.1.1 connection on a plain TCP listener that has had nothing to do for this
+    /// long hibernates (`hibernate.rs`); `None`: never.
+    pub hibernate_after: Option<std::time::Duration>,
 }
 
 /// State shared by all connections of all listeners.
@@ -53,6 +56,8 @@ pub(crate) struct Shared {
     pub auth: crate::auth::Authenticator,
     pub connections: AtomicUsize,
     pub next_client_number: std::sync::atomic::AtomicU64,
+    /// Where idle connections hibernate (`None`: hibernation off).
+    pub parking: Option<crate::hibernate::ParkingLot>,
 }
 
 impl Shared {
@@ -311,6 +316,15 @@ impl Qos0Lane {
 /// One of `max_connections`; released on drop.
 pub(crate) struct Slot(Arc<Shared>);
 
+impl Slot {
+    /// Another slot for the same connection (one that hibernates: its old one goes with
+    /// the worker's connection).
+    fn again(&self) -> Slot {
+        self.0.connections.fetch_add(1, Ordering::AcqRel);
+        Slot(self.0.clone())
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
@@ -358,7 +372,26 @@ pub(crate) struct Conn {
     /// first use.
     order: std::cell::OnceCell<Box<Order>>,
     finished: Cell<bool>,
-    _slot: Slot,
+    /// The client's keepalive in seconds (for hibernation).
+    keep_alive: u16,
+    /// The connection hibernated: its socket and session live on (`hibernate.rs`).
+    pub hibernated: Cell<bool>,
+    /// Reads seen by the connection's filter when hibernation last looked (`try_park`).
+    reads_seen: Cell<u32>,
+    slot: Slot,
+}
+
+/// The connection state ntex-mqtt holds (`Session<ConnRef>`), shared with the writer, which
+/// hibernates the connection when it idles ([`Conn::try_park`]).
+#[derive(Clone)]
+pub(crate) struct ConnRef(pub Rc<Conn>);
+
+impl std::ops::Deref for ConnRef {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        &self.0
+    }
 }
 
 impl Conn {
@@ -374,9 +407,14 @@ impl Conn {
         acl_generation: u64,
         io: ntex::io::IoRef,
         slot: Slot,
+        keep_alive: u16,
+        resumed: bool,
     ) -> Self {
-        shared.router.metrics().connection_opened(protocol);
+        if !resumed {
+            shared.router.metrics().connection_opened(protocol);
+        }
         crate::acks::attach(&io, &session);
+        let reads_seen = Cell::new(crate::acks::reads(&io));
         let qos0 = Qos0Lane::new(usize::from(shared.limits.receive_maximum));
         let rate = match shared.limits.max_publish_rate {
             0 => None,
@@ -404,8 +442,87 @@ impl Conn {
             partial: RefCell::new(None),
             order: std::cell::OnceCell::new(),
             finished: Cell::new(false),
-            _slot: slot,
+            keep_alive,
+            hibernated: Cell::new(false),
+            reads_seen,
+            slot,
         }
+    }
+
+    /// Hibernates the connection if it has had nothing to do since the last call (MQTT
+    /// 3.1.1 on a plain TCP listener with hibernation on; see `hibernate.rs`): nothing read,
+    /// nothing being handled, nothing to send or in flight, no bytes buffered either way.
+    /// Then the worker's connection ends without closing the socket, and a task on the
+    /// parking thread watches it. True when it did (the writer stops).
+    pub fn try_park(&self) -> bool {
+        if self.shared.parking.is_none() {
+            return false;
+        }
+        let reads = crate::acks::reads(&self.io);
+        if reads != self.reads_seen.replace(reads) {
+            return false;
+        }
+        let Some(peer) = self
+            .io
+            .query::<ntex::io::types::PeerAddr>()
+            .get()
+            .map(|peer| peer.0)
+        else {
+            return false;
+        };
+        let idle = self.protocol == Protocol::V311
+            && !self.finished.get()
+            && crate::accept::has_descriptor(peer)
+            && self.inbound.borrow().is_empty()
+            && self.inbound_waiting.get() == 0
+            && self.passed_publishes.get() == 0
+            && self.pending_answers.get() == 0
+            && self.partial.borrow().is_none()
+            && self.qos0.is_idle()
+            && self.qos0.len() == 0
+            && self.order.get().is_none_or(|order| order.idle())
+            && self.io.read_dst_size() == 0
+            && self.io.with_read_src(|buf| buf.is_empty())
+            && self.io.with_write_dst(|buf| buf.is_empty())
+            && !self.io.is_closed()
+            && !self.session.is_revoked(self.generation)
+            && self.session.is_quiet(self.generation);
+        if !idle {
+            return false;
+        }
+        let Some((listener, fd)) = crate::accept::take_descriptor(peer) else {
+            return false;
+        };
+        let state = crate::hibernate::Hibernated::new(crate::hibernate::ConnState {
+            shared: self.shared.clone(),
+            session: self.session.clone(),
+            generation: self.generation,
+            will: self.will.borrow_mut().take(),
+            user: self.user.clone(),
+            acl: self.acl.borrow().clone(),
+            acl_generation: self.acl_generation.get(),
+            slot: self.slot.again(),
+            keep_alive: self.keep_alive,
+        });
+        // The session stays this connection's: nothing here detaches it.
+        self.finished.set(true);
+        self.hibernated.set(true);
+        tracing::debug!(client_id = %self.session.client_id, "Connection hibernates.");
+        let disconnected = self.io.on_disconnect();
+        let worker = ntex::rt::Handle::current();
+        // ntex aborts the socket it closes (SO_LINGER 0) and closes its descriptor; ours
+        // keeps the connection open. Once ntex is done with it, linger is set back.
+        self.io.terminate();
+        let stream = std::net::TcpStream::from(fd);
+        let shared = self.shared.clone();
+        ntex::rt::spawn_detached(async move {
+            disconnected.await;
+            let _ = crate::hibernate::reset_linger(&stream);
+            if let Some(parking) = shared.parking.as_ref() {
+                parking.park(stream, listener, worker, state);
+            }
+        });
+        true
     }
 
     pub fn router(&self) -> &Router {
@@ -977,10 +1094,17 @@ pub(crate) fn spawn_writer<O: Outbound + 'static>(
     window: usize,
     closed: Rc<Notify>,
     metrics: Arc<BrokerMetrics>,
+    hibernate: Option<Hibernate>,
 ) {
     ntex::rt::spawn_detached(Box::pin(run_writer(
-        out, session, generation, window, closed, metrics,
+        out, session, generation, window, closed, metrics, hibernate,
     )));
+}
+
+/// When an idle writer asks its connection to hibernate ([`Conn::try_park`]).
+pub(crate) struct Hibernate {
+    pub conn: std::rc::Weak<Conn>,
+    pub after: std::time::Duration,
 }
 
 /// Drains the session into the connection until either ends.
@@ -995,6 +1119,7 @@ fn run_writer<O: Outbound>(
     window: usize,
     closed: Rc<Notify>,
     metrics: Arc<BrokerMetrics>,
+    hibernate: Option<Hibernate>,
 ) -> impl Future<Output = ()> {
     async move {
         // Writes in runs, each in one access to the connection's write buffer (an access per
@@ -1109,9 +1234,24 @@ fn run_writer<O: Outbound>(
                 // that is seen above.
                 let _ = out.io().send_buf();
                 release_write_pages(out.io()).await;
+                let idle = async {
+                    match &hibernate {
+                        Some(hibernate) => ntex::time::sleep(hibernate.after).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = session.wait() => {}
                     () = closed.notified() => return,
+                    () = idle => {
+                        if hibernate
+                            .as_ref()
+                            .and_then(|hibernate| hibernate.conn.upgrade())
+                            .is_some_and(|conn| conn.try_park())
+                        {
+                            return;
+                        }
+                    }
                 }
                 continue;
             }
@@ -1263,9 +1403,14 @@ impl Inbound for ntex_mqtt::v5::codec::Decoded {
     }
 }
 
-impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req> for AckGuardService<S>
+impl<S, T, Req> ntex::service::Service<ntex_mqtt::Session<T, ConnRef>, Req> for AckGuardService<S>
 where
-    S: ntex::service::Service<ntex_mqtt::Session<T, Conn>, Req, Res = Req::Res, Error = Req::Error>,
+    S: ntex::service::Service<
+            ntex_mqtt::Session<T, ConnRef>,
+            Req,
+            Res = Req::Res,
+            Error = Req::Error,
+        >,
     Req: Inbound + ntex_mqtt::SizedRequest,
 {
     type Res = S::Res;
@@ -1273,17 +1418,17 @@ where
 
     fn bind(&self, ctx: ntex::service::BindCtx<'_>) {
         ctx.subscribe(self.inflight.changed());
-        ctx.bind::<_, ntex_mqtt::Session<T, Conn>, Req>(&self.inner);
+        ctx.bind::<_, ntex_mqtt::Session<T, ConnRef>, Req>(&self.inner);
     }
 
-    ntex::forward_shutdown!(ntex_mqtt::Session<T, Conn>, inner);
+    ntex::forward_shutdown!(ntex_mqtt::Session<T, ConnRef>, inner);
 
     /// Boxed: ntex's per-packet call future holds the pipeline's readiness future inline,
     /// and the layers below make it large; as a box it is one pointer, allocated only when
     /// readiness is actually awaited (ntex checks it once before a run of calls).
     async fn ready(
         &self,
-        ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
+        ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, ConnRef>>,
     ) -> Result<(), Self::Error> {
         self.inflight.open().await;
         Box::pin(ctx.ready(&self.inner)).await
@@ -1292,7 +1437,7 @@ where
     async fn call(
         &self,
         request: Req,
-        ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
+        ctx: ntex::service::Ctx<'_, Self, ntex_mqtt::Session<T, ConnRef>>,
     ) -> Result<Self::Res, Self::Error> {
         let conn: &Conn = ctx.st();
         match request.take(conn) {

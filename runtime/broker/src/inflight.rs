@@ -554,7 +554,8 @@ mod tests {
             BrokerError,
             auth::{AuthSettings, Authenticator},
             connection::{
-                AckGuard, AckGuardService, Conn, ConnectionLimits, Inbound, Passed, Shared, Taken,
+                AckGuard, AckGuardService, Conn, ConnRef, ConnectionLimits, Inbound, Passed,
+                Shared, Taken,
             },
             metrics::Protocol,
             router::{AttachOptions, Router, RouterLimits},
@@ -593,7 +594,7 @@ mod tests {
 
         struct Handler(Rc<Held>);
 
-        impl<T> Service<ntex_mqtt::Session<T, Conn>, Passing> for Handler {
+        impl<T> Service<ntex_mqtt::Session<T, ConnRef>, Passing> for Handler {
             type Res = ();
             type Error = ();
 
@@ -601,14 +602,17 @@ mod tests {
                 ctx.subscribe(&self.0.changed);
             }
 
-            async fn ready(&self, _: Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>) -> Result<(), ()> {
+            async fn ready(
+                &self,
+                _: Ctx<'_, Self, ntex_mqtt::Session<T, ConnRef>>,
+            ) -> Result<(), ()> {
                 until(&self.0.ready, &self.0.ready_waker).await
             }
 
             async fn call(
                 &self,
                 _: Passing,
-                _: Ctx<'_, Self, ntex_mqtt::Session<T, Conn>>,
+                _: Ctx<'_, Self, ntex_mqtt::Session<T, ConnRef>>,
             ) -> Result<(), ()> {
                 until(&self.0.released, &self.0.waker).await
             }
@@ -627,9 +631,9 @@ mod tests {
             .await
         }
 
-        /// The `v3::Session<Conn>` ntex-mqtt makes for a CONNECT (it has no public
+        /// The `v3::Session<ConnRef>` ntex-mqtt makes for a CONNECT (it has no public
         /// constructor): from the handshake of its server over an in-memory connection.
-        async fn session(client: &IoTest, server: IoTest) -> v3::Session<Conn> {
+        async fn session(client: &IoTest, server: IoTest) -> v3::Session<ConnRef> {
             let shared = Arc::new(Shared {
                 router: Router::new(RouterLimits {
                     max_queued: 10,
@@ -643,12 +647,14 @@ mod tests {
                     max_inflight: 16,
                     topic_alias_maximum: 0,
                     max_publish_rate: 0,
+                    hibernate_after: None,
                 },
                 auth: Authenticator::new(AuthSettings::default()),
                 connections: AtomicUsize::new(0),
                 next_client_number: AtomicU64::new(1),
+                parking: None,
             });
-            let captured: Rc<RefCell<Option<v3::Session<Conn>>>> = Rc::default();
+            let captured: Rc<RefCell<Option<v3::Session<ConnRef>>>> = Rc::default();
             let keep = captured.clone();
             let mqtt = v3::MqttServer::new(async |_: v3::Publish| Ok::<_, BrokerError>(())).build(
                 async move |connect: v3::Connect| {
@@ -670,7 +676,10 @@ mod tests {
                         shared.auth.generation(),
                         connect.io().get_ref(),
                         shared.reserve_slot().expect("a connection slot"),
+                        0,
+                        false,
                     );
+                    let conn = ConnRef(Rc::new(conn));
                     let (ack, session) = connect.ack_and_session(conn, false);
                     *keep.borrow_mut() = Some(session);
                     Ok::<_, BrokerError>(ack)

@@ -24,9 +24,11 @@ pub use router::{
 pub use session::{Credential, Delivery, Session};
 pub use tree::SubOptions;
 
+mod accept;
 mod acks;
 mod connection;
 mod driver;
+mod hibernate;
 mod inflight;
 mod order;
 mod server;

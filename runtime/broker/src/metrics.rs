@@ -62,6 +62,8 @@ pub struct BrokerMetrics {
     pub wills: Counter,
     connections: [Gauge; 2],
     accepted: [Counter; 2],
+    hibernating: Gauge,
+    wakes: Counter,
 }
 
 impl Default for BrokerMetrics {
@@ -102,6 +104,8 @@ impl BrokerMetrics {
             wills: counter!(names::BROKER_WILLS),
             connections: by_protocol_gauge(names::BROKER_CONNECTIONS),
             accepted: by_protocol_counter(names::BROKER_CONNECTIONS_ACCEPTED),
+            hibernating: gauge!(names::BROKER_HIBERNATING),
+            wakes: counter!(names::BROKER_WAKES),
         }
     }
 
@@ -142,6 +146,16 @@ impl BrokerMetrics {
 
     pub fn connection_closed(&self, protocol: Protocol) {
         self.connections[protocol as usize].decrement(1.0);
+    }
+
+    /// A connection started (+1) or stopped (-1) hibernating.
+    pub(crate) fn hibernated(&self, delta: i8) {
+        self.hibernating.increment(f64::from(delta));
+    }
+
+    /// A hibernating connection woke.
+    pub(crate) fn woke(&self) {
+        self.wakes.increment(1);
     }
 
     /// Counts a connection refused at CONNECT.

@@ -11,20 +11,24 @@ use std::{
     io::BufReader,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    sync::{Arc, atomic::AtomicUsize},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     thread::JoinHandle,
 };
 
 use ntex::{
     SharedCfg,
     io::IoBoxed,
-    service::{RequestState, Service},
+    service::{Pipeline, RequestState, Service},
     time::Seconds,
 };
 use ntex_mqtt::{MqttError, MqttServer, MqttServiceConfig, v3, v5};
 
 use crate::{
     BrokerError,
+    accept::{Accepted, ListenerEntry, MakeService, Workers},
     acks::WithAcks,
     auth::{AuthSettings, Authenticator, ListenerAuth},
     connection::{ConnectionLimits, Shared},
@@ -94,8 +98,11 @@ impl BoundListener {
 
 /// The running listeners. Stop with [`Broker::stop`].
 pub struct Broker {
-    server: ntex::server::Server,
+    server: ntex_server::Server<Accepted>,
     thread: Option<JoinHandle<std::io::Result<()>>>,
+    /// Each listener (kept to wake its acceptor) and its accept thread.
+    acceptors: Vec<(TcpListener, JoinHandle<()>)>,
+    stop: Arc<AtomicBool>,
     listeners: Vec<BoundListener>,
     shared: Arc<Shared>,
 }
@@ -139,90 +146,122 @@ impl Broker {
         } else {
             settings.workers
         };
+        // Hibernation needs the descriptor ntex's epoll driver lets go of (io_uring's close
+        // differs and is not supported).
+        let parking = match settings.limits.hibernate_after {
+            Some(_) if settings.io_driver == crate::IoDriver::Epoll => {
+                Some(crate::hibernate::ParkingLot::start().map_err(BrokerError::Thread)?)
+            }
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             router,
             limits: settings.limits.clone(),
             auth: Authenticator::new(settings.auth),
             connections: AtomicUsize::new(0),
             next_client_number: std::sync::atomic::AtomicU64::new(1),
+            parking,
         });
         let limits = settings.limits;
         let io_driver = settings.io_driver;
         let kept = shared.clone();
+
+        let hibernate = shared.parking.is_some();
+        let mut accept_sockets = Vec::new();
+        let mut entries = Vec::new();
+        let max_frame = websocket::max_frame_size(limits.max_packet_size);
+        for (socket, addr, tls, auth, ws) in sockets {
+            let cfg = service_config(&limits, ws.is_some());
+            let keep_descriptor = hibernate && tls.is_none() && ws.is_none();
+            let shared = shared.clone();
+            let make: MakeService = match (tls, ws) {
+                (None, None) => Arc::new(move || {
+                    Pipeline::new(
+                        (),
+                        WithAcks {
+                            inner: mqtt_service(shared.clone(), auth),
+                            listener: addr,
+                        }
+                        .map(|_| ())
+                        .map_err(|_| ()),
+                    )
+                }),
+                (Some(tls), None) => Arc::new(move || {
+                    let shared = shared.clone();
+                    Pipeline::new(
+                        (),
+                        Handshake::new(ntex_tls::rustls::TlsAcceptor::new(tls.clone()))
+                            .map_err(move |error: std::io::Error| {
+                                log_tls_error(addr, &error);
+                                MqttError::<BrokerError>::from(error)
+                            })
+                            .and_then(WithAcks {
+                                inner: mqtt_service(shared, auth),
+                                listener: addr,
+                            })
+                            .map(|_| ())
+                            .map_err(|_| ()),
+                    )
+                }),
+                (None, Some(ws)) => Arc::new(move || {
+                    let mqtt = mqtt_service(shared.clone(), auth);
+                    Pipeline::new((), websocket::service(mqtt, addr, ws.clone(), max_frame))
+                }),
+                (Some(tls), Some(ws)) => Arc::new(move || {
+                    let mqtt = mqtt_service(shared.clone(), auth);
+                    Pipeline::new(
+                        (),
+                        Handshake::new(ntex_tls::rustls::TlsAcceptor::new(tls.clone()))
+                            .map_err(move |error: std::io::Error| log_tls_error(addr, &error))
+                            .and_then(websocket::service(mqtt, addr, ws.clone(), max_frame)),
+                    )
+                }),
+            };
+            entries.push(ListenerEntry {
+                cfg,
+                make,
+                keep_descriptor,
+            });
+            accept_sockets.push(socket);
+        }
+        let workers_config = Workers {
+            listeners: entries.into(),
+        };
 
         let (started, server) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("edgegw-mqtt".into())
             .spawn(move || {
                 ntex::rt::System::new("edgegw-mqtt", io_driver).block_on(async move {
-                    let mut builder = ntex::server::build()
+                    let server = ntex_server::WorkerPool::new()
+                        .name("edgegw-mqtt")
                         .workers(workers)
                         .disable_signals()
-                        .max_connections(limits.max_connections.max(1))
-                        .graceful_shutdown_timeout(Seconds(5));
-                    let max_frame = websocket::max_frame_size(limits.max_packet_size);
-                    for (index, (socket, addr, tls, auth, ws)) in sockets.into_iter().enumerate() {
-                        let shared = shared.clone();
-                        let cfg = service_config(&limits, ws.is_some());
-                        let name = format!("mqtt-{index}");
-                        builder = match (tls, ws) {
-                            (None, None) => {
-                                builder.listen(name, socket, cfg, async move |_| WithAcks {
-                                    inner: mqtt_service(shared.clone(), auth),
-                                    listener: addr,
-                                })?
-                            }
-                            (Some(tls), None) => {
-                                builder.listen(name, socket, cfg, async move |_| {
-                                    let shared = shared.clone();
-                                    Handshake::new(ntex_tls::rustls::TlsAcceptor::new(tls.clone()))
-                                        .map_err(move |error: std::io::Error| {
-                                            log_tls_error(addr, &error);
-                                            MqttError::<BrokerError>::from(error)
-                                        })
-                                        .and_then(WithAcks {
-                                            inner: mqtt_service(shared, auth),
-                                            listener: addr,
-                                        })
-                                })?
-                            }
-                            (None, Some(ws)) => {
-                                builder.listen(name, socket, cfg, async move |_| {
-                                    let mqtt = mqtt_service(shared.clone(), auth);
-                                    websocket::service(mqtt, addr, ws.clone(), max_frame)
-                                })?
-                            }
-                            (Some(tls), Some(ws)) => {
-                                builder.listen(name, socket, cfg, async move |_| {
-                                    let mqtt = mqtt_service(shared.clone(), auth);
-                                    Handshake::new(ntex_tls::rustls::TlsAcceptor::new(tls.clone()))
-                                        .map_err(move |error: std::io::Error| {
-                                            log_tls_error(addr, &error)
-                                        })
-                                        .and_then(websocket::service(
-                                            mqtt,
-                                            addr,
-                                            ws.clone(),
-                                            max_frame,
-                                        ))
-                                })?
-                            }
-                        };
-                    }
-                    let server = builder.run();
+                        .graceful_shutdown_timeout(Seconds(5))
+                        .run(workers_config);
                     let _ = started.send(server.clone());
                     server.await
                 })
             })
             .map_err(BrokerError::Thread)?;
-        let server = server.recv().map_err(|_| {
+        let server: ntex_server::Server<Accepted> = server.recv().map_err(|_| {
             BrokerError::Thread(std::io::Error::other(
                 "the MQTT server thread exited at start",
             ))
         })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut acceptors = Vec::new();
+        for (index, socket) in accept_sockets.into_iter().enumerate() {
+            let kept = socket.try_clone().map_err(BrokerError::Thread)?;
+            let handle = crate::accept::spawn_acceptor(socket, index, server.clone(), stop.clone())
+                .map_err(BrokerError::Thread)?;
+            acceptors.push((kept, handle));
+        }
         Ok(Self {
             server,
             thread: Some(thread),
+            acceptors,
+            stop,
             listeners,
             shared: kept,
         })
@@ -247,7 +286,21 @@ impl Broker {
     /// Stops accepting, closes connections (each ends its session as a disconnect would),
     /// and waits for the server thread.
     pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        for (listener, _) in &self.acceptors {
+            crate::accept::wake_acceptor(listener);
+        }
+        let acceptors = std::mem::take(&mut self.acceptors);
+        let _ = tokio::task::spawn_blocking(move || {
+            for (_, handle) in acceptors {
+                let _ = handle.join();
+            }
+        })
+        .await;
         self.server.stop(true).await;
+        if let Some(parked) = self.shared.parking.as_ref().and_then(|p| p.stop()) {
+            let _ = tokio::task::spawn_blocking(move || parked.join()).await;
+        }
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }

@@ -547,6 +547,30 @@ impl Session {
         }
     }
 
+    /// Whether connection `generation` owns the session and has nothing to send, nothing in
+    /// flight either way (deliveries unacknowledged, inbound QoS 2 ids not released): it
+    /// may hibernate. Trims the session's empty queues as [`Session::trim_idle`] does.
+    pub(crate) fn is_quiet(&self, generation: u64) -> bool {
+        let quiet = {
+            let state = self.lock();
+            state.generation == generation
+                && state.queue.is_empty()
+                && state.inflight.is_empty()
+                && state.inbound_qos2.is_empty()
+        };
+        if quiet {
+            self.trim_idle();
+        }
+        quiet
+    }
+
+    /// Whether a hibernating connection `generation` must wake: the session has something
+    /// to send, or belongs to another connection now.
+    pub(crate) fn needs_connection(&self, generation: u64) -> bool {
+        let state = self.lock();
+        state.generation != generation || !state.queue.is_empty() || !state.inflight.is_empty()
+    }
+
     /// Room held by the queue, the in-flight window and the packet id sets (tests).
     #[cfg(test)]
     pub(crate) fn capacities(&self) -> [usize; 4] {

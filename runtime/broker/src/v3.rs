@@ -15,8 +15,8 @@ use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
-        Conn, Handled, Inbound, InboundAck, InboundId, Outbound, Partial, Passed, Qos2, Release,
-        SendResult, Shared, Taken, spawn_writer,
+        Conn, ConnRef, Handled, Hibernate, Inbound, InboundAck, InboundId, Outbound, Partial,
+        Passed, Qos2, Release, SendResult, Shared, Taken, spawn_writer,
     },
     message::{ByteString, Bytes, Message, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -30,7 +30,10 @@ pub(crate) async fn connect(
     shared: Arc<Shared>,
     listener: ListenerAuth,
     connect: v3::Connect,
-) -> Result<v3::ConnectAck<Conn>, BrokerError> {
+) -> Result<v3::ConnectAck<ConnRef>, BrokerError> {
+    if let Some(state) = crate::hibernate::take_resume(connect.io()) {
+        return Ok(resume(shared, connect, state.into_state()));
+    }
     let packet = connect.packet();
     let limits = shared.limits.clone();
     let Some(slot) = shared.reserve_slot() else {
@@ -113,7 +116,10 @@ pub(crate) async fn connect(
         acl_generation,
         connect.io().get_ref(),
         slot,
+        keep_alive,
+        false,
     );
+    let conn = ConnRef(std::rc::Rc::new(conn));
     tracing::info!(
         client_id = %client_id,
         user = user.as_deref(),
@@ -134,6 +140,7 @@ pub(crate) async fn connect(
         usize::from(limits.max_inflight),
         conn.closed.clone(),
         shared.router.metrics().clone(),
+        hibernate(&conn),
     );
     let ack = connect
         .ack(conn, attached.session_present)
@@ -142,9 +149,63 @@ pub(crate) async fn connect(
     Ok(ack.idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2)))))
 }
 
+/// How the writer of `conn` hibernates it (hibernation on).
+fn hibernate(conn: &ConnRef) -> Option<Hibernate> {
+    let after = conn.shared.limits.hibernate_after?;
+    conn.shared.parking.as_ref()?;
+    Some(Hibernate {
+        conn: std::rc::Rc::downgrade(&conn.0),
+        after,
+    })
+}
+
+/// A connection woken from hibernation: its replayed CONNECT (`hibernate.rs`) gets the
+/// connection it had back, without a login or a new session generation; the CONNACK
+/// written for it is dropped before it reaches the client (`AckFilter`).
+fn resume(
+    shared: Arc<Shared>,
+    connect: v3::Connect,
+    state: crate::hibernate::ConnState,
+) -> v3::ConnectAck<ConnRef> {
+    let limits = shared.limits.clone();
+    let keep_alive = state.keep_alive;
+    let conn = ConnRef(std::rc::Rc::new(Conn::new(
+        shared.clone(),
+        state.session.clone(),
+        state.generation,
+        Protocol::V311,
+        state.will.map(|will| *will),
+        state.user,
+        state.acl,
+        state.acl_generation,
+        connect.io().get_ref(),
+        state.slot,
+        keep_alive,
+        true,
+    )));
+    tracing::debug!(client_id = %state.session.client_id, "Connection wakes from hibernation.");
+    let out = Sink {
+        sink: connect.sink(),
+        io: connect.io().get_ref(),
+    };
+    spawn_writer(
+        out,
+        state.session.clone(),
+        state.generation,
+        usize::from(limits.max_inflight),
+        conn.closed.clone(),
+        shared.router.metrics().clone(),
+        hibernate(&conn),
+    );
+    connect
+        .ack(conn, true)
+        .max_send(Some(limits.max_inflight))
+        .idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2))))
+}
+
 /// A PUBLISH: handled at once when it can be (see [`Handled`]), else in a boxed future.
 pub(crate) fn publish(
-    session: &v3::Session<Conn>,
+    session: &v3::Session<ConnRef>,
     mut publish: v3::Publish,
 ) -> Handled<'_, Result<(), BrokerError>> {
     let conn: &Conn = session;
@@ -481,7 +542,7 @@ fn route(
 }
 
 pub(crate) async fn protocol(
-    session: &v3::Session<Conn>,
+    session: &v3::Session<ConnRef>,
     message: v3::ProtocolMessage,
 ) -> Result<v3::ProtocolMessageAck, BrokerError> {
     let conn: &Conn = session;
@@ -524,7 +585,7 @@ pub(crate) async fn protocol(
 }
 
 pub(crate) async fn control(
-    session: &v3::Session<Conn>,
+    session: &v3::Session<ConnRef>,
     control: Control<BrokerError>,
 ) -> Result<Option<v3::codec::Encoded>, BrokerError> {
     let conn: &Conn = session;
@@ -541,6 +602,7 @@ pub(crate) async fn control(
             tracing::warn!(client_id = conn.client_id(), protocol = "3.1.1", error = ?error.get_ref(), "Closing connection.");
             conn.finish();
         }
+        Control::Stop(Reason::PeerGone(_)) if conn.hibernated.get() => {}
         Control::Stop(Reason::PeerGone(_)) => {
             tracing::info!(
                 client_id = conn.client_id(),

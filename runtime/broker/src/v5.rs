@@ -24,7 +24,7 @@ use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
-        Conn, Handled, InboundId, Outbound, Qos2, SendResult, Shared, Taken, spawn_writer,
+        Conn, ConnRef, Handled, InboundId, Outbound, Qos2, SendResult, Shared, Taken, spawn_writer,
     },
     message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -37,7 +37,7 @@ pub(crate) async fn connect(
     shared: Arc<Shared>,
     listener: ListenerAuth,
     connect: v5::Connect,
-) -> Result<v5::ConnectAck<Conn>, BrokerError> {
+) -> Result<v5::ConnectAck<ConnRef>, BrokerError> {
     let packet = connect.packet();
     let limits = shared.limits.clone();
     let Some(slot) = shared.reserve_slot() else {
@@ -127,7 +127,10 @@ pub(crate) async fn connect(
         acl_generation,
         connect.io().get_ref(),
         slot,
+        keep_alive,
+        false,
     );
+    let conn = ConnRef(std::rc::Rc::new(conn));
     tracing::info!(
         client_id = %client_id,
         user = user.as_deref(),
@@ -159,6 +162,7 @@ pub(crate) async fn connect(
         window,
         conn.closed.clone(),
         shared.router.metrics().clone(),
+        None,
     );
 
     let session_present = attached.session_present;
@@ -194,7 +198,7 @@ pub(crate) async fn connect(
 
 /// A PUBLISH: handled at once when it can be (see [`Handled`]), else in a boxed future.
 pub(crate) fn publish(
-    session: &v5::Session<Conn>,
+    session: &v5::Session<ConnRef>,
     mut publish: v5::Publish,
 ) -> Handled<'_, Result<v5::PublishAck, BrokerError>> {
     let conn: &Conn = session;
@@ -492,7 +496,7 @@ fn route(
 }
 
 pub(crate) async fn protocol(
-    session: &v5::Session<Conn>,
+    session: &v5::Session<ConnRef>,
     message: v5::ProtocolMessage,
 ) -> Result<v5::ProtocolMessageAck, BrokerError> {
     let conn: &Conn = session;
@@ -556,7 +560,7 @@ pub(crate) async fn protocol(
 }
 
 pub(crate) async fn control(
-    session: &v5::Session<Conn>,
+    session: &v5::Session<ConnRef>,
     control: Control<BrokerError>,
 ) -> Result<Option<codec::Encoded>, BrokerError> {
     let conn: &Conn = session;

@@ -326,6 +326,9 @@ pub struct Limits {
     pub max_session_expiry: Duration,
     /// PUBLISH packets per second one connection may send; 0 = unlimited.
     pub max_publish_rate: u32,
+    /// An MQTT 3.1.1 connection on a plain TCP listener idle this long hibernates (its
+    /// memory is given back until it has something to do); 0 = never.
+    pub hibernate_after: Duration,
 }
 
 impl Default for Limits {
@@ -340,6 +343,7 @@ impl Default for Limits {
             topic_alias_maximum: 32,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             max_publish_rate: 0,
+            hibernate_after: Duration::from_secs(30),
         }
     }
 }

@@ -403,6 +403,16 @@ pub fn validate(config: &Config) -> Vec<Issue> {
             ),
         );
     }
+    let hibernate = limits.hibernate_after.as_std();
+    if hibernate.subsec_nanos() != 0 || hibernate.as_secs() > 86_400 {
+        issue(
+            &path("hibernate_after"),
+            format!(
+                "hibernate_after {} must be whole seconds up to 1d (0 turns hibernation off)",
+                limits.hibernate_after
+            ),
+        );
+    }
     if limits.receive_maximum == 0 {
         issue(
             &path("receive_maximum"),

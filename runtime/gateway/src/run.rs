@@ -116,7 +116,10 @@ async fn serve(
         "{}",
         config.summary()
     );
-    raise_file_limit(config.broker.limits.max_connections);
+    raise_file_limit(
+        config.broker.limits.max_connections,
+        !config.broker.limits.hibernate_after.as_std().is_zero(),
+    );
     let telemetry = edgegw_telemetry::Telemetry::install().context("cannot set up metrics")?;
     std::fs::create_dir_all(&config.gateway.data_dir).with_context(|| {
         format!(
@@ -185,6 +188,7 @@ async fn serve(
             max_inflight: limits.max_inflight,
             topic_alias_maximum: limits.topic_alias_maximum,
             max_publish_rate: limits.max_publish_rate,
+            hibernate_after: Some(limits.hibernate_after.as_std()).filter(|after| !after.is_zero()),
         },
         auth,
         workers: 0,
@@ -412,7 +416,9 @@ fn uplink_settings(
 
 /// Each connection is a file descriptor: raise the soft limit to the hard one so
 /// `max_connections` can be reached, and say so when even that is too low.
-fn raise_file_limit(max_connections: u32) {
+/// A connection that may hibernate holds two while awake; only those opened while fewer than
+/// half the limit are in use do.
+fn raise_file_limit(max_connections: u32, hibernate: bool) {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => {
             // Listeners, the state file, metrics and logs need some descriptors too.
@@ -422,6 +428,12 @@ fn raise_file_limit(max_connections: u32) {
                     limit,
                     max_connections,
                     "Open-file limit is below broker.limits.max_connections; raise LimitNOFILE (systemd) or ulimit -n."
+                );
+            } else if hibernate && limit < 2 * needed {
+                tracing::info!(
+                    limit,
+                    max_connections,
+                    "Open-file limit is below twice broker.limits.max_connections: connections opened while more than half of it is in use do not hibernate; raise LimitNOFILE (systemd) or ulimit -n."
                 );
             } else {
                 tracing::debug!(limit, "Open-file limit.");

@@ -7,6 +7,8 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 pub const BROKER_CONNECTIONS: &str = "edgegw_broker_connections";
 pub const BROKER_CONNECTIONS_ACCEPTED: &str = "edgegw_broker_connections_accepted_total";
+pub const BROKER_HIBERNATING: &str = "edgegw_broker_hibernating_connections";
+pub const BROKER_WAKES: &str = "edgegw_broker_hibernation_wakes_total";
 pub const BROKER_CONNECTIONS_REFUSED: &str = "edgegw_broker_connections_refused_total";
 pub const BROKER_MESSAGES_RECEIVED: &str = "edgegw_broker_messages_received_total";
 pub const BROKER_MESSAGES_SENT: &str = "edgegw_broker_messages_sent_total";
@@ -137,6 +139,8 @@ impl Metric {
 pub const ALL: &[Metric] = &[
     Metric::gauge(BROKER_CONNECTIONS, &["protocol"]),
     Metric::counter(BROKER_CONNECTIONS_ACCEPTED, &["protocol"]),
+    Metric::gauge(BROKER_HIBERNATING, &[]),
+    Metric::counter(BROKER_WAKES, &[]),
     Metric::counter(BROKER_CONNECTIONS_REFUSED, &["reason"]),
     Metric::counter(BROKER_MESSAGES_RECEIVED, &["qos"]),
     Metric::counter(BROKER_MESSAGES_SENT, &["qos"]),
@@ -216,6 +220,14 @@ pub fn describe() {
     describe_counter!(
         BROKER_CONNECTIONS_ACCEPTED,
         "MQTT connections accepted (CONNACK success), by protocol version."
+    );
+    describe_gauge!(
+        BROKER_HIBERNATING,
+        "Idle MQTT connections hibernating (counted in edgegw_broker_connections too)."
+    );
+    describe_counter!(
+        BROKER_WAKES,
+        "Hibernating MQTT connections woken (a delivery, a packet other than PINGREQ)."
     );
     describe_counter!(
         BROKER_CONNECTIONS_REFUSED,

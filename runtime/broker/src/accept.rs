@@ -1,0 +1,269 @@
+//! The broker's own accept loop and worker services, in place of ntex-server's network
+//! builder: that builder turns each accepted socket into an ntex `Io` inside the worker and
+//! never gives its descriptor out, and hibernation (`hibernate.rs`) needs it. Here one thread
+//! per listener accepts, ntex's worker pool picks the worker (`Server::process`), and the
+//! worker's service makes the `Io` itself, keeping a duplicate of the descriptor of each
+//! plain-TCP MQTT connection when hibernation is on ([`take_descriptor`]).
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd, OwnedFd},
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use ntex::{
+    SharedCfg,
+    io::Io,
+    service::{Ctx, Pipeline, Service},
+};
+
+/// A socket accepted on listener `listener` (its index in the broker's settings).
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    pub stream: TcpStream,
+    pub listener: usize,
+}
+
+/// Makes one listener's connection service (once per worker, on the worker's thread).
+pub(crate) type MakeService = Arc<dyn Fn() -> Pipeline<Io, (), ()> + Send + Sync>;
+
+/// One listener as the workers see it.
+#[derive(Clone)]
+pub(crate) struct ListenerEntry {
+    pub cfg: SharedCfg,
+    pub make: MakeService,
+    /// Keep a duplicate descriptor of each connection, for hibernation.
+    pub keep_descriptor: bool,
+}
+
+/// The workers' configuration (ntex's `ServerConfiguration`): every listener's service.
+#[derive(Clone)]
+pub(crate) struct Workers {
+    pub listeners: Arc<[ListenerEntry]>,
+}
+
+impl ntex_server::ServerConfiguration for Workers {
+    type Item = Accepted;
+    type Service = WorkerService;
+
+    async fn create(&self) -> std::io::Result<WorkerService> {
+        let listeners: Rc<[WorkerListener]> = self
+            .listeners
+            .iter()
+            .map(|entry| WorkerListener {
+                pipeline: (entry.make)(),
+                cfg: entry.cfg.clone(),
+                keep_descriptor: entry.keep_descriptor,
+            })
+            .collect();
+        WORKER.with(|worker| *worker.borrow_mut() = Some(listeners.clone()));
+        Ok(WorkerService { listeners })
+    }
+}
+
+pub(crate) struct WorkerListener {
+    pub pipeline: Pipeline<Io, (), ()>,
+    pub cfg: SharedCfg,
+    pub keep_descriptor: bool,
+}
+
+thread_local! {
+    /// This worker's listener services, for connections resumed from hibernation.
+    static WORKER: RefCell<Option<Rc<[WorkerListener]>>> = const { RefCell::new(None) };
+    /// Duplicates of the descriptors of this worker's plain-TCP connections (hibernation
+    /// on), by peer address, with the number of the connection that owns each.
+    static DESCRIPTORS: RefCell<HashMap<SocketAddr, (u64, usize, OwnedFd)>> = RefCell::new(HashMap::new());
+    static NEXT_NUMBER: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
+}
+
+/// One worker's service: turns accepted sockets into connections.
+pub(crate) struct WorkerService {
+    listeners: Rc<[WorkerListener]>,
+}
+
+impl Service<(), Accepted> for WorkerService {
+    type Res = ();
+    type Error = ();
+
+    async fn call(&self, item: Accepted, _: Ctx<'_, Self, ()>) -> Result<(), ()> {
+        let Some(listener) = self.listeners.get(item.listener) else {
+            return Err(());
+        };
+        serve(item.listener, listener, item.stream, None);
+        Ok(())
+    }
+}
+
+/// Runs listener `listener`'s service on `stream` (on this worker) for a connection woken
+/// from hibernation (`resume`: the bytes to replay and its saved state).
+pub(crate) fn serve_on_worker(
+    listener: usize,
+    stream: TcpStream,
+    resume: crate::hibernate::Resumed,
+) {
+    let Some(listeners) = WORKER.with(|worker| worker.borrow().clone()) else {
+        tracing::error!("No listener services on this thread: connection dropped.");
+        return;
+    };
+    let Some(entry) = listeners.get(listener) else {
+        return;
+    };
+    serve(listener, entry, stream, Some(resume));
+}
+
+fn serve(
+    index: usize,
+    listener: &WorkerListener,
+    stream: TcpStream,
+    resume: Option<crate::hibernate::Resumed>,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    // A connection that may hibernate holds two descriptors while awake (ntex's and this
+    // duplicate). Past half the open-file limit new connections keep none (they do not
+    // hibernate): the rest of the limit stays for connections.
+    let kept = if listener.keep_descriptor {
+        stream
+            .try_clone()
+            .ok()
+            .filter(|copy| u64::try_from(copy.as_raw_fd()).is_ok_and(|fd| fd < descriptor_budget()))
+            .map(OwnedFd::from)
+    } else {
+        None
+    };
+    let io = match ntex::rt::from_tcp_stream(stream, listener.cfg.clone()) {
+        Ok(io) => io,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot set up an accepted connection.");
+            return;
+        }
+    };
+    let number = NEXT_NUMBER.with(|n| n.replace(n.get() + 1));
+    let resumed = match (peer, resume) {
+        (Some(peer), Some(resume)) => {
+            crate::hibernate::begin_resume(peer, number, resume);
+            true
+        }
+        _ => false,
+    };
+    let key = match (peer, kept) {
+        (Some(peer), Some(fd)) => {
+            DESCRIPTORS.with(|map| map.borrow_mut().insert(peer, (number, index, fd)));
+            Some(peer)
+        }
+        _ => None,
+    };
+    let call = listener.pipeline.call_static(io);
+    ntex::rt::spawn_detached(async move {
+        let _ = call.await;
+        if resumed && let Some(peer) = peer {
+            crate::hibernate::forget(peer, number);
+        }
+        if let Some(peer) = key {
+            DESCRIPTORS.with(|map| {
+                let mut map = map.borrow_mut();
+                if map.get(&peer).is_some_and(|(owner, _, _)| *owner == number) {
+                    map.remove(&peer);
+                }
+            });
+        }
+    });
+}
+
+/// Descriptor numbers below which a connection keeps a duplicate for hibernation: half the
+/// open-file limit (Linux hands out the lowest free number, so the number tells how many
+/// are open).
+fn descriptor_budget() -> u64 {
+    static BUDGET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft) / 2
+    })
+}
+
+/// Takes the kept descriptor of this worker's connection from `peer`, with the index of
+/// its listener (hibernation).
+pub(crate) fn take_descriptor(peer: SocketAddr) -> Option<(usize, OwnedFd)> {
+    DESCRIPTORS.with(|map| {
+        map.borrow_mut()
+            .remove(&peer)
+            .map(|(_, listener, fd)| (listener, fd))
+    })
+}
+
+/// Whether a descriptor is kept for this worker's connection from `peer`.
+pub(crate) fn has_descriptor(peer: SocketAddr) -> bool {
+    DESCRIPTORS.with(|map| map.borrow().contains_key(&peer))
+}
+
+/// Accepts on `listener` until `stop` is set, handing each socket to a worker.
+pub(crate) fn spawn_acceptor(
+    listener: TcpListener,
+    index: usize,
+    server: ntex_server::Server<Accepted>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("edgegw-accept-{index}"))
+        .spawn(move || {
+            let addr = listener.local_addr().ok();
+            while !stop.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        let mut item = Accepted {
+                            stream,
+                            listener: index,
+                        };
+                        // The pool refuses items until its workers are up (and while it
+                        // stops): wait a little for them rather than drop the client.
+                        let mut tries = 0;
+                        loop {
+                            match server.process(item) {
+                                Ok(()) => break,
+                                Err(back) if tries < 100 && !stop.load(Ordering::Acquire) => {
+                                    item = back;
+                                    tries += 1;
+                                    std::thread::sleep(Duration::from_millis(20));
+                                }
+                                Err(_) => {
+                                    tracing::warn!(listener = ?addr, "No worker took a connection: closed.");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        match error.raw_os_error() {
+                            // Out of descriptors or memory: back off, as ntex's acceptor did.
+                            // EMFILE, ENFILE, ENOMEM, ENOBUFS
+                            Some(24 | 23 | 12 | 105) => {
+                                tracing::warn!(listener = ?addr, %error, "Cannot accept: backing off 500 ms.");
+                                std::thread::sleep(Duration::from_millis(500));
+                            }
+                            _ => {
+                                tracing::debug!(listener = ?addr, %error, "accept failed");
+                            }
+                        }
+                    }
+                }
+            }
+        })
+}
+
+/// Wakes an acceptor blocked in `accept` so that it sees its stop flag.
+pub(crate) fn wake_acceptor(listener: &TcpListener) {
+    // `shutdown` on a listening socket makes a blocked `accept` return (EINVAL) on Linux.
+    let _ = socket2::SockRef::from(listener).shutdown(std::net::Shutdown::Both);
+}

@@ -1,0 +1,229 @@
+//! Hibernation of idle MQTT 3.1.1 connections (`broker.limits.hibernate_after`): the
+//! broker lets go of an idle connection's state but keeps its socket and session, answers
+//! its PINGREQs, and wakes it for a delivery or any other packet, with nothing the client
+//! could notice (no second CONNACK, packets in order). Ends (EOF, keepalive, takeover) act
+//! as they would on an awake connection. Byte-level client, real binary.
+
+use std::time::{Duration, Instant};
+
+use edgegw_tests::{
+    Gateway,
+    raw::{self, Packet, Raw},
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+const QUIET: Duration = Duration::from_millis(700);
+const HIBERNATING: &str = "edgegw_broker_hibernating_connections";
+const WAKES: &str = "edgegw_broker_hibernation_wakes_total";
+const V3_CONNECTIONS: &str = r#"edgegw_broker_connections{protocol="3.1.1"}"#;
+const WILLS: &str = "edgegw_broker_wills_published_total";
+
+fn gateway() -> Gateway {
+    Gateway::start_with("  limits:\n    hibernate_after: 1s\n", "")
+}
+
+fn connect(gw: &Gateway, packet: &[u8]) -> Raw {
+    let mut client = Raw::connect(gw.mqtt);
+    client.send(packet);
+    let connack = client.read(WAIT).expect("CONNACK");
+    assert_eq!(connack.kind(), raw::CONNACK, "{connack:?}");
+    assert_eq!(connack.body[1], 0, "CONNACK code");
+    client
+}
+
+fn subscribe(client: &mut Raw, packet_id: u16, filter: &str, qos: u8) {
+    client.send(&raw::subscribe_v3(packet_id, filter, qos));
+    let (suback, others) = client.read_kind(raw::SUBACK, WAIT);
+    assert!(
+        suback.is_some() && others.is_empty(),
+        "{suback:?} {others:?}"
+    );
+}
+
+/// Waits until `n` connections hibernate.
+fn wait_hibernating(gw: &Gateway, n: f64) {
+    let value = gw.wait_metric(HIBERNATING, WAIT, |v| v == n);
+    assert_eq!(value, n, "hibernating connections");
+}
+
+fn publish_bytes(p: &Packet) -> (String, Vec<u8>) {
+    let len = usize::from(u16::from_be_bytes([p.body[0], p.body[1]]));
+    let topic = String::from_utf8(p.body[2..2 + len].to_vec()).unwrap();
+    let qos = (p.header >> 1) & 3;
+    let start = 2 + len + if qos > 0 { 2 } else { 0 };
+    (topic, p.body[start..].to_vec())
+}
+
+#[test]
+fn an_idle_subscriber_hibernates_answers_pings_and_wakes_for_deliveries_unseen() {
+    let gw = gateway();
+    let mut sub = connect(&gw, &raw::connect_v3("sleeper", true, 30));
+    subscribe(&mut sub, 1, "h/#", 1);
+    wait_hibernating(&gw, 1.0);
+    assert_eq!(
+        gw.metric(V3_CONNECTIONS),
+        1.0,
+        "a hibernating connection still counts"
+    );
+
+    // PINGREQ answered without waking it.
+    for _ in 0..3 {
+        sub.send(&raw::pingreq());
+        let pong = sub.read(WAIT).expect("PINGRESP");
+        assert_eq!(pong.kind(), raw::PINGRESP);
+    }
+    assert_eq!(gw.metric(WAKES), 0.0, "a PINGREQ does not wake it");
+    assert_eq!(gw.metric(HIBERNATING), 1.0);
+
+    // A delivery wakes it: the client sees exactly the PUBLISH (no second CONNACK).
+    let mut publisher = connect(&gw, &raw::connect_v3("pub", true, 30));
+    publisher.send(&raw::publish_v3("h/1", 0, 0, false, b"first"));
+    let first = sub.read(WAIT).expect("delivery");
+    assert_eq!(first.kind(), raw::PUBLISH, "{first:?}");
+    assert_eq!(publish_bytes(&first), ("h/1".into(), b"first".to_vec()));
+    assert!(gw.metric(WAKES) >= 1.0);
+
+    // QoS 1 after it hibernates again: in flight, acknowledged on the woken connection.
+    wait_hibernating(&gw, 2.0);
+    publisher.send(&raw::publish_v3("h/2", 1, 9, false, b"second"));
+    let (puback, _) = publisher.read_kind(raw::PUBACK, WAIT);
+    assert_eq!(puback.expect("PUBACK").body, vec![0, 9]);
+    let second = sub.read(WAIT).expect("QoS 1 delivery");
+    assert_eq!(second.kind(), raw::PUBLISH, "{second:?}");
+    assert_eq!(publish_bytes(&second), ("h/2".into(), b"second".to_vec()));
+    let id = [second.body[5], second.body[6]];
+    sub.send(&raw::ack(raw::PUBACK, u16::from_be_bytes(id)));
+    // Acked: nothing is in flight, so it hibernates again, and is not sent it twice.
+    wait_hibernating(&gw, 2.0);
+    assert!(sub.read(QUIET).is_none(), "nothing more for the subscriber");
+
+    // Several packets in one write while hibernating: all handled, in order.
+    let mut burst = raw::pingreq();
+    burst.extend(raw::subscribe_v3(2, "other/#", 0));
+    burst.extend(raw::pingreq());
+    sub.send(&burst);
+    let kinds: Vec<u8> = (0..3)
+        .map(|_| sub.read(WAIT).expect("answer").kind())
+        .collect();
+    assert_eq!(kinds, vec![raw::PINGRESP, raw::SUBACK, raw::PINGRESP]);
+    assert!(sub.read(QUIET).is_none(), "no CONNACK or anything else");
+}
+
+#[test]
+fn a_hibernating_publisher_wakes_on_its_publish_and_is_answered() {
+    let gw = gateway();
+    let mut sub = connect(&gw, &raw::connect_v3("watcher", true, 30));
+    subscribe(&mut sub, 1, "p/#", 0);
+    let mut publisher = connect(&gw, &raw::connect_v3("sleepy-pub", true, 30));
+    wait_hibernating(&gw, 2.0);
+    // QoS 2 from hibernation: PUBREC, PUBREL, PUBCOMP on the woken connection.
+    publisher.send(&raw::publish_v3("p/x", 2, 5, false, b"exactly once"));
+    let (pubrec, others) = publisher.read_kind(raw::PUBREC, WAIT);
+    assert_eq!(pubrec.expect("PUBREC").body, vec![0, 5]);
+    assert!(
+        others.is_empty(),
+        "no CONNACK before the PUBREC: {others:?}"
+    );
+    publisher.send(&raw::ack(raw::PUBREL, 5));
+    let (pubcomp, _) = publisher.read_kind(raw::PUBCOMP, WAIT);
+    assert_eq!(pubcomp.expect("PUBCOMP").body, vec![0, 5]);
+    let delivered = sub.read(WAIT).expect("delivery");
+    assert_eq!(publish_bytes(&delivered).1, b"exactly once".to_vec());
+
+    // A PINGREQ split across two writes while hibernating is still answered.
+    wait_hibernating(&gw, 2.0);
+    publisher.send(&[0xc0]);
+    std::thread::sleep(Duration::from_millis(100));
+    publisher.send(&[0x00]);
+    assert_eq!(
+        publisher.read(WAIT).expect("PINGRESP").kind(),
+        raw::PINGRESP
+    );
+}
+
+#[test]
+fn a_hibernating_client_that_vanishes_or_goes_silent_gets_its_will_published() {
+    let gw = gateway();
+    let mut watcher = connect(&gw, &raw::connect_v3("will-watcher", true, 60));
+    subscribe(&mut watcher, 1, "wills/#", 0);
+    // Closes its socket while hibernating.
+    let gone = connect(
+        &gw,
+        &raw::connect_v3_will("gone", true, 60, "wills/gone", b"bye", 0, false),
+    );
+    // Goes silent: keepalive 2 s, so ended 3 s after its last packet.
+    let silent = connect(
+        &gw,
+        &raw::connect_v3_will("silent", true, 2, "wills/silent", b"timeout", 0, false),
+    );
+    wait_hibernating(&gw, 3.0);
+    let start = Instant::now();
+    drop(gone);
+    let will = watcher.read(WAIT).expect("will of the closed client");
+    assert_eq!(publish_bytes(&will), ("wills/gone".into(), b"bye".to_vec()));
+
+    let will = watcher.read(WAIT).expect("will of the silent client");
+    assert_eq!(
+        publish_bytes(&will),
+        ("wills/silent".into(), b"timeout".to_vec())
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let mut silent = silent;
+    assert!(
+        silent.closed_within(WAIT, &mut Vec::new()),
+        "the silent client's socket is closed"
+    );
+    assert_eq!(gw.metric(WILLS), 2.0);
+    let connections = gw.wait_metric(V3_CONNECTIONS, WAIT, |v| v == 1.0);
+    assert_eq!(connections, 1.0, "only the watcher is left");
+
+    // DISCONNECT from hibernation is a proper goodbye: no will.
+    let mut polite = connect(
+        &gw,
+        &raw::connect_v3_will("polite", true, 60, "wills/polite", b"no", 0, false),
+    );
+    wait_hibernating(&gw, 2.0);
+    polite.send(&raw::disconnect());
+    assert!(polite.closed_within(WAIT, &mut Vec::new()));
+    assert!(watcher.read(QUIET).is_none(), "no will after DISCONNECT");
+    assert_eq!(gw.metric(WILLS), 2.0);
+}
+
+#[test]
+fn a_takeover_closes_the_hibernating_connection_and_keeps_the_session() {
+    let gw = gateway();
+    let mut old = connect(&gw, &raw::connect_v3("twin", false, 60));
+    subscribe(&mut old, 1, "twin/#", 1);
+    wait_hibernating(&gw, 1.0);
+    let mut new = Raw::connect(gw.mqtt);
+    new.send(&raw::connect_v3("twin", false, 60));
+    let connack = new.read(WAIT).expect("CONNACK");
+    assert_eq!(connack.body, vec![1, 0], "session present");
+    assert!(
+        old.closed_within(WAIT, &mut Vec::new()),
+        "the old socket is closed"
+    );
+    // The subscription made before hibernating is there for the new connection.
+    let mut publisher = connect(&gw, &raw::connect_v3("twin-pub", true, 60));
+    publisher.send(&raw::publish_v3("twin/a", 1, 1, false, b"still subscribed"));
+    let delivery = new.read(WAIT).expect("delivery");
+    assert_eq!(publish_bytes(&delivery).1, b"still subscribed".to_vec());
+    let connections = gw.wait_metric(V3_CONNECTIONS, WAIT, |v| v == 2.0);
+    assert_eq!(connections, 2.0);
+}
+
+#[test]
+fn mqtt_5_connections_do_not_hibernate() {
+    let gw = gateway();
+    let mut v5 = Raw::connect(gw.mqtt);
+    v5.send(&raw::connect_v5("five", true, 60, &[]));
+    assert_eq!(v5.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    let _v3 = connect(&gw, &raw::connect_v3("three", true, 60));
+    wait_hibernating(&gw, 1.0);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(gw.metric(HIBERNATING), 1.0, "only the 3.1.1 connection");
+}
