@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::procfs;
+use crate::{load::IDLE_HIBERNATE_SECS, procfs};
 
 /// Core the brokers run on; the load generator runs on `LOAD_CORE`.
 pub const BROKER_CORE: usize = 0;
@@ -74,7 +74,7 @@ fn edgegw_io_driver() -> &'static str {
 pub fn describe_settings() -> Vec<String> {
     vec![
         format!(
-            "edgegw:    broker.limits max_inflight {MAX_INFLIGHT}, receive_maximum {MAX_INFLIGHT}, max_queued {MAX_QUEUED} (throughput); shipped defaults (max_queued 1000, max_inflight 32) for the flood; max_connections N+64 for idle; log warn; gateway.io_driver {}",
+            "edgegw:    broker.limits max_inflight {MAX_INFLIGHT}, receive_maximum {MAX_INFLIGHT}, max_queued {MAX_QUEUED} (throughput); shipped defaults (max_queued 1000, max_inflight 32) for the flood; max_connections N+64 and hibernate_after {IDLE_HIBERNATE_SECS}s (default 30s) for idle; log warn; gateway.io_driver {}",
             edgegw_io_driver()
         ),
         format!(
@@ -131,7 +131,9 @@ impl Broker {
                     ),
                     Profile::Defaults => String::new(),
                     Profile::Connections(_) => {
-                        format!("  limits:\n    max_connections: {max_conn}\n")
+                        format!(
+                            "  limits:\n    max_connections: {max_conn}\n    hibernate_after: {IDLE_HIBERNATE_SECS}s\n"
+                        )
                     }
                 };
                 let pipeline = match profile {

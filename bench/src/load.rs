@@ -993,6 +993,13 @@ pub async fn run_flood(broker: &mut Broker, duration: Duration) -> Result<Flood>
     })
 }
 
+/// edgegw's `broker.limits.hibernate_after` in the idle scenario (the default is 30 s).
+pub const IDLE_HIBERNATE_SECS: u64 = 1;
+/// How long every broker idles after the last connection before its memory is read: time
+/// for edgegw's connections to hibernate and for its allocator (jemalloc, which returns
+/// freed pages over about 10 s) to give back what they freed.
+pub const IDLE_SETTLE_SECS: u64 = IDLE_HIBERNATE_SECS + 11;
+
 /// Resident memory per idle connection.
 #[derive(Clone, Debug, Default)]
 pub struct Idle {
@@ -1059,8 +1066,9 @@ pub async fn run_idle(broker: &mut Broker, n: usize) -> Result<Idle> {
         }
     }
     let connect_secs = t0.elapsed().as_secs_f64();
-    // Let the broker settle, then measure while every connection is still open.
-    sleep(Duration::from_secs(1)).await;
+    // Let the broker settle (edgegw's connections hibernate after `IDLE_HIBERNATE_SECS`
+    // without traffic), then measure while every connection is still open.
+    sleep(Duration::from_secs(IDLE_SETTLE_SECS)).await;
     let after_kib = broker.rss_kib().unwrap_or(0);
     broker.check_alive()?;
     let accepted = streams.len();
