@@ -227,3 +227,28 @@ fn mqtt_5_connections_do_not_hibernate() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(gw.metric(HIBERNATING), 1.0, "only the 3.1.1 connection");
 }
+
+#[test]
+fn a_clean_session_takeover_ends_the_hibernating_connection_at_once() {
+    let gw = gateway();
+    let mut watcher = connect(&gw, &raw::connect_v3("takeover-watcher", true, 60));
+    subscribe(&mut watcher, 1, "wills/#", 0);
+    let mut old = connect(
+        &gw,
+        &raw::connect_v3_will("device", true, 60, "wills/device", b"offline", 0, false),
+    );
+    wait_hibernating(&gw, 2.0);
+    // The device comes back (new address, same id, clean session).
+    let _new = connect(&gw, &raw::connect_v3("device", true, 60));
+    assert!(
+        old.closed_within(Duration::from_secs(3), &mut Vec::new()),
+        "the hibernating connection is closed when another takes its client id over"
+    );
+    let will = watcher.read(WAIT).expect("the old connection's will");
+    assert_eq!(
+        publish_bytes(&will),
+        ("wills/device".into(), b"offline".to_vec())
+    );
+    let connections = gw.wait_metric(V3_CONNECTIONS, WAIT, |v| v == 2.0);
+    assert_eq!(connections, 2.0, "the watcher and the new connection");
+}

@@ -37,6 +37,7 @@ pub(crate) type MakeService = Arc<dyn Fn() -> Pipeline<Io, (), ()> + Send + Sync
 /// One listener as the workers see it.
 #[derive(Clone)]
 pub(crate) struct ListenerEntry {
+    pub addr: SocketAddr,
     pub cfg: SharedCfg,
     pub make: MakeService,
     /// Keep a duplicate descriptor of each connection, for hibernation.
@@ -58,6 +59,7 @@ impl ntex_server::ServerConfiguration for Workers {
             .listeners
             .iter()
             .map(|entry| WorkerListener {
+                addr: entry.addr,
                 pipeline: (entry.make)(),
                 cfg: entry.cfg.clone(),
                 keep_descriptor: entry.keep_descriptor,
@@ -69,17 +71,25 @@ impl ntex_server::ServerConfiguration for Workers {
 }
 
 pub(crate) struct WorkerListener {
+    pub addr: SocketAddr,
     pub pipeline: Pipeline<Io, (), ()>,
     pub cfg: SharedCfg,
     pub keep_descriptor: bool,
 }
 
+/// A connection on a worker: its listener's address and its peer's.
+pub(crate) type ConnKey = (SocketAddr, SocketAddr);
+
+/// A kept descriptor: the number of the connection that owns it, its listener's index, the
+/// duplicate.
+type KeptDescriptor = (u64, usize, OwnedFd);
+
 thread_local! {
     /// This worker's listener services, for connections resumed from hibernation.
     static WORKER: RefCell<Option<Rc<[WorkerListener]>>> = const { RefCell::new(None) };
     /// Duplicates of the descriptors of this worker's plain-TCP connections (hibernation
-    /// on), by peer address, with the number of the connection that owns each.
-    static DESCRIPTORS: RefCell<HashMap<SocketAddr, (u64, usize, OwnedFd)>> = RefCell::new(HashMap::new());
+    /// on), by listener and peer address, with the number of the connection that owns each.
+    static DESCRIPTORS: RefCell<HashMap<ConnKey, KeptDescriptor>> = RefCell::new(HashMap::new());
     static NEXT_NUMBER: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
 }
 
@@ -146,17 +156,18 @@ fn serve(
         }
     };
     let number = NEXT_NUMBER.with(|n| n.replace(n.get() + 1));
+    let peer = peer.map(|peer| (listener.addr, peer));
     let resumed = match (peer, resume) {
-        (Some(peer), Some(resume)) => {
-            crate::hibernate::begin_resume(peer, number, resume);
+        (Some(key), Some(resume)) => {
+            crate::hibernate::begin_resume(key, number, resume);
             true
         }
         _ => false,
     };
     let key = match (peer, kept) {
-        (Some(peer), Some(fd)) => {
-            DESCRIPTORS.with(|map| map.borrow_mut().insert(peer, (number, index, fd)));
-            Some(peer)
+        (Some(key), Some(fd)) => {
+            DESCRIPTORS.with(|map| map.borrow_mut().insert(key, (number, index, fd)));
+            Some(key)
         }
         _ => None,
     };
@@ -187,9 +198,10 @@ fn descriptor_budget() -> u64 {
     })
 }
 
-/// Takes the kept descriptor of this worker's connection from `peer`, with the index of
-/// its listener (hibernation).
-pub(crate) fn take_descriptor(peer: SocketAddr) -> Option<(usize, OwnedFd)> {
+/// Takes the kept descriptor of this worker's connection from `peer` on the listener at
+/// `listener`, with the index of the listener (hibernation).
+pub(crate) fn take_descriptor(listener: SocketAddr, peer: SocketAddr) -> Option<(usize, OwnedFd)> {
+    let peer = (listener, peer);
     DESCRIPTORS.with(|map| {
         map.borrow_mut()
             .remove(&peer)
@@ -197,8 +209,9 @@ pub(crate) fn take_descriptor(peer: SocketAddr) -> Option<(usize, OwnedFd)> {
     })
 }
 
-/// Whether a descriptor is kept for this worker's connection from `peer`.
-pub(crate) fn has_descriptor(peer: SocketAddr) -> bool {
+/// Whether a descriptor is kept for this worker's connection from `peer` on `listener`.
+pub(crate) fn has_descriptor(listener: SocketAddr, peer: SocketAddr) -> bool {
+    let peer = (listener, peer);
     DESCRIPTORS.with(|map| map.borrow().contains_key(&peer))
 }
 

@@ -72,6 +72,9 @@ pub(crate) struct SessionSlot(Rc<SlotInner>);
 pub(crate) struct SlotInner {
     session: OnceCell<Arc<Session>>,
     reads: Cell<u32>,
+    /// When the layer last read something (the keepalive of a hibernating connection
+    /// counts from it).
+    last_read: Cell<Option<Instant>>,
 }
 
 impl std::fmt::Debug for AckFilter {
@@ -103,22 +106,17 @@ impl AckFilter {
     }
 }
 
-impl AckFilter {
-    /// Starts following the framing after `bytes`, read before the layer was added: inside
-    /// the last packet if it is incomplete. A fixed header cut short there leaves the
-    /// framing unknown: then the layer takes nothing (acks go to `AckGuard`).
-    fn follow(&self, bytes: &[u8]) {
-        let mut pos = 0;
-        while pos < bytes.len() {
-            match fixed_header(&bytes[pos..]) {
-                Ok(Some((header, remaining))) => pos += header + remaining,
-                Ok(None) | Err(()) => {
-                    self.lost.set(true);
-                    return;
-                }
-            }
-        }
-        self.skip.set(pos - bytes.len());
+/// When the connection's filter last read something (`None`: never, or no layer).
+pub(crate) fn last_read(io: &ntex::io::IoRef) -> Option<Instant> {
+    io.query::<SessionSlot>()
+        .into_inner()
+        .and_then(|slot| slot.0.last_read.get())
+}
+
+/// Carries a hibernated connection's last read over to its woken one.
+pub(crate) fn set_last_read(io: &ntex::io::IoRef, at: Option<Instant>) {
+    if let Some(slot) = io.query::<SessionSlot>().into_inner() {
+        slot.0.last_read.set(at);
     }
 }
 
@@ -171,6 +169,7 @@ impl FilterLayer for AckFilter {
     fn process_read_buf(&self, buf: &FilterBuf<'_>) -> std::io::Result<()> {
         let reads = &self.session.0.reads;
         reads.set(reads.get().wrapping_add(1));
+        self.session.0.last_read.set(Some(ntex::time::now()));
         buf.with_read_buffers(|src, dst| {
             let Some(src) = src else {
                 return;
@@ -368,15 +367,12 @@ where
         // Without `ctx.call`'s readiness check, for the same reason: `ready` above checked
         // the MQTT service, whose readiness never changes (it only forwards that of the
         // CONNECT handler, a plain function).
-        let prefill = crate::hibernate::take_prefill(&io);
+        let prefill = crate::hibernate::take_prefill(self.listener, &io);
         let filter = if prefill.is_some() {
             AckFilter::resumed()
         } else {
             AckFilter::new()
         };
-        // The transport may have read bytes before the layer is in place: it follows the
-        // packet framing from where they end.
-        io.with_read_dst(|buf| filter.follow(buf));
         let io = io.add_filter(filter);
         if let Some(prefill) = prefill {
             // The replayed CONNECT, as if read before anything the client sent: the

@@ -138,6 +138,9 @@ impl FailureReason {
 pub(crate) struct ListenerAuth {
     /// Take the user name from the client certificate's CN.
     pub identity_from_certificate: bool,
+    /// The listener's address, when its connections may hibernate (plain TCP, hibernation
+    /// on): with the peer's, it names a connection in `accept.rs` and `hibernate.rs`.
+    pub hibernate: Option<std::net::SocketAddr>,
 }
 
 /// The user name a client certificate gives, on listeners that use it.

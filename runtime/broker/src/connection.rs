@@ -454,7 +454,7 @@ impl Conn {
     /// nothing being handled, nothing to send or in flight, no bytes buffered either way.
     /// Then the worker's connection ends without closing the socket, and a task on the
     /// parking thread watches it. True when it did (the writer stops).
-    pub fn try_park(&self) -> bool {
+    pub fn try_park(&self, listener: std::net::SocketAddr) -> bool {
         if self.shared.parking.is_none() {
             return false;
         }
@@ -472,7 +472,7 @@ impl Conn {
         };
         let idle = self.protocol == Protocol::V311
             && !self.finished.get()
-            && crate::accept::has_descriptor(peer)
+            && crate::accept::has_descriptor(listener, peer)
             && self.inbound.borrow().is_empty()
             && self.inbound_waiting.get() == 0
             && self.passed_publishes.get() == 0
@@ -484,13 +484,13 @@ impl Conn {
             && self.io.read_dst_size() == 0
             && self.io.with_read_src(|buf| buf.is_empty())
             && self.io.with_write_dst(|buf| buf.is_empty())
-            && !self.io.is_closed()
+            && self.io.is_active()
             && !self.session.is_revoked(self.generation)
             && self.session.is_quiet(self.generation);
         if !idle {
             return false;
         }
-        let Some((listener, fd)) = crate::accept::take_descriptor(peer) else {
+        let Some((listener, fd)) = crate::accept::take_descriptor(listener, peer) else {
             return false;
         };
         let state = crate::hibernate::Hibernated::new(crate::hibernate::ConnState {
@@ -503,6 +503,7 @@ impl Conn {
             acl_generation: self.acl_generation.get(),
             slot: self.slot.again(),
             keep_alive: self.keep_alive,
+            last_read: crate::acks::last_read(&self.io),
         });
         // The session stays this connection's: nothing here detaches it.
         self.finished.set(true);
@@ -1105,6 +1106,8 @@ pub(crate) fn spawn_writer<O: Outbound + 'static>(
 pub(crate) struct Hibernate {
     pub conn: std::rc::Weak<Conn>,
     pub after: std::time::Duration,
+    /// The address of the connection's listener.
+    pub listener: std::net::SocketAddr,
 }
 
 /// Drains the session into the connection until either ends.
@@ -1246,8 +1249,10 @@ fn run_writer<O: Outbound>(
                     () = idle => {
                         if hibernate
                             .as_ref()
-                            .and_then(|hibernate| hibernate.conn.upgrade())
-                            .is_some_and(|conn| conn.try_park())
+                            .and_then(|hibernate| {
+                                Some((hibernate.conn.upgrade()?, hibernate.listener))
+                            })
+                            .is_some_and(|(conn, listener)| conn.try_park(listener))
                         {
                             return;
                         }

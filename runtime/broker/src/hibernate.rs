@@ -29,6 +29,7 @@ use std::{
 };
 
 use crate::{
+    accept::ConnKey,
     acl::ClientAcl,
     connection::{Shared, Slot},
     metrics::Protocol,
@@ -50,6 +51,8 @@ pub(crate) struct ConnState {
     pub acl_generation: u64,
     pub slot: Slot,
     pub keep_alive: u16,
+    /// When the client last sent anything: its keepalive counts from there.
+    pub last_read: Option<std::time::Instant>,
 }
 
 impl Hibernated {
@@ -139,12 +142,14 @@ impl ParkingLot {
         worker: ntex::rt::Handle,
         state: Hibernated,
     ) {
-        state.state().shared.router.metrics().hibernated(1);
+        let metrics = state.state().shared.router.metrics().clone();
+        metrics.hibernated(1);
         let parked = Parked {
             stream,
             listener,
             worker,
             state,
+            _counted: Counted(metrics),
         };
         self.handle.spawn(watch(parked));
     }
@@ -155,6 +160,7 @@ struct Parked {
     listener: usize,
     worker: ntex::rt::Handle,
     state: Hibernated,
+    _counted: Counted,
 }
 
 const PINGREQ: [u8; 2] = [0xc0, 0x00];
@@ -180,14 +186,19 @@ async fn answer_pings(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
     if n % 2 != 0 || !bytes.chunks(2).all(|pair| pair == PINGREQ) {
         return Ok(false);
     }
+    // Answered first: a PINGREQ is taken only once its PINGRESP is written (two bytes per
+    // PINGREQ; a socket whose send buffer is full wakes instead, the worker answers).
+    let answer = PINGRESP.repeat(n / 2);
+    match stream.try_write(&answer) {
+        Ok(written) if written == answer.len() => {}
+        Ok(0) | Err(_) => return Ok(false),
+        Ok(_) => return Err(std::io::Error::other("a PINGRESP was cut short")),
+    }
     let mut taken = [0u8; 64];
     if stream.try_read(&mut taken[..n])? != n {
-        return Ok(false);
-    }
-    let answer = PINGRESP.repeat(n / 2);
-    // Two bytes per PINGREQ into an idle socket's empty send buffer.
-    if stream.try_write(&answer)? != answer.len() {
-        return Err(std::io::Error::other("could not answer a PINGREQ"));
+        return Err(std::io::Error::other(
+            "the PINGREQs answered could not be taken",
+        ));
     }
     Ok(true)
 }
@@ -198,7 +209,8 @@ async fn watch(parked: Parked) {
         stream,
         listener,
         worker,
-        state,
+        mut state,
+        _counted,
     } = parked;
     let client_id = state.state().session.client_id.clone();
     let Ok(stream) = stream
@@ -208,13 +220,22 @@ async fn watch(parked: Parked) {
         return; // `state` ends the connection
     };
     let session = state.state().session.clone();
-    let _counted = Counted(state.state().shared.router.metrics().clone());
     let generation = state.state().generation;
     let keep_alive = state.state().keep_alive;
     // MQTT allows 1.5 × the keepalive between packets; 0 means none.
     let allowance = (keep_alive > 0)
         .then(|| Duration::from_secs(u64::from(keep_alive.saturating_add(keep_alive.div_ceil(2)))));
-    let deadline = tokio::time::sleep(allowance.unwrap_or(Duration::MAX / 4));
+    // From the client's last packet, not from when it hibernated.
+    let mut last_read = state
+        .state()
+        .last_read
+        .unwrap_or_else(std::time::Instant::now);
+    let expiry = |last_read: std::time::Instant| {
+        tokio::time::Instant::from_std(
+            last_read + allowance.unwrap_or(Duration::from_secs(86_400 * 365)),
+        )
+    };
+    let deadline = tokio::time::sleep_until(expiry(last_read));
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -224,9 +245,8 @@ async fn watch(parked: Parked) {
                 }
                 match answer_pings(&stream).await {
                     Ok(true) => {
-                        if let Some(allowance) = allowance {
-                            deadline.as_mut().reset(tokio::time::Instant::now() + allowance);
-                        }
+                        last_read = std::time::Instant::now();
+                        deadline.as_mut().reset(expiry(last_read));
                     }
                     Ok(false) => break,
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -240,6 +260,12 @@ async fn watch(parked: Parked) {
             }
             () = session.wait() => {
                 if session.needs_connection(generation) || session.is_revoked(generation) {
+                    if allowance.is_some() && tokio::time::Instant::now() >= expiry(last_read) {
+                        // Its keepalive ran out: a delivery does not revive it.
+                        tracing::info!(%client_id, keep_alive, "Closing hibernating connection: no packet within 1.5 × keepalive.");
+                        crate::metrics::BrokerMetrics::protocol_error("keepalive_timeout");
+                        return;
+                    }
                     break;
                 }
             }
@@ -254,6 +280,9 @@ async fn watch(parked: Parked) {
     let Ok(stream) = stream.into_std() else {
         return;
     };
+    if let Some(saved) = state.0.as_mut() {
+        saved.last_read = Some(last_read);
+    }
     let prefill = connect_packet(state.state());
     state.state().shared.router.metrics().woke();
     let resume = Resume {
@@ -307,17 +336,17 @@ thread_local! {
     /// Connections being resumed on this worker, by peer address, with the number of the
     /// connection serving each: the bytes to replay (taken by `WithAcks`) and the saved
     /// state (taken by the CONNECT handler).
-    static RESUMING: RefCell<HashMap<SocketAddr, (u64, Resumed)>> = RefCell::new(HashMap::new());
+    static RESUMING: RefCell<HashMap<ConnKey, (u64, Resumed)>> = RefCell::new(HashMap::new());
 }
 
 /// Connection `number` from `peer` serves `resume`.
-pub(crate) fn begin_resume(peer: SocketAddr, number: u64, resume: Resumed) {
+pub(crate) fn begin_resume(peer: ConnKey, number: u64, resume: Resumed) {
     let replaced = RESUMING.with(|map| map.borrow_mut().insert(peer, (number, resume)));
     drop(replaced);
 }
 
 /// Connection `number` from `peer` ended: a resume its CONNECT handler never took ends here.
-pub(crate) fn forget(peer: SocketAddr, number: u64) {
+pub(crate) fn forget(peer: ConnKey, number: u64) {
     let left = RESUMING.with(|map| {
         let mut map = map.borrow_mut();
         if map.get(&peer).is_some_and(|(owner, _)| *owner == number) {
@@ -335,12 +364,13 @@ fn peer_of(io: &ntex::io::IoRef) -> Option<SocketAddr> {
         .map(|peer| peer.0)
 }
 
-/// The bytes to replay into a resumed connection (empty for any other).
-pub(crate) fn take_prefill(io: &ntex::io::IoRef) -> Option<Vec<u8>> {
+/// The bytes to replay into a resumed connection on the listener at `listener` (`None` for
+/// any other connection).
+pub(crate) fn take_prefill(listener: SocketAddr, io: &ntex::io::IoRef) -> Option<Vec<u8>> {
     if RESUMING.with(|map| map.borrow().is_empty()) {
         return None;
     }
-    let peer = peer_of(io)?;
+    let peer = (listener, peer_of(io)?);
     RESUMING.with(|map| {
         map.borrow_mut()
             .get_mut(&peer)
@@ -348,12 +378,13 @@ pub(crate) fn take_prefill(io: &ntex::io::IoRef) -> Option<Vec<u8>> {
     })
 }
 
-/// The saved state of a resumed connection (for the CONNECT handler).
-pub(crate) fn take_resume(io: &ntex::io::IoRef) -> Option<Hibernated> {
+/// The saved state of a resumed connection on the listener at `listener` (for the CONNECT
+/// handler).
+pub(crate) fn take_resume(listener: SocketAddr, io: &ntex::io::IoRef) -> Option<Hibernated> {
     if RESUMING.with(|map| map.borrow().is_empty()) {
         return None;
     }
-    let peer = peer_of(io)?;
+    let peer = (listener, peer_of(io)?);
     RESUMING
         .with(|map| map.borrow_mut().remove(&peer))
         .map(|(_, resume)| resume.state)

@@ -126,10 +126,15 @@ impl Broker {
                 addr: listener.bind,
                 error,
             })?;
+            let hibernate = settings.limits.hibernate_after.is_some()
+                && settings.io_driver == crate::IoDriver::Epoll
+                && listener.tls.is_none()
+                && listener.websocket.is_none();
             let auth = ListenerAuth {
                 identity_from_certificate: listener.tls.as_ref().is_some_and(|files| {
                     files.use_identity_as_username && files.client_ca.is_some()
                 }),
+                hibernate: hibernate.then_some(addr),
             };
             sockets.push((socket, addr, tls, auth, listener.websocket.clone()));
         }
@@ -166,13 +171,12 @@ impl Broker {
         let io_driver = settings.io_driver;
         let kept = shared.clone();
 
-        let hibernate = shared.parking.is_some();
         let mut accept_sockets = Vec::new();
         let mut entries = Vec::new();
         let max_frame = websocket::max_frame_size(limits.max_packet_size);
         for (socket, addr, tls, auth, ws) in sockets {
             let cfg = service_config(&limits, ws.is_some());
-            let keep_descriptor = hibernate && tls.is_none() && ws.is_none();
+            let keep_descriptor = auth.hibernate.is_some();
             let shared = shared.clone();
             let make: MakeService = match (tls, ws) {
                 (None, None) => Arc::new(move || {
@@ -218,6 +222,7 @@ impl Broker {
                 }),
             };
             entries.push(ListenerEntry {
+                addr,
                 cfg,
                 make,
                 keep_descriptor,

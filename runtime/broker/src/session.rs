@@ -554,6 +554,7 @@ impl Session {
         let quiet = {
             let state = self.lock();
             state.generation == generation
+                && !state.ended
                 && state.queue.is_empty()
                 && state.inflight.is_empty()
                 && state.inbound_qos2.is_empty()
@@ -565,10 +566,13 @@ impl Session {
     }
 
     /// Whether a hibernating connection `generation` must wake: the session has something
-    /// to send, or belongs to another connection now.
+    /// to send, belongs to another connection now, or ended (a clean-session takeover).
     pub(crate) fn needs_connection(&self, generation: u64) -> bool {
         let state = self.lock();
-        state.generation != generation || !state.queue.is_empty() || !state.inflight.is_empty()
+        state.generation != generation
+            || state.ended
+            || !state.queue.is_empty()
+            || !state.inflight.is_empty()
     }
 
     /// Room held by the queue, the in-flight window and the packet id sets (tests).

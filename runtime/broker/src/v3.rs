@@ -31,8 +31,10 @@ pub(crate) async fn connect(
     listener: ListenerAuth,
     connect: v3::Connect,
 ) -> Result<v3::ConnectAck<ConnRef>, BrokerError> {
-    if let Some(state) = crate::hibernate::take_resume(connect.io()) {
-        return Ok(resume(shared, connect, state.into_state()));
+    if let Some(addr) = listener.hibernate
+        && let Some(state) = crate::hibernate::take_resume(addr, connect.io())
+    {
+        return Ok(resume(shared, connect, state.into_state(), addr));
     }
     let packet = connect.packet();
     let limits = shared.limits.clone();
@@ -140,7 +142,7 @@ pub(crate) async fn connect(
         usize::from(limits.max_inflight),
         conn.closed.clone(),
         shared.router.metrics().clone(),
-        hibernate(&conn),
+        hibernate(&conn, listener.hibernate),
     );
     let ack = connect
         .ack(conn, attached.session_present)
@@ -149,13 +151,15 @@ pub(crate) async fn connect(
     Ok(ack.idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2)))))
 }
 
-/// How the writer of `conn` hibernates it (hibernation on).
-fn hibernate(conn: &ConnRef) -> Option<Hibernate> {
+/// How the writer of `conn` hibernates it (hibernation on, `listener` the address of its
+/// listener when its connections may hibernate).
+fn hibernate(conn: &ConnRef, listener: Option<std::net::SocketAddr>) -> Option<Hibernate> {
     let after = conn.shared.limits.hibernate_after?;
     conn.shared.parking.as_ref()?;
     Some(Hibernate {
         conn: std::rc::Rc::downgrade(&conn.0),
         after,
+        listener: listener?,
     })
 }
 
@@ -166,6 +170,7 @@ fn resume(
     shared: Arc<Shared>,
     connect: v3::Connect,
     state: crate::hibernate::ConnState,
+    listener: std::net::SocketAddr,
 ) -> v3::ConnectAck<ConnRef> {
     let limits = shared.limits.clone();
     let keep_alive = state.keep_alive;
@@ -195,8 +200,9 @@ fn resume(
         usize::from(limits.max_inflight),
         conn.closed.clone(),
         shared.router.metrics().clone(),
-        hibernate(&conn),
+        hibernate(&conn, Some(listener)),
     );
+    crate::acks::set_last_read(connect.io(), state.last_read);
     connect
         .ack(conn, true)
         .max_send(Some(limits.max_inflight))
