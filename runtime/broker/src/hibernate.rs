@@ -6,10 +6,11 @@
 //! `hibernate_after` (nothing read, nothing to send, nothing in flight, see
 //! [`Conn::try_park`](crate::connection::Conn::try_park)) gives all of that back: its
 //! worker's connection ends without closing the socket (a duplicate of the descriptor is
-//! kept from accept, `accept.rs`), and a small task on the broker's parking thread watches
-//! the socket and the session instead ([`watch`]). It answers PINGREQs itself, and ends the
-//! connection as the worker would (will published, session detached) when the client
-//! closes it, errs, or misses its keepalive. Anything else wakes it: a delivery for the
+//! kept from accept, `accept.rs`), and the broker's parking thread watches the socket and
+//! the session instead ([`ParkingLot`]: one epoll loop over a slab of records, the session
+//! signalling through a hook rather than a task's waker). It answers PINGREQs itself, and
+//! ends the connection as the worker would (will published, session detached) when the
+//! client closes it, errs, or misses its keepalive. Anything else wakes it: a delivery for the
 //! session, a takeover or revoked login, any other bytes from the client. Waking hands the
 //! socket back to the worker that parked it, which serves it as a new connection whose
 //! first bytes are a CONNECT replayed from the saved state (then what the client sent);
@@ -21,9 +22,10 @@
 use std::{
     cell::RefCell,
     collections::HashMap,
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     sync::{Arc, Mutex},
-    task::Poll,
     thread::JoinHandle,
     time::Duration,
 };
@@ -67,6 +69,10 @@ impl Hibernated {
     fn state(&self) -> &ConnState {
         self.0.as_ref().expect("state present until taken")
     }
+
+    fn state_mut(&mut self) -> &mut ConnState {
+        self.0.as_mut().expect("state present until taken")
+    }
 }
 
 impl Drop for Hibernated {
@@ -98,38 +104,71 @@ pub(crate) fn reset_linger(stream: &TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(stream).set_linger(None)
 }
 
-/// The thread that runs the parked connections' tasks (one per broker).
+/// The thread that watches the parked connections (one per broker): one epoll loop (mio)
+/// over a slab of small records, no task or timer per connection, so that a parked
+/// connection costs little more than its session.
 pub(crate) struct ParkingLot {
-    handle: tokio::runtime::Handle,
-    stop: Mutex<Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>>,
+    shared: Arc<LotShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// What the workers and the sessions hand the parking thread.
+struct LotShared {
+    waker: mio::Waker,
+    inbox: Mutex<Inbox>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    /// Connections to watch.
+    parked: Vec<Parked>,
+    /// Records whose session signalled (slab index, stamp).
+    poked: Vec<(usize, u32)>,
+    stop: bool,
+}
+
+impl LotShared {
+    fn inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+const WAKER: mio::Token = mio::Token(usize::MAX);
+/// How often keepalives are checked: a client that missed its keepalive is closed up to
+/// this much later than 1.5 × keepalive (ntex's own timers tick once a second too).
+const SWEEP: Duration = Duration::from_secs(1);
 
 impl ParkingLot {
     pub fn start() -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let poll = mio::Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), WAKER)?;
+        let shared = Arc::new(LotShared {
+            waker,
+            inbox: Mutex::new(Inbox::default()),
+        });
+        let lot = Lot {
+            poll,
+            shared: shared.clone(),
+            records: Vec::new(),
+            free: Vec::new(),
+            next_stamp: 0,
+        };
         let thread = std::thread::Builder::new()
             .name("edgegw-parked".into())
-            .spawn(move || {
-                let _ = runtime.block_on(stopped);
-                // Dropping the runtime drops every parked connection's task, which ends
-                // the connection (`Hibernated`'s drop).
-                drop(runtime);
-            })?;
+            .spawn(move || lot.run())?;
         Ok(Self {
-            handle,
-            stop: Mutex::new(Some((stop, thread))),
+            shared,
+            thread: Mutex::new(Some(thread)),
         })
     }
 
     /// Ends every parked connection and the thread.
     pub fn stop(&self) -> Option<JoinHandle<()>> {
-        let (stop, thread) = self.stop.lock().ok()?.take()?;
-        let _ = stop.send(());
+        let thread = self.thread.lock().ok()?.take()?;
+        self.shared.inbox().stop = true;
+        let _ = self.shared.waker.wake();
         Some(thread)
     }
 
@@ -149,18 +188,241 @@ impl ParkingLot {
             listener,
             worker,
             state,
+            stamp: 0,
             _counted: Counted(metrics),
         };
-        self.handle.spawn(watch(parked));
+        let mut inbox = self.shared.inbox();
+        if inbox.stop {
+            return; // `parked` ends the connection
+        }
+        inbox.parked.push(parked);
+        drop(inbox);
+        let _ = self.shared.waker.wake();
     }
 }
 
+/// A parked connection.
 struct Parked {
     stream: TcpStream,
     listener: usize,
     worker: ntex::rt::Handle,
     state: Hibernated,
+    /// Tells this record's signals from those of an earlier one in the same slot.
+    stamp: u32,
     _counted: Counted,
+}
+
+/// The parking thread's side.
+struct Lot {
+    poll: mio::Poll,
+    shared: Arc<LotShared>,
+    /// In place, not boxed: one allocation, resident only as far as it was ever filled.
+    records: Vec<Option<Parked>>,
+    free: Vec<usize>,
+    next_stamp: u32,
+}
+
+impl Lot {
+    fn run(mut self) {
+        let mut events = mio::Events::with_capacity(256);
+        let mut next_sweep = std::time::Instant::now() + SWEEP;
+        loop {
+            let timeout = next_sweep.saturating_duration_since(std::time::Instant::now());
+            if let Err(error) = self.poll.poll(&mut events, Some(timeout))
+                && error.kind() != std::io::ErrorKind::Interrupted
+            {
+                tracing::error!(%error, "The parking thread cannot wait for its connections: ending them.");
+                break;
+            }
+            for event in &events {
+                if event.token() != WAKER {
+                    self.readable(event.token().0);
+                }
+            }
+            let (parked, poked, stop) = {
+                let mut inbox = self.shared.inbox();
+                (
+                    std::mem::take(&mut inbox.parked),
+                    std::mem::take(&mut inbox.poked),
+                    inbox.stop,
+                )
+            };
+            if stop {
+                break;
+            }
+            for parked in parked {
+                self.insert(parked);
+            }
+            for (index, stamp) in poked {
+                if self.stamp_of(index) == Some(stamp) {
+                    self.check_session(index);
+                }
+            }
+            let now = std::time::Instant::now();
+            if now >= next_sweep {
+                for index in 0..self.records.len() {
+                    if self.records[index]
+                        .as_ref()
+                        .is_some_and(|record| expired(&record.state, now))
+                    {
+                        self.expire(index);
+                    }
+                }
+                next_sweep = now + SWEEP;
+            }
+        }
+        // Dropping the records ends their connections (`Hibernated`'s drop).
+        for index in 0..self.records.len() {
+            drop(self.remove(index));
+        }
+        self.shared.inbox().stop = true;
+        let left = std::mem::take(&mut self.shared.inbox().parked);
+        drop(left);
+    }
+
+    fn stamp_of(&self, index: usize) -> Option<u32> {
+        self.records.get(index)?.as_ref().map(|record| record.stamp)
+    }
+
+    /// Starts watching `parked`.
+    fn insert(&mut self, mut parked: Parked) {
+        if parked.stream.set_nonblocking(true).is_err() {
+            return; // ends the connection
+        }
+        self.next_stamp = self.next_stamp.wrapping_add(1);
+        parked.stamp = self.next_stamp;
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.records.push(None);
+            self.records.len() - 1
+        });
+        let fd = parked.stream.as_raw_fd();
+        if let Err(error) = self.poll.registry().register(
+            &mut mio::unix::SourceFd(&fd),
+            mio::Token(index),
+            mio::Interest::READABLE,
+        ) {
+            tracing::warn!(%error, "Cannot watch a hibernating connection: ending it.");
+            self.free.push(index);
+            return;
+        }
+        let state = parked.state.state_mut();
+        if state.last_read.is_none() {
+            state.last_read = Some(std::time::Instant::now());
+        }
+        let (shared, stamp) = (self.shared.clone(), parked.stamp);
+        state.session.set_parked_hook(Some(Box::new(move || {
+            shared.inbox().poked.push((index, stamp));
+            let _ = shared.waker.wake();
+        })));
+        self.records[index] = Some(parked);
+        // Whatever happened to the session before the hook was set.
+        self.check_session(index);
+    }
+
+    /// Takes record `index` out of the slab and the poll (`None` if there is none).
+    fn remove(&mut self, index: usize) -> Option<Parked> {
+        let record = self.records.get_mut(index)?.take()?;
+        self.free.push(index);
+        let fd = record.stream.as_raw_fd();
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut mio::unix::SourceFd(&fd));
+        record.state.state().session.set_parked_hook(None);
+        Some(record)
+    }
+
+    /// The client sent something (or closed, or the socket failed).
+    fn readable(&mut self, index: usize) {
+        loop {
+            let Some(record) = self.records.get_mut(index).and_then(Option::as_mut) else {
+                return;
+            };
+            match answer_pings(&record.stream) {
+                Ok(true) => {
+                    record.state.state_mut().last_read = Some(std::time::Instant::now());
+                }
+                Ok(false) => return self.wake(index),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(error) => {
+                    if error.kind() != std::io::ErrorKind::UnexpectedEof {
+                        let client_id = &record.state.state().session.client_id;
+                        tracing::debug!(%client_id, %error, "Hibernating connection failed.");
+                    }
+                    drop(self.remove(index));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The session signalled: wake the connection if it has something to do.
+    fn check_session(&mut self, index: usize) {
+        let Some(record) = self.records.get(index).and_then(Option::as_ref) else {
+            return;
+        };
+        let state = record.state.state();
+        if !state.session.needs_connection(state.generation)
+            && !state.session.is_revoked(state.generation)
+        {
+            return;
+        }
+        if expired(&record.state, std::time::Instant::now()) {
+            // Its keepalive ran out: a delivery does not revive it.
+            self.expire(index);
+        } else {
+            self.wake(index);
+        }
+    }
+
+    fn expire(&mut self, index: usize) {
+        let Some(record) = self.remove(index) else {
+            return;
+        };
+        let state = record.state.state();
+        tracing::info!(client_id = %state.session.client_id, keep_alive = state.keep_alive, "Closing hibernating connection: no packet within 1.5 × keepalive.");
+        crate::metrics::BrokerMetrics::protocol_error("keepalive_timeout");
+    }
+
+    /// Hands the connection back to the worker that parked it.
+    fn wake(&mut self, index: usize) {
+        let Some(record) = self.remove(index) else {
+            return;
+        };
+        let Parked {
+            stream,
+            listener,
+            worker,
+            state,
+            ..
+        } = record;
+        let prefill = connect_packet(state.state());
+        state.state().shared.router.metrics().woke();
+        let resume = Resume {
+            stream,
+            listener,
+            state,
+            prefill,
+        };
+        // Dropping the handle detaches the task. A worker that stopped drops the future,
+        // and with it the connection (ended).
+        drop(worker.spawn(async move { resume.run() }));
+    }
+}
+
+/// Whether the client of `state` missed its keepalive by `now`: MQTT allows 1.5 × the
+/// keepalive between packets, counted from the client's last packet; 0 means none.
+fn expired(state: &Hibernated, now: std::time::Instant) -> bool {
+    let state = state.state();
+    let keep_alive = state.keep_alive;
+    if keep_alive == 0 {
+        return false;
+    }
+    let allowance =
+        Duration::from_secs(u64::from(keep_alive.saturating_add(keep_alive.div_ceil(2))));
+    state
+        .last_read
+        .is_some_and(|last_read| now >= last_read + allowance)
 }
 
 const PINGREQ: [u8; 2] = [0xc0, 0x00];
@@ -170,15 +432,9 @@ const PINGRESP: [u8; 2] = [0xd0, 0x00];
 /// was only whole PINGREQs, now taken and answered; `Ok(false)` when anything else is there
 /// (left in the socket for the woken connection to read); `WouldBlock` when nothing is;
 /// `UnexpectedEof` when the client closed the connection; else the socket's error.
-async fn answer_pings(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+fn answer_pings(stream: &TcpStream) -> std::io::Result<bool> {
     let mut peeked = [0u8; 64];
-    let mut buf = tokio::io::ReadBuf::new(&mut peeked);
-    // One look, without waiting: `readable` said there is something.
-    let polled = std::future::poll_fn(|cx| Poll::Ready(stream.poll_peek(cx, &mut buf))).await;
-    let n = match polled {
-        Poll::Pending => return Err(std::io::ErrorKind::WouldBlock.into()),
-        Poll::Ready(result) => result?,
-    };
+    let n = stream.peek(&mut peeked)?;
     if n == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
@@ -189,111 +445,18 @@ async fn answer_pings(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
     // Answered first: a PINGREQ is taken only once its PINGRESP is written (two bytes per
     // PINGREQ; a socket whose send buffer is full wakes instead, the worker answers).
     let answer = PINGRESP.repeat(n / 2);
-    match stream.try_write(&answer) {
+    match (&*stream).write(&answer) {
         Ok(written) if written == answer.len() => {}
         Ok(0) | Err(_) => return Ok(false),
         Ok(_) => return Err(std::io::Error::other("a PINGRESP was cut short")),
     }
     let mut taken = [0u8; 64];
-    if stream.try_read(&mut taken[..n])? != n {
+    if (&*stream).read(&mut taken[..n])? != n {
         return Err(std::io::Error::other(
             "the PINGREQs answered could not be taken",
         ));
     }
     Ok(true)
-}
-
-/// Watches a parked connection until it ends or wakes.
-async fn watch(parked: Parked) {
-    let Parked {
-        stream,
-        listener,
-        worker,
-        mut state,
-        _counted,
-    } = parked;
-    let client_id = state.state().session.client_id.clone();
-    let Ok(stream) = stream
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::TcpStream::from_std(stream))
-    else {
-        return; // `state` ends the connection
-    };
-    let session = state.state().session.clone();
-    let generation = state.state().generation;
-    let keep_alive = state.state().keep_alive;
-    // MQTT allows 1.5 × the keepalive between packets; 0 means none.
-    let allowance = (keep_alive > 0)
-        .then(|| Duration::from_secs(u64::from(keep_alive.saturating_add(keep_alive.div_ceil(2)))));
-    // From the client's last packet, not from when it hibernated.
-    let mut last_read = state
-        .state()
-        .last_read
-        .unwrap_or_else(std::time::Instant::now);
-    let expiry = |last_read: std::time::Instant| {
-        tokio::time::Instant::from_std(
-            last_read + allowance.unwrap_or(Duration::from_secs(86_400 * 365)),
-        )
-    };
-    let deadline = tokio::time::sleep_until(expiry(last_read));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    return;
-                }
-                match answer_pings(&stream).await {
-                    Ok(true) => {
-                        last_read = std::time::Instant::now();
-                        deadline.as_mut().reset(expiry(last_read));
-                    }
-                    Ok(false) => break,
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(error) => {
-                        if error.kind() != std::io::ErrorKind::UnexpectedEof {
-                            tracing::debug!(%client_id, %error, "Hibernating connection failed.");
-                        }
-                        return;
-                    }
-                }
-            }
-            () = session.wait() => {
-                if session.needs_connection(generation) || session.is_revoked(generation) {
-                    if allowance.is_some() && tokio::time::Instant::now() >= expiry(last_read) {
-                        // Its keepalive ran out: a delivery does not revive it.
-                        tracing::info!(%client_id, keep_alive, "Closing hibernating connection: no packet within 1.5 × keepalive.");
-                        crate::metrics::BrokerMetrics::protocol_error("keepalive_timeout");
-                        return;
-                    }
-                    break;
-                }
-            }
-            () = &mut deadline, if allowance.is_some() => {
-                tracing::info!(%client_id, keep_alive, "Closing hibernating connection: no packet within 1.5 × keepalive.");
-                crate::metrics::BrokerMetrics::protocol_error("keepalive_timeout");
-                return;
-            }
-        }
-    }
-    // Wake: back to the worker that parked it.
-    let Ok(stream) = stream.into_std() else {
-        return;
-    };
-    if let Some(saved) = state.0.as_mut() {
-        saved.last_read = Some(last_read);
-    }
-    let prefill = connect_packet(state.state());
-    state.state().shared.router.metrics().woke();
-    let resume = Resume {
-        stream,
-        listener,
-        state,
-        prefill,
-    };
-    // Dropping the handle detaches the task. A worker that stopped drops the future, and with
-    // it the connection (ended).
-    drop(worker.spawn(async move { resume.run() }));
 }
 
 /// Counts a parked connection in `edgegw_broker_hibernating_connections` while it lives.

@@ -9,7 +9,7 @@ use std::{
     collections::{HashSet, VecDeque},
     num::NonZeroU16,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
@@ -195,9 +195,17 @@ pub struct Session {
     /// atomic, so the connection checks it on every PUBLISH without taking the lock.
     revoked: AtomicU64,
     revoked_notify: Notify,
+    /// Whether `parked` is set: checked without the lock on every wake.
+    has_parked: AtomicBool,
+    /// Called, as well as `notify`, while the owning connection hibernates (set by the
+    /// parking thread, which owns no task to notify).
+    parked: Mutex<Option<ParkedHook>>,
     metrics: Arc<BrokerMetrics>,
     persistence: Option<Persistence>,
 }
+
+/// What wakes a hibernating connection's watcher (see [`Session::set_parked_hook`]).
+pub(crate) type ParkedHook = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -228,6 +236,8 @@ impl Session {
             notify: Notify::new(),
             revoked: AtomicU64::new(0),
             revoked_notify: Notify::new(),
+            has_parked: AtomicBool::new(false),
+            parked: Mutex::new(None),
             metrics,
             persistence,
         }
@@ -292,6 +302,7 @@ impl Session {
         let (ticket, wake) = self.enqueue_quietly(delivery)?;
         if wake {
             self.notify.notify_one();
+            self.poke_parked();
         }
         Ok(ticket)
     }
@@ -366,6 +377,7 @@ impl Session {
         // Wake the previous owner so it notices the takeover.
         self.notify.notify_waiters();
         self.notify.notify_one();
+        self.poke_parked();
         generation
     }
 
@@ -419,6 +431,7 @@ impl Session {
         self.notify.notify_waiters();
         self.notify.notify_one();
         self.revoked_notify.notify_waiters();
+        self.poke_parked();
         true
     }
 
@@ -494,6 +507,7 @@ impl Session {
         self.metrics.queued.decrement(discarded as f64);
         self.notify.notify_waiters();
         self.notify.notify_one();
+        self.poke_parked();
         subscriptions
     }
 
@@ -524,6 +538,30 @@ impl Session {
     /// PINGRESP).
     pub fn wake(&self) {
         self.notify.notify_one();
+        self.poke_parked();
+    }
+
+    /// Sets (or clears) what is called whenever the owning connection would be woken while
+    /// it hibernates. Whoever sets it checks the session after (see
+    /// [`Session::needs_connection`]): a change made before is not signalled. (Changes are
+    /// made under the state lock and signalled after it, so one made after that check sees
+    /// the hook.)
+    pub(crate) fn set_parked_hook(&self, hook: Option<ParkedHook>) {
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        self.has_parked.store(hook.is_some(), Ordering::Release);
+        *parked = hook;
+    }
+
+    fn poke_parked(&self) {
+        if self.has_parked.load(Ordering::Acquire)
+            && let Some(hook) = self
+                .parked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+        {
+            hook();
+        }
     }
 
     /// Gives back the room of the session's empty queues and packet id sets. They keep
