@@ -2,14 +2,14 @@
 //! builder: that builder turns each accepted socket into an ntex `Io` inside the worker and
 //! never gives its descriptor out, and hibernation (`hibernate.rs`) needs it. Here one thread
 //! per listener accepts, ntex's worker pool picks the worker (`Server::process`), and the
-//! worker's service makes the `Io` itself, keeping a duplicate of the descriptor of each
-//! plain-TCP MQTT connection when hibernation is on ([`take_descriptor`]).
+//! worker's service makes the `Io` itself, noting the descriptor of each plain-TCP MQTT
+//! connection when hibernation is on ([`take_descriptor`]).
 
 use std::{
     cell::RefCell,
     collections::HashMap,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     rc::Rc,
     sync::{
         Arc,
@@ -40,7 +40,7 @@ pub(crate) struct ListenerEntry {
     pub addr: SocketAddr,
     pub cfg: SharedCfg,
     pub make: MakeService,
-    /// Keep a duplicate descriptor of each connection, for hibernation.
+    /// Note the descriptor of each connection, for hibernation.
     pub keep_descriptor: bool,
 }
 
@@ -80,15 +80,15 @@ pub(crate) struct WorkerListener {
 /// A connection on a worker: its listener's address and its peer's.
 pub(crate) type ConnKey = (SocketAddr, SocketAddr);
 
-/// A kept descriptor: the number of the connection that owns it, its listener's index, the
-/// duplicate.
-type KeptDescriptor = (u64, usize, OwnedFd);
+/// A connection's descriptor: the number of the connection, its listener's index, the
+/// descriptor (ntex's, open as long as the connection is).
+type KeptDescriptor = (u64, usize, RawFd);
 
 thread_local! {
     /// This worker's listener services, for connections resumed from hibernation.
     static WORKER: RefCell<Option<Rc<[WorkerListener]>>> = const { RefCell::new(None) };
-    /// Duplicates of the descriptors of this worker's plain-TCP connections (hibernation
-    /// on), by listener and peer address, with the number of the connection that owns each.
+    /// The descriptors of this worker's plain-TCP connections (hibernation on), by listener
+    /// and peer address, with the number of the connection that owns each.
     static DESCRIPTORS: RefCell<HashMap<ConnKey, KeptDescriptor>> = RefCell::new(HashMap::new());
     static NEXT_NUMBER: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
 }
@@ -136,18 +136,8 @@ fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
-    // A connection that may hibernate holds two descriptors while awake (ntex's and this
-    // duplicate). Past half the open-file limit new connections keep none (they do not
-    // hibernate): the rest of the limit stays for connections.
-    let kept = if listener.keep_descriptor {
-        stream
-            .try_clone()
-            .ok()
-            .filter(|copy| u64::try_from(copy.as_raw_fd()).is_ok_and(|fd| fd < descriptor_budget()))
-            .map(OwnedFd::from)
-    } else {
-        None
-    };
+    // Only its number: the connection takes a duplicate when it hibernates.
+    let kept = listener.keep_descriptor.then(|| stream.as_raw_fd());
     let io = match ntex::rt::from_tcp_stream(stream, listener.cfg.clone()) {
         Ok(io) => io,
         Err(error) => {
@@ -188,25 +178,62 @@ fn serve(
     });
 }
 
-/// Descriptor numbers below which a connection keeps a duplicate for hibernation: half the
-/// open-file limit (Linux hands out the lowest free number, so the number tells how many
-/// are open).
-fn descriptor_budget() -> u64 {
-    static BUDGET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *BUDGET.get_or_init(|| {
-        rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft) / 2
-    })
+/// A duplicate of the descriptor of this worker's connection from `peer` on the listener at
+/// `listener`, with the index of the listener (hibernation). Its worker calls this while the
+/// connection is open, so the descriptor noted at accept is still its socket; the duplicate's
+/// addresses are checked all the same.
+pub(crate) fn take_descriptor(listener: SocketAddr, peer: SocketAddr) -> Option<(usize, OwnedFd)> {
+    let key = (listener, peer);
+    let (_, index, fd) = DESCRIPTORS.with(|map| map.borrow_mut().remove(&key))?;
+    let copy = match duplicate(fd) {
+        Ok(copy) => copy,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot duplicate a connection's descriptor: it does not hibernate.");
+            return None;
+        }
+    };
+    let socket = socket2::SockRef::from(&copy);
+    let same = socket
+        .peer_addr()
+        .ok()
+        .and_then(|addr| addr.as_socket())
+        .is_some_and(|addr| addr == peer)
+        && socket
+            .local_addr()
+            .ok()
+            .and_then(|addr| addr.as_socket())
+            .is_some_and(|addr| addr.port() == listener.port());
+    same.then_some((index, copy))
 }
 
-/// Takes the kept descriptor of this worker's connection from `peer` on the listener at
-/// `listener`, with the index of the listener (hibernation).
-pub(crate) fn take_descriptor(listener: SocketAddr, peer: SocketAddr) -> Option<(usize, OwnedFd)> {
-    let peer = (listener, peer);
-    DESCRIPTORS.with(|map| {
-        map.borrow_mut()
-            .remove(&peer)
-            .map(|(_, listener, fd)| (listener, fd))
-    })
+/// This process, as a pidfd (`None` where the kernel has none: before Linux 5.3).
+fn own_pidfd() -> Option<&'static OwnedFd> {
+    static PIDFD: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    PIDFD
+        .get_or_init(|| {
+            rustix::process::pidfd_open(
+                rustix::process::getpid(),
+                rustix::process::PidfdFlags::empty(),
+            )
+            .ok()
+        })
+        .as_ref()
+}
+
+/// A new descriptor for the open socket `fd` of this process (`pidfd_getfd`, Linux 5.6:
+/// the safe way to duplicate a descriptor known only by number; the workspace forbids
+/// `unsafe`).
+fn duplicate(fd: RawFd) -> std::io::Result<OwnedFd> {
+    let pidfd = own_pidfd().ok_or_else(|| std::io::Error::other("no pidfd for this process"))?;
+    rustix::process::pidfd_getfd(pidfd.as_fd(), fd, rustix::process::PidfdGetfdFlags::empty())
+        .map_err(std::io::Error::from)
+}
+
+/// Whether this kernel lets the broker duplicate its connections' descriptors (hibernation
+/// needs it): tried on the pidfd itself.
+pub(crate) fn can_duplicate() -> std::io::Result<()> {
+    let pidfd = own_pidfd().ok_or_else(|| std::io::Error::other("no pidfd for this process"))?;
+    duplicate(pidfd.as_raw_fd()).map(drop)
 }
 
 /// Whether a descriptor is kept for this worker's connection from `peer` on `listener`.

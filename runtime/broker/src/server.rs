@@ -155,7 +155,18 @@ impl Broker {
         // differs and is not supported).
         let parking = match settings.limits.hibernate_after {
             Some(_) if settings.io_driver == crate::IoDriver::Epoll => {
-                Some(crate::hibernate::ParkingLot::start().map_err(BrokerError::Thread)?)
+                match crate::accept::can_duplicate() {
+                    Ok(()) => {
+                        Some(crate::hibernate::ParkingLot::start().map_err(BrokerError::Thread)?)
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            %error,
+                            "Idle connections cannot hibernate here (broker.limits.hibernate_after): it needs Linux 5.6 or later (pidfd_getfd), not blocked by a seccomp filter."
+                        );
+                        None
+                    }
+                }
             }
             _ => None,
         };

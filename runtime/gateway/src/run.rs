@@ -116,10 +116,7 @@ async fn serve(
         "{}",
         config.summary()
     );
-    raise_file_limit(
-        config.broker.limits.max_connections,
-        !config.broker.limits.hibernate_after.as_std().is_zero(),
-    );
+    raise_file_limit(config.broker.limits.max_connections);
     let telemetry = edgegw_telemetry::Telemetry::install().context("cannot set up metrics")?;
     std::fs::create_dir_all(&config.gateway.data_dir).with_context(|| {
         format!(
@@ -416,9 +413,7 @@ fn uplink_settings(
 
 /// Each connection is a file descriptor: raise the soft limit to the hard one so
 /// `max_connections` can be reached, and say so when even that is too low.
-/// A connection that may hibernate holds two while awake; only those opened while fewer than
-/// half the limit are in use do.
-fn raise_file_limit(max_connections: u32, hibernate: bool) {
+fn raise_file_limit(max_connections: u32) {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => {
             // Listeners, the state file, metrics and logs need some descriptors too.
@@ -428,12 +423,6 @@ fn raise_file_limit(max_connections: u32, hibernate: bool) {
                     limit,
                     max_connections,
                     "Open-file limit is below broker.limits.max_connections; raise LimitNOFILE (systemd) or ulimit -n."
-                );
-            } else if hibernate && limit < 2 * needed {
-                tracing::info!(
-                    limit,
-                    max_connections,
-                    "Open-file limit is below twice broker.limits.max_connections: connections opened while more than half of it is in use do not hibernate; raise LimitNOFILE (systemd) or ulimit -n."
                 );
             } else {
                 tracing::debug!(limit, "Open-file limit.");
