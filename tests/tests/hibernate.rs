@@ -252,3 +252,54 @@ fn a_clean_session_takeover_ends_the_hibernating_connection_at_once() {
     let connections = gw.wait_metric(V3_CONNECTIONS, WAIT, |v| v == 2.0);
     assert_eq!(connections, 2.0, "the watcher and the new connection");
 }
+
+/// Descriptors the gateway process has open.
+fn open_descriptors(gw: &Gateway) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+        .expect("the gateway's /proc/PID/fd")
+        .count()
+}
+
+#[test]
+fn connections_opened_at_once_hold_one_descriptor_each_and_all_hibernate() {
+    const N: usize = 200;
+    // Slack for descriptors the gateway opens meanwhile (a metrics scrape, a log file).
+    const SLACK: usize = 16;
+    let gw = Gateway::start_with("  limits:\n    hibernate_after: 3s\n", "");
+    // Settled: the gateway's own descriptors (state file, listeners, threads' pollers).
+    std::thread::sleep(QUIET);
+    let base = open_descriptors(&gw);
+    let clients: Vec<Raw> = (0..N)
+        .map(|i| connect(&gw, &raw::connect_v3(&format!("many-{i}"), true, 60)))
+        .collect();
+    // Awake, each connection has one descriptor: none is duplicated until it hibernates.
+    let awake = open_descriptors(&gw);
+    assert!(
+        awake <= base + N + SLACK,
+        "{awake} descriptors with {N} awake connections (before: {base})"
+    );
+    // Every one hibernates, however many were awake at once, still with one each.
+    let value = gw.wait_metric(HIBERNATING, WAIT + Duration::from_secs(5), |v| {
+        v == N as f64
+    });
+    assert_eq!(value, N as f64, "hibernating connections");
+    let parked = open_descriptors(&gw);
+    assert!(
+        parked <= base + N + SLACK,
+        "{parked} descriptors with {N} hibernating connections (before: {base})"
+    );
+    // Closed by their clients: the hibernating connections end and let go of their sockets.
+    drop(clients);
+    let value = gw.wait_metric(V3_CONNECTIONS, WAIT, |v| v == 0.0);
+    assert_eq!(value, 0.0, "connections after the clients closed");
+    assert_eq!(gw.metric(HIBERNATING), 0.0);
+    let deadline = Instant::now() + WAIT;
+    while open_descriptors(&gw) > base + SLACK && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = open_descriptors(&gw);
+    assert!(
+        after <= base + SLACK,
+        "{after} descriptors after every client closed (before: {base})"
+    );
+}

@@ -452,8 +452,9 @@ impl Conn {
     /// Hibernates the connection if it has had nothing to do since the last call (MQTT
     /// 3.1.1 on a plain TCP listener with hibernation on; see `hibernate.rs`): nothing read,
     /// nothing being handled, nothing to send or in flight, no bytes buffered either way.
-    /// Then the worker's connection ends without closing the socket, and a task on the
-    /// parking thread watches it. True when it did (the writer stops).
+    /// Then the worker's connection ends without closing the socket (a duplicate of its
+    /// descriptor keeps it open), and the parking thread watches it. True when it did (the
+    /// writer stops).
     pub fn try_park(&self, listener: std::net::SocketAddr) -> bool {
         if self.shared.parking.is_none() {
             return false;
