@@ -560,18 +560,8 @@ fn connect_packet(state: &ConnState) -> Vec<u8> {
     let remaining = 10 + 2 + client_id.len();
     let mut packet = Vec::with_capacity(remaining + 5);
     packet.push(0x10);
-    let mut length = remaining;
-    loop {
-        let mut byte = (length % 128) as u8;
-        length /= 128;
-        if length > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if length == 0 {
-            break;
-        }
-    }
+    let (length, n) = crate::v3::remaining_length(remaining);
+    packet.extend_from_slice(&length[..n]);
     packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02]);
     packet.extend_from_slice(&state.keep_alive.to_be_bytes());
     packet.extend_from_slice(&(client_id.len() as u16).to_be_bytes());

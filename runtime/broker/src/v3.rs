@@ -131,24 +131,43 @@ pub(crate) async fn connect(
         keep_alive,
         "Client connected."
     );
+    Ok(start(
+        connect,
+        conn,
+        attached.session_present,
+        keep_alive,
+        listener.hibernate,
+    ))
+}
+
+/// Starts connection `conn` (a new one or one woken from hibernation): its writer, and the
+/// CONNACK with the in-flight limit and the keepalive's idle timeout.
+fn start(
+    connect: v3::Connect,
+    conn: ConnRef,
+    session_present: bool,
+    keep_alive: u16,
+    listener: Option<std::net::SocketAddr>,
+) -> v3::ConnectAck<ConnRef> {
+    let max_inflight = conn.shared.limits.max_inflight;
     let out = Sink {
         sink: connect.sink(),
         io: connect.io().get_ref(),
     };
     spawn_writer(
         out,
-        attached.session.clone(),
-        attached.generation,
-        usize::from(limits.max_inflight),
+        conn.session.clone(),
+        conn.generation,
+        usize::from(max_inflight),
         conn.closed.clone(),
-        shared.router.metrics().clone(),
-        hibernate(&conn, listener.hibernate),
+        conn.shared.router.metrics().clone(),
+        hibernate(&conn, listener),
     );
     let ack = connect
-        .ack(conn, attached.session_present)
-        .max_send(Some(limits.max_inflight));
+        .ack(conn, session_present)
+        .max_send(Some(max_inflight));
     // Disconnect after 1.5x the keepalive; 0 means none.
-    Ok(ack.idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2)))))
+    ack.idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2))))
 }
 
 /// How the writer of `conn` hibernates it (hibernation on, `listener` the address of its
@@ -172,7 +191,6 @@ fn resume(
     state: crate::hibernate::ConnState,
     listener: std::net::SocketAddr,
 ) -> v3::ConnectAck<ConnRef> {
-    let limits = shared.limits.clone();
     let keep_alive = state.keep_alive;
     let conn = ConnRef(std::rc::Rc::new(Conn::new(
         shared.clone(),
@@ -189,24 +207,8 @@ fn resume(
         true,
     )));
     tracing::debug!(client_id = %state.session.client_id, "Connection wakes from hibernation.");
-    let out = Sink {
-        sink: connect.sink(),
-        io: connect.io().get_ref(),
-    };
-    spawn_writer(
-        out,
-        state.session.clone(),
-        state.generation,
-        usize::from(limits.max_inflight),
-        conn.closed.clone(),
-        shared.router.metrics().clone(),
-        hibernate(&conn, Some(listener)),
-    );
     crate::acks::set_last_read(connect.io(), state.last_read);
-    connect
-        .ack(conn, true)
-        .max_send(Some(limits.max_inflight))
-        .idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2))))
+    start(connect, conn, true, keep_alive, Some(listener))
 }
 
 /// A PUBLISH: handled at once when it can be (see [`Handled`]), else in a boxed future.
@@ -668,17 +670,9 @@ fn encode_publish(buf: &mut ntex_bytes::BytePages, outgoing: &Outgoing) -> bool 
         | (u8::from(outgoing.dup) << 3)
         | (delivery.qos.as_u8() << 1)
         | u8::from(delivery.retain);
-    let mut n = 1;
-    let mut left = remaining;
-    loop {
-        let byte = (left % 128) as u8;
-        left /= 128;
-        header[n] = if left > 0 { byte | 0x80 } else { byte };
-        n += 1;
-        if left == 0 {
-            break;
-        }
-    }
+    let (length, k) = remaining_length(remaining);
+    header[1..1 + k].copy_from_slice(&length[..k]);
+    let n = 1 + k;
     header[n..n + 2].copy_from_slice(&topic_len.to_be_bytes());
     buf.put_slice(&header[..n + 2]);
     buf.put_slice(topic);
@@ -727,6 +721,24 @@ impl Outbound for Sink {
     }
 }
 
+/// MQTT's variable-length "remaining length" of a packet: its bytes (seven bits each, the
+/// top bit set on all but the last) and how many of them there are (1 to 4 for lengths up
+/// to `MAX_REMAINING`).
+#[inline]
+pub(crate) fn remaining_length(mut len: usize) -> ([u8; 4], usize) {
+    let mut bytes = [0u8; 4];
+    let mut n = 0;
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        bytes[n] = if len > 0 { byte | 0x80 } else { byte };
+        n += 1;
+        if len == 0 || n == bytes.len() {
+            return (bytes, n);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{num::NonZeroU16, sync::Arc};
@@ -772,6 +784,22 @@ mod tests {
             )
             .unwrap();
         buf.freeze().to_vec()
+    }
+
+    #[test]
+    fn remaining_length_uses_seven_bits_per_byte() {
+        let cases: [(usize, &[u8]); 6] = [
+            (0, &[0x00]),
+            (127, &[0x7f]),
+            (128, &[0x80, 0x01]),
+            (16_383, &[0xff, 0x7f]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (MAX_REMAINING, &[0xff, 0xff, 0xff, 0x7f]),
+        ];
+        for (len, want) in cases {
+            let (bytes, n) = remaining_length(len);
+            assert_eq!(&bytes[..n], want, "{len}");
+        }
     }
 
     #[test]
