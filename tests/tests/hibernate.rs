@@ -303,3 +303,33 @@ fn connections_opened_at_once_hold_one_descriptor_each_and_all_hibernate() {
         "{after} descriptors after every client closed (before: {base})"
     );
 }
+
+#[test]
+fn a_flood_of_pingreqs_to_a_hibernating_connection_wakes_it_and_each_is_answered() {
+    // The parking thread answers at most a few rounds of PINGREQs per event, then hands the
+    // connection to its worker, so one client cannot keep it from the other connections.
+    const PINGS: usize = 2_000;
+    let gw = gateway();
+    let mut pinger = connect(&gw, &raw::connect_v3("pinger", true, 30));
+    let mut sub = connect(&gw, &raw::connect_v3("bystander", true, 30));
+    subscribe(&mut sub, 1, "b/#", 0);
+    wait_hibernating(&gw, 2.0);
+    let flood: Vec<u8> = (0..PINGS).flat_map(|_| raw::pingreq()).collect();
+    pinger.send(&flood);
+    for i in 0..PINGS {
+        let pong = pinger
+            .read(WAIT)
+            .unwrap_or_else(|| panic!("PINGRESP {i} of {PINGS}"));
+        assert_eq!(pong.kind(), raw::PINGRESP, "answer {i}");
+    }
+    assert!(pinger.read(QUIET).is_none(), "nothing but the PINGRESPs");
+    assert!(
+        gw.metric(WAKES) >= 1.0,
+        "the flood was handed to the worker"
+    );
+    // The other hibernating connection still gets its deliveries.
+    let mut publisher = connect(&gw, &raw::connect_v3("b-pub", true, 30));
+    publisher.send(&raw::publish_v3("b/1", 0, 0, false, b"still here"));
+    let delivered = sub.read(WAIT).expect("delivery to the bystander");
+    assert_eq!(publish_bytes(&delivered).1, b"still here".to_vec());
+}

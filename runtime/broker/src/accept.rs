@@ -184,11 +184,13 @@ fn serve(
 /// addresses are checked all the same.
 pub(crate) fn take_descriptor(listener: SocketAddr, peer: SocketAddr) -> Option<(usize, OwnedFd)> {
     let key = (listener, peer);
-    let (_, index, fd) = DESCRIPTORS.with(|map| map.borrow_mut().remove(&key))?;
+    let (number, index, fd) = DESCRIPTORS.with(|map| map.borrow_mut().remove(&key))?;
     let copy = match duplicate(fd) {
         Ok(copy) => copy,
         Err(error) => {
-            tracing::warn!(%error, "Cannot duplicate a connection's descriptor: it does not hibernate.");
+            // Out of descriptors, say: it stays awake and tries again when it next idles.
+            tracing::debug!(%error, "Cannot duplicate a connection's descriptor: it does not hibernate now.");
+            DESCRIPTORS.with(|map| map.borrow_mut().insert(key, (number, index, fd)));
             return None;
         }
     };

@@ -5,8 +5,8 @@
 //! tasks), most of it ntex's own. A connection that has had nothing to do for
 //! `hibernate_after` (nothing read, nothing to send, nothing in flight, see
 //! [`Conn::try_park`](crate::connection::Conn::try_park)) gives all of that back: its
-//! worker's connection ends without closing the socket (a duplicate of the descriptor is
-//! kept from accept, `accept.rs`), and the broker's parking thread watches the socket and
+//! worker's connection ends without closing the socket (a duplicate of the descriptor, taken
+//! as it parks, keeps it open: `accept.rs`), and the broker's parking thread watches the socket and
 //! the session instead ([`ParkingLot`]: one epoll loop over a slab of records, the session
 //! signalling through a hook rather than a task's waker). It answers PINGREQs itself, and
 //! ends the connection as the worker would (will published, session detached) when the
@@ -112,6 +112,14 @@ pub(crate) struct ParkingLot {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl Drop for ParkingLot {
+    /// A broker dropped without [`Broker::stop`](crate::Broker::stop) (or one that failed to
+    /// start) does not leave the thread behind.
+    fn drop(&mut self) {
+        drop(self.stop());
+    }
+}
+
 /// What the workers and the sessions hand the parking thread.
 struct LotShared {
     waker: mio::Waker,
@@ -123,7 +131,7 @@ struct Inbox {
     /// Connections to watch.
     parked: Vec<Parked>,
     /// Records whose session signalled (slab index, stamp).
-    poked: Vec<(usize, u32)>,
+    poked: Vec<(usize, u64)>,
     stop: bool,
 }
 
@@ -136,6 +144,8 @@ impl LotShared {
 }
 
 const WAKER: mio::Token = mio::Token(usize::MAX);
+/// PINGREQs answered for one readiness event of one connection before it is woken instead.
+const PINGS_PER_EVENT: usize = 16;
 /// How often keepalives are checked: a client that missed its keepalive is closed up to
 /// this much later than 1.5 × keepalive (ntex's own timers tick once a second too).
 const SWEEP: Duration = Duration::from_secs(1);
@@ -152,7 +162,7 @@ impl ParkingLot {
             poll,
             shared: shared.clone(),
             records: Vec::new(),
-            free: Vec::new(),
+            free: std::collections::BinaryHeap::new(),
             next_stamp: 0,
         };
         let thread = std::thread::Builder::new()
@@ -207,8 +217,9 @@ struct Parked {
     listener: usize,
     worker: ntex::rt::Handle,
     state: Hibernated,
-    /// Tells this record's signals from those of an earlier one in the same slot.
-    stamp: u32,
+    /// Tells this record's signals from those of an earlier one in the same slot, and its
+    /// session hook from a later record's for the same session.
+    stamp: u64,
     _counted: Counted,
 }
 
@@ -218,8 +229,10 @@ struct Lot {
     shared: Arc<LotShared>,
     /// In place, not boxed: one allocation, resident only as far as it was ever filled.
     records: Vec<Option<Parked>>,
-    free: Vec<usize>,
-    next_stamp: u32,
+    /// Free slots, lowest first: records stay at the front, and the tail of the slab can
+    /// be given back when connections leave (see [`Lot::compact`]).
+    free: std::collections::BinaryHeap<std::cmp::Reverse<usize>>,
+    next_stamp: u64,
 }
 
 impl Lot {
@@ -268,6 +281,7 @@ impl Lot {
                         self.expire(index);
                     }
                 }
+                self.compact();
                 next_sweep = now + SWEEP;
             }
         }
@@ -280,7 +294,7 @@ impl Lot {
         drop(left);
     }
 
-    fn stamp_of(&self, index: usize) -> Option<u32> {
+    fn stamp_of(&self, index: usize) -> Option<u64> {
         self.records.get(index)?.as_ref().map(|record| record.stamp)
     }
 
@@ -289,9 +303,9 @@ impl Lot {
         if parked.stream.set_nonblocking(true).is_err() {
             return; // ends the connection
         }
-        self.next_stamp = self.next_stamp.wrapping_add(1);
+        self.next_stamp += 1;
         parked.stamp = self.next_stamp;
-        let index = self.free.pop().unwrap_or_else(|| {
+        let index = self.free.pop().map(|slot| slot.0).unwrap_or_else(|| {
             self.records.push(None);
             self.records.len() - 1
         });
@@ -302,7 +316,7 @@ impl Lot {
             mio::Interest::READABLE,
         ) {
             tracing::warn!(%error, "Cannot watch a hibernating connection: ending it.");
-            self.free.push(index);
+            self.free.push(std::cmp::Reverse(index));
             return;
         }
         let state = parked.state.state_mut();
@@ -310,10 +324,13 @@ impl Lot {
             state.last_read = Some(std::time::Instant::now());
         }
         let (shared, stamp) = (self.shared.clone(), parked.stamp);
-        state.session.set_parked_hook(Some(Box::new(move || {
-            shared.inbox().poked.push((index, stamp));
-            let _ = shared.waker.wake();
-        })));
+        state.session.set_parked_hook(
+            stamp,
+            Box::new(move || {
+                shared.inbox().poked.push((index, stamp));
+                let _ = shared.waker.wake();
+            }),
+        );
         self.records[index] = Some(parked);
         // Whatever happened to the session before the hook was set.
         self.check_session(index);
@@ -322,19 +339,41 @@ impl Lot {
     /// Takes record `index` out of the slab and the poll (`None` if there is none).
     fn remove(&mut self, index: usize) -> Option<Parked> {
         let record = self.records.get_mut(index)?.take()?;
-        self.free.push(index);
+        self.free.push(std::cmp::Reverse(index));
         let fd = record.stream.as_raw_fd();
         let _ = self
             .poll
             .registry()
             .deregister(&mut mio::unix::SourceFd(&fd));
-        record.state.state().session.set_parked_hook(None);
+        // Only its own: a later connection of the session may have parked meanwhile.
+        record.state.state().session.clear_parked_hook(record.stamp);
         Some(record)
     }
 
-    /// The client sent something (or closed, or the socket failed).
+    /// Gives back the tail of the slab that no record uses any more (free slots are
+    /// reused lowest first, so records gather at the front).
+    fn compact(&mut self) {
+        let used = self
+            .records
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(0, |last| last + 1);
+        if used == self.records.len() {
+            return;
+        }
+        self.records.truncate(used);
+        self.free.retain(|slot| slot.0 < used);
+        if self.records.capacity() > 2 * used + 64 {
+            self.records.shrink_to(used + used / 2);
+            self.free.shrink_to(used / 2);
+        }
+    }
+
+    /// The client sent something (or closed, or the socket failed). A client that keeps
+    /// sending PINGREQs wakes after `PINGS_PER_EVENT` of them: the worker answers it, and the
+    /// other parked connections are not kept waiting.
     fn readable(&mut self, index: usize) {
-        loop {
+        for _ in 0..PINGS_PER_EVENT {
             let Some(record) = self.records.get_mut(index).and_then(Option::as_mut) else {
                 return;
             };
@@ -354,6 +393,7 @@ impl Lot {
                 }
             }
         }
+        self.wake(index);
     }
 
     /// The session signalled: wake the connection if it has something to do.

@@ -199,7 +199,7 @@ pub struct Session {
     has_parked: AtomicBool,
     /// Called, as well as `notify`, while the owning connection hibernates (set by the
     /// parking thread, which owns no task to notify).
-    parked: Mutex<Option<ParkedHook>>,
+    parked: Mutex<Option<(u64, ParkedHook)>>,
     metrics: Arc<BrokerMetrics>,
     persistence: Option<Persistence>,
 }
@@ -541,15 +541,24 @@ impl Session {
         self.poke_parked();
     }
 
-    /// Sets (or clears) what is called whenever the owning connection would be woken while
-    /// it hibernates. Whoever sets it checks the session after (see
-    /// [`Session::needs_connection`]): a change made before is not signalled. (Changes are
-    /// made under the state lock and signalled after it, so one made after that check sees
-    /// the hook.)
-    pub(crate) fn set_parked_hook(&self, hook: Option<ParkedHook>) {
+    /// Sets what is called whenever the owning connection would be woken while it
+    /// hibernates, for the parked record `token` (it replaces any other). Whoever sets it
+    /// checks the session after (see [`Session::needs_connection`]): a change made before is
+    /// not signalled. (Changes are made under the state lock and signalled after it, so one
+    /// made after that check sees the hook.)
+    pub(crate) fn set_parked_hook(&self, token: u64, hook: ParkedHook) {
         let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
-        self.has_parked.store(hook.is_some(), Ordering::Release);
-        *parked = hook;
+        self.has_parked.store(true, Ordering::Release);
+        *parked = Some((token, hook));
+    }
+
+    /// Clears the hook of parked record `token`, unless another record's replaced it.
+    pub(crate) fn clear_parked_hook(&self, token: u64) {
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        if parked.as_ref().is_some_and(|(owner, _)| *owner == token) {
+            *parked = None;
+            self.has_parked.store(false, Ordering::Release);
+        }
     }
 
     fn poke_parked(&self) {
@@ -560,7 +569,7 @@ impl Session {
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
         {
-            hook();
+            (hook.1)();
         }
     }
 
@@ -972,6 +981,34 @@ mod tests {
                 state: InflightState::Sent,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_parked_hook_is_cleared_only_by_the_record_that_set_it() {
+        use std::sync::atomic::AtomicUsize;
+        let metrics = Arc::new(crate::metrics::BrokerMetrics::new());
+        let session = Session::new(1, "c1".into(), 10, metrics, None);
+        let calls = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let hook = |which: usize| -> ParkedHook {
+            let calls = calls.clone();
+            Box::new(move || {
+                calls[which].fetch_add(1, Ordering::Relaxed);
+            })
+        };
+        let count = |which: usize| calls[which].load(Ordering::Relaxed);
+        session.wake();
+        session.set_parked_hook(1, hook(0));
+        session.wake();
+        assert_eq!((count(0), count(1)), (1, 0));
+        // A later record of the session (its next connection) takes the hook over; the
+        // earlier record, removed after, leaves it in place.
+        session.set_parked_hook(2, hook(1));
+        session.clear_parked_hook(1);
+        session.wake();
+        assert_eq!((count(0), count(1)), (1, 1));
+        session.clear_parked_hook(2);
+        session.wake();
+        assert_eq!((count(0), count(1)), (1, 1));
     }
 
     #[test]

@@ -726,6 +726,10 @@ impl Outbound for Sink {
 /// to `MAX_REMAINING`).
 #[inline]
 pub(crate) fn remaining_length(mut len: usize) -> ([u8; 4], usize) {
+    debug_assert!(
+        len <= MAX_REMAINING,
+        "remaining length {len} too large for MQTT"
+    );
     let mut bytes = [0u8; 4];
     let mut n = 0;
     loop {

@@ -221,9 +221,13 @@ fn load_auth(config: &edgegw_config::Config) -> Option<edgegw_broker::AuthSettin
 /// background thread, off the workers.
 const DIRTY_DECAY_MS: isize = 1000;
 
-/// Sets jemalloc's decay time for freed pages, for the arenas that exist and those to come.
+/// Sets jemalloc's decay time for freed pages, for the arenas that exist and those to come,
+/// unless the operator chose one (`_RJEM_MALLOC_CONF=dirty_decay_ms:…`).
 fn return_freed_memory_within(ms: isize) {
     use tikv_jemalloc_ctl::{Access, AsName};
+    if std::env::var("_RJEM_MALLOC_CONF").is_ok_and(|conf| conf.contains("dirty_decay_ms")) {
+        return;
+    }
     let _ = b"arenas.dirty_decay_ms\0".name().write(ms);
     let arenas = tikv_jemalloc_ctl::arenas::narenas::read().unwrap_or(0);
     for arena in 0..arenas {
