@@ -306,8 +306,9 @@ fn connections_opened_at_once_hold_one_descriptor_each_and_all_hibernate() {
 
 #[test]
 fn a_flood_of_pingreqs_to_a_hibernating_connection_wakes_it_and_each_is_answered() {
-    // The parking thread answers at most a few rounds of PINGREQs per event, then hands the
-    // connection to its worker, so one client cannot keep it from the other connections.
+    // The parking thread answers at most 16 rounds of PINGREQs (32 each) per event, then
+    // hands the connection to its worker, so one client does not hold the thread; every
+    // PINGREQ is still answered, once, in order.
     const PINGS: usize = 2_000;
     let gw = gateway();
     let mut pinger = connect(&gw, &raw::connect_v3("pinger", true, 30));
@@ -327,7 +328,7 @@ fn a_flood_of_pingreqs_to_a_hibernating_connection_wakes_it_and_each_is_answered
         gw.metric(WAKES) >= 1.0,
         "the flood was handed to the worker"
     );
-    // The other hibernating connection still gets its deliveries.
+    // The other hibernating connection is still served afterwards.
     let mut publisher = connect(&gw, &raw::connect_v3("b-pub", true, 30));
     publisher.send(&raw::publish_v3("b/1", 0, 0, false, b"still here"));
     let delivered = sub.read(WAIT).expect("delivery to the bystander");

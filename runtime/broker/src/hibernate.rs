@@ -438,15 +438,14 @@ impl Lot {
         } = record;
         let prefill = connect_packet(state.state());
         state.state().shared.router.metrics().woke();
-        let resume = Resume {
-            stream,
-            listener,
-            state,
-            prefill,
-        };
-        // Dropping the handle detaches the task. A worker that stopped drops the future,
-        // and with it the connection (ended).
-        drop(worker.spawn(async move { resume.run() }));
+        let resumed = Resumed { prefill, state };
+        // On the worker: serve the socket again, with the CONNECT handler finding the
+        // state. Dropping the handle detaches the task; a worker that stopped drops the
+        // future, and with it the connection (ended).
+        drop(worker.spawn(async move {
+            let _ = stream.set_nonblocking(false);
+            crate::accept::serve_on_worker(listener, stream, resumed);
+        }));
     }
 }
 
@@ -505,27 +504,6 @@ struct Counted(Arc<crate::metrics::BrokerMetrics>);
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.hibernated(-1);
-    }
-}
-
-struct Resume {
-    stream: TcpStream,
-    listener: usize,
-    state: Hibernated,
-    prefill: Vec<u8>,
-}
-
-impl Resume {
-    /// On the worker: serve the socket again, with the CONNECT handler finding `state`.
-    fn run(self) {
-        let Resume {
-            stream,
-            listener,
-            state,
-            prefill,
-        } = self;
-        let _ = stream.set_nonblocking(false);
-        crate::accept::serve_on_worker(listener, stream, Resumed { prefill, state });
     }
 }
 
