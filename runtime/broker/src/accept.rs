@@ -9,7 +9,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
     rc::Rc,
     sync::{
         Arc,
@@ -223,8 +223,8 @@ fn remove_descriptor(
     removed
 }
 
-/// This process, as a pidfd (`None` where the kernel has none: before Linux 5.3).
-fn own_pidfd() -> Option<&'static OwnedFd> {
+/// This process, as a pidfd (an error where the kernel has none: before Linux 5.3).
+fn own_pidfd() -> std::io::Result<BorrowedFd<'static>> {
     static PIDFD: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
     PIDFD
         .get_or_init(|| {
@@ -235,22 +235,22 @@ fn own_pidfd() -> Option<&'static OwnedFd> {
             .ok()
         })
         .as_ref()
+        .map(OwnedFd::as_fd)
+        .ok_or_else(|| std::io::Error::other("no pidfd for this process (Linux 5.3 or later)"))
 }
 
 /// A new descriptor for the open socket `fd` of this process (`pidfd_getfd`, Linux 5.6:
 /// the safe way to duplicate a descriptor known only by number; the workspace forbids
 /// `unsafe`).
 fn duplicate(fd: RawFd) -> std::io::Result<OwnedFd> {
-    let pidfd = own_pidfd().ok_or_else(|| std::io::Error::other("no pidfd for this process"))?;
-    rustix::process::pidfd_getfd(pidfd.as_fd(), fd, rustix::process::PidfdGetfdFlags::empty())
+    rustix::process::pidfd_getfd(own_pidfd()?, fd, rustix::process::PidfdGetfdFlags::empty())
         .map_err(std::io::Error::from)
 }
 
 /// Whether this kernel lets the broker duplicate its connections' descriptors (hibernation
 /// needs it): tried on the pidfd itself.
 pub(crate) fn can_duplicate() -> std::io::Result<()> {
-    let pidfd = own_pidfd().ok_or_else(|| std::io::Error::other("no pidfd for this process"))?;
-    duplicate(pidfd.as_raw_fd()).map(drop)
+    duplicate(own_pidfd()?.as_raw_fd()).map(drop)
 }
 
 /// Whether a descriptor is kept for this worker's connection from `peer` on `listener`.

@@ -1019,6 +1019,12 @@ pub(crate) const PUBCOMP: u8 = 0x70;
 /// Writes an ack (`PUBACK`, `PUBREC`, `PUBREL`, `PUBCOMP`) for `packet_id`, with MQTT 5's
 /// reason code 0x92 (packet identifier not found) if `not_found`. False if the connection
 /// is closing.
+/// How long a client with keepalive `keep_alive` (seconds) may stay silent: MQTT allows 1.5
+/// times the keepalive between packets (0: no limit).
+pub(crate) fn keepalive_allowance(keep_alive: u16) -> u16 {
+    keep_alive.saturating_add(keep_alive.div_ceil(2))
+}
+
 pub(crate) fn write_ack(io: &ntex::io::IoRef, kind: u8, packet_id: u16, not_found: bool) -> bool {
     io.with_write_src(|buf| put_ack(buf, kind, packet_id, not_found))
         .is_ok()

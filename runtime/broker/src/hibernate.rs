@@ -457,8 +457,9 @@ fn expired(state: &Hibernated, now: std::time::Instant) -> bool {
     if keep_alive == 0 {
         return false;
     }
-    let allowance =
-        Duration::from_secs(u64::from(keep_alive.saturating_add(keep_alive.div_ceil(2))));
+    let allowance = Duration::from_secs(u64::from(crate::connection::keepalive_allowance(
+        keep_alive,
+    )));
     state
         .last_read
         .is_some_and(|last_read| now >= last_read + allowance)

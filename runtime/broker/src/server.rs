@@ -162,7 +162,7 @@ impl Broker {
                     Err(error) => {
                         tracing::warn!(
                             %error,
-                            "Idle connections cannot hibernate here (broker.limits.hibernate_after): it needs Linux 5.6 or later (pidfd_getfd), not blocked by a seccomp filter."
+                            "Idle connections cannot hibernate here (broker.limits.hibernate_after): it needs Linux 5.6 or later and the pidfd_getfd system call, which a seccomp filter may refuse (systemd: SystemCallFilter=pidfd_getfd; Docker: a profile that allows it, or CAP_SYS_PTRACE). Set hibernate_after: 0 to silence this."
                         );
                         None
                     }

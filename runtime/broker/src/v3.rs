@@ -167,7 +167,7 @@ fn start(
         .ack(conn, session_present)
         .max_send(Some(max_inflight));
     // Disconnect after 1.5x the keepalive; 0 means none.
-    ack.idle_timeout(Seconds(keep_alive.saturating_add(keep_alive.div_ceil(2))))
+    ack.idle_timeout(Seconds(crate::connection::keepalive_allowance(keep_alive)))
 }
 
 /// How the writer of `conn` hibernates it (hibernation on, `listener` the address of its

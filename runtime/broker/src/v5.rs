@@ -192,7 +192,7 @@ pub(crate) async fn connect(
     } else if keep_alive > max {
         ack.with(|a| a.server_keepalive_sec = Some(max))
     } else {
-        ack.keep_alive(keep_alive.saturating_add(keep_alive.div_ceil(2)))
+        ack.keep_alive(crate::connection::keepalive_allowance(keep_alive))
     })
 }
 
