@@ -1,4 +1,4 @@
-//! Hibernation of idle MQTT 3.1.1 connections (`broker.limits.hibernate_after`): the
+//! Hibernation of idle MQTT 3.1.1 and 5.0 connections (`broker.limits.hibernate_after`): the
 //! broker lets go of an idle connection's state but keeps its socket and session, answers
 //! its PINGREQs, and wakes it for a delivery or any other packet, with nothing the client
 //! could notice (no second CONNACK, packets in order). Ends (EOF, keepalive, takeover) act
@@ -216,16 +216,151 @@ fn a_takeover_closes_the_hibernating_connection_and_keeps_the_session() {
     assert_eq!(connections, 2.0);
 }
 
+/// A v5 PUBLISH received by a subscriber: topic, topic alias (0x23) and payload.
+fn publish_v5_parts(p: &Packet) -> (String, Option<u16>, Vec<u8>) {
+    let publish = raw::Publish::parse(p, true);
+    let alias = publish
+        .property(0x23)
+        .map(|v| u16::from_be_bytes(v.try_into().expect("2-byte alias")));
+    (publish.topic, alias, publish.payload)
+}
+
 #[test]
-fn mqtt_5_connections_do_not_hibernate() {
+fn an_idle_mqtt_5_subscriber_hibernates_and_wakes_with_its_aliases_and_limits() {
     let gw = gateway();
-    let mut v5 = Raw::connect(gw.mqtt);
-    v5.send(&raw::connect_v5("five", true, 60, &[]));
-    assert_eq!(v5.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
-    let _v3 = connect(&gw, &raw::connect_v3("three", true, 60));
-    wait_hibernating(&gw, 1.0);
+    let mut sub = Raw::connect(gw.mqtt);
+    // Topic alias maximum 5, receive maximum 2, session expiry 60 s, and a will.
+    let properties = [0x22, 0, 5, 0x21, 0, 2, 0x11, 0, 0, 0, 60];
+    sub.send(&raw::connect_v5_will(
+        "five",
+        true,
+        30,
+        &properties,
+        &[],
+        "five/will",
+        b"gone",
+        0,
+        false,
+    ));
+    let connack = sub.read(WAIT).expect("CONNACK");
+    assert_eq!(connack.kind(), raw::CONNACK, "{connack:?}");
+    assert_eq!(connack.body[1], 0, "CONNACK reason");
+    sub.send(&raw::subscribe_v5(1, "a/#", 1, &[]));
+    let (suback, others) = sub.read_kind(raw::SUBACK, WAIT);
+    assert!(
+        suback.is_some() && others.is_empty(),
+        "{suback:?} {others:?}"
+    );
+    let mut publisher = connect(&gw, &raw::connect_v3("pub5", true, 30));
+
+    // The first message on a topic assigns alias 1.
+    publisher.send(&raw::publish_v3("a/x", 0, 0, false, b"one"));
+    let first = sub.read(WAIT).expect("first delivery");
+    assert_eq!(
+        publish_v5_parts(&first),
+        ("a/x".into(), Some(1), b"one".to_vec())
+    );
+    wait_hibernating(&gw, 2.0);
+    assert_eq!(
+        gw.metric(r#"edgegw_broker_connections{protocol="5"}"#),
+        1.0,
+        "a hibernating 5.0 connection still counts"
+    );
+
+    // A PINGREQ is answered without waking it.
+    sub.send(&raw::pingreq());
+    assert_eq!(sub.read(WAIT).expect("PINGRESP").kind(), raw::PINGRESP);
+    assert_eq!(gw.metric(WAKES), 0.0, "a PINGREQ does not wake it");
+
+    // Woken by a delivery, it still knows the alias it gave the client: the message
+    // carries the alias alone. No CONNACK comes first.
+    publisher.send(&raw::publish_v3("a/x", 0, 0, false, b"two"));
+    let second = sub.read(WAIT).expect("delivery after waking");
+    assert_eq!(second.kind(), raw::PUBLISH, "{second:?}");
+    assert_eq!(
+        publish_v5_parts(&second),
+        (String::new(), Some(1), b"two".to_vec())
+    );
+    assert!(gw.metric(WAKES) >= 1.0);
+
+    // The client's receive maximum (2) still holds after waking.
+    wait_hibernating(&gw, 2.0);
+    for id in 1..=3u16 {
+        publisher.send(&raw::publish_v3(
+            "a/y",
+            1,
+            id,
+            false,
+            format!("q{id}").as_bytes(),
+        ));
+        let (puback, _) = publisher.read_kind(raw::PUBACK, WAIT);
+        assert!(puback.is_some(), "PUBACK {id}");
+    }
+    let mut ids = Vec::new();
+    for expected in [("a/y", Some(2), "q1"), ("", Some(2), "q2")] {
+        let p = sub.read(WAIT).expect("QoS 1 delivery");
+        let publish = raw::Publish::parse(&p, true);
+        ids.push(publish.packet_id.expect("packet id"));
+        let (topic, alias, payload) = publish_v5_parts(&p);
+        assert_eq!((topic.as_str(), alias), (expected.0, expected.1));
+        assert_eq!(payload, expected.2.as_bytes());
+    }
+    assert!(
+        sub.read(QUIET).is_none(),
+        "a third message exceeds receive maximum 2"
+    );
+    sub.send(&raw::ack(raw::PUBACK, ids[0]));
+    let third = sub.read(WAIT).expect("the third after an ack");
+    let id = raw::Publish::parse(&third, true)
+        .packet_id
+        .expect("packet id");
+    assert_eq!(publish_v5_parts(&third).2, b"q3".to_vec());
+    for id in [ids[1], id] {
+        sub.send(&raw::ack(raw::PUBACK, id));
+    }
+
+    // Hibernating again, it wakes for a DISCONNECT that sets a session expiry, which a
+    // client may do only if its CONNECT set one (the replayed CONNECT carries it): a
+    // graceful end, so the will is not published.
+    wait_hibernating(&gw, 2.0);
+    let mut watcher = connect(&gw, &raw::connect_v3("watcher", true, 30));
+    subscribe(&mut watcher, 1, "five/will", 0);
+    sub.send(&raw::disconnect_v5(0, &[0x11, 0, 0, 0, 30]));
+    let mut seen = Vec::new();
+    assert!(sub.closed_within(WAIT, &mut seen), "the connection ends");
+    assert!(seen.is_empty(), "nothing written back: {seen:?}");
+    assert!(
+        watcher.read(QUIET).is_none(),
+        "no will after a graceful DISCONNECT"
+    );
+    assert_eq!(gw.metric(WILLS), 0.0);
+}
+
+#[test]
+fn an_mqtt_5_client_that_used_a_topic_alias_stays_awake() {
+    let gw = gateway();
+    let mut watcher = connect(&gw, &raw::connect_v3("alias-watcher", true, 30));
+    subscribe(&mut watcher, 1, "al/#", 0);
+    let mut plain = Raw::connect(gw.mqtt);
+    plain.send(&raw::connect_v5("plain5", true, 30, &[]));
+    assert_eq!(plain.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    let mut aliaser = Raw::connect(gw.mqtt);
+    aliaser.send(&raw::connect_v5("aliaser", true, 30, &[]));
+    assert_eq!(aliaser.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    // Topic and alias 1: ntex-mqtt keeps the alias for this connection.
+    aliaser.send(&raw::publish_v5("al/1", 0, 0, &[0x23, 0, 1], b"a"));
+    assert_eq!(
+        publish_bytes(&watcher.read(WAIT).expect("delivery")).1,
+        b"a"
+    );
+
+    wait_hibernating(&gw, 2.0);
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(gw.metric(HIBERNATING), 1.0, "only the 3.1.1 connection");
+    assert_eq!(gw.metric(HIBERNATING), 2.0, "the watcher and plain5 only");
+    // The alias alone still names the topic.
+    aliaser.send(&raw::publish_v5("", 0, 0, &[0x23, 0, 1], b"b"));
+    let delivery = watcher.read(WAIT).expect("delivery by alias");
+    assert_eq!(publish_bytes(&delivery), ("al/1".into(), b"b".to_vec()));
 }
 
 #[test]

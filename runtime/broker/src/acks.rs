@@ -198,11 +198,21 @@ impl FilterLayer for AckFilter {
     fn process_write_buf(&self, buf: &FilterBuf<'_>) -> std::io::Result<()> {
         // Moved as is: pages, no copies.
         buf.with_write_buffers(|src, dst| {
-            if self.drop_connack.get() && src.len() >= 4 {
+            if self.drop_connack.get() && !src.is_empty() {
+                // The first bytes written: the CONNACK (3.1.1: `20 02 flags code`; 5: with
+                // properties), encoded whole at the start of an empty buffer, so in its
+                // first page.
                 self.drop_connack.set(false);
-                // MQTT 3.1.1 CONNACK: 20 02 flags code.
-                if src.iter().next().and_then(|page| page.first()) == Some(&0x20) {
-                    src.advance_to(4);
+                let connack = src.iter().next().and_then(|page| match fixed_header(page) {
+                    Ok(Some((header, remaining)))
+                        if page[0] == 0x20 && page.len() >= header + remaining =>
+                    {
+                        Some(header + remaining)
+                    }
+                    _ => None,
+                });
+                if let Some(len) = connack {
+                    src.advance_to(len);
                 }
             }
             src.move_to(dst)

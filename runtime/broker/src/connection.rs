@@ -44,8 +44,8 @@ pub struct ConnectionLimits {
     /// PUBLISH packets per second one connection may send; 0 = unlimited. Faster
     /// publishers are slowed down (their packets wait), never disconnected.
     pub max_publish_rate: u32,
-    /// An MQTT 3.1.1 connection on a plain TCP listener that has had nothing to do for this
-    /// long hibernates (`hibernate.rs`); `None`: never.
+    /// An MQTT connection on a plain TCP listener that has had nothing to do for this long
+    /// hibernates (`hibernate.rs`); `None`: never.
     pub hibernate_after: Option<std::time::Duration>,
 }
 
@@ -372,8 +372,11 @@ pub(crate) struct Conn {
     /// first use.
     order: std::cell::OnceCell<Box<Order>>,
     finished: Cell<bool>,
-    /// The client's keepalive in seconds (for hibernation).
+    /// The keepalive in force in seconds (for hibernation).
     keep_alive: u16,
+    /// MQTT 5: the client has used a topic alias. ntex-mqtt keeps the client's aliases, so
+    /// such a connection does not hibernate (a woken one would not know them).
+    pub client_aliases: Cell<bool>,
     /// The connection hibernated: its socket and session live on (`hibernate.rs`).
     pub hibernated: Cell<bool>,
     /// Reads seen by the connection's filter when hibernation last looked (`try_park`).
@@ -443,6 +446,7 @@ impl Conn {
             order: std::cell::OnceCell::new(),
             finished: Cell::new(false),
             keep_alive,
+            client_aliases: Cell::new(false),
             hibernated: Cell::new(false),
             reads_seen,
             slot,
@@ -450,12 +454,17 @@ impl Conn {
     }
 
     /// Hibernates the connection if it has had nothing to do since the last call (MQTT
-    /// 3.1.1 on a plain TCP listener with hibernation on; see `hibernate.rs`): nothing read,
+    /// 3.1.1 or 5.0 without client topic aliases, on a plain TCP listener with hibernation
+    /// on; see `hibernate.rs`; `v5` gives what a 5.0 connection needs again): nothing read,
     /// nothing being handled, nothing to send or in flight, no bytes buffered either way.
     /// Then the worker's connection ends without closing the socket (a duplicate of its
     /// descriptor keeps it open), and the parking thread watches it. True when it did (the
     /// writer stops).
-    pub fn try_park(&self, listener: std::net::SocketAddr) -> bool {
+    pub fn try_park(
+        &self,
+        listener: std::net::SocketAddr,
+        v5: impl FnOnce() -> Option<Box<crate::hibernate::V5State>>,
+    ) -> bool {
         if self.shared.parking.is_none() {
             return false;
         }
@@ -471,7 +480,7 @@ impl Conn {
         else {
             return false;
         };
-        let idle = self.protocol == Protocol::V311
+        let idle = (self.protocol == Protocol::V311 || !self.client_aliases.get())
             && !self.finished.get()
             && crate::accept::has_descriptor(listener, peer)
             && self.inbound.borrow().is_empty()
@@ -491,6 +500,13 @@ impl Conn {
         if !idle {
             return false;
         }
+        let v5 = match self.protocol {
+            Protocol::V311 => None,
+            Protocol::V5 => match v5() {
+                Some(v5) => Some(v5),
+                None => return false,
+            },
+        };
         let Some((listener, fd)) = crate::accept::take_descriptor(listener, peer) else {
             return false;
         };
@@ -505,6 +521,7 @@ impl Conn {
             slot: self.slot.again(),
             keep_alive: self.keep_alive,
             last_read: crate::acks::last_read(&self.io),
+            v5,
         });
         // The session stays this connection's: nothing here detaches it.
         self.finished.set(true);
@@ -1000,6 +1017,9 @@ pub(crate) trait Outbound {
     fn close_taken_over(&self);
     /// Closes the connection because a reload revoked the client's access.
     fn close_revoked(&self);
+    /// MQTT 5: what the connection needs again when it wakes from hibernation, beyond
+    /// what 3.1.1 needs (`None` for 3.1.1).
+    fn v5_state(&self) -> Option<Box<crate::hibernate::V5State>>;
 }
 
 pub(crate) enum SendResult {
@@ -1115,6 +1135,20 @@ pub(crate) struct Hibernate {
     pub after: std::time::Duration,
     /// The address of the connection's listener.
     pub listener: std::net::SocketAddr,
+}
+
+impl Hibernate {
+    /// How the writer of `conn` hibernates it (hibernation on, `listener` the address of
+    /// its listener when its connections may hibernate).
+    pub fn of(conn: &ConnRef, listener: Option<std::net::SocketAddr>) -> Option<Self> {
+        let after = conn.shared.limits.hibernate_after?;
+        conn.shared.parking.as_ref()?;
+        Some(Self {
+            conn: std::rc::Rc::downgrade(&conn.0),
+            after,
+            listener: listener?,
+        })
+    }
 }
 
 /// Drains the session into the connection until either ends.
@@ -1259,7 +1293,9 @@ fn run_writer<O: Outbound>(
                             .and_then(|hibernate| {
                                 Some((hibernate.conn.upgrade()?, hibernate.listener))
                             })
-                            .is_some_and(|(conn, listener)| conn.try_park(listener))
+                            .is_some_and(|(conn, listener)| {
+                                conn.try_park(listener, || out.v5_state())
+                            })
                         {
                             return;
                         }

@@ -1,5 +1,5 @@
-//! Hibernation of idle MQTT 3.1.1 connections (plain TCP, epoll driver;
-//! `broker.limits.hibernate_after`).
+//! Hibernation of idle MQTT connections (3.1.1, and 5.0 while the client has not used a
+//! topic alias; plain TCP, epoll driver; `broker.limits.hibernate_after`).
 //!
 //! An open ntex connection costs about 9 KiB (its dispatcher, service pipeline, buffers and
 //! tasks), most of it ntex's own. A connection that has had nothing to do for
@@ -52,9 +52,38 @@ pub(crate) struct ConnState {
     pub acl: ClientAcl,
     pub acl_generation: u64,
     pub slot: Slot,
+    /// The keepalive in force (for MQTT 5, the Server Keep Alive when the broker set one).
     pub keep_alive: u16,
     /// When the client last sent anything: its keepalive counts from there.
     pub last_read: Option<std::time::Instant>,
+    /// MQTT 5: what its CONNECT asked for and the topic aliases assigned to it (`None`:
+    /// MQTT 3.1.1). Boxed: 8 bytes in every parked record rather than the whole of it.
+    pub v5: Option<Box<V5State>>,
+}
+
+/// What an MQTT 5 connection needs again when it wakes, beyond what 3.1.1 needs: the
+/// CONNECT properties ntex-mqtt configures the connection from (replayed as they were), and
+/// the topic aliases the broker assigned to the client (the client keeps them).
+pub(crate) struct V5State {
+    /// The keepalive the client asked for (the replayed CONNECT carries it, so the
+    /// connection gets the same Server Keep Alive, if any).
+    pub client_keep_alive: u16,
+    pub session_expiry_secs: u32,
+    pub receive_max: Option<std::num::NonZeroU16>,
+    pub max_packet_size: Option<std::num::NonZeroU32>,
+    pub topic_alias_max: u16,
+    /// Outbound topic aliases assigned so far, by topic.
+    pub aliases: HashMap<crate::message::ByteString, std::num::NonZeroU16>,
+}
+
+impl ConnState {
+    pub fn protocol(&self) -> Protocol {
+        if self.v5.is_some() {
+            Protocol::V5
+        } else {
+            Protocol::V311
+        }
+    }
 }
 
 impl Hibernated {
@@ -80,9 +109,10 @@ impl Drop for Hibernated {
         let Some(state) = self.0.take() else {
             return;
         };
+        let protocol = state.protocol();
         tracing::info!(
             client_id = %state.session.client_id,
-            protocol = "3.1.1",
+            protocol = protocol.label(),
             graceful = false,
             hibernating = true,
             "Client disconnected."
@@ -95,7 +125,7 @@ impl Drop for Hibernated {
         };
         let router = &state.shared.router;
         router.detach(&state.session, state.generation, will);
-        router.metrics().connection_closed(Protocol::V311);
+        router.metrics().connection_closed(protocol);
     }
 }
 
@@ -195,7 +225,8 @@ impl ParkingLot {
         metrics.hibernated(1);
         let parked = Parked {
             stream,
-            listener,
+            // The index of a configured listener.
+            listener: listener as u32,
             worker,
             state,
             stamp: 0,
@@ -214,7 +245,8 @@ impl ParkingLot {
 /// A parked connection.
 struct Parked {
     stream: TcpStream,
-    listener: usize,
+    /// u32: together with the descriptor, 8 bytes.
+    listener: u32,
     worker: ntex::rt::Handle,
     state: Hibernated,
     /// Tells this record's signals from those of an earlier one in the same slot, and its
@@ -444,7 +476,7 @@ impl Lot {
         // future, and with it the connection (ended).
         drop(worker.spawn(async move {
             let _ = stream.set_nonblocking(false);
-            crate::accept::serve_on_worker(listener, stream, resumed);
+            crate::accept::serve_on_worker(listener as usize, stream, resumed);
         }));
     }
 }
@@ -572,18 +604,62 @@ pub(crate) fn take_resume(listener: SocketAddr, io: &ntex::io::IoRef) -> Option<
         .map(|(_, resume)| resume.state)
 }
 
-/// The CONNECT replayed to the MQTT service of a resumed connection: MQTT 3.1.1, the
-/// client id and keepalive; no login (the handler does not check it for a resume).
+/// The CONNECT replayed to the MQTT service of a resumed connection: its protocol, the
+/// client id and keepalive, and for MQTT 5 the properties ntex-mqtt configures the
+/// connection from; no will and no login (the handler does not check them for a resume).
 fn connect_packet(state: &ConnState) -> Vec<u8> {
     let client_id = state.session.client_id.as_bytes();
-    let remaining = 10 + 2 + client_id.len();
-    let mut packet = Vec::with_capacity(remaining + 5);
+    let mut body = Vec::with_capacity(32 + client_id.len());
+    match state.v5.as_deref() {
+        None => {
+            body.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02]);
+            body.extend_from_slice(&state.keep_alive.to_be_bytes());
+        }
+        Some(v5) => {
+            // Clean start off: the session is there.
+            body.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 5, 0x00]);
+            body.extend_from_slice(&v5.client_keep_alive.to_be_bytes());
+            let mut properties = Vec::with_capacity(20);
+            if v5.session_expiry_secs != 0 {
+                properties.push(0x11);
+                properties.extend_from_slice(&v5.session_expiry_secs.to_be_bytes());
+            }
+            if let Some(max) = v5.receive_max {
+                properties.push(0x21);
+                properties.extend_from_slice(&max.get().to_be_bytes());
+            }
+            if let Some(size) = v5.max_packet_size {
+                properties.push(0x27);
+                properties.extend_from_slice(&size.get().to_be_bytes());
+            }
+            if v5.topic_alias_max != 0 {
+                properties.push(0x22);
+                properties.extend_from_slice(&v5.topic_alias_max.to_be_bytes());
+            }
+            let (length, n) = crate::v3::remaining_length(properties.len());
+            body.extend_from_slice(&length[..n]);
+            body.extend_from_slice(&properties);
+        }
+    }
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id);
+    let (length, n) = crate::v3::remaining_length(body.len());
+    let mut packet = Vec::with_capacity(1 + n + body.len());
     packet.push(0x10);
-    let (length, n) = crate::v3::remaining_length(remaining);
     packet.extend_from_slice(&length[..n]);
-    packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02]);
-    packet.extend_from_slice(&state.keep_alive.to_be_bytes());
-    packet.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    packet.extend_from_slice(client_id);
+    packet.extend_from_slice(&body);
     packet
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every hibernating connection has one record in the slab (see the module's doc).
+    #[test]
+    fn a_parked_record_stays_small() {
+        assert!(
+            std::mem::size_of::<super::Parked>() <= 160,
+            "Parked is {} bytes",
+            std::mem::size_of::<super::Parked>()
+        );
+    }
 }

@@ -161,25 +161,13 @@ fn start(
         usize::from(max_inflight),
         conn.closed.clone(),
         conn.shared.router.metrics().clone(),
-        hibernate(&conn, listener),
+        Hibernate::of(&conn, listener),
     );
     let ack = connect
         .ack(conn, session_present)
         .max_send(Some(max_inflight));
     // Disconnect after 1.5x the keepalive; 0 means none.
     ack.idle_timeout(Seconds(crate::connection::keepalive_allowance(keep_alive)))
-}
-
-/// How the writer of `conn` hibernates it (hibernation on, `listener` the address of its
-/// listener when its connections may hibernate).
-fn hibernate(conn: &ConnRef, listener: Option<std::net::SocketAddr>) -> Option<Hibernate> {
-    let after = conn.shared.limits.hibernate_after?;
-    conn.shared.parking.as_ref()?;
-    Some(Hibernate {
-        conn: std::rc::Rc::downgrade(&conn.0),
-        after,
-        listener: listener?,
-    })
 }
 
 /// A connection woken from hibernation: its replayed CONNECT (`hibernate.rs`) gets the
@@ -716,6 +704,10 @@ impl Outbound for Sink {
     fn close_taken_over(&self) {
         self.sink.close();
     }
+    fn v5_state(&self) -> Option<Box<crate::hibernate::V5State>> {
+        None
+    }
+
     fn close_revoked(&self) {
         self.sink.close();
     }

@@ -24,7 +24,8 @@ use crate::{
     BrokerError,
     auth::{ListenerAuth, LoginRequest, Refusal},
     connection::{
-        Conn, ConnRef, Handled, InboundId, Outbound, Qos2, SendResult, Shared, Taken, spawn_writer,
+        Conn, ConnRef, Handled, Hibernate, InboundId, Outbound, Qos2, SendResult, Shared, Taken,
+        spawn_writer,
     },
     message::{ByteString, Bytes, Message, Properties, QoS},
     metrics::{BrokerMetrics, Protocol},
@@ -38,6 +39,11 @@ pub(crate) async fn connect(
     listener: ListenerAuth,
     connect: v5::Connect,
 ) -> Result<v5::ConnectAck<ConnRef>, BrokerError> {
+    if let Some(addr) = listener.hibernate
+        && let Some(state) = crate::hibernate::take_resume(addr, connect.io())
+    {
+        return Ok(resume(shared, connect, state.into_state(), addr));
+    }
     let packet = connect.packet();
     let limits = shared.limits.clone();
     let Some(slot) = shared.reserve_slot() else {
@@ -113,9 +119,14 @@ pub(crate) async fn connect(
         return Ok(connect.failed(ConnectAckReason::NotAuthorized));
     };
     let granted_expiry = attached.session.expiry_secs();
-    let client_receive_max = packet.receive_max.map_or(65_535, NonZeroU16::get);
-    let window = usize::from(limits.max_inflight.min(client_receive_max));
     let keep_alive = packet.keep_alive;
+    let requested = Requested {
+        client_keep_alive: keep_alive,
+        session_expiry_secs: requested_expiry,
+        receive_max: packet.receive_max,
+        max_packet_size: packet.max_packet_size,
+        topic_alias_max: packet.topic_alias_max,
+    };
     let conn = Conn::new(
         shared.clone(),
         attached.session.clone(),
@@ -127,7 +138,7 @@ pub(crate) async fn connect(
         acl_generation,
         connect.io().get_ref(),
         slot,
-        keep_alive,
+        requested.keep_alive(&limits),
         false,
     );
     let conn = ConnRef(std::rc::Rc::new(conn));
@@ -140,38 +151,83 @@ pub(crate) async fn connect(
         keep_alive,
         "Client connected."
     );
+    let session_present = attached.session_present;
+    Ok(start(
+        connect,
+        conn,
+        &requested,
+        HashMap::new(),
+        listener.hibernate,
+    )
+    .with(|a| {
+        a.session_present = session_present;
+        a.assigned_client_id = assigned;
+        if granted_expiry != requested_expiry {
+            a.session_expiry_interval_secs = Some(granted_expiry);
+        }
+    }))
+}
 
+/// What the client's CONNECT asked for that shapes the connection (kept while it
+/// hibernates: a woken connection is set up from it again).
+#[derive(Clone, Copy)]
+struct Requested {
+    client_keep_alive: u16,
+    session_expiry_secs: u32,
+    receive_max: Option<NonZeroU16>,
+    max_packet_size: Option<NonZeroU32>,
+    topic_alias_max: u16,
+}
+
+impl Requested {
+    /// The keepalive in force: the client's, or the cap when it asked for more (Server
+    /// Keep Alive); 0 means none.
+    fn keep_alive(&self, limits: &crate::connection::ConnectionLimits) -> u16 {
+        self.client_keep_alive.min(limits.max_keepalive_secs)
+    }
+}
+
+/// Starts connection `conn` (a new one or one woken from hibernation): its writer (with the
+/// topic aliases already assigned to the client), and the CONNACK with the broker's limits
+/// and the keepalive.
+fn start(
+    connect: v5::Connect,
+    conn: ConnRef,
+    requested: &Requested,
+    aliases: HashMap<ByteString, NonZeroU16>,
+    listener: Option<std::net::SocketAddr>,
+) -> v5::ConnectAck<ConnRef> {
+    let limits = conn.shared.limits.clone();
+    let client_receive_max = requested.receive_max.map_or(65_535, NonZeroU16::get);
+    let window = usize::from(limits.max_inflight.min(client_receive_max));
     // The writer starts sending only after CONNACK: ntex encodes it before this task yields.
     let codec = codec::Codec::new();
     // The client's maximum packet size (MQTT 5.0 §3.1.2.11.4): larger deliveries are
     // dropped (counted as too large), the connection continues.
-    if let Some(size) = packet.max_packet_size {
+    if let Some(size) = requested.max_packet_size {
         codec.set_max_outbound_size(size.get());
     }
     let out = Sink {
         sink: connect.sink(),
         io: connect.io().get_ref(),
         codec,
-        aliases: HashMap::new(),
-        alias_max: packet.topic_alias_max,
+        aliases,
+        alias_max: requested.topic_alias_max,
+        requested: *requested,
     };
     spawn_writer(
         out,
-        attached.session.clone(),
-        attached.generation,
+        conn.session.clone(),
+        conn.generation,
         window,
         conn.closed.clone(),
-        shared.router.metrics().clone(),
-        None,
+        conn.shared.router.metrics().clone(),
+        Hibernate::of(&conn, listener),
     );
-
-    let session_present = attached.session_present;
     let ack = connect
         .ack(conn)
         .max_send(Some(limits.max_inflight))
         .with(|a| {
-            a.session_present = session_present;
-            a.assigned_client_id = assigned;
             a.max_qos = codec::QoS::ExactlyOnce;
             a.receive_max = NonZeroU16::new(limits.receive_maximum).unwrap_or(NonZeroU16::MIN);
             a.max_packet_size = Some(limits.max_packet_size);
@@ -180,20 +236,57 @@ pub(crate) async fn connect(
             a.wildcard_subscription_available = true;
             a.shared_subscription_available = true;
             a.subscription_identifiers_available = true;
-            if granted_expiry != requested_expiry {
-                a.session_expiry_interval_secs = Some(granted_expiry);
-            }
         });
     // The client must be heard from within 1.5x its keepalive; 0 means no keepalive;
     // a keepalive above the cap is lowered through Server Keep Alive.
+    let keep_alive = requested.client_keep_alive;
     let max = limits.max_keepalive_secs;
-    Ok(if keep_alive == 0 {
+    if keep_alive == 0 {
         ack.with(|a| a.server_keepalive_sec = Some(0))
     } else if keep_alive > max {
         ack.with(|a| a.server_keepalive_sec = Some(max))
     } else {
         ack.keep_alive(crate::connection::keepalive_allowance(keep_alive))
-    })
+    }
+}
+
+/// A connection woken from hibernation: its replayed CONNECT (`hibernate.rs`, with the
+/// properties the client's had) gets the connection it had back, without a login or a new
+/// session generation, and with the topic aliases assigned to the client; the CONNACK
+/// written for it is dropped before it reaches the client (`AckFilter`).
+fn resume(
+    shared: Arc<Shared>,
+    connect: v5::Connect,
+    state: crate::hibernate::ConnState,
+    listener: std::net::SocketAddr,
+) -> v5::ConnectAck<ConnRef> {
+    let v5 = state
+        .v5
+        .expect("a 5.0 CONNECT is replayed for a 5.0 connection");
+    let requested = Requested {
+        client_keep_alive: v5.client_keep_alive,
+        session_expiry_secs: v5.session_expiry_secs,
+        receive_max: v5.receive_max,
+        max_packet_size: v5.max_packet_size,
+        topic_alias_max: v5.topic_alias_max,
+    };
+    let conn = ConnRef(std::rc::Rc::new(Conn::new(
+        shared,
+        state.session.clone(),
+        state.generation,
+        Protocol::V5,
+        state.will.map(|will| *will),
+        state.user,
+        state.acl,
+        state.acl_generation,
+        connect.io().get_ref(),
+        state.slot,
+        state.keep_alive,
+        true,
+    )));
+    tracing::debug!(client_id = %state.session.client_id, "Connection wakes from hibernation.");
+    crate::acks::set_last_read(connect.io(), state.last_read);
+    start(connect, conn, &requested, v5.aliases, Some(listener)).with(|a| a.session_present = true)
 }
 
 /// A PUBLISH: handled at once when it can be (see [`Handled`]), else in a boxed future.
@@ -281,6 +374,9 @@ pub(crate) fn take_publish(
     let qos: QoS = publish.qos.into();
     let packet_id = publish.packet_id.map(|id| id.get());
     let p = &publish.properties;
+    if p.topic_alias.is_some() {
+        conn.client_aliases.set(true);
+    }
     let plain = qos != QoS::ExactlyOnce
         && payload.len() as u32 == publish.payload_size
         && p.topic_alias.is_none()
@@ -613,6 +709,8 @@ struct Sink {
     codec: codec::Codec,
     aliases: HashMap<ByteString, NonZeroU16>,
     alias_max: u16,
+    /// Kept for hibernation.
+    requested: Requested,
 }
 
 impl Sink {
@@ -713,5 +811,17 @@ impl Outbound for Sink {
     fn close_revoked(&self) {
         self.sink
             .close_with_reason(Disconnect::new(DisconnectReasonCode::NotAuthorized));
+    }
+
+    fn v5_state(&self) -> Option<Box<crate::hibernate::V5State>> {
+        let r = &self.requested;
+        Some(Box::new(crate::hibernate::V5State {
+            client_keep_alive: r.client_keep_alive,
+            session_expiry_secs: r.session_expiry_secs,
+            receive_max: r.receive_max,
+            max_packet_size: r.max_packet_size,
+            topic_alias_max: r.topic_alias_max,
+            aliases: self.aliases.clone(),
+        }))
     }
 }

@@ -326,8 +326,8 @@ pub struct Limits {
     pub max_session_expiry: Duration,
     /// PUBLISH packets per second one connection may send; 0 = unlimited.
     pub max_publish_rate: u32,
-    /// An MQTT 3.1.1 connection on a plain TCP listener idle this long hibernates (its
-    /// memory is given back until it has something to do); 0 = never.
+    /// An MQTT connection on a plain TCP listener idle this long hibernates (its memory is
+    /// given back until it has something to do); 0 = never.
     pub hibernate_after: Duration,
 }
 
