@@ -72,6 +72,9 @@ pub(crate) struct V5State {
     pub receive_max: Option<std::num::NonZeroU16>,
     pub max_packet_size: Option<std::num::NonZeroU32>,
     pub topic_alias_max: u16,
+    /// False when the client asked for no reason strings or user properties in acks
+    /// (ntex-mqtt's codec takes this from the CONNECT it decodes).
+    pub request_problem_info: bool,
     /// Outbound topic aliases assigned so far, by topic.
     pub aliases: HashMap<crate::message::ByteString, std::num::NonZeroU16>,
 }
@@ -83,6 +86,27 @@ impl ConnState {
         } else {
             Protocol::V311
         }
+    }
+
+    /// How long the client may stay silent, in seconds (0: no limit), as its awake
+    /// connection enforced it: 1.5 × the keepalive, or, for an MQTT 5 client given a lower
+    /// Server Keep Alive, what ntex-mqtt enforces for that (1.2 × it, rounded up).
+    fn allowance(&self) -> u16 {
+        allowance(
+            self.keep_alive,
+            self.v5.as_ref().map(|v5| v5.client_keep_alive),
+        )
+    }
+}
+
+/// See [`ConnState::allowance`]: `keep_alive` is the keepalive in force, `client_keep_alive`
+/// the one an MQTT 5 client asked for.
+fn allowance(keep_alive: u16, client_keep_alive: Option<u16>) -> u16 {
+    match client_keep_alive {
+        Some(asked) if asked > keep_alive && keep_alive != 0 => {
+            keep_alive.saturating_add(keep_alive.div_ceil(5))
+        }
+        _ => crate::connection::keepalive_allowance(keep_alive),
     }
 }
 
@@ -481,17 +505,15 @@ impl Lot {
     }
 }
 
-/// Whether the client of `state` missed its keepalive by `now`: MQTT allows 1.5 × the
-/// keepalive between packets, counted from the client's last packet; 0 means none.
+/// Whether the client of `state` missed its keepalive by `now` (see
+/// [`ConnState::allowance`]), counted from the client's last packet.
 fn expired(state: &Hibernated, now: std::time::Instant) -> bool {
     let state = state.state();
-    let keep_alive = state.keep_alive;
-    if keep_alive == 0 {
+    let allowance = state.allowance();
+    if allowance == 0 {
         return false;
     }
-    let allowance = Duration::from_secs(u64::from(crate::connection::keepalive_allowance(
-        keep_alive,
-    )));
+    let allowance = Duration::from_secs(u64::from(allowance));
     state
         .last_read
         .is_some_and(|last_read| now >= last_read + allowance)
@@ -608,12 +630,20 @@ pub(crate) fn take_resume(listener: SocketAddr, io: &ntex::io::IoRef) -> Option<
 /// client id and keepalive, and for MQTT 5 the properties ntex-mqtt configures the
 /// connection from; no will and no login (the handler does not check them for a resume).
 fn connect_packet(state: &ConnState) -> Vec<u8> {
-    let client_id = state.session.client_id.as_bytes();
+    encode_connect(
+        &state.session.client_id,
+        state.keep_alive,
+        state.v5.as_deref(),
+    )
+}
+
+fn encode_connect(client_id: &str, keep_alive: u16, v5: Option<&V5State>) -> Vec<u8> {
+    let client_id = client_id.as_bytes();
     let mut body = Vec::with_capacity(32 + client_id.len());
-    match state.v5.as_deref() {
+    match v5 {
         None => {
             body.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02]);
-            body.extend_from_slice(&state.keep_alive.to_be_bytes());
+            body.extend_from_slice(&keep_alive.to_be_bytes());
         }
         Some(v5) => {
             // Clean start off: the session is there.
@@ -636,6 +666,9 @@ fn connect_packet(state: &ConnState) -> Vec<u8> {
                 properties.push(0x22);
                 properties.extend_from_slice(&v5.topic_alias_max.to_be_bytes());
             }
+            if !v5.request_problem_info {
+                properties.extend_from_slice(&[0x17, 0]);
+            }
             let (length, n) = crate::v3::remaining_length(properties.len());
             body.extend_from_slice(&length[..n]);
             body.extend_from_slice(&properties);
@@ -653,6 +686,93 @@ fn connect_packet(state: &ConnState) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::num::{NonZeroU16, NonZeroU32};
+
+    use ntex::codec::Decoder;
+    use ntex_bytes::BytesMut;
+    use ntex_mqtt::{v3, v5};
+
+    use super::{V5State, encode_connect};
+
+    fn v5_state() -> V5State {
+        V5State {
+            client_keep_alive: 90,
+            session_expiry_secs: 3600,
+            receive_max: NonZeroU16::new(7),
+            max_packet_size: NonZeroU32::new(200_000),
+            topic_alias_max: 12,
+            request_problem_info: false,
+            aliases: Default::default(),
+        }
+    }
+
+    /// The replayed 5.0 CONNECT, decoded as ntex-mqtt decodes it, carries what the client's
+    /// CONNECT asked for.
+    #[test]
+    fn the_replayed_mqtt_5_connect_carries_the_clients_properties() {
+        let client_id = "x".repeat(130); // a two-byte remaining length
+        for state in [
+            v5_state(),
+            V5State {
+                session_expiry_secs: 0,
+                receive_max: None,
+                max_packet_size: None,
+                topic_alias_max: 0,
+                request_problem_info: true,
+                ..v5_state()
+            },
+        ] {
+            let mut bytes = BytesMut::from(&encode_connect(&client_id, 45, Some(&state))[..]);
+            let decoded = v5::codec::Codec::new().decode(&mut bytes).unwrap();
+            let Some(v5::codec::Decoded::Packet(v5::codec::Packet::Connect(connect), _)) = decoded
+            else {
+                panic!("not a CONNECT: {decoded:?}");
+            };
+            assert!(bytes.is_empty(), "the whole packet is the CONNECT");
+            assert_eq!(connect.client_id, client_id.as_str());
+            assert!(!connect.clean_start);
+            assert_eq!(connect.keep_alive, state.client_keep_alive);
+            assert_eq!(
+                connect.session_expiry_interval_secs,
+                state.session_expiry_secs
+            );
+            assert_eq!(connect.receive_max, state.receive_max);
+            assert_eq!(connect.max_packet_size, state.max_packet_size);
+            assert_eq!(connect.topic_alias_max, state.topic_alias_max);
+            assert_eq!(connect.request_problem_info, state.request_problem_info);
+            assert!(connect.last_will.is_none() && connect.username.is_none());
+        }
+    }
+
+    #[test]
+    fn the_replayed_mqtt_3_connect_carries_the_client_id_and_keepalive() {
+        let client_id = "y".repeat(130);
+        let mut bytes = BytesMut::from(&encode_connect(&client_id, 45, None)[..]);
+        let decoded = v3::codec::Codec::new().decode(&mut bytes).unwrap();
+        let Some(v3::codec::Decoded::Packet(v3::codec::Packet::Connect(connect), _)) = decoded
+        else {
+            panic!("not a CONNECT: {decoded:?}");
+        };
+        assert!(bytes.is_empty());
+        assert_eq!(connect.client_id, client_id.as_str());
+        assert!(connect.clean_session);
+        assert_eq!(connect.keep_alive, 45);
+    }
+
+    /// The keepalive of a hibernating connection runs out when it would have awake.
+    #[test]
+    fn the_allowance_is_what_the_awake_connection_had() {
+        use super::allowance;
+        assert_eq!(allowance(60, None), 90, "3.1.1: 1.5 × the keepalive");
+        assert_eq!(allowance(60, Some(60)), 90, "5.0 with its own keepalive");
+        assert_eq!(allowance(61, Some(61)), 92, "rounded up");
+        // 5.0 told a lower Server Keep Alive: ntex-mqtt allows 1.2 × it, rounded up.
+        assert_eq!(allowance(60, Some(600)), 72);
+        assert_eq!(allowance(7, Some(600)), 9);
+        assert_eq!(allowance(0, None), 0, "no keepalive");
+        assert_eq!(allowance(0, Some(0)), 0, "no keepalive");
+    }
+
     /// Every hibernating connection has one record in the slab (see the module's doc).
     #[test]
     fn a_parked_record_stays_small() {

@@ -126,6 +126,7 @@ pub(crate) async fn connect(
         receive_max: packet.receive_max,
         max_packet_size: packet.max_packet_size,
         topic_alias_max: packet.topic_alias_max,
+        request_problem_info: packet.request_problem_info,
     };
     let conn = Conn::new(
         shared.clone(),
@@ -177,6 +178,7 @@ struct Requested {
     receive_max: Option<NonZeroU16>,
     max_packet_size: Option<NonZeroU32>,
     topic_alias_max: u16,
+    request_problem_info: bool,
 }
 
 impl Requested {
@@ -269,6 +271,7 @@ fn resume(
         receive_max: v5.receive_max,
         max_packet_size: v5.max_packet_size,
         topic_alias_max: v5.topic_alias_max,
+        request_problem_info: v5.request_problem_info,
     };
     let conn = ConnRef(std::rc::Rc::new(Conn::new(
         shared,
@@ -821,6 +824,7 @@ impl Outbound for Sink {
             receive_max: r.receive_max,
             max_packet_size: r.max_packet_size,
             topic_alias_max: r.topic_alias_max,
+            request_problem_info: r.request_problem_info,
             aliases: self.aliases.clone(),
         }))
     }
