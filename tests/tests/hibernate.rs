@@ -337,6 +337,79 @@ fn an_idle_mqtt_5_subscriber_hibernates_and_wakes_with_its_aliases_and_limits() 
 }
 
 #[test]
+fn a_silent_hibernating_mqtt_5_client_told_a_lower_keepalive_gets_its_will_published() {
+    let gw = Gateway::start_with(
+        "  limits:\n    hibernate_after: 1s\n    max_keepalive: 2s\n",
+        "",
+    );
+    let mut watcher = Raw::connect(gw.mqtt);
+    // Keepalive 0: none, so it is not held to the 2 s cap.
+    watcher.send(&raw::connect_v5("will-watcher5", true, 0, &[]));
+    assert_eq!(watcher.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    watcher.send(&raw::subscribe_v5(1, "wills5/#", 0, &[]));
+    let (suback, _) = watcher.read_kind(raw::SUBACK, WAIT);
+    assert!(suback.is_some());
+    // Asks for 10 s; told 2 s (Server Keep Alive), so ended about 3 s after its last packet.
+    let mut silent = Raw::connect(gw.mqtt);
+    let mut will_properties = vec![0x03];
+    will_properties.extend(raw::string("text/plain"));
+    silent.send(&raw::connect_v5_will(
+        "silent5",
+        true,
+        10,
+        &[],
+        &will_properties,
+        "wills5/silent",
+        b"timeout",
+        0,
+        false,
+    ));
+    let connack = silent.read(WAIT).expect("CONNACK");
+    let (length, used) = raw::read_varint(&connack.body[2..]).unwrap();
+    let properties = raw::parse_properties(&connack.body[2 + used..2 + used + length]);
+    assert!(
+        properties.contains(&(0x13, vec![0, 2])),
+        "Server Keep Alive 2: {properties:?}"
+    );
+    let start = Instant::now();
+    wait_hibernating(&gw, 2.0);
+
+    let will = watcher.read(WAIT).expect("will of the silent client");
+    let will = raw::Publish::parse(&will, true);
+    assert_eq!(
+        (will.topic.as_str(), will.payload.as_slice()),
+        ("wills5/silent", &b"timeout"[..])
+    );
+    assert_eq!(will.property(0x03), Some(&raw::string("text/plain")[..]));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        silent.closed_within(WAIT, &mut Vec::new()),
+        "the silent client's socket is closed"
+    );
+    assert_eq!(gw.metric(WILLS), 1.0);
+    let connections = gw.wait_metric(r#"edgegw_broker_connections{protocol="5"}"#, WAIT, |v| {
+        v == 1.0
+    });
+    assert_eq!(connections, 1.0, "only the watcher is left");
+    assert_eq!(gw.metric(V3_CONNECTIONS), 0.0);
+    // One "Client disconnected." for it, at the end: none when it hibernated.
+    let ends: Vec<_> = gw
+        .logs()
+        .into_iter()
+        .filter(|line| {
+            line["fields"]["message"] == "Client disconnected."
+                && line["fields"]["client_id"] == "silent5"
+        })
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(ends[0]["fields"]["hibernating"], true, "{ends:?}");
+}
+
+#[test]
 fn an_mqtt_5_client_that_used_a_topic_alias_stays_awake() {
     let gw = gateway();
     let mut watcher = connect(&gw, &raw::connect_v3("alias-watcher", true, 30));

@@ -201,7 +201,7 @@ const WAKER: mio::Token = mio::Token(usize::MAX);
 /// PINGREQs answered for one readiness event of one connection before it is woken instead.
 const PINGS_PER_EVENT: usize = 16;
 /// How often keepalives are checked: a client that missed its keepalive is closed up to
-/// this much later than 1.5 × keepalive (ntex's own timers tick once a second too).
+/// this much later than its allowance (ntex's own timers tick once a second too).
 const SWEEP: Duration = Duration::from_secs(1);
 
 impl ParkingLot {
@@ -476,7 +476,12 @@ impl Lot {
             return;
         };
         let state = record.state.state();
-        tracing::info!(client_id = %state.session.client_id, keep_alive = state.keep_alive, "Closing hibernating connection: no packet within 1.5 × keepalive.");
+        tracing::info!(
+            client_id = %state.session.client_id,
+            keep_alive = state.keep_alive,
+            allowance_secs = state.allowance(),
+            "Closing hibernating connection: no packet within its keepalive allowance."
+        );
         crate::metrics::BrokerMetrics::protocol_error("keepalive_timeout");
     }
 

@@ -686,6 +686,8 @@ pub(crate) async fn control(
             conn.finish();
             Ok(None)
         }
+        // It hibernated: the client is still there (`hibernate.rs`).
+        Control::Stop(Reason::PeerGone(_)) if conn.hibernated.get() => Ok(None),
         Control::Stop(Reason::PeerGone(_)) => {
             tracing::info!(
                 client_id = conn.client_id(),
