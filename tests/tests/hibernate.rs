@@ -17,6 +17,7 @@ const HIBERNATING: &str = "edgegw_broker_hibernating_connections";
 const WAKES: &str = "edgegw_broker_hibernation_wakes_total";
 const V3_CONNECTIONS: &str = r#"edgegw_broker_connections{protocol="3.1.1"}"#;
 const WILLS: &str = "edgegw_broker_wills_published_total";
+const SESSIONS: &str = "edgegw_broker_sessions";
 
 fn gateway() -> Gateway {
     Gateway::start_with("  limits:\n    hibernate_after: 1s\n", "")
@@ -407,6 +408,39 @@ fn a_silent_hibernating_mqtt_5_client_told_a_lower_keepalive_gets_its_will_publi
         .collect();
     assert_eq!(ends.len(), 1, "{ends:?}");
     assert_eq!(ends[0]["fields"]["hibernating"], true, "{ends:?}");
+}
+
+#[test]
+fn a_vanished_hibernating_mqtt_5_client_gets_its_delayed_will_and_its_session_expires() {
+    let gw = gateway();
+    let mut watcher = connect(&gw, &raw::connect_v3("delay-watcher", true, 60));
+    subscribe(&mut watcher, 1, "dw/#", 0);
+    // Session expiry 3 s, will delay 1 s: both are timers the broker starts when the
+    // connection ends, here on the parking thread.
+    let mut client = Raw::connect(gw.mqtt);
+    client.send(&raw::connect_v5_will(
+        "delayed",
+        true,
+        30,
+        &[0x11, 0, 0, 0, 3],
+        &[0x18, 0, 0, 0, 1],
+        "dw/x",
+        b"late",
+        0,
+        false,
+    ));
+    assert_eq!(client.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    wait_hibernating(&gw, 2.0);
+    assert_eq!(gw.metric(SESSIONS), 2.0);
+    drop(client);
+    assert!(
+        watcher.read(QUIET).is_none(),
+        "the will waits for its delay (1 s)"
+    );
+    let will = watcher.read(WAIT).expect("the will after its delay");
+    assert_eq!(publish_bytes(&will), ("dw/x".into(), b"late".to_vec()));
+    let sessions = gw.wait_metric(SESSIONS, WAIT, |v| v == 1.0);
+    assert_eq!(sessions, 1.0, "the session expired; the watcher's is left");
 }
 
 #[test]

@@ -219,9 +219,16 @@ impl ParkingLot {
             free: std::collections::BinaryHeap::new(),
             next_stamp: 0,
         };
+        // Ending a connection here can start session timers (a will's delay, a session's
+        // expiry: `Router::detach`). They need a runtime, which this thread does not run:
+        // it enters the one that started the broker (the gateway's tokio runtime).
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let thread = std::thread::Builder::new()
             .name("edgegw-parked".into())
-            .spawn(move || lot.run())?;
+            .spawn(move || {
+                let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                lot.run()
+            })?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
