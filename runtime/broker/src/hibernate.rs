@@ -212,23 +212,26 @@ impl ParkingLot {
             waker,
             inbox: Mutex::new(Inbox::default()),
         });
+        // Ending a connection here can start session timers (a will's delay, a session's
+        // expiry: `Router::detach`). They need a runtime, which this thread does not run:
+        // it enters the one that started the broker (the gateway's tokio runtime).
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if runtime.is_none() {
+            tracing::warn!(
+                "The broker was started outside a tokio runtime: a hibernating connection that ends cannot start its will delay or session expiry."
+            );
+        }
         let lot = Lot {
             poll,
             shared: shared.clone(),
             records: Vec::new(),
             free: std::collections::BinaryHeap::new(),
             next_stamp: 0,
+            runtime,
         };
-        // Ending a connection here can start session timers (a will's delay, a session's
-        // expiry: `Router::detach`). They need a runtime, which this thread does not run:
-        // it enters the one that started the broker (the gateway's tokio runtime).
-        let runtime = tokio::runtime::Handle::try_current().ok();
         let thread = std::thread::Builder::new()
             .name("edgegw-parked".into())
-            .spawn(move || {
-                let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                lot.run()
-            })?;
+            .spawn(move || lot.run())?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -296,10 +299,15 @@ struct Lot {
     /// be given back when connections leave (see [`Lot::compact`]).
     free: std::collections::BinaryHeap<std::cmp::Reverse<usize>>,
     next_stamp: u64,
+    /// Where the timers of connections that end here run (see [`ParkingLot::start`]).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Lot {
     fn run(mut self) {
+        let runtime = self.runtime.take();
+        let entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
+        let mut stopping = false;
         let mut events = mio::Events::with_capacity(256);
         let mut next_sweep = std::time::Instant::now() + SWEEP;
         loop {
@@ -324,6 +332,7 @@ impl Lot {
                 )
             };
             if stop {
+                stopping = true;
                 break;
             }
             for parked in parked {
@@ -348,6 +357,22 @@ impl Lot {
                 next_sweep = now + SWEEP;
             }
         }
+        // The broker stops: the timers the connections ended now start (a will's delay, a
+        // session's expiry) go with it, as do those of connections ending on its workers
+        // (with the workers' runtime). A runtime of their own takes them, and is dropped.
+        drop(entered);
+        let discard = stopping
+            .then(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .ok()
+            })
+            .flatten();
+        let _entered = discard
+            .as_ref()
+            .map(|discard| discard.handle().enter())
+            .or_else(|| runtime.as_ref().map(tokio::runtime::Handle::enter));
         // Dropping the records ends their connections (`Hibernated`'s drop).
         for index in 0..self.records.len() {
             drop(self.remove(index));

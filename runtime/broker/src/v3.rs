@@ -587,6 +587,9 @@ pub(crate) async fn control(
     let conn: &Conn = session;
     match control {
         Control::WrBackpressure(_) => {}
+        // It hibernated: the client is still there (`hibernate.rs`); whatever ntex reports
+        // while it lets go of the connection is not the client's doing.
+        Control::Stop(_) if conn.hibernated.get() => {}
         Control::Stop(Reason::Protocol(error)) => {
             let kind = crate::protocol_error_kind(error.get_ref());
             BrokerMetrics::protocol_error(kind);
@@ -598,7 +601,6 @@ pub(crate) async fn control(
             tracing::warn!(client_id = conn.client_id(), protocol = "3.1.1", error = ?error.get_ref(), "Closing connection.");
             conn.finish();
         }
-        Control::Stop(Reason::PeerGone(_)) if conn.hibernated.get() => {}
         Control::Stop(Reason::PeerGone(_)) => {
             tracing::info!(
                 client_id = conn.client_id(),

@@ -665,6 +665,9 @@ pub(crate) async fn control(
     let conn: &Conn = session;
     match control {
         Control::WrBackpressure(_) => Ok(None),
+        // It hibernated: the client is still there (`hibernate.rs`); whatever ntex reports
+        // while it lets go of the connection is not the client's doing.
+        Control::Stop(_) if conn.hibernated.get() => Ok(None),
         Control::Stop(Reason::Protocol(error)) => {
             let kind = crate::protocol_error_kind(error.get_ref());
             BrokerMetrics::protocol_error(kind);
@@ -686,8 +689,6 @@ pub(crate) async fn control(
             conn.finish();
             Ok(None)
         }
-        // It hibernated: the client is still there (`hibernate.rs`).
-        Control::Stop(Reason::PeerGone(_)) if conn.hibernated.get() => Ok(None),
         Control::Stop(Reason::PeerGone(_)) => {
             tracing::info!(
                 client_id = conn.client_id(),
