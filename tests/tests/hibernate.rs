@@ -23,13 +23,19 @@ fn gateway() -> Gateway {
     Gateway::start_with("  limits:\n    hibernate_after: 1s\n", "")
 }
 
+/// Sends a CONNECT (3.1.1 or 5.0) and checks it is accepted.
 fn connect(gw: &Gateway, packet: &[u8]) -> Raw {
+    connect_acked(gw, packet).0
+}
+
+/// [`connect`], also giving the CONNACK.
+fn connect_acked(gw: &Gateway, packet: &[u8]) -> (Raw, raw::Packet) {
     let mut client = Raw::connect(gw.mqtt);
     client.send(packet);
     let connack = client.read(WAIT).expect("CONNACK");
     assert_eq!(connack.kind(), raw::CONNACK, "{connack:?}");
-    assert_eq!(connack.body[1], 0, "CONNACK code");
-    client
+    assert_eq!(connack.body[1], 0, "CONNACK code (3.1.1) or reason (5.0)");
+    (client, connack)
 }
 
 fn subscribe(client: &mut Raw, packet_id: u16, filter: &str, qos: u8) {
@@ -229,23 +235,22 @@ fn publish_v5_parts(p: &Packet) -> (String, Option<u16>, Vec<u8>) {
 #[test]
 fn an_idle_mqtt_5_subscriber_hibernates_and_wakes_with_its_aliases_and_limits() {
     let gw = gateway();
-    let mut sub = Raw::connect(gw.mqtt);
     // Topic alias maximum 5, receive maximum 2, session expiry 60 s, and a will.
     let properties = [0x22, 0, 5, 0x21, 0, 2, 0x11, 0, 0, 0, 60];
-    sub.send(&raw::connect_v5_will(
-        "five",
-        true,
-        30,
-        &properties,
-        &[],
-        "five/will",
-        b"gone",
-        0,
-        false,
-    ));
-    let connack = sub.read(WAIT).expect("CONNACK");
-    assert_eq!(connack.kind(), raw::CONNACK, "{connack:?}");
-    assert_eq!(connack.body[1], 0, "CONNACK reason");
+    let mut sub = connect(
+        &gw,
+        &raw::connect_v5_will(
+            "five",
+            true,
+            30,
+            &properties,
+            &[],
+            "five/will",
+            b"gone",
+            0,
+            false,
+        ),
+    );
     sub.send(&raw::subscribe_v5(1, "a/#", 1, &[]));
     let (suback, others) = sub.read_kind(raw::SUBACK, WAIT);
     assert!(
@@ -343,29 +348,28 @@ fn a_silent_hibernating_mqtt_5_client_told_a_lower_keepalive_gets_its_will_publi
         "  limits:\n    hibernate_after: 1s\n    max_keepalive: 2s\n",
         "",
     );
-    let mut watcher = Raw::connect(gw.mqtt);
     // Keepalive 0: none, so it is not held to the 2 s cap.
-    watcher.send(&raw::connect_v5("will-watcher5", true, 0, &[]));
-    assert_eq!(watcher.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    let mut watcher = connect(&gw, &raw::connect_v5("will-watcher5", true, 0, &[]));
     watcher.send(&raw::subscribe_v5(1, "wills5/#", 0, &[]));
     let (suback, _) = watcher.read_kind(raw::SUBACK, WAIT);
     assert!(suback.is_some());
     // Asks for 10 s; told 2 s (Server Keep Alive), so ended about 3 s after its last packet.
-    let mut silent = Raw::connect(gw.mqtt);
     let mut will_properties = vec![0x03];
     will_properties.extend(raw::string("text/plain"));
-    silent.send(&raw::connect_v5_will(
-        "silent5",
-        true,
-        10,
-        &[],
-        &will_properties,
-        "wills5/silent",
-        b"timeout",
-        0,
-        false,
-    ));
-    let connack = silent.read(WAIT).expect("CONNACK");
+    let (mut silent, connack) = connect_acked(
+        &gw,
+        &raw::connect_v5_will(
+            "silent5",
+            true,
+            10,
+            &[],
+            &will_properties,
+            "wills5/silent",
+            b"timeout",
+            0,
+            false,
+        ),
+    );
     let (length, used) = raw::read_varint(&connack.body[2..]).unwrap();
     let properties = raw::parse_properties(&connack.body[2 + used..2 + used + length]);
     assert!(
@@ -417,19 +421,20 @@ fn a_vanished_hibernating_mqtt_5_client_gets_its_delayed_will_and_its_session_ex
     subscribe(&mut watcher, 1, "dw/#", 0);
     // Session expiry 3 s, will delay 1 s: both are timers the broker starts when the
     // connection ends, here on the parking thread.
-    let mut client = Raw::connect(gw.mqtt);
-    client.send(&raw::connect_v5_will(
-        "delayed",
-        true,
-        30,
-        &[0x11, 0, 0, 0, 3],
-        &[0x18, 0, 0, 0, 1],
-        "dw/x",
-        b"late",
-        0,
-        false,
-    ));
-    assert_eq!(client.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    let client = connect(
+        &gw,
+        &raw::connect_v5_will(
+            "delayed",
+            true,
+            30,
+            &[0x11, 0, 0, 0, 3],
+            &[0x18, 0, 0, 0, 1],
+            "dw/x",
+            b"late",
+            0,
+            false,
+        ),
+    );
     wait_hibernating(&gw, 2.0);
     assert_eq!(gw.metric(SESSIONS), 2.0);
     drop(client);
@@ -452,12 +457,8 @@ fn an_mqtt_5_client_that_used_a_topic_alias_stays_awake() {
     let gw = gateway();
     let mut watcher = connect(&gw, &raw::connect_v3("alias-watcher", true, 30));
     subscribe(&mut watcher, 1, "al/#", 0);
-    let mut plain = Raw::connect(gw.mqtt);
-    plain.send(&raw::connect_v5("plain5", true, 30, &[]));
-    assert_eq!(plain.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
-    let mut aliaser = Raw::connect(gw.mqtt);
-    aliaser.send(&raw::connect_v5("aliaser", true, 30, &[]));
-    assert_eq!(aliaser.read(WAIT).expect("CONNACK").kind(), raw::CONNACK);
+    let _plain = connect(&gw, &raw::connect_v5("plain5", true, 30, &[]));
+    let mut aliaser = connect(&gw, &raw::connect_v5("aliaser", true, 30, &[]));
     // Topic and alias 1: ntex-mqtt keeps the alias for this connection.
     aliaser.send(&raw::publish_v5("al/1", 0, 0, &[0x23, 0, 1], b"a"));
     assert_eq!(

@@ -453,6 +453,34 @@ impl Conn {
         }
     }
 
+    /// The connection that takes over from a hibernated one when it wakes (a replayed
+    /// CONNECT; see `hibernate.rs`): its session, will, user, ACL and slot as they were, and
+    /// the client's last read, from which its keepalive counts. Also gives back what an
+    /// MQTT 5 connection needs again (`None` for 3.1.1).
+    pub(crate) fn resumed(
+        state: crate::hibernate::ConnState,
+        io: ntex::io::IoRef,
+    ) -> (ConnRef, Option<Box<crate::hibernate::V5State>>) {
+        let protocol = state.protocol();
+        crate::acks::set_last_read(&io, state.last_read);
+        let conn = Self::new(
+            state.shared,
+            state.session,
+            state.generation,
+            protocol,
+            state.will.map(|will| *will),
+            state.user,
+            state.acl,
+            state.acl_generation,
+            io,
+            state.slot,
+            state.keep_alive,
+            true,
+        );
+        tracing::debug!(client_id = %conn.session.client_id, "Connection wakes from hibernation.");
+        (ConnRef(Rc::new(conn)), state.v5)
+    }
+
     /// Hibernates the connection if it has had nothing to do since the last call (MQTT
     /// 3.1.1 or 5.0 without client topic aliases, on a plain TCP listener with hibernation
     /// on; see `hibernate.rs`; `v5` gives what a 5.0 connection needs again): nothing read,

@@ -34,7 +34,7 @@ pub(crate) async fn connect(
     if let Some(addr) = listener.hibernate
         && let Some(state) = crate::hibernate::take_resume(addr, connect.io())
     {
-        return Ok(resume(shared, connect, state.into_state(), addr));
+        return Ok(resume(connect, state.into_state(), addr));
     }
     let packet = connect.packet();
     let limits = shared.limits.clone();
@@ -174,28 +174,12 @@ fn start(
 /// connection it had back, without a login or a new session generation; the CONNACK
 /// written for it is dropped before it reaches the client (`AckFilter`).
 fn resume(
-    shared: Arc<Shared>,
     connect: v3::Connect,
     state: crate::hibernate::ConnState,
     listener: std::net::SocketAddr,
 ) -> v3::ConnectAck<ConnRef> {
     let keep_alive = state.keep_alive;
-    let conn = ConnRef(std::rc::Rc::new(Conn::new(
-        shared.clone(),
-        state.session.clone(),
-        state.generation,
-        Protocol::V311,
-        state.will.map(|will| *will),
-        state.user,
-        state.acl,
-        state.acl_generation,
-        connect.io().get_ref(),
-        state.slot,
-        keep_alive,
-        true,
-    )));
-    tracing::debug!(client_id = %state.session.client_id, "Connection wakes from hibernation.");
-    crate::acks::set_last_read(connect.io(), state.last_read);
+    let (conn, _) = Conn::resumed(state, connect.io().get_ref());
     start(connect, conn, true, keep_alive, Some(listener))
 }
 

@@ -42,7 +42,7 @@ pub(crate) async fn connect(
     if let Some(addr) = listener.hibernate
         && let Some(state) = crate::hibernate::take_resume(addr, connect.io())
     {
-        return Ok(resume(shared, connect, state.into_state(), addr));
+        return Ok(resume(connect, state.into_state(), addr));
     }
     let packet = connect.packet();
     let limits = shared.limits.clone();
@@ -257,14 +257,12 @@ fn start(
 /// session generation, and with the topic aliases assigned to the client; the CONNACK
 /// written for it is dropped before it reaches the client (`AckFilter`).
 fn resume(
-    shared: Arc<Shared>,
     connect: v5::Connect,
     state: crate::hibernate::ConnState,
     listener: std::net::SocketAddr,
 ) -> v5::ConnectAck<ConnRef> {
-    let v5 = state
-        .v5
-        .expect("a 5.0 CONNECT is replayed for a 5.0 connection");
+    let (conn, v5) = Conn::resumed(state, connect.io().get_ref());
+    let v5 = v5.expect("a 5.0 CONNECT is replayed for a 5.0 connection");
     let requested = Requested {
         client_keep_alive: v5.client_keep_alive,
         session_expiry_secs: v5.session_expiry_secs,
@@ -273,22 +271,6 @@ fn resume(
         topic_alias_max: v5.topic_alias_max,
         request_problem_info: v5.request_problem_info,
     };
-    let conn = ConnRef(std::rc::Rc::new(Conn::new(
-        shared,
-        state.session.clone(),
-        state.generation,
-        Protocol::V5,
-        state.will.map(|will| *will),
-        state.user,
-        state.acl,
-        state.acl_generation,
-        connect.io().get_ref(),
-        state.slot,
-        state.keep_alive,
-        true,
-    )));
-    tracing::debug!(client_id = %state.session.client_id, "Connection wakes from hibernation.");
-    crate::acks::set_last_read(connect.io(), state.last_read);
     start(connect, conn, &requested, v5.aliases, Some(listener)).with(|a| a.session_present = true)
 }
 
