@@ -497,6 +497,12 @@ pub struct Timing {
     pub duration: Duration,
 }
 
+/// What each round of the latency scenario measures: twice the scenario's time in all,
+/// split into `rounds` (at least 0.5 s each).
+pub fn latency_round(timing: Timing, rounds: u32) -> Duration {
+    (timing.duration * 2 / rounds.max(1)).max(Duration::from_millis(500))
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Percentiles {
     pub samples: usize,
@@ -506,7 +512,8 @@ pub struct Percentiles {
     pub max_us: f64,
 }
 
-fn percentiles(mut ns: Vec<u64>) -> Option<Percentiles> {
+/// Percentiles of samples in nanoseconds (sorts them).
+fn percentiles(ns: &mut [u64]) -> Option<Percentiles> {
     if ns.is_empty() {
         return None;
     }
@@ -547,6 +554,9 @@ pub struct Outcome {
     pub latency: Option<Percentiles>,
     /// Paced scenarios: how late sends left against their schedule.
     pub pacing_lag: Option<Percentiles>,
+    /// The samples behind `latency` and `pacing_lag` (ns), kept to pool rounds.
+    pub latency_ns: Vec<u64>,
+    pub lag_ns: Vec<u64>,
     /// The load generator spins (paced scenarios): its CPU share is 100% by design, and
     /// `pacing_lag` shows whether it kept up.
     pub spins: bool,
@@ -555,6 +565,54 @@ pub struct Outcome {
     /// Messages the broker says it dropped (edgegw's metric).
     pub broker_drops: Option<f64>,
     pub notes: Vec<String>,
+}
+
+/// One broker's rounds of a scenario as one outcome: counts summed, rates and CPU shares
+/// averaged, latency percentiles over all rounds' samples pooled, notes kept once.
+pub fn pool_rounds(rounds: &[Outcome]) -> Outcome {
+    let n = rounds.len().max(1) as f64;
+    let mean = |f: fn(&Outcome) -> f64| rounds.iter().map(f).sum::<f64>() / n;
+    let sum = |f: fn(&Outcome) -> u64| rounds.iter().map(f).sum::<u64>();
+    let mut latency_ns: Vec<u64> = rounds
+        .iter()
+        .flat_map(|o| o.latency_ns.iter().copied())
+        .collect();
+    let mut lag_ns: Vec<u64> = rounds
+        .iter()
+        .flat_map(|o| o.lag_ns.iter().copied())
+        .collect();
+    let mut notes: Vec<String> = Vec::new();
+    for note in rounds.iter().flat_map(|o| &o.notes) {
+        if !notes.contains(note) {
+            notes.push(note.clone());
+        }
+    }
+    Outcome {
+        rate: mean(|o| o.rate),
+        publish_rate: mean(|o| o.publish_rate),
+        sent: sum(|o| o.sent),
+        expected: sum(|o| o.expected),
+        unique: sum(|o| o.unique),
+        loss: sum(|o| o.loss),
+        dups: sum(|o| o.dups),
+        unacked: sum(|o| o.unacked),
+        foreign: sum(|o| o.foreign),
+        load_cpu: mean(|o| o.load_cpu),
+        broker_cpu: mean(|o| o.broker_cpu),
+        broker_others: mean(|o| o.broker_others),
+        load_others: mean(|o| o.load_others),
+        latency: percentiles(&mut latency_ns),
+        pacing_lag: percentiles(&mut lag_ns),
+        latency_ns,
+        lag_ns,
+        spins: rounds.iter().any(|o| o.spins),
+        store: None,
+        broker_drops: rounds
+            .iter()
+            .filter_map(|o| o.broker_drops)
+            .reduce(|a, b| a + b),
+        notes,
+    }
 }
 
 /// Waits `total`, failing early if a client task ends (with its error) before then.
@@ -881,12 +939,14 @@ pub async fn run_flow(broker: &mut Broker, sc: &Scenario, timing: Timing) -> Res
         for s in &sub_stats {
             all.append(&mut s.latencies.borrow_mut());
         }
-        outcome.latency = percentiles(all);
+        outcome.latency = percentiles(&mut all);
+        outcome.latency_ns = all;
         let mut lags = Vec::new();
         for p in &pub_stats {
             lags.append(&mut p.lags.borrow_mut());
         }
-        outcome.pacing_lag = percentiles(lags);
+        outcome.pacing_lag = percentiles(&mut lags);
+        outcome.lag_ns = lags;
     }
     outcome.spins = sc.rate.is_some();
     if let Some(m) = broker.metrics
@@ -1084,4 +1144,57 @@ pub async fn run_idle(broker: &mut Broker, n: usize) -> Result<Idle> {
         connect_secs,
         first_error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(latency_ms: std::ops::Range<u64>, sent: u64, rate: f64) -> Outcome {
+        let mut latency_ns: Vec<u64> = latency_ms.map(|ms| ms * 1_000_000).collect();
+        Outcome {
+            rate,
+            sent,
+            expected: sent,
+            unique: sent,
+            latency: percentiles(&mut latency_ns),
+            latency_ns,
+            spins: true,
+            notes: vec!["same".into()],
+            ..Outcome::default()
+        }
+    }
+
+    #[test]
+    fn rounds_pool_their_samples_sum_their_counts_and_average_their_rates() {
+        // 1..=100 ms split over two rounds: the pooled p50 and p99 are those of the whole.
+        let pooled = pool_rounds(&[round(51..101, 50, 4000.0), round(1..51, 50, 6000.0)]);
+        let latency = pooled.latency.expect("pooled percentiles");
+        assert_eq!(latency.samples, 100);
+        assert_eq!(latency.p50_us, 50_000.0);
+        assert_eq!(latency.p99_us, 99_000.0);
+        assert_eq!(latency.max_us, 100_000.0);
+        assert_eq!(
+            (pooled.sent, pooled.expected, pooled.unique),
+            (100, 100, 100)
+        );
+        assert_eq!(pooled.rate, 5000.0);
+        assert!(pooled.spins);
+        assert_eq!(
+            pooled.notes,
+            vec!["same".to_string()],
+            "a note shared by rounds once"
+        );
+    }
+
+    #[test]
+    fn latency_rounds_split_twice_the_scenario_time() {
+        let timing = Timing {
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(5),
+        };
+        assert_eq!(latency_round(timing, 5), Duration::from_secs(2));
+        assert_eq!(latency_round(timing, 1), Duration::from_secs(10));
+        assert_eq!(latency_round(timing, 50), Duration::from_millis(500));
+    }
 }

@@ -53,6 +53,11 @@ struct Args {
     /// Seconds of warm-up before each measurement.
     #[arg(long)]
     warmup: Option<f64>,
+    /// Rounds the latency scenario is measured in, the brokers taking turns (each round a
+    /// fresh broker; `2 × duration / rounds` measured per round, percentiles over all
+    /// rounds' samples), so that every broker meets the machine's noise alike.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    latency_rounds: u32,
     /// Idle connections opened for the memory-per-connection scenario.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -380,37 +385,151 @@ async fn run_step(bin: &BrokerBin, step: &Step, timing: Timing, idle: usize) -> 
 }
 
 /// Every step against every broker, scenario by scenario so that brokers meet the same
-/// machine conditions; each result is printed as it comes.
+/// machine conditions; each result is printed as it comes. The latency scenario runs in
+/// rounds (see [`run_latency_rounds`]).
 async fn run_all(
     steps: &[Step],
     bins: &[BrokerBin],
     timing: Timing,
     idle: usize,
+    rounds: u32,
     entries: &std::cell::RefCell<Vec<Entry>>,
 ) {
     for step in steps {
+        if let Step::Flow(sc) = step
+            && sc.latency
+        {
+            run_latency_rounds(step, bins, timing, rounds, entries).await;
+            continue;
+        }
         for bin in bins {
             if step.key().starts_with("pipe") && bin.kind != Kind::Edgegw {
                 continue;
             }
             let measured = run_step(bin, step, timing, idle).await;
-            let entry = Entry {
-                key: step.key().to_string(),
-                title: match step {
-                    Step::Flow(s) => s.title.clone(),
-                    Step::Flood => "memory: QoS 0 flood, 8→1 slow subscriber".into(),
-                    Step::Idle => format!("memory: {idle} idle connections"),
-                },
-                unit: match step {
-                    Step::Flow(s) => s.unit,
-                    _ => "",
-                },
-                kind: bin.kind,
-                measured,
-            };
+            let entry = entry(step, bin, idle, measured);
             println!("{}", report::line(&entry));
             entries.borrow_mut().push(entry);
         }
+    }
+}
+
+fn entry(step: &Step, bin: &BrokerBin, idle: usize, measured: Measured) -> Entry {
+    Entry {
+        key: step.key().to_string(),
+        title: match step {
+            Step::Flow(s) => s.title.clone(),
+            Step::Flood => "memory: QoS 0 flood, 8→1 slow subscriber".into(),
+            Step::Idle => format!("memory: {idle} idle connections"),
+        },
+        unit: match step {
+            Step::Flow(s) => s.unit,
+            _ => "",
+        },
+        kind: bin.kind,
+        measured,
+    }
+}
+
+/// The latency scenario in rounds, the brokers taking turns (the first broker of each round
+/// rotates): a tail latency is mostly the machine's noise, which comes and goes over
+/// seconds, so one window per broker compares the noise of two moments more than the
+/// brokers. Each broker's percentiles are over its rounds' samples pooled; its notes give
+/// the p99 of every round and, for edgegw, the median of its per-round ratio to Mosquitto.
+async fn run_latency_rounds(
+    step: &Step,
+    bins: &[BrokerBin],
+    timing: Timing,
+    rounds: u32,
+    entries: &std::cell::RefCell<Vec<Entry>>,
+) {
+    let per_round = Timing {
+        warmup: timing.warmup,
+        duration: load::latency_round(timing, rounds),
+    };
+    let mut results: Vec<Vec<Measured>> = bins.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds as usize {
+        for turn in 0..bins.len() {
+            let i = (round + turn) % bins.len();
+            let measured = run_step(&bins[i], step, per_round, 0).await;
+            let mut shown = entry(step, &bins[i], 0, measured.clone());
+            shown.title = format!("{} (round {}/{rounds})", shown.title, round + 1);
+            println!("{}", report::line(&shown));
+            results[i].push(measured);
+        }
+    }
+    let p99s = |measured: &[Measured]| -> Vec<Option<f64>> {
+        measured
+            .iter()
+            .map(|m| match m {
+                Measured::Flow(o) => o.latency.as_ref().map(|l| l.p99_us),
+                _ => None,
+            })
+            .collect()
+    };
+    let mosquitto = bins
+        .iter()
+        .position(|b| b.kind == Kind::Mosquitto)
+        .map(|i| p99s(&results[i]));
+    for (bin, measured) in bins.iter().zip(&results) {
+        let pooled = match measured.iter().find(|m| !matches!(m, Measured::Flow(_))) {
+            Some(failed) => failed.clone(),
+            None => {
+                let outcomes: Vec<load::Outcome> = measured
+                    .iter()
+                    .filter_map(|m| match m {
+                        Measured::Flow(o) => Some((**o).clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let mut pooled = load::pool_rounds(&outcomes);
+                let own = p99s(measured);
+                let shown: Vec<String> = own
+                    .iter()
+                    .map(|p| p.map_or("-".into(), |p| format!("{p:.0}")))
+                    .collect();
+                pooled.notes.push(format!(
+                    "{rounds} rounds of {:.1} s, brokers taking turns; p99 per round {} µs",
+                    per_round.duration.as_secs_f64(),
+                    shown.join(" / ")
+                ));
+                if bin.kind == Kind::Edgegw
+                    && let Some(theirs) = &mosquitto
+                {
+                    let ratios: Vec<f64> = own
+                        .iter()
+                        .zip(theirs)
+                        .filter_map(|(a, b)| Some(a.as_ref()? / b.as_ref()?))
+                        .collect();
+                    if let Some(median) = median(&ratios) {
+                        pooled.notes.push(format!(
+                            "p99 / Mosquitto's, round by round: {}; median {median:.2}×",
+                            ratios
+                                .iter()
+                                .map(|r| format!("{r:.2}×"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+                Measured::Flow(Box::new(pooled))
+            }
+        };
+        let entry = entry(step, bin, 0, pooled);
+        println!("{}", report::line(&entry));
+        entries.borrow_mut().push(entry);
+    }
+}
+
+/// The median of the values.
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
     }
 }
 
@@ -507,9 +626,10 @@ fn run(args: Args) -> Result<()> {
         mqtt::protocol_name()
     );
     println!(
-        "timing: {:.1} s warm-up + {:.1} s measured per scenario; 100-byte payloads; up to {} publishes per write; QoS 1/2 window {} per publisher; at most {} messages on their way to each subscriber; idle connections {idle}",
+        "timing: {:.1} s warm-up + {:.1} s measured per scenario (latency: {} rounds, brokers taking turns); 100-byte payloads; up to {} publishes per write; QoS 1/2 window {} per publisher; at most {} messages on their way to each subscriber; idle connections {idle}",
         timing.warmup.as_secs_f64(),
         timing.duration.as_secs_f64(),
+        args.latency_rounds,
         load::BATCH,
         load::WINDOW,
         load::CREDIT
@@ -547,7 +667,7 @@ fn run(args: Args) -> Result<()> {
             }
         };
         tokio::select! {
-            () = run_all(&steps, &bins, timing, idle, &entries) => {}
+            () = run_all(&steps, &bins, timing, idle, args.latency_rounds, &entries) => {}
             () = signalled => interrupted.set(true),
         }
     });
@@ -558,7 +678,7 @@ fn run(args: Args) -> Result<()> {
     println!("\n(run took {:.0} s)\n", started.elapsed().as_secs_f64());
 
     let kinds: Vec<Kind> = bins.iter().map(|b| b.kind).collect();
-    let mut markdown = report::markdown(&entries, &kinds, timing, idle, &bins);
+    let mut markdown = report::markdown(&entries, &kinds, timing, args.latency_rounds, idle, &bins);
     markdown.push_str(&pipeline_summary(&entries));
     markdown.push_str(&extra);
     println!("{markdown}");
@@ -633,5 +753,17 @@ fn main() -> ExitCode {
             eprintln!("edgegw-bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_unsorted_values() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
     }
 }

@@ -8,6 +8,7 @@ use crate::{
     load::{Flood, Idle, Outcome, Timing},
 };
 
+#[derive(Clone)]
 pub enum Measured {
     Flow(Box<Outcome>),
     Flood(Flood),
@@ -456,6 +457,7 @@ pub fn markdown(
     entries: &[Entry],
     kinds: &[Kind],
     timing: Timing,
+    latency_rounds: u32,
     idle: usize,
     bins: &[BrokerBin],
 ) -> String {
@@ -463,13 +465,15 @@ pub fn markdown(
     let _ = writeln!(md, "### Results\n");
     let _ = writeln!(
         md,
-        "`cargo run --release -p edgegw-bench` — {}. Each broker pinned to core {} (`taskset`), the load generator (one thread, hand-encoded {}, batched writes) to core {}; a fresh broker per scenario; {:.1} s warm-up + {:.1} s measured; 100-byte payloads; QoS 1/2 publishers keep up to {} unacknowledged; the latency scenario's load generator spins rather than sleeps, so each message leaves on schedule (not in timer-tick bursts) and is timestamped as it arrives (its CPU share there is 100% by design; the notes give how late its sends left); at most {} messages on their way to any one subscriber (end-to-end flow control, so brokers are measured at their sustained, CPU-bound rate); idle scenario opens {} connections (CONNECT, then silence) and reads each broker's memory {} s after the last (edgegw: `hibernate_after: {} s`, the default is 30 s).\n",
+        "`cargo run --release -p edgegw-bench` — {}. Each broker pinned to core {} (`taskset`), the load generator (one thread, hand-encoded {}, batched writes) to core {}; a fresh broker per scenario; {:.1} s warm-up + {:.1} s measured; the latency scenario in {} rounds of {:.1} s measured, the brokers taking turns (a fresh broker each round; percentiles over all rounds' samples), so that every broker meets the machine's changing noise alike; 100-byte payloads; QoS 1/2 publishers keep up to {} unacknowledged; the latency scenario's load generator spins rather than sleeps, so each message leaves on schedule (not in timer-tick bursts) and is timestamped as it arrives (its CPU share there is 100% by design; the notes give how late its sends left); at most {} messages on their way to any one subscriber (end-to-end flow control, so brokers are measured at their sustained, CPU-bound rate); idle scenario opens {} connections (CONNECT, then silence) and reads each broker's memory {} s after the last (edgegw: `hibernate_after: {} s`, the default is 30 s).\n",
         machine(),
         broker::BROKER_CORE,
         crate::mqtt::protocol_name(),
         broker::LOAD_CORE,
         timing.warmup.as_secs_f64(),
         timing.duration.as_secs_f64(),
+        latency_rounds,
+        crate::load::latency_round(timing, latency_rounds).as_secs_f64(),
         crate::load::WINDOW,
         crate::load::CREDIT,
         idle,
