@@ -140,6 +140,8 @@ pub struct SubStats {
     seen: RefCell<Vec<Seen>>,
     pub record_latency: Cell<bool>,
     pub latencies: RefCell<Vec<u64>>,
+    /// When each of `latencies`' messages was sent (ns since the scenario's epoch).
+    pub sent_at: RefCell<Vec<u64>>,
 }
 
 impl SubStats {
@@ -151,6 +153,7 @@ impl SubStats {
             seen: RefCell::new((0..publishers).map(|_| Seen::default()).collect()),
             record_latency: Cell::new(false),
             latencies: RefCell::new(Vec::new()),
+            sent_at: RefCell::new(Vec::new()),
         }
     }
 
@@ -174,6 +177,7 @@ impl SubStats {
             self.latencies
                 .borrow_mut()
                 .push(now.saturating_sub(stamp.sent_ns));
+            self.sent_at.borrow_mut().push(stamp.sent_ns);
         }
     }
 
@@ -703,6 +707,44 @@ const STORE_COMMITS: &str = "edgegw_store_commits_total";
 const STORE_OPS: &str = "edgegw_store_ops_total";
 const DROPPED: &str = "edgegw_broker_dropped_messages_total";
 
+/// Set to a directory, the latency scenario writes every sample there (see
+/// [`dump_latencies`]).
+pub const LATENCY_DUMP: &str = "BENCH_LATENCY_DUMP";
+
+/// Writes a subscriber's latency samples, one message a line (`sent_ns latency_ns`, sent
+/// since the epoch), under a header that gives the epoch on `CLOCK_MONOTONIC`: with
+/// `perf record -k CLOCK_MONOTONIC` on the broker's core, each message can be matched to
+/// what the core did meanwhile (`bench/tools/latency_sched.py`).
+fn dump_latencies(
+    dir: &std::path::Path,
+    kind: crate::broker::Kind,
+    epoch: Instant,
+    stats: &SubStats,
+) -> Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{kind}-{n:03}.txt"));
+    let monotonic = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let since = now_ns(epoch);
+    let epoch_ns = (monotonic.tv_sec as u64 * 1_000_000_000 + monotonic.tv_nsec as u64) - since;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    writeln!(
+        out,
+        "# broker {kind}; sent_ns latency_ns; epoch_monotonic_ns {epoch_ns}"
+    )?;
+    for (sent, latency) in stats
+        .sent_at
+        .borrow()
+        .iter()
+        .zip(stats.latencies.borrow().iter())
+    {
+        writeln!(out, "{sent} {latency}")?;
+    }
+    out.flush()?;
+    Ok(path)
+}
+
 /// Runs a throughput or latency scenario against a started broker.
 pub async fn run_flow(broker: &mut Broker, sc: &Scenario, timing: Timing) -> Result<Outcome> {
     let epoch = Instant::now();
@@ -935,6 +977,13 @@ pub async fn run_flow(broker: &mut Broker, sc: &Scenario, timing: Timing) -> Res
         outcome.foreign += s.foreign.get();
     }
     if sc.latency {
+        if let Some(dir) = std::env::var_os(LATENCY_DUMP) {
+            for s in &sub_stats {
+                let path = dump_latencies(dir.as_ref(), broker.kind, epoch, s)
+                    .with_context(|| format!("{LATENCY_DUMP}: writing into {dir:?}"))?;
+                eprintln!("latency samples written to {}", path.display());
+            }
+        }
         let mut all = Vec::new();
         for s in &sub_stats {
             all.append(&mut s.latencies.borrow_mut());
