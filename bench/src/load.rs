@@ -568,6 +568,8 @@ pub struct Outcome {
     pub store: Option<(f64, f64)>,
     /// Messages the broker says it dropped (edgegw's metric).
     pub broker_drops: Option<f64>,
+    /// Latency in rounds (edgegw): the median of its per-round p99 ratios to Mosquitto's.
+    pub p99_round_ratio: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -615,6 +617,7 @@ pub fn pool_rounds(rounds: &[Outcome]) -> Outcome {
             .iter()
             .filter_map(|o| o.broker_drops)
             .reduce(|a, b| a + b),
+        p99_round_ratio: None,
         notes,
     }
 }

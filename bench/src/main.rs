@@ -502,6 +502,7 @@ async fn run_latency_rounds(
                         .filter_map(|(a, b)| Some(a.as_ref()? / b.as_ref()?))
                         .collect();
                     if let Some(median) = median(&ratios) {
+                        pooled.p99_round_ratio = Some(median);
                         pooled.notes.push(format!(
                             "p99 / Mosquitto's, round by round: {}; median {median:.2}×",
                             ratios
