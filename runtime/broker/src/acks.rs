@@ -75,7 +75,14 @@ pub(crate) struct SlotInner {
     /// When the layer last read something (the keepalive of a hibernating connection
     /// counts from it).
     last_read: Cell<Option<Instant>>,
+    /// Set when the connection hibernates: what ntex still reads from the socket before it
+    /// lets go of it goes here instead of to the dispatcher (which is ending), and is
+    /// replayed to the woken connection (see [`capture_late_reads`]).
+    late: OnceCell<LateReads>,
 }
+
+/// Bytes read from a hibernating connection's socket after it was handed over.
+pub(crate) type LateReads = Rc<std::cell::RefCell<Vec<u8>>>;
 
 impl std::fmt::Debug for AckFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,6 +125,15 @@ pub(crate) fn set_last_read(io: &ntex::io::IoRef, at: Option<Instant>) {
     if let Some(slot) = io.query::<SessionSlot>().into_inner() {
         slot.0.last_read.set(at);
     }
+}
+
+/// From now on, what the connection's filter reads is kept in the returned buffer rather
+/// than passed on (`None` without the layer). For a connection that hibernates: ntex may
+/// still read from the socket between `terminate()` and letting go of it, and those bytes
+/// (a client's packet sent just then) would otherwise be lost.
+pub(crate) fn capture_late_reads(io: &ntex::io::IoRef) -> Option<LateReads> {
+    let slot = io.query::<SessionSlot>().into_inner()?;
+    Some(slot.0.late.get_or_init(LateReads::default).clone())
 }
 
 /// Reads the connection's filter has seen (0 without the layer).
@@ -175,6 +191,11 @@ impl FilterLayer for AckFilter {
                 return;
             };
             if src.is_empty() {
+                return;
+            }
+            if let Some(late) = self.session.0.late.get() {
+                late.borrow_mut().extend_from_slice(src);
+                src.clear();
                 return;
             }
             if self.lost.get() {

@@ -557,6 +557,7 @@ impl Conn {
         tracing::debug!(client_id = %self.session.client_id, "Connection hibernates.");
         let disconnected = self.io.on_disconnect();
         let worker = ntex::rt::Handle::current();
+        let late = crate::acks::capture_late_reads(&self.io);
         // ntex aborts the socket it closes (SO_LINGER 0) and closes its descriptor; ours
         // keeps the connection open. Once ntex is done with it, linger is set back.
         self.io.terminate();
@@ -565,7 +566,11 @@ impl Conn {
         ntex::rt::spawn_detached(async move {
             disconnected.await;
             let _ = crate::hibernate::reset_linger(&stream);
-            if let Some(parking) = shared.parking.as_ref() {
+            // A packet ntex read after the hand-over: the connection wakes with it at once.
+            let late = late.map(|late| std::mem::take(&mut *late.borrow_mut()));
+            if let Some(late) = late.filter(|late| !late.is_empty()) {
+                crate::hibernate::resume_now(stream, listener, state, &late);
+            } else if let Some(parking) = shared.parking.as_ref() {
                 parking.park(stream, listener, worker, state);
             }
         });

@@ -542,6 +542,22 @@ impl Lot {
     }
 }
 
+/// Serves a connection that has just hibernated again at once, on this worker: ntex read
+/// `late` from its socket after the hand-over (a packet the client sent just then), which
+/// the woken connection reads after its replayed CONNECT.
+pub(crate) fn resume_now(stream: TcpStream, listener: usize, state: Hibernated, late: &[u8]) {
+    tracing::debug!(
+        client_id = %state.state().session.client_id,
+        bytes = late.len(),
+        "The client sent a packet as its connection hibernated: it wakes at once."
+    );
+    let mut prefill = connect_packet(state.state());
+    prefill.extend_from_slice(late);
+    state.state().shared.router.metrics().woke();
+    let _ = stream.set_nonblocking(false);
+    crate::accept::serve_on_worker(listener, stream, Resumed { prefill, state });
+}
+
 /// Whether the client of `state` missed its keepalive by `now` (see
 /// [`ConnState::allowance`]), counted from the client's last packet.
 fn expired(state: &Hibernated, now: std::time::Instant) -> bool {
