@@ -593,7 +593,29 @@ fn a_packet_sent_just_as_the_connection_hibernates_is_not_lost() {
     const CLIENTS: usize = 200;
     const ROUNDS: usize = 10;
     let gw = gateway();
+    // Every PUBLISH is delivered once.
+    let mut watcher = connect(&gw, &raw::connect_v3("edge-watcher", true, 60));
+    subscribe(&mut watcher, 1, "edge/#", 0);
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watch = {
+        let watching = watching.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::HashMap::<String, usize>::new();
+            loop {
+                match watcher.read(Duration::from_millis(200)) {
+                    Some(packet) if packet.kind() == raw::PUBLISH => {
+                        *seen.entry(publish_bytes(&packet).0).or_default() += 1;
+                    }
+                    Some(other) => panic!("the watcher got {other:?}"),
+                    None if !watching.load(std::sync::atomic::Ordering::Relaxed) => break,
+                    None => {}
+                }
+            }
+            seen
+        })
+    };
     let lost = std::sync::atomic::AtomicUsize::new(0);
+    let stray = std::sync::atomic::AtomicUsize::new(0);
     let mut aim_ms = 10.0f64;
     let mut woke = 0.0;
     let mut shares = Vec::new();
@@ -601,7 +623,7 @@ fn a_packet_sent_just_as_the_connection_hibernates_is_not_lost() {
         let wakes_before = gw.metric(WAKES);
         std::thread::scope(|scope| {
             for client in 0..CLIENTS {
-                let (gw, lost) = (&gw, &lost);
+                let (gw, lost, stray) = (&gw, &lost, &stray);
                 scope.spawn(move || {
                     let id = format!("edge-{round}-{client}");
                     let mut conn = connect(gw, &raw::connect_v3(&id, true, 60));
@@ -611,10 +633,12 @@ fn a_packet_sent_just_as_the_connection_hibernates_is_not_lost() {
                     let at = Duration::from_secs_f64((1000.0 + offset_ms) / 1000.0);
                     std::thread::sleep(at.saturating_sub(connected.elapsed()));
                     conn.send(&raw::publish_v3(&format!("edge/{id}"), 1, 1, false, b"x"));
-                    let (puback, _) = conn.read_kind(raw::PUBACK, Duration::from_secs(3));
+                    let (puback, others) = conn.read_kind(raw::PUBACK, Duration::from_secs(3));
                     if puback.is_none() {
                         lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
+                    // No CONNACK of a replayed CONNECT, nothing else.
+                    stray.fetch_add(others.len(), std::sync::atomic::Ordering::Relaxed);
                     conn.send(&raw::disconnect());
                 });
             }
@@ -636,6 +660,15 @@ fn a_packet_sent_just_as_the_connection_hibernates_is_not_lost() {
         "PUBLISHes without a PUBACK of {attempts}; share that woke a hibernated connection \
          per round: {shares:?}"
     );
+    assert_eq!(stray.into_inner(), 0, "packets other than the PUBACK");
+    // The watcher has every message once (each was routed before its PUBACK; the watcher
+    // stops after 200 ms without a packet).
+    std::thread::sleep(QUIET);
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = watch.join().expect("the watcher");
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(seen.len(), CLIENTS * ROUNDS, "messages delivered");
     // Enough PUBLISHes on either side of the hand-over for the test to mean something.
     assert!(
         (0.05..=0.95).contains(&(woke / attempts)),

@@ -105,10 +105,29 @@ impl AckFilter {
         }
     }
 
-    /// The layer of a connection resumed from hibernation (see `drop_connack`).
-    pub fn resumed() -> Self {
+    /// The layer of a connection resumed from hibernation (see `drop_connack`), whose
+    /// dispatcher is given `prefill` (the replayed CONNECT, then any bytes read as the
+    /// connection hibernated; see [`capture_late_reads`]) without it passing through the
+    /// layer. The layer starts where those end: inside a packet when the client's bytes
+    /// ended in one (its rest is passed through), or, inside a fixed header, passing
+    /// everything (acks are then left to the dispatcher).
+    pub fn resumed(prefill: &[u8]) -> Self {
         let filter = Self::new();
         filter.drop_connack.set(true);
+        let mut pos = 0;
+        while pos < prefill.len() {
+            match fixed_header(&prefill[pos..]) {
+                Ok(Some((header, remaining))) => {
+                    let end = pos + header + remaining;
+                    filter.skip.set(end.saturating_sub(prefill.len()));
+                    pos = end;
+                }
+                Ok(None) | Err(()) => {
+                    filter.lost.set(true);
+                    break;
+                }
+            }
+        }
         filter
     }
 }
@@ -177,6 +196,19 @@ fn ack_kind(first: u8) -> Option<AckKind> {
     }
 }
 
+impl AckFilter {
+    /// Once the connection hibernates, keeps what is read (see [`capture_late_reads`]):
+    /// true when it did (nothing is passed on).
+    fn take_late(&self, src: &mut BytesMut) -> bool {
+        let Some(late) = self.session.0.late.get() else {
+            return false;
+        };
+        late.borrow_mut().extend_from_slice(src);
+        src.clear();
+        true
+    }
+}
+
 impl FilterLayer for AckFilter {
     fn query(&self, id: TypeId) -> Option<Box<dyn Any>> {
         (id == TypeId::of::<SessionSlot>()).then(|| Box::new(self.session.clone()) as Box<dyn Any>)
@@ -193,9 +225,7 @@ impl FilterLayer for AckFilter {
             if src.is_empty() {
                 return;
             }
-            if let Some(late) = self.session.0.late.get() {
-                late.borrow_mut().extend_from_slice(src);
-                src.clear();
+            if self.take_late(src) {
                 return;
             }
             if self.lost.get() {
@@ -399,10 +429,9 @@ where
         // the MQTT service, whose readiness never changes (it only forwards that of the
         // CONNECT handler, a plain function).
         let prefill = crate::hibernate::take_prefill(self.listener, &io);
-        let filter = if prefill.is_some() {
-            AckFilter::resumed()
-        } else {
-            AckFilter::new()
+        let filter = match &prefill {
+            Some(prefill) => AckFilter::resumed(prefill),
+            None => AckFilter::new(),
         };
         let io = io.add_filter(filter);
         if let Some(prefill) = prefill {
@@ -436,6 +465,48 @@ mod tests {
     };
 
     const PINGREQ: [u8; 2] = [0xc0, 0x00];
+
+    #[test]
+    fn a_resumed_layer_starts_where_the_replayed_bytes_end() {
+        // CONNECT (replayed), then what the client sent as its connection hibernated: a
+        // PUBLISH of 300 bytes (two bytes of remaining length), cut anywhere.
+        let connect = [0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
+        let publish = publish("a/b", 300);
+        let mut stream = connect.to_vec();
+        stream.extend_from_slice(&publish);
+        for cut in connect.len()..=stream.len() {
+            let filter = AckFilter::resumed(&stream[..cut]);
+            let into = cut - connect.len();
+            if (1..3).contains(&into) {
+                // Inside the PUBLISH's fixed header: framing is given up.
+                assert!(filter.lost.get(), "cut {into} into the PUBLISH");
+            } else {
+                assert!(!filter.lost.get(), "cut {into} into the PUBLISH");
+                let owed = if into == 0 { 0 } else { publish.len() - into };
+                assert_eq!(filter.skip.get(), owed, "cut {into} into the PUBLISH");
+            }
+            assert!(filter.drop_connack.get());
+        }
+        // What follows the cut is passed on whole, and an ack after it is still found.
+        let filter = AckFilter::resumed(&stream[..connect.len() + 100]);
+        let mut rest = stream[connect.len() + 100..].to_vec();
+        rest.extend_from_slice(&ack(0x40, 7));
+        assert_eq!(feed(&filter, None, &rest, &[]), rest);
+        assert_eq!(filter.skip.get(), 0);
+        assert!(!filter.lost.get());
+    }
+
+    #[test]
+    fn bytes_read_after_the_hand_over_are_kept_not_passed() {
+        let filter = AckFilter::new();
+        let late = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let _ = filter.session.0.late.set(late.clone());
+        let publish = publish("a/b", 10);
+        let mut src = BytesMut::from(&publish[..]);
+        assert!(filter.take_late(&mut src));
+        assert!(src.is_empty());
+        assert_eq!(*late.borrow(), publish);
+    }
 
     fn ack(first: u8, id: u16) -> Vec<u8> {
         let [hi, lo] = id.to_be_bytes();

@@ -545,14 +545,17 @@ impl Lot {
 /// Serves a connection that has just hibernated again at once, on this worker: ntex read
 /// `late` from its socket after the hand-over (a packet the client sent just then), which
 /// the woken connection reads after its replayed CONNECT.
-pub(crate) fn resume_now(stream: TcpStream, listener: usize, state: Hibernated, late: &[u8]) {
+pub(crate) fn resume_now(stream: TcpStream, listener: usize, mut state: Hibernated, late: &[u8]) {
     tracing::debug!(
         client_id = %state.state().session.client_id,
         bytes = late.len(),
         "The client sent a packet as its connection hibernated: it wakes at once."
     );
+    // Its keepalive counts from these bytes.
+    state.state_mut().last_read = Some(std::time::Instant::now());
     let mut prefill = connect_packet(state.state());
     prefill.extend_from_slice(late);
+    // Counted as a wake (the awake connection ended; another serves the client).
     state.state().shared.router.metrics().woke();
     let _ = stream.set_nonblocking(false);
     crate::accept::serve_on_worker(listener, stream, Resumed { prefill, state });
