@@ -472,17 +472,26 @@ async fn run_latency_rounds(
         .position(|b| b.kind == Kind::Mosquitto)
         .map(|i| p99s(&results[i]));
     for (bin, measured) in bins.iter().zip(&results) {
+        let outcomes: Vec<load::Outcome> = measured
+            .iter()
+            .filter_map(|m| match m {
+                Measured::Flow(o) => Some((**o).clone()),
+                _ => None,
+            })
+            .collect();
+        // The rounds that worked count; a failed round is named in the notes (all failed:
+        // the entry fails).
         let pooled = match measured.iter().find(|m| !matches!(m, Measured::Flow(_))) {
-            Some(failed) => failed.clone(),
-            None => {
-                let outcomes: Vec<load::Outcome> = measured
-                    .iter()
-                    .filter_map(|m| match m {
-                        Measured::Flow(o) => Some((**o).clone()),
-                        _ => None,
-                    })
-                    .collect();
+            Some(failed) if outcomes.is_empty() => failed.clone(),
+            _ => {
                 let mut pooled = load::pool_rounds(&outcomes);
+                for (round, m) in measured.iter().enumerate() {
+                    if let Measured::Failed(error) = m {
+                        pooled
+                            .notes
+                            .push(format!("round {} failed: {error}", round + 1));
+                    }
+                }
                 let own = p99s(measured);
                 let shown: Vec<String> = own
                     .iter()
