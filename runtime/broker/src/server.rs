@@ -37,6 +37,11 @@ use crate::{
     websocket::{self, WebSocketSettings},
 };
 
+/// How often ntex samples the MQTT workers' scheduling latency, in milliseconds; its
+/// watchdog reports a worker that made no progress for this plus 1 s (see the server
+/// thread in [`Broker::start`]).
+const STALL_SAMPLE_MS: usize = 1000;
+
 /// Where and how one listener serves MQTT.
 #[derive(Clone, Debug)]
 pub struct ListenerSettings {
@@ -248,16 +253,25 @@ impl Broker {
         let thread = std::thread::Builder::new()
             .name("edgegw-mqtt".into())
             .spawn(move || {
-                ntex::rt::System::new("edgegw-mqtt", io_driver).block_on(async move {
-                    let server = ntex_server::WorkerPool::new()
-                        .name("edgegw-mqtt")
-                        .workers(workers)
-                        .disable_signals()
-                        .graceful_shutdown_timeout(Seconds(5))
-                        .run(workers_config);
-                    let _ = started.send(server.clone());
-                    server.await
-                })
+                // ntex samples each arbiter's scheduling latency on a timer and a watchdog
+                // thread checks the samples for stalls, every 100 ms by default: some 30
+                // wake-ups a second of an idle broker's core, each of which can delay a
+                // message that arrives meanwhile. Once a second still reports a stall
+                // (no progress for 2 s) with the task that caused it.
+                ntex::rt::System::build()
+                    .name("edgegw-mqtt")
+                    .latency_interval(STALL_SAMPLE_MS)
+                    .build(io_driver)
+                    .block_on(async move {
+                        let server = ntex_server::WorkerPool::new()
+                            .name("edgegw-mqtt")
+                            .workers(workers)
+                            .disable_signals()
+                            .graceful_shutdown_timeout(Seconds(5))
+                            .run(workers_config);
+                        let _ = started.send(server.clone());
+                        server.await
+                    })
             })
             .map_err(BrokerError::Thread)?;
         let server: ntex_server::Server<Accepted> = server.recv().map_err(|_| {
