@@ -529,15 +529,11 @@ impl Lot {
             state,
             ..
         } = record;
-        let prefill = connect_packet(state.state());
-        state.state().shared.router.metrics().woke();
-        let resumed = Resumed { prefill, state };
         // On the worker: serve the socket again, with the CONNECT handler finding the
         // state. Dropping the handle detaches the task; a worker that stopped drops the
         // future, and with it the connection (ended).
         drop(worker.spawn(async move {
-            let _ = stream.set_nonblocking(false);
-            crate::accept::serve_on_worker(listener as usize, stream, resumed);
+            resume(stream, listener as usize, state, &[]);
         }));
     }
 }
@@ -553,9 +549,15 @@ pub(crate) fn resume_now(stream: TcpStream, listener: usize, mut state: Hibernat
     );
     // Its keepalive counts from these bytes.
     state.state_mut().last_read = Some(std::time::Instant::now());
-    let mut prefill = connect_packet(state.state());
-    prefill.extend_from_slice(late);
     // Counted as a wake (the awake connection ended; another serves the client).
+    resume(stream, listener, state, late);
+}
+
+/// Serves a hibernated connection again on the calling worker: the broker's CONNECT handler
+/// gets the replayed CONNECT (which finds `state`), then `extra`, then the socket.
+fn resume(stream: TcpStream, listener: usize, state: Hibernated, extra: &[u8]) {
+    let mut prefill = connect_packet(state.state());
+    prefill.extend_from_slice(extra);
     state.state().shared.router.metrics().woke();
     let _ = stream.set_nonblocking(false);
     crate::accept::serve_on_worker(listener, stream, Resumed { prefill, state });
