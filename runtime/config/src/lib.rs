@@ -154,7 +154,7 @@ impl Config {
                 errors.push(error_at(
                     line,
                     column,
-                    unknown_key_message(name, SECTIONS, "top level"),
+                    unknown_key_message(name, SECTIONS, "the top level"),
                 ));
             }
         }
@@ -386,11 +386,54 @@ fn unknown_key_message(key: &str, known: &[&str], place: &str) -> String {
     let mut message = format!("unknown key `{key}` in {place}");
     if let Some(best) = nearest(key, known) {
         message.push_str(&format!("; did you mean `{best}`?"));
+    } else {
+        // Most often a key indented one level too little or too much.
+        let elsewhere = sections_with_key(key, place, &schema::key_paths());
+        if !elsewhere.is_empty() {
+            message.push_str(&format!(
+                "; `{key}` is a key of {} (check its indentation).",
+                elsewhere.join(" and ")
+            ));
+        } else if !known.is_empty() {
+            message.push('.');
+        }
     }
     if !known.is_empty() {
         message.push_str(&format!(" Valid keys: {}", known.join(", ")));
     }
     message
+}
+
+/// The sections (`broker.auth`, `the top level`) among `paths` that have `key`, other than
+/// `place` (`uplinks[0].tls`), at most three.
+fn sections_with_key(key: &str, place: &str, paths: &[String]) -> Vec<String> {
+    // `uplinks[0].tls` as the paths have it: `uplinks[].tls`.
+    let mut here = String::with_capacity(place.len());
+    let mut in_index = false;
+    for c in place.chars() {
+        match c {
+            '[' => in_index = true,
+            ']' => {
+                in_index = false;
+                here.push_str("[]");
+            }
+            _ if in_index => {}
+            _ => here.push(c),
+        }
+    }
+    let mut sections: Vec<String> = Vec::new();
+    for path in paths {
+        let section = match path.rsplit_once('.') {
+            Some((section, last)) if last == key => section,
+            None if path == key => "the top level",
+            _ => continue,
+        };
+        if section != here && !sections.iter().any(|s| s == section) {
+            sections.push(section.to_string());
+        }
+    }
+    sections.truncate(3);
+    sections
 }
 
 /// The known key closest to `key` by edit distance, when it is close enough to be a typo.

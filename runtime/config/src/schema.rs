@@ -35,6 +35,70 @@ pub fn json_schema() -> String {
     text
 }
 
+/// Every key the config file has, as a dotted path from the top (`broker.auth.allow_anonymous`;
+/// a list's items as `[]`: `broker.listeners[].bind`), from the schema. Error messages use it
+/// to say where a key that is unknown in one place belongs.
+pub(crate) fn key_paths() -> Vec<String> {
+    let root = SchemaSettings::draft2020_12()
+        .into_generator()
+        .into_root_schema_for::<Config>()
+        .to_value();
+    let definitions = root.get("$defs").cloned().unwrap_or_default();
+    let mut paths = Vec::new();
+    collect_keys(&root, "", &definitions, &mut Vec::new(), &mut paths);
+    paths
+}
+
+/// Adds the keys of `schema`, found at `path`, to `paths`. `within` holds the definitions
+/// being walked, so a recursive one is walked once.
+fn collect_keys<'a>(
+    schema: &'a Value,
+    path: &str,
+    definitions: &'a Value,
+    within: &mut Vec<&'a str>,
+    paths: &mut Vec<String>,
+) {
+    let Value::Object(object) = schema else {
+        return;
+    };
+    if let Some(Value::String(reference)) = object.get("$ref") {
+        let name = reference.trim_start_matches("#/$defs/");
+        if let Some(definition) = definitions.get(name)
+            && !within.contains(&name)
+        {
+            within.push(name);
+            collect_keys(definition, path, definitions, within, paths);
+            within.pop();
+        }
+    }
+    for choices in ["anyOf", "oneOf", "allOf"] {
+        if let Some(Value::Array(choices)) = object.get(choices) {
+            for choice in choices {
+                collect_keys(choice, path, definitions, within, paths);
+            }
+        }
+    }
+    if let Some(Value::Object(properties)) = object.get("properties") {
+        for (key, property) in properties {
+            let path = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            if !paths.contains(&path) {
+                paths.push(path.clone());
+            }
+            collect_keys(property, &path, definitions, within, paths);
+        }
+    }
+    if let Some(items) = object.get("items") {
+        collect_keys(items, &format!("{path}[]"), definitions, within, paths);
+    }
+    if let Some(values @ Value::Object(_)) = object.get("additionalProperties") {
+        collect_keys(values, &format!("{path}.*"), definitions, within, paths);
+    }
+}
+
 /// A socket address as Rust parses it: `IPv4:port` or `[IPv6]:port` (no host names).
 pub(crate) fn socket_addr(_: &mut SchemaGenerator) -> Schema {
     json_schema!({

@@ -60,6 +60,66 @@ fn unknown_key_is_located_and_suggested() {
 }
 
 #[test]
+fn a_key_in_the_wrong_section_says_where_it_belongs() {
+    // One level too high: `allow_anonymous` belongs under `broker.auth`.
+    let errs = errors("broker:\n  allow_anonymous: false\n");
+    assert_eq!(
+        errs,
+        [
+            "site.yaml:2:3: unknown key `allow_anonymous` in broker; `allow_anonymous` is a key \
+             of broker.auth (check its indentation). Valid keys: listeners, auth, acl, limits"
+        ]
+    );
+    // One level too deep, inside a list item; a key with two homes names both.
+    let errs = errors("broker:\n  listeners:\n    - bind: 127.0.0.1:1883\n      limits: {}\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("site.yaml:4:7: "), "{errs:?}");
+    assert!(
+        errs[0].contains("`limits` is a key of broker and "),
+        "{errs:?}"
+    );
+    // A section's key at the top level.
+    let errs = errors("max_connections: 10\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("unknown key `max_connections` in the top level; `max_connections` is a key of broker.limits"),
+        "{errs:?}"
+    );
+    // A key nowhere in the file's schema and not near a valid one: the valid keys, after a
+    // full stop.
+    let errs = errors("broker:\n  wibble: 1\n");
+    assert_eq!(
+        errs,
+        ["site.yaml:2:3: unknown key `wibble` in broker. Valid keys: listeners, auth, acl, limits"]
+    );
+}
+
+#[test]
+fn the_section_an_unknown_key_is_in_is_not_named_as_its_home() {
+    // A key of one variant of a section written in another variant of it (serde reports it
+    // unknown there): naming its own section would say nothing.
+    let paths = [
+        "uplinks",
+        "uplinks[].tls",
+        "uplinks[].tls.ca",
+        "broker.auth.ca",
+    ]
+    .map(String::from);
+    assert_eq!(
+        crate::sections_with_key("ca", "uplinks[0].tls", &paths),
+        ["broker.auth"]
+    );
+    assert_eq!(
+        crate::sections_with_key("ca", "broker", &paths),
+        ["uplinks[].tls", "broker.auth"]
+    );
+    assert_eq!(
+        crate::sections_with_key("uplinks", "broker", &paths),
+        ["the top level"]
+    );
+}
+
+#[test]
 fn unknown_top_level_section_is_suggested() {
     let errs = errors("gateway: {}\nbrokr:\n  listeners: []\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
