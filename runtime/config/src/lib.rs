@@ -120,7 +120,7 @@ impl Config {
 
         let root: serde_norway::Value = match serde_norway::from_str(&text) {
             Ok(value) => value,
-            Err(error) => return Err(ConfigErrors(vec![from_yaml_error(file, &error)])),
+            Err(error) => return Err(ConfigErrors(vec![from_yaml_error(file, &text, &error)])),
         };
         let mapping = match root {
             serde_norway::Value::Null => serde_norway::Mapping::new(),
@@ -344,11 +344,11 @@ fn section<T: serde::de::DeserializeOwned>(
     match locate::deserialize_section::<T>(text, name) {
         Ok(Some(value)) => *slot = value,
         Ok(None) => {}
-        Err(error) => errors.push(from_yaml_error(file, &error)),
+        Err(error) => errors.push(from_yaml_error(file, text, &error)),
     }
 }
 
-fn from_yaml_error(file: &str, error: &serde_norway::Error) -> ConfigError {
+fn from_yaml_error(file: &str, text: &str, error: &serde_norway::Error) -> ConfigError {
     let location = error.location();
     let mut message = error.to_string();
     // serde_norway appends " at line L column C"; the position is printed in front instead.
@@ -359,8 +359,32 @@ fn from_yaml_error(file: &str, error: &serde_norway::Error) -> ConfigError {
         file: file.to_string(),
         line: location.as_ref().map(|l| l.line()),
         column: location.as_ref().map(|l| l.column()),
-        message: improve_message(&message),
+        message: with_hint(improve_message(&message), text, location.as_ref()),
     }
+}
+
+/// Adds what to do to the YAML parser's messages that name only what it met, and to a
+/// socket address Rust could not parse.
+fn with_hint(message: String, text: &str, at: Option<&serde_norway::Location>) -> String {
+    let character = at.and_then(|at| {
+        text.lines()
+            .nth(at.line().checked_sub(1)?)?
+            .chars()
+            .nth(at.column().checked_sub(1)?)
+    });
+    let hint = if character == Some('\t') {
+        "a tab: YAML indents with spaces only"
+    } else if message.ends_with("did not find expected key") {
+        "check this line's indentation: the keys of one mapping start in the same column"
+    } else if message.ends_with("mapping values are not allowed in this context") {
+        "a `key: value` where a value was expected: check this line's indentation, or \
+         quote a value that contains `: `"
+    } else if message.ends_with("invalid socket address syntax") {
+        "write an IP address and a port, such as `0.0.0.0:1883` or `[::]:1883` (not a host name)"
+    } else {
+        return message;
+    };
+    format!("{message}: {hint}")
 }
 
 /// Rewrites serde's `unknown field` message into one that suggests the nearest valid key.

@@ -120,6 +120,41 @@ fn the_section_an_unknown_key_is_in_is_not_named_as_its_home() {
 }
 
 #[test]
+fn yaml_syntax_errors_say_what_to_check() {
+    let cases = [
+        (
+            "broker:\n  listeners:\n  - bind: 127.0.0.1:1\n    tls: x\n   acl: {}\n",
+            "site.yaml:5:4: did not find expected key: check this line's indentation: the keys \
+             of one mapping start in the same column",
+        ),
+        (
+            "broker:\n  limits:\n    max_connections: 5\n      max_inflight: 3\n",
+            "site.yaml:4:19: mapping values are not allowed in this context: a `key: value` \
+             where a value was expected: check this line's indentation, or quote a value that \
+             contains `: `",
+        ),
+        (
+            "broker:\n\tlimits: {}\n",
+            "site.yaml:2:1: found character that cannot start any token: a tab: YAML indents \
+             with spaces only",
+        ),
+        (
+            "metrics: { bind: \"localhost:9100\" }\n",
+            "site.yaml:1:18: metrics.bind: invalid socket address syntax: write an IP address \
+             and a port, such as `0.0.0.0:1883` or `[::]:1883` (not a host name)",
+        ),
+        // Others as the parser words them.
+        (
+            "broker: [\n",
+            "site.yaml:2:1: did not find expected node content",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(errors(text), [expected], "{text}");
+    }
+}
+
+#[test]
 fn unknown_top_level_section_is_suggested() {
     let errs = errors("gateway: {}\nbrokr:\n  listeners: []\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
