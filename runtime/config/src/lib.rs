@@ -363,6 +363,19 @@ fn from_yaml_error(file: &str, text: &str, error: &serde_norway::Error) -> Confi
     }
 }
 
+/// What serde's name of a number type (`u16`) means in a config file.
+fn number_range(rust_type: &str) -> Option<String> {
+    let max = match rust_type {
+        "u8" => u64::from(u8::MAX),
+        "u16" => u64::from(u16::MAX),
+        "u32" => u64::from(u32::MAX),
+        "u64" | "usize" => u64::MAX,
+        "f32" | "f64" => return Some("a number".to_string()),
+        _ => return None,
+    };
+    Some(format!("a whole number from 0 to {max}"))
+}
+
 /// Adds what to do to the YAML parser's messages that name only what it met, and to a
 /// socket address Rust could not parse.
 fn with_hint(message: String, text: &str, at: Option<&serde_norway::Location>) -> String {
@@ -379,6 +392,12 @@ fn with_hint(message: String, text: &str, at: Option<&serde_norway::Location>) -
     } else if message.ends_with("mapping values are not allowed in this context") {
         "a `key: value` where a value was expected: check this line's indentation, or \
          quote a value that contains `: `"
+    } else if let Some(rust_type) = message.rsplit_once(", expected ").map(|(_, t)| t)
+        && let Some(range) = number_range(rust_type)
+    {
+        // serde names the Rust type (`expected u32`); say what that means.
+        let message = &message[..message.len() - rust_type.len()];
+        return format!("{message}{range}");
     } else if message.ends_with("invalid socket address syntax") {
         "write an IP address and a port, such as `0.0.0.0:1883` or `[::]:1883` (not a host name)"
     } else {

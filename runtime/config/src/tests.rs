@@ -120,7 +120,7 @@ fn the_section_an_unknown_key_is_in_is_not_named_as_its_home() {
 }
 
 #[test]
-fn yaml_syntax_errors_say_what_to_check() {
+fn yaml_syntax_and_value_errors_say_what_to_check() {
     let cases = [
         (
             "broker:\n  listeners:\n  - bind: 127.0.0.1:1\n    tls: x\n   acl: {}\n",
@@ -142,6 +142,16 @@ fn yaml_syntax_errors_say_what_to_check() {
             "metrics: { bind: \"localhost:9100\" }\n",
             "site.yaml:1:18: metrics.bind: invalid socket address syntax: write an IP address \
              and a port, such as `0.0.0.0:1883` or `[::]:1883` (not a host name)",
+        ),
+        (
+            "broker:\n  limits:\n    max_connections: -3\n",
+            "site.yaml:3:22: broker.limits.max_connections: invalid type: integer `-3`, \
+             expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "broker:\n  limits:\n    max_connections: 99999999999\n",
+            "site.yaml:3:22: broker.limits.max_connections: invalid value: integer \
+             `99999999999`, expected a whole number from 0 to 4294967295",
         ),
         // Others as the parser words them.
         (
