@@ -363,17 +363,25 @@ fn from_yaml_error(file: &str, text: &str, error: &serde_norway::Error) -> Confi
     }
 }
 
-/// What serde's name of a number type (`u16`) means in a config file.
-fn number_range(rust_type: &str) -> Option<String> {
+/// What serde's name of an integer type (`u16`) means in a config file, for `message`.
+/// Only the type's own limit is named: a key's validation may allow less (`qos`: 0 to 2).
+fn number_expected(rust_type: &str, message: &str) -> Option<String> {
     let max = match rust_type {
         "u8" => u64::from(u8::MAX),
         "u16" => u64::from(u16::MAX),
         "u32" => u64::from(u32::MAX),
-        "u64" | "usize" => u64::MAX,
+        "u64" => u64::MAX,
+        "usize" => u64::try_from(usize::MAX).unwrap_or(u64::MAX),
         "f32" | "f64" => return Some("a number".to_string()),
         _ => return None,
     };
-    Some(format!("a whole number from 0 to {max}"))
+    Some(if message.starts_with("invalid type: integer `-") {
+        "a whole number, not negative".to_string()
+    } else if message.starts_with("invalid value: integer") {
+        format!("a whole number no larger than {max}")
+    } else {
+        "a whole number".to_string()
+    })
 }
 
 /// Adds what to do to the YAML parser's messages that name only what it met, and to a
@@ -386,24 +394,28 @@ fn with_hint(message: String, text: &str, at: Option<&serde_norway::Location>) -
             .nth(at.column().checked_sub(1)?)
     });
     let hint = if character == Some('\t') {
-        "a tab: YAML indents with spaces only"
+        "it is a tab, and YAML indents with spaces only"
     } else if message.ends_with("did not find expected key") {
-        "check this line's indentation: the keys of one mapping start in the same column"
+        "check this line's indentation (the keys of one mapping start in the same column)"
     } else if message.ends_with("mapping values are not allowed in this context") {
-        "a `key: value` where a value was expected: check this line's indentation, or \
-         quote a value that contains `: `"
-    } else if let Some(rust_type) = message.rsplit_once(", expected ").map(|(_, t)| t)
-        && let Some(range) = number_range(rust_type)
-    {
-        // serde names the Rust type (`expected u32`); say what that means.
+        "check this line's indentation, or quote a value that contains `: `"
+    } else if let Some((_, rust_type)) = message.rsplit_once(", expected ") {
+        // serde names the Rust type (`expected u32`); say what that means. (The message
+        // is `key.path: invalid type: ...`; the first `invalid ` is serde's.)
+        let Some(expected) = message
+            .find("invalid ")
+            .and_then(|at| number_expected(rust_type, &message[at..]))
+        else {
+            return message;
+        };
         let message = &message[..message.len() - rust_type.len()];
-        return format!("{message}{range}");
+        return format!("{message}{expected}");
     } else if message.ends_with("invalid socket address syntax") {
         "write an IP address and a port, such as `0.0.0.0:1883` or `[::]:1883` (not a host name)"
     } else {
         return message;
     };
-    format!("{message}: {hint}")
+    format!("{message}; {hint}")
 }
 
 /// Rewrites serde's `unknown field` message into one that suggests the nearest valid key.
@@ -426,20 +438,27 @@ fn improve_message(message: &str) -> String {
 }
 
 fn unknown_key_message(key: &str, known: &[&str], place: &str) -> String {
-    let mut message = format!("unknown key `{key}` in {place}");
-    if let Some(best) = nearest(key, known) {
-        message.push_str(&format!("; did you mean `{best}`?"));
-    } else {
-        // Most often a key indented one level too little or too much.
-        let elsewhere = sections_with_key(key, place, &schema::key_paths());
-        if !elsewhere.is_empty() {
-            message.push_str(&format!(
-                "; `{key}` is a key of {} (check its indentation).",
-                elsewhere.join(" and ")
-            ));
-        } else if !known.is_empty() {
-            message.push('.');
+    let mut message = match place {
+        "the top level" => format!("unknown key `{key}` at the top level"),
+        "here" => format!("unknown key `{key}` here"),
+        _ => format!("unknown key `{key}` in {place}"),
+    };
+    // Most often a key indented one level too little or too much: said first, since a
+    // near spelling of a short key (`qos`, `tls`) is as likely a coincidence.
+    let elsewhere = sections_with_key(key, place, &schema::key_paths());
+    if !elsewhere.is_empty() {
+        message.push_str(&format!(
+            "; `{key}` is a key of {} (check its indentation)",
+            and_list(&elsewhere)
+        ));
+    }
+    match nearest(key, known) {
+        Some(best) if elsewhere.is_empty() => {
+            message.push_str(&format!("; did you mean `{best}`?"))
         }
+        Some(best) => message.push_str(&format!(", or did you mean `{best}`?")),
+        None if !elsewhere.is_empty() || !known.is_empty() => message.push('.'),
+        None => {}
     }
     if !known.is_empty() {
         message.push_str(&format!(" Valid keys: {}", known.join(", ")));
@@ -448,7 +467,8 @@ fn unknown_key_message(key: &str, known: &[&str], place: &str) -> String {
 }
 
 /// The sections (`broker.auth`, `the top level`) among `paths` that have `key`, other than
-/// `place` (`uplinks[0].tls`), at most three.
+/// `place` (`uplinks[0].tls`), the nearest to it first, at most three. (A place inside a map, `x.name`, is not matched
+/// to its path `x.*`; no map in the config has mappings as values.)
 fn sections_with_key(key: &str, place: &str, paths: &[String]) -> Vec<String> {
     // `uplinks[0].tls` as the paths have it: `uplinks[].tls`.
     let mut here = String::with_capacity(place.len());
@@ -475,8 +495,27 @@ fn sections_with_key(key: &str, place: &str, paths: &[String]) -> Vec<String> {
             sections.push(section.to_string());
         }
     }
+    // Nearest first: those sharing the longest start with the place (a sibling section).
+    sections.sort_by_key(|section| {
+        std::cmp::Reverse(
+            section
+                .bytes()
+                .zip(here.bytes())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        )
+    });
     sections.truncate(3);
     sections
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 /// The known key closest to `key` by edit distance, when it is close enough to be a typo.

@@ -82,7 +82,23 @@ fn a_key_in_the_wrong_section_says_where_it_belongs() {
     let errs = errors("max_connections: 10\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
-        errs[0].contains("unknown key `max_connections` in the top level; `max_connections` is a key of broker.limits"),
+        errs[0].contains(
+            "unknown key `max_connections` at the top level; `max_connections` is a key of \
+             broker.limits (check its indentation). Valid keys: gateway, "
+        ),
+        "{errs:?}"
+    );
+    // A key of another section that is also near a valid key here (`qos`, `tls`): both,
+    // the other section first.
+    let errs =
+        errors("uplinks:\n  - name: cloud\n    url: \"mqtt://127.0.0.1:1884\"\n    qos: 1\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(
+            "site.yaml:4:5: unknown key `qos` in uplinks[0]; `qos` is a key of \
+             uplinks[].forward[], uplinks[].subscribe[] and nodes.simulated[] (check its \
+             indentation), or did you mean `tls`? Valid keys: "
+        ),
         "{errs:?}"
     );
     // A key nowhere in the file's schema and not near a valid one: the valid keys, after a
@@ -109,8 +125,13 @@ fn the_section_an_unknown_key_is_in_is_not_named_as_its_home() {
         crate::sections_with_key("ca", "uplinks[0].tls", &paths),
         ["broker.auth"]
     );
+    // The nearest (longest shared start) first.
     assert_eq!(
         crate::sections_with_key("ca", "broker", &paths),
+        ["broker.auth", "uplinks[].tls"]
+    );
+    assert_eq!(
+        crate::sections_with_key("ca", "uplinks[0]", &paths),
         ["uplinks[].tls", "broker.auth"]
     );
     assert_eq!(
@@ -124,34 +145,38 @@ fn yaml_syntax_and_value_errors_say_what_to_check() {
     let cases = [
         (
             "broker:\n  listeners:\n  - bind: 127.0.0.1:1\n    tls: x\n   acl: {}\n",
-            "site.yaml:5:4: did not find expected key: check this line's indentation: the keys \
-             of one mapping start in the same column",
+            "site.yaml:5:4: did not find expected key; check this line's indentation (the keys \
+             of one mapping start in the same column)",
         ),
         (
             "broker:\n  limits:\n    max_connections: 5\n      max_inflight: 3\n",
-            "site.yaml:4:19: mapping values are not allowed in this context: a `key: value` \
-             where a value was expected: check this line's indentation, or quote a value that \
-             contains `: `",
+            "site.yaml:4:19: mapping values are not allowed in this context; check this \
+             line's indentation, or quote a value that contains `: `",
         ),
         (
             "broker:\n\tlimits: {}\n",
-            "site.yaml:2:1: found character that cannot start any token: a tab: YAML indents \
-             with spaces only",
+            "site.yaml:2:1: found character that cannot start any token; it is a tab, and \
+             YAML indents with spaces only",
         ),
         (
             "metrics: { bind: \"localhost:9100\" }\n",
-            "site.yaml:1:18: metrics.bind: invalid socket address syntax: write an IP address \
+            "site.yaml:1:18: metrics.bind: invalid socket address syntax; write an IP address \
              and a port, such as `0.0.0.0:1883` or `[::]:1883` (not a host name)",
         ),
         (
             "broker:\n  limits:\n    max_connections: -3\n",
             "site.yaml:3:22: broker.limits.max_connections: invalid type: integer `-3`, \
-             expected a whole number from 0 to 4294967295",
+             expected a whole number, not negative",
         ),
         (
             "broker:\n  limits:\n    max_connections: 99999999999\n",
             "site.yaml:3:22: broker.limits.max_connections: invalid value: integer \
-             `99999999999`, expected a whole number from 0 to 4294967295",
+             `99999999999`, expected a whole number no larger than 4294967295",
+        ),
+        (
+            "broker:\n  limits:\n    max_connections: lots\n",
+            "site.yaml:3:22: broker.limits.max_connections: invalid type: string \"lots\", \
+             expected a whole number",
         ),
         // Others as the parser words them.
         (

@@ -370,7 +370,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str, &'static str)> {
         (
             "text for a number",
             "broker:\n  limits: { max_connections: many }\n".into(),
-            "invalid type: string \"many\", expected a whole number from 0 to 4294967295",
+            "invalid type: string \"many\", expected a whole number",
             "/broker/limits/max_connections",
         ),
         (
@@ -400,7 +400,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str, &'static str)> {
         (
             "text predefined topic id",
             "nodes:\n  predefined_topics: { temp: \"sensors/{node}/temp\" }\n".into(),
-            "expected a whole number from 0 to 65535",
+            "expected a whole number",
             "/nodes/predefined_topics",
         ),
         (
