@@ -467,8 +467,9 @@ fn unknown_key_message(key: &str, known: &[&str], place: &str) -> String {
 }
 
 /// The sections (`broker.auth`, `the top level`) among `paths` that have `key`, other than
-/// `place` (`uplinks[0].tls`), the nearest to it first, at most three. (A place inside a map, `x.name`, is not matched
-/// to its path `x.*`; no map in the config has mappings as values.)
+/// `place` (`uplinks[0].tls`), the nearest to it first, at most three. (A place inside a
+/// map, `x.name`, is not matched to its path `x.*`; no map in the config has mappings as
+/// values.)
 fn sections_with_key(key: &str, place: &str, paths: &[String]) -> Vec<String> {
     // `uplinks[0].tls` as the paths have it: `uplinks[].tls`.
     let mut here = String::with_capacity(place.len());

@@ -21,10 +21,7 @@ use crate::Config;
 /// The JSON Schema (draft 2020-12) of the config file, as pretty JSON ending in a newline;
 /// the same text on every call. `configs/gateway.schema.json` holds it.
 pub fn json_schema() -> String {
-    let schema = SchemaSettings::draft2020_12()
-        .into_generator()
-        .into_root_schema_for::<Config>();
-    let mut root = schema.to_value();
+    let mut root = derived_schema();
     let object = root.as_object_mut().expect("a root schema is an object");
     object.insert("title".into(), "edgegw gateway.yaml".into());
     object.insert("type".into(), serde_json::json!(["object", "null"]));
@@ -39,10 +36,7 @@ pub fn json_schema() -> String {
 /// a list's items as `[]`: `broker.listeners[].bind`), from the schema. Error messages use it
 /// to say where a key that is unknown in one place belongs.
 pub(crate) fn key_paths() -> Vec<String> {
-    let root = SchemaSettings::draft2020_12()
-        .into_generator()
-        .into_root_schema_for::<Config>()
-        .to_value();
+    let root = derived_schema();
     let definitions = root.get("$defs").cloned().unwrap_or_default();
     let mut paths = Vec::new();
     collect_keys(&root, "", &definitions, &mut Vec::new(), &mut paths);
@@ -97,6 +91,14 @@ fn collect_keys<'a>(
     if let Some(values @ Value::Object(_)) = object.get("additionalProperties") {
         collect_keys(values, &format!("{path}.*"), definitions, within, paths);
     }
+}
+
+/// The schema as schemars derives it from the config types, before [`adjust`].
+fn derived_schema() -> Value {
+    SchemaSettings::draft2020_12()
+        .into_generator()
+        .into_root_schema_for::<Config>()
+        .to_value()
 }
 
 /// A socket address as Rust parses it: `IPv4:port` or `[IPv6]:port` (no host names).
