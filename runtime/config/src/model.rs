@@ -789,6 +789,48 @@ impl Default for PluginLimits {
     }
 }
 
+/// `from: "sensors/#"` as well as `from: [ "sensors/#", "lab/#" ]`.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    use serde::de::{self, Visitor};
+
+    struct OneOrMore;
+
+    impl<'de> Visitor<'de> for OneOrMore {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a topic filter or a list of them")
+        }
+
+        fn visit_str<E: de::Error>(self, filter: &str) -> Result<Self::Value, E> {
+            Ok(vec![filter.to_owned()])
+        }
+
+        // Other scalars are text too, as they are inside the list (`from: [ 5 ]` is `"5"`).
+        fn visit_bool<E: de::Error>(self, filter: bool) -> Result<Self::Value, E> {
+            Ok(vec![filter.to_string()])
+        }
+
+        fn visit_i64<E: de::Error>(self, filter: i64) -> Result<Self::Value, E> {
+            Ok(vec![filter.to_string()])
+        }
+
+        fn visit_u64<E: de::Error>(self, filter: u64) -> Result<Self::Value, E> {
+            Ok(vec![filter.to_string()])
+        }
+
+        fn visit_f64<E: de::Error>(self, filter: f64) -> Result<Self::Value, E> {
+            Ok(vec![filter.to_string()])
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Vec::deserialize(de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+
+    deserializer.deserialize_any(OneOrMore)
+}
+
 fn size_in_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     ByteSize::deserialize(deserializer).map(ByteSize::bytes)
 }
@@ -800,8 +842,10 @@ fn size_in_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u6
 pub struct Pipeline {
     /// Names the pipeline in logs, metrics and the default dead-letter topic.
     pub name: String,
-    /// Local topic filters (`+`, `#`) whose messages enter the pipeline; at least one.
-    #[schemars(length(min = 1))]
+    /// Local topic filters (`+`, `#`) whose messages enter the pipeline: one, or a list of
+    /// at least one.
+    #[serde(deserialize_with = "one_or_more")]
+    #[schemars(schema_with = "crate::schema::one_or_more_filters")]
     pub from: Vec<String>,
     /// Plugin stages applied in order; empty: messages pass through unchanged.
     #[serde(default)]

@@ -110,6 +110,17 @@ pub(crate) fn socket_addr(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// `pipelines[].from`: one topic filter, or a list of at least one.
+pub(crate) fn one_or_more_filters(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "anyOf": [
+            { "type": "string" },
+            { "type": "array", "items": { "type": "string" }, "minItems": 1 },
+        ],
+        "examples": ["sensors/+/temp", ["sensors/+/temp", "lab/#"]],
+    })
+}
+
 /// The adjustments in the module docs, on `schema` and every schema inside it (not on
 /// `default`, `examples` or `enum` values, which are data).
 fn adjust(schema: &mut Value, definitions: &Value) {

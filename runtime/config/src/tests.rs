@@ -806,7 +806,7 @@ pipelines:
     queue: {{ capacity: 10, on_full: drop_oldest }}
     dead_letter: \"broken/temps\"
   - name: raw
-    from: [ \"raw/#\" ]
+    from: \"raw/#\"
 "
     );
     let config = dir.load(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -841,8 +841,10 @@ pipelines:
     assert_eq!(temps.queue.on_full, OnFull::DropOldest);
     assert_eq!(temps.dead_letter_topic(), "broken/temps");
 
-    // Everything optional left out: pass through, drop, default queue and dead letter.
+    // One filter without a list; everything optional left out: pass through, drop, default
+    // queue and dead letter.
     let raw = &config.pipelines[1];
+    assert_eq!(raw.from, ["raw/#"]);
     assert!(raw.rules.is_empty() && raw.to.is_empty());
     assert_eq!(raw.queue.capacity, 1000);
     assert_eq!(raw.queue.on_full, OnFull::Block);
@@ -864,6 +866,33 @@ pipelines:
     let defaults = load("").unwrap();
     assert!(defaults.plugins.is_empty() && defaults.pipelines.is_empty());
     assert!(!defaults.summary().contains("pipelines"));
+}
+
+#[test]
+fn a_pipeline_takes_one_filter_or_a_list_and_scalars_are_text_in_both() {
+    let config = load(
+        "pipelines:
+  - { name: one, from: \"sensors/#\" }
+  - { name: number, from: 5 }
+  - { name: numbers, from: [ 5, true ] }
+",
+    )
+    .unwrap();
+    let from: Vec<&[String]> = config.pipelines.iter().map(|p| p.from.as_slice()).collect();
+    assert_eq!(
+        from,
+        [
+            &["sensors/#".to_owned()][..],
+            &["5".to_owned()],
+            &["5".to_owned(), "true".to_owned()]
+        ]
+    );
+    assert_eq!(
+        errors("pipelines:\n  - { name: p, from: { topic: a } }\n"),
+        [
+            "site.yaml:2:22: pipelines[0].from: invalid type: map, expected a topic filter or a list of them"
+        ]
+    );
 }
 
 #[test]

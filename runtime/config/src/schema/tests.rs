@@ -380,9 +380,9 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str, &'static str)> {
             "/broker/auth/allow_anonymous",
         ),
         (
-            "a filter for a list of filters",
-            pipeline("").replace("[ \"sensors/#\" ]", "\"sensors/#\""),
-            "expected a sequence",
+            "a mapping for a topic filter",
+            pipeline("").replace("[ \"sensors/#\" ]", "{ topic: \"sensors/#\" }"),
+            "invalid type: map, expected a topic filter or a list of them",
             "/pipelines/0/from",
         ),
         (
