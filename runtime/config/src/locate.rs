@@ -66,7 +66,12 @@ struct ProbeVisitor<'p>(&'p [PathSeg], bool);
 macro_rules! stop_here {
     ($($name:ident: $ty:ty),*) => {$(
         fn $name<E: de::Error>(self, _: $ty) -> Result<(), E> {
-            if self.0.is_empty() { Err(E::custom(HERE)) } else { Ok(()) }
+            // A value alone where a list may stand (`from: "a/#"`) is its own element 0.
+            if self.0.is_empty() || matches!(self.0, [PathSeg::Index(0)]) {
+                Err(E::custom(HERE))
+            } else {
+                Ok(())
+            }
         }
     )*};
 }

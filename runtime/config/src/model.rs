@@ -799,28 +799,25 @@ fn one_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
         type Value = Vec<String>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a topic filter or a list of them")
+            f.write_str(
+                "a topic filter or a list of them (quote a filter alone that reads as a number or true/false)",
+            )
         }
 
         fn visit_str<E: de::Error>(self, filter: &str) -> Result<Self::Value, E> {
             Ok(vec![filter.to_owned()])
         }
 
-        // Other scalars are text too, as they are inside the list (`from: [ 5 ]` is `"5"`).
-        fn visit_bool<E: de::Error>(self, filter: bool) -> Result<Self::Value, E> {
-            Ok(vec![filter.to_string()])
+        // A number or boolean alone is refused rather than turned into text: YAML has already
+        // made it a number, and its text would not survive (`1.10` is 1.1, `0x10` is 16).
+
+        // `from:` with nothing after it: no filters, which validation reports as such.
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
         }
 
-        fn visit_i64<E: de::Error>(self, filter: i64) -> Result<Self::Value, E> {
-            Ok(vec![filter.to_string()])
-        }
-
-        fn visit_u64<E: de::Error>(self, filter: u64) -> Result<Self::Value, E> {
-            Ok(vec![filter.to_string()])
-        }
-
-        fn visit_f64<E: de::Error>(self, filter: f64) -> Result<Self::Value, E> {
-            Ok(vec![filter.to_string()])
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
         }
 
         fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {

@@ -869,11 +869,10 @@ pipelines:
 }
 
 #[test]
-fn a_pipeline_takes_one_filter_or_a_list_and_scalars_are_text_in_both() {
+fn a_pipeline_takes_one_filter_or_a_list() {
     let config = load(
         "pipelines:
   - { name: one, from: \"sensors/#\" }
-  - { name: number, from: 5 }
   - { name: numbers, from: [ 5, true ] }
 ",
     )
@@ -883,16 +882,40 @@ fn a_pipeline_takes_one_filter_or_a_list_and_scalars_are_text_in_both() {
         from,
         [
             &["sensors/#".to_owned()][..],
-            &["5".to_owned()],
             &["5".to_owned(), "true".to_owned()]
         ]
     );
-    assert_eq!(
-        errors("pipelines:\n  - { name: p, from: { topic: a } }\n"),
-        [
-            "site.yaml:2:22: pipelines[0].from: invalid type: map, expected a topic filter or a list of them"
-        ]
-    );
+    let expected = "expected a topic filter or a list of them (quote a filter alone that reads as a number or true/false)";
+    for (text, error) in [
+        (
+            "pipelines:\n  - { name: p, from: { topic: a } }\n",
+            format!("site.yaml:2:22: pipelines[0].from: invalid type: map, {expected}"),
+        ),
+        // Its text would not survive: `1.10` is already the number 1.1.
+        (
+            "pipelines:\n  - { name: p, from: 1.10 }\n",
+            format!(
+                "site.yaml:2:22: pipelines[0].from: invalid type: floating point `1.1`, {expected}"
+            ),
+        ),
+        // A bad filter alone is located like one in a list.
+        (
+            "pipelines:\n  - { name: p, from: \"a/#/b\" }\n",
+            "site.yaml:2:22: pipeline `p`: from `a/#/b` is not a valid filter".to_owned(),
+        ),
+        // Nothing after `from:` is no filters, said as such.
+        (
+            "pipelines:\n  - name: p\n    from:\n",
+            "site.yaml:3:10: pipeline `p`: from is empty".to_owned(),
+        ),
+    ] {
+        let errors = errors(text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with(&error),
+            "{errors:?}\nexpected {error}"
+        );
+    }
 }
 
 #[test]
