@@ -66,7 +66,9 @@ struct ProbeVisitor<'p>(&'p [PathSeg], bool);
 macro_rules! stop_here {
     ($($name:ident: $ty:ty),*) => {$(
         fn $name<E: de::Error>(self, _: $ty) -> Result<(), E> {
-            // A value alone where a list may stand (`from: "a/#"`) is its own element 0.
+            // A value alone where a list may stand (`from: "a/#"`) is its own element 0. This
+            // holds for any path: for a plain list field serde refuses a scalar before
+            // validation locates anything, so only one-or-a-list fields reach it.
             if self.0.is_empty() || matches!(self.0, [PathSeg::Index(0)]) {
                 Err(E::custom(HERE))
             } else {

@@ -808,10 +808,12 @@ fn one_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
             Ok(vec![filter.to_owned()])
         }
 
-        // A number or boolean alone is refused rather than turned into text: YAML has already
-        // made it a number, and its text would not survive (`1.10` is 1.1, `0x10` is 16).
+        // No visit_bool/visit_i64/visit_f64: a number or boolean alone is refused (serde's
+        // invalid-type error, with the quoting hint above) rather than turned into text. YAML
+        // has typed it already and its text would not survive (`1.10` is 1.1, `0x10` is 16).
 
-        // `from:` with nothing after it: no filters, which validation reports as such.
+        // `from:` with nothing after it, or `~`: no filters, which validation reports as
+        // "from is empty". Inside the list a `~` stays the text `~`, as for any text value.
         fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(Vec::new())
         }
