@@ -56,6 +56,10 @@ pub(crate) struct AckFilter {
     skip: Cell<usize>,
     /// The framing could not be followed (bad remaining length): pass everything.
     lost: Cell<bool>,
+    /// A resumed connection whose replayed bytes ended inside a fixed header: how many of
+    /// its bytes those held (0: none), and the bytes. The dispatcher has them; the layer
+    /// completes the header from what it reads next to know where the packet ends.
+    head: Cell<(u8, [u8; 4])>,
     /// When a packet was last left for the dispatcher.
     last_passed: Cell<Option<Instant>>,
     /// A connection resumed from hibernation: the CONNACK answering its replayed CONNECT
@@ -90,6 +94,7 @@ impl std::fmt::Debug for AckFilter {
             .field("attached", &self.session.0.session.get().is_some())
             .field("skip", &self.skip.get())
             .field("lost", &self.lost.get())
+            .field("head", &self.head.get().0)
             .finish()
     }
 }
@@ -100,6 +105,7 @@ impl AckFilter {
             session: SessionSlot::default(),
             skip: Cell::new(0),
             lost: Cell::new(false),
+            head: Cell::new((0, [0; 4])),
             last_passed: Cell::new(None),
             drop_connack: Cell::new(false),
         }
@@ -109,8 +115,8 @@ impl AckFilter {
     /// dispatcher is given `prefill` (the replayed CONNECT, then any bytes read as the
     /// connection hibernated; see [`capture_late_reads`]) without it passing through the
     /// layer. The layer starts where those end: inside a packet when the client's bytes
-    /// ended in one (its rest is passed through), or, inside a fixed header, passing
-    /// everything (acks are then left to the dispatcher).
+    /// ended in one (its rest is passed through), also when they ended inside its fixed
+    /// header (kept in `head` until the layer has read the rest of it).
     pub fn resumed(prefill: &[u8]) -> Self {
         let filter = Self::new();
         filter.drop_connack.set(true);
@@ -122,13 +128,53 @@ impl AckFilter {
                     filter.skip.set(end.saturating_sub(prefill.len()));
                     pos = end;
                 }
-                Ok(None) | Err(()) => {
+                Ok(None) => {
+                    // At most 4 bytes: 5 make a whole header or a bad one.
+                    let mut head = [0; 4];
+                    let len = prefill.len() - pos;
+                    head[..len].copy_from_slice(&prefill[pos..]);
+                    filter.head.set((len as u8, head));
+                    break;
+                }
+                Err(()) => {
                     filter.lost.set(true);
                     break;
                 }
             }
         }
         filter
+    }
+
+    /// Completes a fixed header begun in a resumed connection's replayed bytes (`head`)
+    /// with the first bytes of `src`: true when it is whole (its packet's rest, from the
+    /// start of `src`, is to pass through: `skip`); false when `src` is still header bytes,
+    /// or the header is bad (`lost`).
+    fn complete_head(&self, src: &[u8]) -> bool {
+        let (len, bytes) = self.head.get();
+        let len = usize::from(len);
+        let mut header = [0; 5];
+        header[..len].copy_from_slice(&bytes[..len]);
+        let more = (header.len() - len).min(src.len());
+        header[len..len + more].copy_from_slice(&src[..more]);
+        match fixed_header(&header[..len + more]) {
+            Ok(Some((header, remaining))) => {
+                self.head.set((0, [0; 4]));
+                self.skip.set(header + remaining - len);
+                true
+            }
+            Ok(None) => {
+                // All of `src` belongs to the header (4 bytes at most with the old ones).
+                let mut head = [0; 4];
+                head[..len + more].copy_from_slice(&header[..len + more]);
+                self.head.set(((len + more) as u8, head));
+                false
+            }
+            Err(()) => {
+                self.head.set((0, [0; 4]));
+                self.lost.set(true);
+                false
+            }
+        }
     }
 }
 
@@ -293,6 +339,10 @@ impl AckFilter {
         src: &mut BytesMut,
         dst: &mut BytesMut,
     ) -> bool {
+        if self.head.get().0 > 0 && !self.complete_head(src) {
+            pass_all(src, dst);
+            return false;
+        }
         let bytes: &[u8] = src;
         let len = bytes.len();
         let mut acks = [ReadAck {
@@ -438,7 +488,8 @@ where
         let io = io.add_filter(filter);
         if let Some(prefill) = prefill {
             // The replayed CONNECT, as if read before anything the client sent: the
-            // transport may already have read some of that.
+            // transport may already have read some of that (`add_filter` has passed it
+            // through the layer, which frames it from where `prefill` ends).
             io.with_read_dst(|buf| {
                 let mut replayed = BytesMut::with_capacity(prefill.len() + buf.len());
                 replayed.extend_from_slice(&prefill);
@@ -479,16 +530,48 @@ mod tests {
         for cut in connect.len()..=stream.len() {
             let filter = AckFilter::resumed(&stream[..cut]);
             let into = cut - connect.len();
+            assert!(!filter.lost.get(), "cut {into} into the PUBLISH");
             if (1..3).contains(&into) {
-                // Inside the PUBLISH's fixed header: framing is given up.
-                assert!(filter.lost.get(), "cut {into} into the PUBLISH");
+                // Inside the PUBLISH's fixed header: kept to be completed.
+                let (len, head) = filter.head.get();
+                assert_eq!(&head[..usize::from(len)], &publish[..into]);
+                assert_eq!(filter.skip.get(), 0);
             } else {
-                assert!(!filter.lost.get(), "cut {into} into the PUBLISH");
+                assert_eq!(filter.head.get().0, 0, "cut {into} into the PUBLISH");
                 let owed = if into == 0 { 0 } else { publish.len() - into };
                 assert_eq!(filter.skip.get(), owed, "cut {into} into the PUBLISH");
             }
             assert!(filter.drop_connack.get());
         }
+        // Cut inside the fixed header: the layer completes it from what it reads next,
+        // however that comes, passes the rest of the PUBLISH and takes the ack after it.
+        for into in 1..3 {
+            for chunks in [&[][..], &[1; 400][..]] {
+                let router = router();
+                let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 1);
+                let filter = AckFilter::resumed(&stream[..connect.len() + into]);
+                let rest = &stream[connect.len() + into..];
+                let read = [rest, &ack(0x40, ids[0])].concat();
+                let out = feed(&filter, Some(&session), &read, chunks);
+                assert_eq!(out, rest, "cut {into}, chunks {:?}", chunks.first());
+                assert_eq!(session.inflight_len(), 0, "cut {into}: the ack was taken");
+                assert_eq!(filter.head.get().0, 0);
+                assert!(!filter.lost.get());
+            }
+        }
+        // An ack cut after its first byte is the dispatcher's (it has that byte); the next
+        // one is taken.
+        let router = router();
+        let (session, ids) = in_flight(&router, QoS::AtLeastOnce, 2);
+        let filter = AckFilter::resumed(&[&connect[..], &[0x40]].concat());
+        let read = [&ack(0x40, ids[0])[1..], &ack(0x40, ids[1])].concat();
+        assert_eq!(feed(&filter, Some(&session), &read, &[]), &read[..3]);
+        assert_eq!(session.inflight_len(), 2 - 1);
+        // A header completed into a bad remaining length: framing is given up.
+        let filter = AckFilter::resumed(&[0x30, 0xff]);
+        let read = [0xff, 0xff, 0xff, 0x40, 0x02, 0, 1];
+        assert_eq!(feed(&filter, None, &read, &[]), read);
+        assert!(filter.lost.get());
         // What follows the cut is passed on whole, and an ack after it is still found.
         let filter = AckFilter::resumed(&stream[..connect.len() + 100]);
         let mut rest = stream[connect.len() + 100..].to_vec();
