@@ -41,7 +41,7 @@ pub(crate) struct ListenerEntry {
     pub cfg: SharedCfg,
     pub make: MakeService,
     /// Note the descriptor of each connection, for hibernation.
-    pub keep_descriptor: bool,
+    pub note_descriptor: bool,
 }
 
 /// The workers' configuration (ntex's `ServerConfiguration`): every listener's service.
@@ -62,7 +62,7 @@ impl ntex_server::ServerConfiguration for Workers {
                 addr: entry.addr,
                 pipeline: (entry.make)(),
                 cfg: entry.cfg.clone(),
-                keep_descriptor: entry.keep_descriptor,
+                note_descriptor: entry.note_descriptor,
             })
             .collect();
         WORKER.with(|worker| *worker.borrow_mut() = Some(listeners.clone()));
@@ -74,7 +74,7 @@ pub(crate) struct WorkerListener {
     pub addr: SocketAddr,
     pub pipeline: Pipeline<Io, (), ()>,
     pub cfg: SharedCfg,
-    pub keep_descriptor: bool,
+    pub note_descriptor: bool,
 }
 
 /// A connection on a worker: its listener's address and its peer's.
@@ -137,7 +137,7 @@ fn serve(
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     // Only its number: the connection takes a duplicate when it hibernates.
-    let kept = listener.keep_descriptor.then(|| stream.as_raw_fd());
+    let kept = listener.note_descriptor.then(|| stream.as_raw_fd());
     let io = match ntex::rt::from_tcp_stream(stream, listener.cfg.clone()) {
         Ok(io) => io,
         Err(error) => {

@@ -192,7 +192,7 @@ impl Broker {
         let max_frame = websocket::max_frame_size(limits.max_packet_size);
         for (socket, addr, tls, auth, ws) in sockets {
             let cfg = service_config(&limits, ws.is_some());
-            let keep_descriptor = auth.hibernate.is_some();
+            let note_descriptor = auth.hibernate.is_some();
             let shared = shared.clone();
             let make: MakeService = match (tls, ws) {
                 (None, None) => Arc::new(move || {
@@ -241,7 +241,7 @@ impl Broker {
                 addr,
                 cfg,
                 make,
-                keep_descriptor,
+                note_descriptor,
             });
             accept_sockets.push(socket);
         }
