@@ -1305,3 +1305,40 @@ fn a_v5_publish_waiting_for_the_state_file_holds_its_packet_id() {
         ("hold/r", &b"kept"[..], true)
     );
 }
+
+/// A QoS 2 PUBLISH refused with a PUBREC reason code of 0x80 or more ends its exchange: no
+/// PUBREL follows, and the client may use the id again at once. So the id is not kept as
+/// received: a later PUBLISH with it and DUP set (a re-send after a reconnect, of a message
+/// whose PUBREC the client did not get) is a new message, routed, not taken for a
+/// duplicate and dropped.
+#[test]
+fn a_refused_qos2_publish_keeps_no_packet_id() {
+    let gw = Gateway::start();
+    let (mut sub, _) = connect5(&gw, "q2-sub", true, 30, &[]);
+    subscribe5(&mut sub, 1, "q2/t", 2, &[], 2);
+    let expiry = prop::u32(0x11, 60);
+    let (mut c, _) = connect5(&gw, "q2-refused", true, 30, &expiry);
+    // The payload format indicator says UTF-8; the payload is not: PUBREC 0x99.
+    c.send(&raw::publish_v5(
+        "q2/t",
+        2,
+        1,
+        &prop::byte(0x01, 1),
+        &[0xff, 0xfe],
+    ));
+    let rec = c.read(WAIT).expect("PUBREC");
+    assert_eq!(rec.kind(), raw::PUBREC, "{rec:?}");
+    assert_eq!(&rec.body[..3], &[0, 1, 0x99]);
+    drop(c);
+    // Id 1 again, for a message the client sent (it says) before the connection broke.
+    let (mut c, ack) = connect5(&gw, "q2-refused", false, 30, &expiry);
+    assert_eq!(ack.body[0] & 1, 1, "session present: {ack:?}");
+    let mut resend = raw::publish_v5("q2/t", 2, 1, &[], b"resent");
+    resend[0] |= 0x08;
+    c.send(&resend);
+    let rec = c.read(WAIT).expect("PUBREC");
+    assert_eq!(rec.kind(), raw::PUBREC, "{rec:?}");
+    assert_eq!(&rec.body[..2], &[0, 1]);
+    let got = next_publish(&mut sub, true, WAIT).expect("the re-sent message is routed");
+    assert_eq!(&got.payload[..], b"resent");
+}

@@ -426,12 +426,10 @@ pub(crate) fn take_publish(
         .with_properties(properties);
     let Some(id) = packet_id else {
         // QoS 0 has no PUBACK to carry a reason code: a refused message is dropped.
-        if !conn.may_publish(&message.topic) {
-            return Taken::Done(Ok(None));
-        }
-        if message.properties.payload_format_utf8 && std::str::from_utf8(&message.payload).is_err()
-        {
-            tracing::debug!(client_id = conn.client_id(), topic = %message.topic, "QoS 0 PUBLISH dropped: payload is not the UTF-8 its format indicator says.");
+        if let Some(code) = refusal(conn, &message) {
+            if code == PublishAckReason::PayloadFormatInvalid {
+                tracing::debug!(client_id = conn.client_id(), topic = %message.topic, "QoS 0 PUBLISH dropped: payload is not the UTF-8 its format indicator says.");
+            }
             return Taken::Done(Ok(None));
         }
         if let Err(error) = conn.route(message) {
@@ -447,11 +445,8 @@ pub(crate) fn take_publish(
             ..Default::default()
         }))))
     };
-    if !conn.may_publish(&message.topic) {
-        return ack(PublishAckReason::NotAuthorized, None);
-    }
-    if message.properties.payload_format_utf8 && std::str::from_utf8(&message.payload).is_err() {
-        return ack(PublishAckReason::PayloadFormatInvalid, None);
+    if let Some(code) = refusal(conn, &message) {
+        return ack(code, None);
     }
     let routed = match conn.route(message) {
         Ok(routed) => routed,
@@ -462,11 +457,7 @@ pub(crate) fn take_publish(
             );
         }
     };
-    let code = if routed.delivered == 0 {
-        PublishAckReason::NoMatchingSubscribers
-    } else {
-        PublishAckReason::Success
-    };
+    let code = routed_code(&routed);
     let Some(ticket) = routed.pending_with(None) else {
         return if conn.puback_now(id, u8::from(code)) {
             Taken::Done(Ok(None))
@@ -489,11 +480,11 @@ pub(crate) fn take_publish(
                 ..Default::default()
             },
             Err(error) => {
-                tracing::error!(client_id = conn.client_id(), %error, "Publish not acknowledged: state file write failed.");
+                let (reason_code, reason) = store_failed(conn, &error);
                 codec::PublishAck {
                     packet_id,
-                    reason_code: PublishAckReason::UnspecifiedError,
-                    reason_string: Some("the gateway could not store the message".into()),
+                    reason_code,
+                    reason_string: Some(reason),
                     ..Default::default()
                 }
             }
@@ -514,23 +505,59 @@ fn accept(
         Ok(payload) => payload,
         Err(e) => return Handled::ready(Err(BrokerError::Payload(e.to_string()))),
     };
-    if !conn.may_publish(&message.topic) {
-        if message.qos == QoS::ExactlyOnce
-            && let Some(id) = publish.packet().packet_id
-        {
-            // PUBREC 0x87 ends the exchange: no PUBREL will release the packet id.
-            conn.session.inbound_qos2_release(id.get());
-        }
-        return Handled::ready(Ok(publish
-            .ack()
-            .reason_code(PublishAckReason::NotAuthorized)));
-    }
-    if message.properties.payload_format_utf8 && std::str::from_utf8(&message.payload).is_err() {
-        return Handled::ready(Ok(publish
-            .ack()
-            .reason_code(PublishAckReason::PayloadFormatInvalid)));
+    if let Some(code) = refusal(conn, &message) {
+        release_refused(conn, &publish);
+        return Handled::ready(Ok(publish.ack().reason_code(code)));
     }
     route(conn, publish, message, inbound)
+}
+
+/// Why a PUBLISH is refused before it is routed, as its acknowledgement's reason code: the
+/// ACL does not allow its topic (0x87), or its payload is not the UTF-8 its format
+/// indicator says (0x99). The same for a PUBLISH taken before ntex ([`take_publish`]) and
+/// one passed on to it ([`publish`]).
+fn refusal(conn: &Conn, message: &Message) -> Option<PublishAckReason> {
+    if !conn.may_publish(&message.topic) {
+        Some(PublishAckReason::NotAuthorized)
+    } else if message.properties.payload_format_utf8
+        && std::str::from_utf8(&message.payload).is_err()
+    {
+        Some(PublishAckReason::PayloadFormatInvalid)
+    } else {
+        None
+    }
+}
+
+/// The reason code acknowledging a routed PUBLISH: 0x10 when no session matched.
+fn routed_code(routed: &crate::router::Routed) -> PublishAckReason {
+    if routed.delivered == 0 {
+        PublishAckReason::NoMatchingSubscribers
+    } else {
+        PublishAckReason::Success
+    }
+}
+
+/// A PUBLISH the state file could not store: logged; the reason code and string of its
+/// acknowledgement.
+fn store_failed(conn: &Conn, error: &dyn std::fmt::Display) -> (PublishAckReason, ByteString) {
+    tracing::error!(client_id = conn.client_id(), %error, "Publish not acknowledged: state file write failed.");
+    (
+        PublishAckReason::UnspecifiedError,
+        "the gateway could not store the message".into(),
+    )
+}
+
+/// A QoS 2 PUBLISH answered with a PUBREC reason code of 0x80 or more: that ends the
+/// exchange (no PUBREL follows, and the client may use the id again at once), so the id
+/// is no longer kept as received. Kept, a later PUBLISH with it and DUP set (a re-send
+/// after a reconnect) would be taken for a duplicate and dropped.
+fn release_refused(conn: &Conn, publish: &v5::Publish) {
+    let packet = publish.packet();
+    if QoS::from(packet.qos) == QoS::ExactlyOnce
+        && let Some(id) = packet.packet_id
+    {
+        conn.session.inbound_qos2_release(id.get());
+    }
 }
 
 /// Routes a PUBLISH; its acknowledgement once it is durable (retained, queued for
@@ -545,17 +572,14 @@ fn route(
     let routed = match conn.route(message) {
         Ok(routed) => routed,
         Err(error) => {
+            release_refused(conn, &publish);
             return Handled::ready(Ok(publish
                 .ack()
                 .reason_code(PublishAckReason::TopicNameInvalid)
                 .reason(error.to_string().into())));
         }
     };
-    let code = if routed.delivered == 0 {
-        PublishAckReason::NoMatchingSubscribers
-    } else {
-        PublishAckReason::Success
-    };
+    let code = routed_code(&routed);
     let pending = if qos == QoS::AtMostOnce {
         None
     } else {
@@ -566,11 +590,9 @@ fn route(
     };
     Handled::later(async move {
         if let Err(error) = ticket.wait().await {
-            tracing::error!(client_id = conn.client_id(), %error, "Publish not acknowledged: state file write failed.");
-            return Ok(publish
-                .ack()
-                .reason_code(PublishAckReason::UnspecifiedError)
-                .reason("the gateway could not store the message".into()));
+            let (code, reason) = store_failed(conn, &error);
+            release_refused(conn, &publish);
+            return Ok(publish.ack().reason_code(code).reason(reason));
         }
         Ok(publish.ack().reason_code(code))
     })
