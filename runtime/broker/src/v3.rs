@@ -7,7 +7,7 @@ use ntex::time::Seconds;
 use ntex_bytes::BytesMut;
 use ntex_mqtt::{
     Control, Reason,
-    error::{DispatcherError, PayloadError, SpecViolation},
+    error::{DispatcherError, SpecViolation},
     v3,
 };
 
@@ -220,6 +220,11 @@ pub(crate) fn publish(
         return conn.qos0.after_room(|| Ok(()));
     }
     conn.in_order(body, move |payload| {
+        // A payload cut short was never received: its id is not recorded (see `begin_qos2`).
+        let payload = match payload {
+            Ok(payload) => payload,
+            Err(e) => return Handled::ready(Err(BrokerError::Payload(e.to_string()))),
+        };
         let inbound = match conn.begin_qos2(qos, packet_id, dup) {
             Qos2::Duplicate => return Handled::ready(Ok(())),
             Qos2::New(ticket) => ticket,
@@ -461,7 +466,7 @@ fn handle_publish<'a>(
         }
         Qos2::New(ticket) => ticket,
     };
-    match accept(conn, topic, Ok(payload), qos, retain, inbound).now() {
+    match accept(conn, topic, payload, qos, retain, inbound).now() {
         Ok(result) => Ok(conn.publish_done(qos, packet_id, false, result)),
         Err(later) => {
             conn.inbound_wait(qos, packet_id);
@@ -477,15 +482,11 @@ fn handle_publish<'a>(
 fn accept(
     conn: &Conn,
     topic: ByteString,
-    payload: Result<Bytes, PayloadError>,
+    payload: Bytes,
     qos: QoS,
     retain: bool,
     inbound: Option<Ticket>,
 ) -> Handled<'_, Result<(), BrokerError>> {
-    let payload = match payload {
-        Ok(payload) => payload,
-        Err(e) => return Handled::ready(Err(BrokerError::Payload(e.to_string()))),
-    };
     if !conn.may_publish(&topic) {
         // MQTT 3.1.1 cannot refuse a PUBLISH: it is acknowledged as usual and dropped.
         return Handled::ready(Ok(()));

@@ -10,7 +10,6 @@ use std::{
 use edgegw_store::Ticket;
 use ntex_mqtt::{
     Control, Reason,
-    error::PayloadError,
     v5::{
         self,
         codec::{
@@ -329,6 +328,11 @@ pub(crate) fn publish(
         .with_retain(retain)
         .with_properties(properties);
     conn.in_order(body, move |payload| {
+        // A payload cut short was never received: its id is not recorded (see `begin_qos2`).
+        let payload = match payload {
+            Ok(payload) => payload,
+            Err(e) => return Handled::ready(Err(BrokerError::Payload(e.to_string()))),
+        };
         let inbound = match conn.begin_qos2(qos, packet_id, dup) {
             Qos2::Duplicate => return Handled::ready(Ok(publish.ack())),
             Qos2::New(ticket) => ticket,
@@ -498,13 +502,10 @@ fn accept(
     conn: &Conn,
     publish: v5::Publish,
     mut message: Message,
-    payload: Result<Bytes, PayloadError>,
+    payload: Bytes,
     inbound: Option<Ticket>,
 ) -> Handled<'_, Result<v5::PublishAck, BrokerError>> {
-    message.payload = match payload {
-        Ok(payload) => payload,
-        Err(e) => return Handled::ready(Err(BrokerError::Payload(e.to_string()))),
-    };
+    message.payload = payload;
     if let Some(code) = refusal(conn, &message) {
         release_refused(conn, &publish);
         return Handled::ready(Ok(publish.ack().reason_code(code)));
